@@ -1,0 +1,61 @@
+"""Admission: every request entering the engine has its clamps validated and its prefix cache keyed.
+
+Wraps vLLM's `InputProcessor.process_inputs`, the one place every request passes through (HTTP
+chat/completions, `vllm_xargs`, offline `LLM.generate`) before reaching the engine core:
+- `SamplingParams.extra_args["feature_clamps"]` is parsed with the same parser and limits as the
+  worker; bad input raises `VLLMValidationError` (HTTP 400 naming the field), so a steering
+  request is never admitted to run unsteered;
+- the request's `cache_salt` is derived from the canonical clamp set, so KV blocks computed under
+  one clamp set are never reused by a request with another (or none).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import wraps
+
+from steer_plugin.config import SteerConfig
+from steer_plugin.spec import FIELD, ClampError, SAELimits, cache_salt, parse_clamps
+
+logger = logging.getLogger(__name__)
+_installed = False
+
+
+def _limits(processor) -> SAELimits:
+    limits = getattr(processor, "_steer_limits", None)
+    if limits is None:
+        from steer_plugin.worker import limits_for
+
+        limits = limits_for(SteerConfig.from_vllm(processor.vllm_config))
+        processor._steer_limits = limits
+    return limits
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original = InputProcessor.process_inputs
+
+    @wraps(original)
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        extra = params.extra_args if isinstance(params, SamplingParams) else None
+        raw = (extra or {}).get(FIELD)
+        plan = None
+        if raw is not None:
+            try:
+                plan = parse_clamps(raw, _limits(self))
+            except ClampError as e:
+                logger.info("action=rejected req=%s reason=%s", request_id, e)
+                raise VLLMValidationError(str(e), parameter=FIELD) from None
+        request = original(self, request_id, prompt, params, *args, **kwargs)
+        if plan is not None:
+            request.cache_salt = cache_salt(plan, request.cache_salt)
+        return request
+
+    InputProcessor.process_inputs = process_inputs
+    _installed = True

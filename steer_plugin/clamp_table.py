@@ -1,0 +1,141 @@
+"""The worker's per-step clamp table: persistent buffers the steering op reads, filled on the host.
+
+Why persistent, fixed-size buffers: the op runs inside torch.compile'd graphs (and CUDA graphs on
+GPU), which bake in tensor addresses and shapes. Steering changes between steps must therefore
+change buffer *contents*, never buffers. All buffers are allocated once, before compilation.
+
+Layout (K = max clamps per request, R = 2 * max_num_seqs rows, two per request: one for its
+prompt positions, one for its generated positions, since a clamp may target either):
+    tok_row  [max_tokens]   int32    row of the table each token uses; -1 = untouched
+    feature  [R, K]         int64    feature index; padding = d_sae (a dummy column)
+    mul, add [R, K]         float32  f' = f * mul + add; padding = (1, 0), i.e. no change
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from steer_plugin.spec import ClampPlan, SAELimits, parse_clamps, FIELD
+
+logger = logging.getLogger(__name__)
+_PROMPT, _GENERATED = 1, 2  # spec.TOKENS_CODE
+
+
+class _RequestRows:
+    """One request's clamps split into its prompt row and its generated row ([K] arrays or None)."""
+
+    __slots__ = ("plan", "prompt", "generated")
+
+    def __init__(self, plan: ClampPlan, width: int, pad_feature: int):
+        self.plan = plan
+        self.prompt = self._row(plan, plan.tokens != _GENERATED, width, pad_feature)
+        self.generated = self._row(plan, plan.tokens != _PROMPT, width, pad_feature)
+
+    @staticmethod
+    def _row(plan: ClampPlan, keep: np.ndarray, width: int, pad_feature: int):
+        if not keep.any():
+            return None
+        n = int(keep.sum())
+        feature = np.full(width, pad_feature, dtype=np.int64)
+        mul = np.ones(width, dtype=np.float32)
+        add = np.zeros(width, dtype=np.float32)
+        feature[:n], mul[:n], add[:n] = plan.feature[keep], plan.mul[keep], plan.add[keep]
+        return feature, mul, add
+
+
+class ClampTable:
+    """Buffers on the model's device plus the host-side fill that runs once per forward step."""
+
+    def __init__(self, limits: SAELimits, max_tokens: int, max_reqs: int, device: torch.device):
+        self.limits = limits
+        self.width = limits.max_clamps
+        self.pad_feature = limits.d_sae
+        rows = 2 * max_reqs
+        self.tok_row = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
+        self.feature = torch.full((rows, self.width), self.pad_feature, dtype=torch.int64, device=device)
+        self.mul = torch.ones((rows, self.width), dtype=torch.float32, device=device)
+        self.add = torch.zeros((rows, self.width), dtype=torch.float32, device=device)
+        pin = device.type == "cuda"
+        # Host staging copies: one copy_ per buffer per step.
+        self._h_tok_row = torch.full((max_tokens,), -1, dtype=torch.int32, pin_memory=pin)
+        self._h_feature = torch.full((rows, self.width), self.pad_feature, dtype=torch.int64, pin_memory=pin)
+        self._h_mul = torch.ones((rows, self.width), dtype=torch.float32, pin_memory=pin)
+        self._h_add = torch.zeros((rows, self.width), dtype=torch.float32, pin_memory=pin)
+        self._rows_of: dict[str, _RequestRows | None] = {}
+        self.num_steered_tokens = 0
+        """Tokens of the current step that have a row (host-side, read by the op to skip work)."""
+        self.steered_tokens = torch.zeros(0, dtype=torch.long)
+        """Indices of those tokens [num_steered_tokens] (host tensor; used on the eager path)."""
+        self.step_plans: list[ClampPlan] = []
+        """Clamp sets of the requests steered in the current step (for metrics)."""
+        self._dirty = False
+
+    def _rows(self, req_id: str, extra_args: dict | None) -> _RequestRows | None:
+        if req_id in self._rows_of:
+            return self._rows_of[req_id]
+        raw = (extra_args or {}).get(FIELD)
+        # Admission already validated this exact value with the same parser and limits; an error
+        # here is a bug and must surface, never fall back to an unsteered answer.
+        plan = parse_clamps(raw, self.limits) if raw is not None else None
+        rows = _RequestRows(plan, self.width, self.pad_feature) if plan else None
+        if rows is not None:
+            logger.info("action=clamp_plan req=%s clamps=%s", req_id, plan.canonical)
+        return rows
+
+    def fill(self, req_ids: Sequence[str], num_scheduled: np.ndarray, num_computed: np.ndarray,
+             num_prompt: np.ndarray, extra_args_of: Callable[[str], dict | None]) -> None:
+        """Fill the table for one step. Arrays are [num_reqs], in the batch's token order."""
+        n = len(req_ids)
+        self._rows_of = {rid: self._rows(rid, extra_args_of(rid)) for rid in req_ids}
+        prompt_row = np.full(n, -1, dtype=np.int32)
+        gen_row = np.full(n, -1, dtype=np.int32)
+        plans = []
+        used = 0
+        for i, rid in enumerate(req_ids):  # per request, not per token
+            rows = self._rows_of[rid]
+            if rows is None:
+                continue
+            plans.append(rows.plan)
+            for kind, target in ((rows.prompt, prompt_row), (rows.generated, gen_row)):
+                if kind is not None:
+                    self._h_feature[used] = torch.from_numpy(kind[0])
+                    self._h_mul[used] = torch.from_numpy(kind[1])
+                    self._h_add[used] = torch.from_numpy(kind[2])
+                    target[i] = used
+                    used += 1
+        self.step_plans = plans
+        if used == 0:
+            self.num_steered_tokens = 0
+            if self._dirty:  # leave no stale rows behind for graph replays
+                self.tok_row.fill_(-1)
+                self._dirty = False
+            return
+
+        num_tokens = int(num_scheduled.sum())
+        req_of_tok = np.repeat(np.arange(n), num_scheduled[:n])  # [num_tokens]
+        starts = np.cumsum(num_scheduled[:n]) - num_scheduled[:n]
+        pos = num_computed[:n][req_of_tok] + (np.arange(num_tokens) - starts[req_of_tok])
+        is_prompt = pos < num_prompt[:n][req_of_tok]
+        tok_row = np.where(is_prompt, prompt_row[req_of_tok], gen_row[req_of_tok])
+        host = self._h_tok_row.numpy()
+        host[:] = -1
+        host[:num_tokens] = tok_row
+        steered = np.flatnonzero(tok_row >= 0)
+        self.num_steered_tokens = len(steered)
+        self.steered_tokens = torch.from_numpy(steered)
+        self.tok_row.copy_(self._h_tok_row, non_blocking=True)
+        self.feature[:used].copy_(self._h_feature[:used], non_blocking=True)
+        self.mul[:used].copy_(self._h_mul[:used], non_blocking=True)
+        self.add[:used].copy_(self._h_add[:used], non_blocking=True)
+        self._dirty = True
+
+    def reset(self) -> None:
+        """Never leave a partial fill behind (called when a fill raises)."""
+        self.tok_row.fill_(-1)
+        self.num_steered_tokens = 0
+        self.step_plans = []
+        self._dirty = False

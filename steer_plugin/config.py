@@ -1,0 +1,83 @@
+"""Trusted configuration of the plugin. The only module that reads environment variables.
+
+Configuration reaches every vLLM process through `VllmConfig.additional_config["steer"]`
+(`--additional-config '{"steer": {...}}'`), which vLLM also hashes into its compile-cache key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SAE_DIR = REPO_ROOT / "sae_weights" / "smollm2-135m-instruct-l15"
+DISABLE_ENV = "STEER_PLUGIN_DISABLE"
+"""Set to 1 to make the plugin a no-op (vanilla vLLM with the package installed)."""
+
+
+def plugin_disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip() not in ("", "0", "false", "False")
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    """Where the SAE comes from and how the steering op behaves."""
+
+    sae_path: str = str(DEFAULT_SAE_DIR)
+    """Directory in SAELens format (cfg.json + sae_weights.safetensors [+ feature_stats.safetensors])."""
+    layer: int | None = None
+    """Decoder layer whose output the SAE reads; None: taken from the SAE's hook_name."""
+    max_clamps: int = 32
+    """Most clamps one request may carry; the width of the per-request clamp table."""
+    metrics_sample_every: int = 1
+    """Feature-activity metrics encode every n-th forward step (0: feature metrics off)."""
+    metrics_watch: tuple[int, ...] = ()
+    """Features whose activity counter is always exported."""
+    metrics_top_n: int = 20
+    """Also export the n most frequently active features (bounded label cardinality)."""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """Unrecognised keys, kept so the error message can name them."""
+
+    def __post_init__(self) -> None:
+        if self.extra:
+            raise ValueError(f"unknown steer configuration keys: {sorted(self.extra)}")
+        if not 1 <= self.max_clamps <= 1024:
+            raise ValueError(f"steer.max_clamps must be in [1, 1024], got {self.max_clamps}")
+        if self.layer is not None and self.layer < 0:
+            raise ValueError(f"steer.layer must be >= 0, got {self.layer}")
+        if self.metrics_sample_every < 0:
+            raise ValueError("steer.metrics_sample_every must be >= 0")
+        if self.metrics_top_n < 0:
+            raise ValueError("steer.metrics_top_n must be >= 0")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> "SteerConfig":
+        raw = dict(raw or {})
+        known = {f.name for f in fields(cls)} - {"extra"}
+        extra = {k: raw.pop(k) for k in list(raw) if k not in known}
+        if "metrics_watch" in raw:
+            raw["metrics_watch"] = tuple(int(i) for i in raw["metrics_watch"])
+        return cls(**raw, extra=extra)
+
+    @classmethod
+    def from_vllm(cls, vllm_config: Any) -> "SteerConfig":
+        additional = getattr(vllm_config, "additional_config", None) or {}
+        return cls.from_dict(additional.get("steer"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+
+
+def default_model_dir() -> Path:
+    """Where set-up builds the default model; outside git (STEER_MODEL_DIR overrides)."""
+    env = os.environ.get("STEER_MODEL_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "steer_plugin" / "SmolLM2-135M-Instruct"
+
+
+def prefer_v1_model_runner() -> None:
+    """The plugin fills its clamp table from the V1 runner; make vLLM pick it unless told otherwise."""
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")

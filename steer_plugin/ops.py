@@ -1,0 +1,94 @@
+"""The steering op: the only code that runs inside vLLM's forward pass (and its compiled graphs).
+
+`torch.ops.steer_plugin.steer(hidden, residual, layer_key) -> hidden'` is a registered custom op
+with a fake (meta) implementation, so torch.compile keeps it as one opaque call instead of
+tracing (and freezing) Python, and CUDA graphs capture its kernels. It reads only persistent
+buffers (the SAE weights and the `ClampTable`), looked up by `layer_key`.
+
+Math, per token t with a clamp row r (Anthropic's clamp with the SAE error term kept):
+    x   = hidden + residual                              the residual stream, [T, d_in]
+    f   = encode(x)                                      [T, d_sae]
+    f'  = f with f[i] <- f[i] * mul[r, i] + add[r, i]    for the request's clamped features i
+    x'  = x + decode(f') - decode(f) = x + ((f' - f) @ W_dec) * scale
+and hidden' = hidden + (x' - x). Tokens without a row are returned bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from steer_plugin.clamp_table import ClampTable
+from steer_plugin.sae import SAE
+
+
+def clamp_delta(sae: SAE, x: torch.Tensor, rows: torch.Tensor, feature: torch.Tensor,
+                mul: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    """x: [S, d_in] residual stream; rows: [S] clamp-table rows (>= 0);
+    feature/mul/add: [R, K] table -> delta [S, d_in] = decode(f') - decode(f).
+    Fixed shapes, no host sync: padding entries point at a dummy column and change nothing."""
+    f, norm = sae.encode(x)  # [S, d_sae]
+    idx = feature[rows]  # [S, K]
+    f_pad = F.pad(f, (0, 1))  # [S, d_sae + 1]; column d_sae absorbs padding
+    current = f_pad.gather(1, idx)  # [S, K]
+    change = current * (mul[rows] - 1.0) + add[rows]  # f' - f at the clamped features
+    df = torch.zeros_like(f_pad).scatter_add_(1, idx, change)[:, :-1]  # [S, d_sae]
+    return (df @ sae.W_dec) * norm.scale  # [S, d_in]
+
+
+class LayerSteer:
+    """State of the op at one layer: SAE, clamp table, and how the op may run."""
+
+    def __init__(self, sae: SAE, table: ClampTable, graph_safe: bool):
+        self.sae = sae
+        self.table = table
+        self.graph_safe = graph_safe
+        """True under CUDA graphs: replays skip Python, so the op must not branch on host state
+        and always computes over all tokens. False (CPU, eager): skip or subset on the host."""
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """hidden, residual: [T, d_in] -> hidden' [T, d_in]."""
+        t = self.table
+        if self.graph_safe:
+            rows = t.tok_row[: hidden.shape[0]]  # [T]; -1 also for CUDA-graph padding
+            delta = clamp_delta(self.sae, hidden + residual, rows.clamp_min(0).long(), t.feature, t.mul, t.add)
+            return torch.where((rows >= 0).unsqueeze(-1), hidden + delta, hidden)
+        if t.num_steered_tokens == 0:
+            return hidden.clone()
+        idx = t.steered_tokens.to(hidden.device, non_blocking=True)  # [S]
+        x = hidden.index_select(0, idx) + residual.index_select(0, idx)  # [S, d_in]
+        rows = t.tok_row.index_select(0, idx).long()
+        delta = clamp_delta(self.sae, x, rows, t.feature, t.mul, t.add)
+        return hidden.index_add(0, idx, delta)
+
+
+_LAYERS: dict[str, LayerSteer] = {}
+
+
+def register_layer(key: str, state: LayerSteer) -> None:
+    _LAYERS[key] = state
+
+
+@torch.library.custom_op("steer_plugin::steer", mutates_args=())
+def steer(hidden: torch.Tensor, residual: torch.Tensor, layer_key: str) -> torch.Tensor:
+    """hidden, residual: [T, d_in] (a decoder layer's two outputs) -> steered hidden [T, d_in]."""
+    return _LAYERS[layer_key].forward(hidden, residual)
+
+
+@steer.register_fake
+def _steer_fake(hidden: torch.Tensor, residual: torch.Tensor, layer_key: str) -> torch.Tensor:
+    return torch.empty_like(hidden)
+
+
+class SteeredLayer(nn.Module):
+    """Wraps a decoder layer that returns (hidden, residual) and applies the op to its output."""
+
+    def __init__(self, inner: nn.Module, layer_key: str):
+        super().__init__()
+        self.inner = inner
+        self.layer_key = layer_key
+
+    def forward(self, *args, **kwargs):
+        hidden, residual = self.inner(*args, **kwargs)
+        return torch.ops.steer_plugin.steer(hidden, residual, self.layer_key), residual

@@ -1,0 +1,229 @@
+"""Sparse autoencoders in the SAELens on-disk format (`cfg.json` + `sae_weights.safetensors`).
+
+Math (SAELens semantics, per token):
+    x_in   = normalize(x)                                   (see `Normalization`)
+    pre    = (x_in - b_dec if apply_b_dec_to_input else x_in) @ W_enc + b_enc
+    f      = act(pre)          standard: relu · jumprelu: pre·[pre > threshold] · topk: relu of top k
+    x_hat  = denormalize(f @ W_dec + b_dec)
+
+The decoder is linear, so for any architecture decode(f') - decode(f) = ((f' - f) @ W_dec) * scale,
+where `scale` is the per-token factor that maps SAE space back to the residual stream. The steering
+op relies on exactly this identity.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+STATS_FILENAME = "feature_stats.safetensors"
+CATALOGUE_FILENAME = "feature_catalogue.json"
+
+Architecture = Literal["standard", "jumprelu", "topk"]
+NormMode = Literal["none", "expected_average_only_in", "constant_norm_rescale", "layer_norm"]
+_LAYER_NORM_EPS = 1e-5  # SAELens' value for normalize_activations="layer_norm"
+
+
+class SAEFileError(ValueError):
+    """An SAE directory is missing a file or holds something the loader cannot serve."""
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """The subset of SAELens' cfg.json that serving needs."""
+
+    architecture: Architecture
+    """Activation function family; SAELens' `architecture` field."""
+    d_in: int
+    """Width of the residual stream the SAE reads (must equal the model's hidden size)."""
+    d_sae: int
+    """Number of features (latents)."""
+    hook_name: str
+    """TransformerLens hook the SAE was trained on, e.g. `blocks.15.hook_resid_post`."""
+    model_name: str = ""
+    """Model the SAE was trained on (informational)."""
+    k: int | None = None
+    """Active features per token for `topk`."""
+    apply_b_dec_to_input: bool = False
+    """Subtract b_dec from the input before encoding."""
+    normalize_activations: NormMode = "none"
+    """Input normalisation, as SAELens defines it."""
+    norm_scaling_factor: float | None = None
+    """Scalar input scale for `expected_average_only_in` (output is divided by it)."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ("standard", "jumprelu", "topk"):
+            raise SAEFileError(
+                f"SAE architecture {self.architecture!r} is not supported (standard, jumprelu, topk)"
+            )
+        if self.architecture == "topk" and not (self.k and 0 < self.k <= self.d_sae):
+            raise SAEFileError(f"topk SAE needs 0 < k <= d_sae, got k={self.k}")
+        if self.normalize_activations not in ("none", "expected_average_only_in",
+                                              "constant_norm_rescale", "layer_norm"):
+            raise SAEFileError(f"normalize_activations {self.normalize_activations!r} not supported")
+        if self.normalize_activations == "expected_average_only_in" and not self.norm_scaling_factor:
+            raise SAEFileError("normalize_activations=expected_average_only_in needs norm_scaling_factor")
+
+    @property
+    def layer(self) -> int:
+        """Decoder layer index from `blocks.L.hook_resid_post` (the output of layer L)."""
+        parts = self.hook_name.split(".")
+        if len(parts) != 3 or parts[0] != "blocks" or parts[2] != "hook_resid_post":
+            raise SAEFileError(
+                f"hook_name {self.hook_name!r} is not blocks.<L>.hook_resid_post; "
+                "name the layer explicitly in the steer configuration"
+            )
+        return int(parts[1])
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "SAEConfig":
+        meta = raw.get("metadata") or {}
+        # SAELens >= 6 keeps hook/model names under "metadata"; older files have them top level.
+        hook_name = meta.get("hook_name", raw.get("hook_name", ""))
+        model_name = meta.get("model_name", raw.get("model_name", ""))
+        if raw.get("rescale_acts_by_decoder_norm"):
+            raise SAEFileError("rescale_acts_by_decoder_norm SAEs are not supported; fold the norm first")
+        try:
+            return cls(
+                architecture=raw["architecture"], d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]),
+                hook_name=hook_name, model_name=model_name,
+                k=int(raw["k"]) if raw.get("k") is not None else None,
+                apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", False)),
+                normalize_activations=raw.get("normalize_activations") or "none",
+                norm_scaling_factor=raw.get("norm_scaling_factor"),
+            )
+        except KeyError as e:
+            raise SAEFileError(f"cfg.json lacks required field {e.args[0]!r}") from None
+
+    def to_json(self) -> dict:
+        out = {key: value for key, value in asdict(self).items()
+               if key not in ("hook_name", "model_name") and value is not None}
+        out["metadata"] = {"hook_name": self.hook_name, "model_name": self.model_name}
+        out["dtype"] = "float32"
+        return out
+
+
+class Normalization(NamedTuple):
+    """Per-token affine map from SAE space back to the residual stream: x = x_sae * scale + shift."""
+
+    scale: torch.Tensor  # [tokens, 1]
+    shift: torch.Tensor  # [tokens, 1] or [] (zero)
+
+
+class SAE:
+    """An SAE's weights on one device, in float32.
+
+    Shapes: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], threshold [d_sae].
+    """
+
+    def __init__(self, cfg: SAEConfig, weights: dict[str, torch.Tensor]):
+        self.cfg = cfg
+        expect = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,),
+                  "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
+        if cfg.architecture == "jumprelu":
+            if "threshold" not in weights and "log_threshold" in weights:
+                weights = {**weights, "threshold": weights["log_threshold"].exp()}
+            expect["threshold"] = (cfg.d_sae,)
+        for name, shape in expect.items():
+            if name not in weights:
+                raise SAEFileError(f"SAE weights lack tensor {name!r}")
+            if tuple(weights[name].shape) != shape:
+                raise SAEFileError(f"SAE tensor {name} has shape {tuple(weights[name].shape)}, cfg says {shape}")
+        # JumpReLU thresholds must stay float32 (SAELens#728: bf16 moves them); everything is f32.
+        self.W_enc = weights["W_enc"].float().contiguous()
+        self.b_enc = weights["b_enc"].float().contiguous()
+        self.W_dec = weights["W_dec"].float().contiguous()
+        self.b_dec = weights["b_dec"].float().contiguous()
+        self.threshold = weights["threshold"].float().contiguous() if "threshold" in expect else None
+
+    # ---- on-disk format -------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SAE":
+        path = Path(path)
+        cfg = load_config(path)
+        weights_file = path / WEIGHTS_FILENAME
+        if not weights_file.is_file():
+            raise SAEFileError(f"SAE weights file missing: {weights_file}")
+        return cls(cfg, load_file(str(weights_file), device=str(device)))
+
+    def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        """Write cfg.json + sae_weights.safetensors; `threshold` is always kept in float32."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CFG_FILENAME).write_text(json.dumps(self.cfg.to_json(), indent=2) + "\n")
+        tensors = {name: getattr(self, name).to(dtype).contiguous().cpu()
+                   for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        if self.threshold is not None:
+            tensors["threshold"] = self.threshold.float().contiguous().cpu()
+        save_file(tensors, str(path / WEIGHTS_FILENAME))
+
+    def to(self, device: str | torch.device) -> "SAE":
+        names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if self.threshold is not None else [])
+        return SAE(self.cfg, {n: getattr(self, n).to(device) for n in names})
+
+    # ---- math -------------------------------------------------------------------------------
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, Normalization]:
+        """x: [tokens, d_in] residual stream -> (x_in [tokens, d_in] SAE input, its inverse map)."""
+        mode = self.cfg.normalize_activations
+        one = x.new_ones(())
+        zero = x.new_zeros(())
+        if mode == "none":
+            return x, Normalization(one, zero)
+        if mode == "expected_average_only_in":
+            s = self.cfg.norm_scaling_factor
+            return x * s, Normalization(one / s, zero)
+        if mode == "constant_norm_rescale":
+            norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-12) / math.sqrt(self.cfg.d_in)  # [tokens, 1]
+            return x / norm, Normalization(norm, zero)
+        mu = x.mean(dim=-1, keepdim=True)  # layer_norm
+        centred = x - mu
+        std = centred.std(dim=-1, keepdim=True) + _LAYER_NORM_EPS
+        return centred / std, Normalization(std, mu)
+
+    def encode_pre(self, x_in: torch.Tensor) -> torch.Tensor:
+        """x_in: [tokens, d_in] normalised input -> pre-activations [tokens, d_sae]."""
+        if self.cfg.apply_b_dec_to_input:
+            x_in = x_in - self.b_dec
+        return torch.addmm(self.b_enc, x_in, self.W_enc)
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """pre: [tokens, d_sae] -> feature activations f [tokens, d_sae] (fixed shapes, no host sync)."""
+        if self.cfg.architecture == "standard":
+            return torch.relu(pre)
+        if self.cfg.architecture == "jumprelu":
+            return pre * (pre > self.threshold)
+        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)  # [tokens, k]
+        return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, Normalization]:
+        """x: [tokens, d_in] residual stream -> (f [tokens, d_sae], normalisation to undo on decode)."""
+        x_in, norm = self.normalize(x)
+        return self.activate(self.encode_pre(x_in)), norm
+
+    def decode(self, f: torch.Tensor, norm: Normalization) -> torch.Tensor:
+        """f: [tokens, d_sae] -> reconstruction [tokens, d_in] in residual-stream units."""
+        return torch.addmm(self.b_dec, f, self.W_dec) * norm.scale + norm.shift
+
+
+def load_config(path: str | Path) -> SAEConfig:
+    """Read only cfg.json (cheap: the API process validates requests with it)."""
+    cfg_file = Path(path) / CFG_FILENAME
+    if not cfg_file.is_file():
+        raise SAEFileError(f"SAE config file missing: {cfg_file}")
+    return SAEConfig.from_json(json.loads(cfg_file.read_text()))
+
+
+def load_max_activations(path: str | Path) -> torch.Tensor | None:
+    """Per-feature max activation [d_sae] from feature_stats.safetensors, or None if not shipped."""
+    stats_file = Path(path) / STATS_FILENAME
+    if not stats_file.is_file():
+        return None
+    return load_file(str(stats_file))["max_activation"].float()

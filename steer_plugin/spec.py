@@ -1,0 +1,148 @@
+"""The request contract for `feature_clamps`: untrusted input, validated by pydantic.
+
+Every clamp becomes one affine edit of one feature's activation, f' = f * mul + add:
+    set   v  ->  mul 0, add v        (v = 0 ablates the feature)
+    add   v  ->  mul 1, add v
+    scale v  ->  mul v, add 0
+`unit="max"` multiplies v by the feature's maximum activation recorded with the SAE.
+
+The same parser runs at admission (turning bad input into HTTP 400) and in the worker (turning
+the admitted JSON into table rows), so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+FIELD = "feature_clamps"
+"""Name of the request field, top level or inside `vllm_xargs`."""
+
+TOKENS_CODE = {"all": 0, "prompt": 1, "generated": 2}
+
+
+class FeatureClamp(BaseModel):
+    """One clamp, as a client sends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    feature: Annotated[int, Field(strict=True, ge=0)]
+    """SAE feature (latent) index."""
+    value: Annotated[float, Field(strict=True, allow_inf_nan=False)]
+    """Target (set), increment (add) or factor (scale)."""
+    mode: Literal["set", "add", "scale"] = "set"
+    unit: Literal["absolute", "max"] = "absolute"
+    """`max`: value is in multiples of the feature's max activation (Anthropic's unit)."""
+    tokens: Literal["all", "prompt", "generated"] = "all"
+    """Which positions: prompt tokens, generated tokens, or both."""
+
+
+_CLAMP_LIST = TypeAdapter(list[FeatureClamp])
+
+
+class ClampError(ValueError):
+    """Invalid `feature_clamps`; the message names the clamp and the field."""
+
+
+@dataclass(frozen=True)
+class SAELimits:
+    """What the loaded SAE allows; trusted, from the server configuration."""
+
+    d_sae: int
+    """Feature indices must be below this."""
+    max_clamps: int
+    """Most clamps one request may carry (the per-request clamp table width)."""
+    max_activation: np.ndarray | None
+    """Per-feature max activation [d_sae] for unit="max"; None if the SAE ships no stats."""
+
+
+@dataclass(frozen=True)
+class ClampPlan:
+    """A validated clamp set in table form (K = number of clamps)."""
+
+    feature: np.ndarray  # [K] int64
+    mul: np.ndarray  # [K] float32
+    add: np.ndarray  # [K] float32
+    tokens: np.ndarray  # [K] int8, TOKENS_CODE
+    canonical: str
+    """Stable JSON of the clamp set, used to key the prefix cache."""
+
+    def __len__(self) -> int:
+        return len(self.feature)
+
+
+def _load(raw: Any) -> Any:
+    # vllm_xargs only carries flat values, so there the list arrives as a JSON string.
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ClampError(f"{FIELD}: not valid JSON ({e.msg} at position {e.pos})") from None
+    return raw
+
+
+def _location(loc: tuple) -> str:
+    out = FIELD
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def parse_clamps(raw: Any, limits: SAELimits) -> ClampPlan | None:
+    """Validate a `feature_clamps` value (list, or its JSON string). None means "no steering"."""
+    if raw is None:
+        return None
+    data = _load(raw)
+    if not isinstance(data, list):
+        raise ClampError(f"{FIELD}: must be a list of clamp objects, got {type(data).__name__}")
+    if not data:
+        return None
+    if len(data) > limits.max_clamps:
+        raise ClampError(f"{FIELD}: {len(data)} clamps given, at most {limits.max_clamps} allowed")
+    try:
+        clamps = _CLAMP_LIST.validate_python(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ClampError(f"{_location(first['loc'])}: {first['msg']}") from None
+
+    seen: dict[int, int] = {}
+    rows = []
+    for i, c in enumerate(clamps):
+        where = f"{FIELD}[{i}]"
+        if c.feature >= limits.d_sae:
+            raise ClampError(f"{where}.feature: {c.feature} is out of range (SAE has {limits.d_sae} features)")
+        if c.feature in seen:
+            raise ClampError(f"{where}.feature: feature {c.feature} already clamped by {FIELD}[{seen[c.feature]}]")
+        seen[c.feature] = i
+        value = c.value
+        if c.unit == "max":
+            if c.mode == "scale":
+                raise ClampError(f"{where}.unit: 'max' has no meaning for mode 'scale' (a pure factor)")
+            if limits.max_activation is None:
+                raise ClampError(f"{where}.unit: 'max' needs per-feature max activations, this SAE has none")
+            value *= float(limits.max_activation[c.feature])
+        if not math.isfinite(value) or abs(value) > 1e30:
+            raise ClampError(f"{where}.value: {c.value} is too large")
+        mul, add = {"set": (0.0, value), "add": (1.0, value), "scale": (value, 0.0)}[c.mode]
+        rows.append((c.feature, mul, add, TOKENS_CODE[c.tokens]))
+
+    rows.sort()
+    canonical = json.dumps([[f, m, a, t] for f, m, a, t in rows], separators=(",", ":"))
+    feature, mul, add, tokens = zip(*rows)
+    return ClampPlan(
+        feature=np.asarray(feature, dtype=np.int64), mul=np.asarray(mul, dtype=np.float32),
+        add=np.asarray(add, dtype=np.float32), tokens=np.asarray(tokens, dtype=np.int8),
+        canonical=canonical,
+    )
+
+
+def cache_salt(plan: ClampPlan, user_salt: str | None) -> str:
+    """Prefix-cache salt: KV blocks computed under one clamp set are never reused under another."""
+    digest = hashlib.sha256(plan.canonical.encode()).hexdigest()[:32]
+    return f"steer:{digest}" + (f":{user_salt}" if user_salt else "")

@@ -1,0 +1,79 @@
+"""Residual-stream capture at one layer with Hugging Face transformers, forward stopped there.
+
+The output of decoder layer L in transformers is the full residual stream (hidden + residual),
+the same quantity vLLM's steering op encodes as `hidden + residual` after layer L.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class Capture:
+    """Activations of every non-first position of every document."""
+
+    acts: torch.Tensor  # [N, d_model] float32
+    doc: np.ndarray  # [N] int32: document index
+    pos: np.ndarray  # [N] int32: position within the document's tokens
+    tokens: list[list[int]]  # per document, the token ids fed to the model
+
+
+def load_hf_model(model_dir: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+@torch.inference_mode()
+def capture(model, tokenizer, docs: list[str], layer: int, ctx: int, batch_size: int,
+            desc: str = "capture") -> Capture:
+    token_lists = [tokenizer(d, add_special_tokens=False)["input_ids"][:ctx] for d in docs]
+    token_lists = [t for t in token_lists if len(t) >= 2]
+    order = np.argsort([len(t) for t in token_lists], kind="stable")  # similar lengths share a batch
+    caught: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        caught.append(output[0] if isinstance(output, tuple) else output)
+        raise _StopForward
+
+    handle = model.model.layers[layer].register_forward_hook(hook)
+    acts, docs_idx, pos_idx = [], [], []
+    total = sum(len(t) - 1 for t in token_lists)
+    bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True)
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = [int(i) for i in order[start:start + batch_size]]
+            width = max(len(token_lists[i]) for i in batch)
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(token_lists[i])] = torch.tensor(token_lists[i])
+                mask[row, : len(token_lists[i])] = 1
+            caught.clear()
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _StopForward:
+                pass
+            resid = caught[0]  # [batch, width, d_model]
+            for row, i in enumerate(batch):
+                n = len(token_lists[i])
+                # Position 0 is an attention sink with a far larger norm: left out of training.
+                acts.append(resid[row, 1:n].float().clone())
+                docs_idx.append(np.full(n - 1, i, dtype=np.int32))
+                pos_idx.append(np.arange(1, n, dtype=np.int32))
+                bar.update(n - 1)
+    finally:
+        handle.remove()
+        bar.close()
+    return Capture(torch.cat(acts), np.concatenate(docs_idx), np.concatenate(pos_idx), token_lists)

@@ -1,0 +1,70 @@
+"""Held-out evaluation of an SAE: reconstruction, sparsity, dead latents, downstream loss."""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from steer_plugin.sae import SAE
+
+
+@torch.inference_mode()
+def reconstruction_metrics(sae: SAE, acts: torch.Tensor, chunk: int = 8192) -> dict[str, float]:
+    """acts: [N, d_in]. FVU = Σ‖x − x̂‖² / Σ‖x − mean(x)‖²; L0 = mean active latents per token;
+    dead = fraction of latents that never fire on these tokens."""
+    mean = acts.mean(0)
+    err = var = l0 = 0.0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    for start in range(0, acts.shape[0], chunk):
+        x = acts[start:start + chunk]
+        f, norm = sae.encode(x)
+        err += (x - sae.decode(f, norm)).pow(2).sum().item()
+        var += (x - mean).pow(2).sum().item()
+        active = f > 0
+        l0 += active.sum().item()
+        fired |= active.any(0)
+    return {"fvu": err / var, "l0": l0 / acts.shape[0], "dead_fraction": 1.0 - fired.float().mean().item(),
+            "tokens": int(acts.shape[0])}
+
+
+@torch.inference_mode()
+def loss_increase(model, sae: SAE, token_lists: list[list[int]], layer: int, batch_size: int = 8) -> dict:
+    """Next-token cross-entropy with layer `layer`'s output replaced by the SAE reconstruction
+    (positions >= 1; position 0 is the attention sink the SAE was not trained on) vs clean."""
+    splice = {"on": False}
+
+    def hook(_module, _inputs, output):
+        if not splice["on"]:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output  # [B, T, d]
+        flat = hidden[:, 1:].reshape(-1, hidden.shape[-1])
+        f, norm = sae.encode(flat)
+        hidden = hidden.clone()
+        hidden[:, 1:] = sae.decode(f, norm).reshape(hidden.shape[0], -1, hidden.shape[-1])
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = model.model.layers[layer].register_forward_hook(hook)
+    sums = {"clean": 0.0, "spliced": 0.0}
+    count = 0
+    try:
+        for start in tqdm(range(0, len(token_lists), batch_size), desc="loss increase", unit="batch"):
+            batch = token_lists[start:start + batch_size]
+            width = max(len(t) for t in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, t in enumerate(batch):
+                ids[row, :len(t)] = torch.tensor(t)
+                mask[row, :len(t)] = 1
+            labels = ids.masked_fill(mask == 0, -100)
+            for name, on in (("clean", False), ("spliced", True)):
+                splice["on"] = on
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                ce = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                    ignore_index=-100, reduction="sum")
+                sums[name] += ce.item()
+            count += int((labels[:, 1:] != -100).sum())
+    finally:
+        handle.remove()
+    clean, spliced = sums["clean"] / count, sums["spliced"] / count
+    return {"ce_clean": clean, "ce_spliced": spliced, "ce_increase": spliced - clean, "tokens": count}

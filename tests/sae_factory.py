@@ -1,0 +1,36 @@
+"""Small random SAEs in SAELens format, for tests (the loader must not care where a file came from)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from steer_plugin.sae import SAE, SAEConfig, STATS_FILENAME
+
+
+def make_sae(architecture: str = "topk", d_in: int = 576, d_sae: int = 1024, layer: int = 15,
+             seed: int = 0, k: int = 32, normalize: str = "none", apply_b_dec: bool = True) -> SAE:
+    g = torch.Generator().manual_seed(seed)
+    W_dec = torch.randn(d_sae, d_in, generator=g)
+    W_dec /= W_dec.norm(dim=-1, keepdim=True)
+    weights = {"W_enc": W_dec.t().contiguous() * 0.5, "b_enc": torch.randn(d_sae, generator=g) * 0.1,
+               "W_dec": W_dec, "b_dec": torch.randn(d_in, generator=g) * 0.1}
+    if architecture == "jumprelu":
+        weights["threshold"] = torch.rand(d_sae, generator=g) * 0.5
+    cfg = SAEConfig(architecture=architecture, d_in=d_in, d_sae=d_sae, hook_name=f"blocks.{layer}.hook_resid_post",
+                    model_name="test", k=k if architecture == "topk" else None, apply_b_dec_to_input=apply_b_dec,
+                    normalize_activations=normalize,
+                    norm_scaling_factor=0.5 if normalize == "expected_average_only_in" else None)
+    return SAE(cfg, weights)
+
+
+def write_sae(path: Path, with_stats: bool = True, **kwargs) -> Path:
+    sae = make_sae(**kwargs)
+    sae.save(path)
+    if with_stats:
+        d_sae = sae.cfg.d_sae
+        save_file({"max_activation": torch.full((d_sae,), 4.0), "frequency": torch.full((d_sae,), 0.01),
+                   "mean_activation": torch.ones(d_sae)}, str(path / STATS_FILENAME))
+    return path
