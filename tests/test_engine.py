@@ -1,0 +1,115 @@
+"""Steering in a real offline vLLM engine on the default model, eager and compiled.
+
+vLLM is not batch-invariant in general, so "unclamped requests are untouched" is checked under
+the same batch composition: one generate call with per-request SamplingParams, against the same
+call with no clamps at all."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from engines import MODEL, REPO, offline_llm
+from sae_factory import write_sae
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The capital of France is", "My favourite animal is", "Once upon a time",
+           "The best way to cook pasta is"]
+STRONG = [{"feature": 3, "value": 80.0}, {"feature": 10, "value": 60.0, "mode": "add"}]
+OTHER = [{"feature": 42, "value": 80.0}]
+IDENTITY = [{"feature": 3, "value": 1.0, "mode": "scale"}, {"feature": 10, "value": 0.0, "mode": "add"}]
+
+
+def params(clamps=None, as_json=True, max_tokens=24):
+    from vllm import SamplingParams
+
+    extra = None
+    if clamps is not None:
+        extra = {"feature_clamps": json.dumps(clamps) if as_json else clamps}
+    return SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=extra)
+
+
+def token_ids(outputs):
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+@pytest.fixture(scope="module", params=["eager", "compiled"])
+def llm(request, random_sae_dir):
+    with offline_llm(random_sae_dir, enforce_eager=request.param == "eager") as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def baseline(llm):
+    return token_ids(llm.generate(PROMPTS, [params()] * len(PROMPTS)))
+
+
+def test_mixed_batch_steers_only_clamped_requests(llm, baseline):
+    mixed = token_ids(llm.generate(PROMPTS, [params(STRONG), params(), params(OTHER), params()]))
+    assert mixed[1] == baseline[1] and mixed[3] == baseline[3]
+    assert mixed[0] != baseline[0] and mixed[2] != baseline[2]
+
+
+def test_error_term_is_kept(llm, baseline):
+    """scale-by-1 / add-0 leave activations unchanged: output must equal unsteered. This fails if
+    the op substituted the SAE reconstruction for the activations."""
+    same = token_ids(llm.generate(PROMPTS, [params(IDENTITY)] * len(PROMPTS)))
+    assert same == baseline
+
+
+def test_list_and_json_string_clamps_agree(llm):
+    a = token_ids(llm.generate(PROMPTS[:1], [params(STRONG, as_json=True)]))
+    b = token_ids(llm.generate(PROMPTS[:1], [params(STRONG, as_json=False)]))
+    assert a == b
+
+
+def test_prefix_cache_is_keyed_by_clamps(llm, baseline):
+    """Steered after unsteered on the same prompt, and unsteered after steered: each answer equals
+    the one computed cold, so no KV block crossed between clamp sets."""
+    long_prompts = [p + " " + "and so on, " * 12 for p in PROMPTS[:2]]
+    cold_plain = token_ids(llm.generate(long_prompts, [params()] * 2))
+    steered = token_ids(llm.generate(long_prompts, [params(STRONG)] * 2))
+    plain_again = token_ids(llm.generate(long_prompts, [params()] * 2))
+    steered_again = token_ids(llm.generate(long_prompts, [params(STRONG)] * 2))
+    assert plain_again == cold_plain
+    assert steered_again == steered != cold_plain
+
+
+def test_tokens_prompt_and_generated_are_distinct(llm, baseline):
+    prompt_only = token_ids(llm.generate(PROMPTS[:2], [params([{**c, "tokens": "prompt"} for c in STRONG])] * 2))
+    gen_only = token_ids(llm.generate(PROMPTS[:2], [params([{**c, "tokens": "generated"} for c in STRONG])] * 2))
+    everywhere = token_ids(llm.generate(PROMPTS[:2], [params(STRONG)] * 2))
+    assert prompt_only != gen_only
+    assert everywhere not in (prompt_only, gen_only)
+
+
+def test_bad_clamps_are_rejected_at_admission(llm):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match=r"feature_clamps\[0\]\.feature"):
+        llm.generate(PROMPTS[:1], [params([{"feature": 10**6, "value": 1.0}])])
+    assert token_ids(llm.generate(PROMPTS[:1], [params()]))  # still serving
+
+
+def test_plugin_disabled_engine_matches_unsteered(random_sae_dir):
+    """Unsteered output with the plugin loaded equals vanilla vLLM (same flags, same batch)."""
+    with offline_llm(random_sae_dir) as engine:
+        with_plugin = token_ids(engine.generate(PROMPTS, [params()] * len(PROMPTS)))
+    with offline_llm(None, plugin=False) as engine:
+        vanilla = token_ids(engine.generate(PROMPTS, [params()] * len(PROMPTS)))
+    assert with_plugin == vanilla
+
+
+def test_sae_width_mismatch_fails_at_start_up(tmp_path):
+    bad = write_sae(tmp_path / "narrow", d_in=64, d_sae=128)
+    script = (f"from vllm import LLM\nif __name__ == '__main__':\n"
+              f"    LLM(model={MODEL!r}, dtype='float32', enforce_eager=True, max_model_len=512,"
+              f" additional_config={{'steer': {{'sae_path': {str(bad)!r}}}}})\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                            timeout=600, env={"VLLM_CPU_KVCACHE_SPACE": "1", **__import__("os").environ})
+    assert result.returncode != 0
+    assert "SAE d_in=64 does not match the model's hidden size 576" in result.stdout + result.stderr

@@ -1,0 +1,94 @@
+"""The registered op (ops.py) against the eager reference (reference.py) on random batches."""
+
+import numpy as np
+import pytest
+import torch
+
+from sae_factory import make_sae
+from steer_plugin.clamp_table import ClampTable
+from steer_plugin.ops import LayerSteer, register_layer
+from steer_plugin.reference import reference_steer
+from steer_plugin.spec import SAELimits, parse_clamps
+
+D_IN, D_SAE = 32, 64
+
+
+def _batch(seed: int):
+    """Four requests: prefill of a fresh prompt, decode, a chunk crossing prompt->generated, unsteered."""
+    rng = np.random.default_rng(seed)
+    req_ids = ["a", "b", "c", "d"]
+    num_sched = np.array([5, 1, 4, 3])
+    num_computed = np.array([0, 9, 6, 2])
+    num_prompt = np.array([7, 6, 8, 9])
+    plans = {
+        "a": [{"feature": 3, "value": 5.0}, {"feature": 10, "value": 0.0}],
+        "b": [{"feature": 7, "value": 2.0, "mode": "add", "tokens": "generated"}],
+        "c": [{"feature": 1, "value": 3.0, "mode": "scale", "tokens": "prompt"},
+              {"feature": int(rng.integers(0, D_SAE)) | 32, "value": -4.0, "tokens": "generated"}],
+        "d": None,
+    }
+    return req_ids, num_sched, num_computed, num_prompt, plans
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk"])
+@pytest.mark.parametrize("normalize", ["none", "constant_norm_rescale", "layer_norm"])
+@pytest.mark.parametrize("graph_safe", [False, True])
+def test_op_matches_reference(arch, normalize, graph_safe):
+    sae = make_sae(arch, d_in=D_IN, d_sae=D_SAE, k=8, normalize=normalize)
+    limits = SAELimits(d_sae=D_SAE, max_clamps=4, max_activation=None)
+    table = ClampTable(limits, max_tokens=32, max_reqs=8, device=torch.device("cpu"))
+    req_ids, num_sched, num_computed, num_prompt, raw = _batch(0)
+    table.fill(req_ids, num_sched, num_computed, num_prompt,
+               lambda rid: {"feature_clamps": raw[rid]} if raw[rid] else None)
+    key = f"test-{arch}-{normalize}-{graph_safe}"
+    register_layer(key, LayerSteer(sae, table, graph_safe=graph_safe))
+
+    T = int(num_sched.sum())
+    torch.manual_seed(1)
+    hidden, residual = torch.randn(T, D_IN) * 3, torch.randn(T, D_IN) * 3
+    out = torch.ops.steer_plugin.steer(hidden, residual, key)
+
+    token_plans, is_prompt = [], []
+    for i, rid in enumerate(req_ids):
+        plan = parse_clamps(raw[rid], limits) if raw[rid] else None
+        for j in range(num_sched[i]):
+            token_plans.append(plan)
+            is_prompt.append(num_computed[i] + j < num_prompt[i])
+    expected = reference_steer(sae, hidden, residual, token_plans, is_prompt)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    # Request "d" is unclamped: bit-identical.
+    assert torch.equal(out[-3:], hidden[-3:])
+    assert not torch.equal(out[:5], hidden[:5])
+
+
+def test_identity_clamps_change_nothing_but_rounding():
+    sae = make_sae("topk", d_in=D_IN, d_sae=D_SAE, k=8)
+    limits = SAELimits(d_sae=D_SAE, max_clamps=4, max_activation=None)
+    table = ClampTable(limits, max_tokens=16, max_reqs=4, device=torch.device("cpu"))
+    clamps = [{"feature": 2, "value": 1.0, "mode": "scale"}, {"feature": 5, "value": 0.0, "mode": "add"}]
+    table.fill(["r"], np.array([6]), np.array([0]), np.array([6]), lambda _: {"feature_clamps": clamps})
+    register_layer("identity", LayerSteer(sae, table, graph_safe=False))
+    hidden, residual = torch.randn(6, D_IN), torch.randn(6, D_IN)
+    assert torch.equal(torch.ops.steer_plugin.steer(hidden, residual, "identity"), hidden)
+
+
+def test_op_under_torch_compile_follows_table_changes():
+    """The compiled graph keeps the op as a call: a table change after compilation takes effect."""
+    sae = make_sae("topk", d_in=D_IN, d_sae=D_SAE, k=8)
+    limits = SAELimits(d_sae=D_SAE, max_clamps=4, max_activation=None)
+    table = ClampTable(limits, max_tokens=16, max_reqs=4, device=torch.device("cpu"))
+    register_layer("compiled", LayerSteer(sae, table, graph_safe=True))
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def layer(h, r):
+        h = h * 1.0 + 0.0
+        return torch.ops.steer_plugin.steer(h, r, "compiled") + 0.0
+
+    hidden, residual = torch.randn(4, D_IN), torch.randn(4, D_IN)
+    table.fill(["r1"], np.array([4]), np.array([0]), np.array([4]), lambda _: None)
+    assert torch.equal(layer(hidden, residual), hidden)
+    table.fill(["r2"], np.array([4]), np.array([0]), np.array([4]),
+               lambda _: {"feature_clamps": [{"feature": 3, "value": 50.0}]})
+    assert not torch.allclose(layer(hidden, residual), hidden)
+    table.fill(["r3"], np.array([4]), np.array([0]), np.array([4]), lambda _: None)
+    assert torch.equal(layer(hidden, residual), hidden)

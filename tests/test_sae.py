@@ -1,0 +1,72 @@
+import json
+
+import pytest
+import torch
+
+from sae_factory import make_sae
+from steer_plugin.sae import SAE, SAEFileError, load_config
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk"])
+def test_save_load_roundtrip(tmp_path, arch):
+    sae = make_sae(arch, d_in=16, d_sae=32, k=4)
+    sae.save(tmp_path)
+    loaded = SAE.load(tmp_path)
+    assert loaded.cfg == sae.cfg
+    x = torch.randn(8, 16)
+    f, norm = sae.encode(x)
+    g, _ = loaded.encode(x)
+    torch.testing.assert_close(f, g)
+    assert json.loads((tmp_path / "cfg.json").read_text())["metadata"]["hook_name"] == "blocks.15.hook_resid_post"
+
+
+def test_activations_follow_saelens_definitions():
+    x = torch.randn(6, 16)
+    for arch in ("standard", "jumprelu", "topk"):
+        sae = make_sae(arch, d_in=16, d_sae=32, k=4, apply_b_dec=False)
+        pre = x @ sae.W_enc + sae.b_enc
+        f, _ = sae.encode(x)
+        if arch == "standard":
+            torch.testing.assert_close(f, torch.relu(pre))
+        elif arch == "jumprelu":
+            torch.testing.assert_close(f, pre * (pre > sae.threshold))
+        else:
+            assert ((f > 0).sum(-1) <= 4).all()
+            top = pre.topk(4, dim=-1)
+            torch.testing.assert_close(f.gather(-1, top.indices), torch.relu(top.values))
+
+
+def test_apply_b_dec_to_input_subtracts_b_dec():
+    sae = make_sae("standard", d_in=16, d_sae=32, apply_b_dec=True)
+    x = torch.randn(3, 16)
+    f, _ = sae.encode(x)
+    torch.testing.assert_close(f, torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc))
+
+
+@pytest.mark.parametrize("mode", ["none", "expected_average_only_in", "constant_norm_rescale", "layer_norm"])
+def test_normalisation_is_undone_on_decode(mode):
+    sae = make_sae("standard", d_in=16, d_sae=32, normalize=mode)
+    x = torch.randn(5, 16) * 7 + 3
+    x_in, norm = sae.normalize(x)
+    torch.testing.assert_close(x_in * norm.scale + norm.shift, x, rtol=1e-5, atol=1e-5)
+
+
+def test_jumprelu_threshold_stays_float32_on_disk(tmp_path):
+    sae = make_sae("jumprelu", d_in=16, d_sae=32)
+    sae.save(tmp_path, dtype=torch.bfloat16)
+    from safetensors.torch import load_file
+    tensors = load_file(str(tmp_path / "sae_weights.safetensors"))
+    assert tensors["threshold"].dtype == torch.float32 and tensors["W_enc"].dtype == torch.bfloat16
+    assert SAE.load(tmp_path).W_enc.dtype == torch.float32
+
+
+def test_missing_files_and_bad_shapes_say_which(tmp_path):
+    with pytest.raises(SAEFileError, match="cfg.json"):
+        load_config(tmp_path)
+    make_sae("standard", d_in=16, d_sae=32).save(tmp_path)
+    (tmp_path / "sae_weights.safetensors").unlink()
+    with pytest.raises(SAEFileError, match="sae_weights.safetensors"):
+        SAE.load(tmp_path)
+    sae = make_sae("standard", d_in=16, d_sae=32)
+    with pytest.raises(SAEFileError, match="W_dec"):
+        SAE(sae.cfg, {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec[:, :8], "b_dec": sae.b_dec})

@@ -1,0 +1,69 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from steer_plugin.spec import ClampError, SAELimits, cache_salt, parse_clamps
+
+LIMITS = SAELimits(d_sae=100, max_clamps=4, max_activation=np.full(100, 2.0, dtype=np.float32))
+
+
+def test_modes_become_affine_edits():
+    plan = parse_clamps([{"feature": 5, "value": 3}, {"feature": 1, "value": 2, "mode": "add"},
+                         {"feature": 9, "value": 0.5, "mode": "scale", "tokens": "prompt"}], LIMITS)
+    assert plan.feature.tolist() == [1, 5, 9]  # canonical order
+    assert plan.mul.tolist() == [1.0, 0.0, 0.5]
+    assert plan.add.tolist() == [2.0, 3.0, 0.0]
+    assert plan.tokens.tolist() == [0, 0, 1]
+
+
+def test_unit_max_multiplies_by_the_feature_max():
+    plan = parse_clamps([{"feature": 7, "value": 10, "unit": "max"}], LIMITS)
+    assert plan.add.tolist() == [20.0]
+
+
+def test_json_string_and_list_agree_and_empty_means_none():
+    clamps = [{"feature": 3, "value": 1.5}]
+    assert parse_clamps(json.dumps(clamps), LIMITS).canonical == parse_clamps(clamps, LIMITS).canonical
+    assert parse_clamps([], LIMITS) is None
+    assert parse_clamps("[]", LIMITS) is None
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"feature": 1, "value": 1}, "must be a list"),
+    ([{"feature": 1, "value": 1, "colour": "red"}], "feature_clamps[0].colour"),
+    ([{"value": 1}], "feature_clamps[0].feature"),
+    ([{"feature": 1}], "feature_clamps[0].value"),
+    ([{"feature": 100, "value": 1}], "feature_clamps[0].feature"),
+    ([{"feature": -1, "value": 1}], "feature_clamps[0].feature"),
+    ([{"feature": 1.5, "value": 1}], "feature_clamps[0].feature"),
+    ([{"feature": "3", "value": 1}], "feature_clamps[0].feature"),
+    ([{"feature": 1, "value": "big"}], "feature_clamps[0].value"),
+    ([{"feature": 1, "value": math.nan}], "feature_clamps[0].value"),
+    ([{"feature": 1, "value": math.inf}], "feature_clamps[0].value"),
+    ([{"feature": 1, "value": 1, "mode": "multiply"}], "feature_clamps[0].mode"),
+    ([{"feature": 1, "value": 1, "unit": "sigma"}], "feature_clamps[0].unit"),
+    ([{"feature": 1, "value": 1, "tokens": "some"}], "feature_clamps[0].tokens"),
+    ([{"feature": 1, "value": 1}, {"feature": 1, "value": 2}], "feature_clamps[1].feature"),
+    ([{"feature": i, "value": 1} for i in range(5)], "at most 4"),
+    ("[{not json", "not valid JSON"),
+])
+def test_bad_input_names_the_clamp_and_field(raw, field):
+    with pytest.raises(ClampError) as err:
+        parse_clamps(raw, LIMITS)
+    assert field in str(err.value)
+
+
+def test_unit_max_without_a_max_table_is_rejected():
+    no_max = SAELimits(d_sae=100, max_clamps=4, max_activation=None)
+    with pytest.raises(ClampError, match=r"feature_clamps\[0\]\.unit"):
+        parse_clamps([{"feature": 1, "value": 1, "unit": "max"}], no_max)
+
+
+def test_cache_salt_depends_on_the_clamp_set_only():
+    a = parse_clamps([{"feature": 1, "value": 1}, {"feature": 2, "value": 3}], LIMITS)
+    b = parse_clamps([{"feature": 2, "value": 3}, {"feature": 1, "value": 1.0}], LIMITS)
+    c = parse_clamps([{"feature": 1, "value": 2}], LIMITS)
+    assert cache_salt(a, None) == cache_salt(b, None) != cache_salt(c, None)
+    assert cache_salt(a, "user").endswith(":user")
