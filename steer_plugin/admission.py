@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from functools import wraps
 
+from steer_plugin import metrics
 from steer_plugin.config import SteerConfig
 from steer_plugin.spec import FIELD, ClampError, SAELimits, cache_salt, parse_clamps
 
@@ -51,10 +52,12 @@ def install() -> None:
                 plan = parse_clamps(raw, _limits(self))
             except ClampError as e:
                 logger.info("action=rejected req=%s reason=%s", request_id, e)
+                metrics.REJECTED.inc()
                 raise VLLMValidationError(str(e), parameter=FIELD) from None
         request = original(self, request_id, prompt, params, *args, **kwargs)
         if plan is not None:
             request.cache_salt = cache_salt(plan, request.cache_salt)
+        metrics.record_admission(steered=plan is not None)
         return request
 
     InputProcessor.process_inputs = process_inputs

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from steer_plugin.spec import ClampPlan, SAELimits, parse_clamps, FIELD
+from steer_plugin.spec import FIELD, ClampPlan, SAELimits, parse_clamps
 
 logger = logging.getLogger(__name__)
 _PROMPT, _GENERATED = 1, 2  # spec.TOKENS_CODE
@@ -50,8 +50,12 @@ class _RequestRows:
 class ClampTable:
     """Buffers on the model's device plus the host-side fill that runs once per forward step."""
 
-    def __init__(self, limits: SAELimits, max_tokens: int, max_reqs: int, device: torch.device):
+    def __init__(self, limits: SAELimits, max_tokens: int, max_reqs: int, device: torch.device,
+                 on_new_plan: Callable[[ClampPlan], None] | None = None,
+                 on_step: Callable[[int], None] | None = None):
         self.limits = limits
+        self._on_new_plan = on_new_plan
+        self._on_step = on_step  # called with the number of steered tokens of each step
         self.width = limits.max_clamps
         self.pad_feature = limits.d_sae
         rows = 2 * max_reqs
@@ -84,6 +88,8 @@ class ClampTable:
         rows = _RequestRows(plan, self.width, self.pad_feature) if plan else None
         if rows is not None:
             logger.info("action=clamp_plan req=%s clamps=%s", req_id, plan.canonical)
+            if self._on_new_plan is not None:
+                self._on_new_plan(plan)
         return rows
 
     def fill(self, req_ids: Sequence[str], num_scheduled: np.ndarray, num_computed: np.ndarray,
@@ -126,6 +132,8 @@ class ClampTable:
         host[:num_tokens] = tok_row
         steered = np.flatnonzero(tok_row >= 0)
         self.num_steered_tokens = len(steered)
+        if self._on_step is not None:
+            self._on_step(self.num_steered_tokens)
         self.steered_tokens = torch.from_numpy(steered)
         self.tok_row.copy_(self._h_tok_row, non_blocking=True)
         self.feature[:used].copy_(self._h_feature[:used], non_blocking=True)

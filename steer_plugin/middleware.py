@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 
+from steer_plugin.metrics import REJECTED
 from steer_plugin.spec import FIELD, ClampError, parse_clamps
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class FeatureClampMiddleware:
             rewritten = self._rewrite(body, scope)
         except ClampError as e:
             logger.info("action=rejected path=%s reason=%s", scope["path"], e)
+            REJECTED.inc()
             return await self._reject(send, str(e))
         if rewritten is not None:
             body = rewritten

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from steer_plugin.clamp_table import ClampTable
+from steer_plugin.metrics import FeatureActivity, OpTimer
 from steer_plugin.sae import SAE
 
 
@@ -40,15 +41,26 @@ def clamp_delta(sae: SAE, x: torch.Tensor, rows: torch.Tensor, feature: torch.Te
 class LayerSteer:
     """State of the op at one layer: SAE, clamp table, and how the op may run."""
 
-    def __init__(self, sae: SAE, table: ClampTable, graph_safe: bool):
+    def __init__(self, sae: SAE, table: ClampTable, graph_safe: bool, activity: FeatureActivity | None = None):
         self.sae = sae
         self.table = table
         self.graph_safe = graph_safe
         """True under CUDA graphs: replays skip Python, so the op must not branch on host state
         and always computes over all tokens. False (CPU, eager): skip or subset on the host."""
+        self.activity = None if graph_safe else activity
+        """Host-side feature metrics; off under CUDA graphs, whose replays run no Python."""
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """hidden, residual: [T, d_in] -> hidden' [T, d_in]."""
+        if self.activity is None:
+            return self._steer(hidden, residual)
+        with OpTimer():
+            out = self._steer(hidden, residual)
+            if self.activity.due():  # the stream the model continues with, clamps included
+                self.activity.observe(self.sae, out + residual)
+            return out
+
+    def _steer(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         t = self.table
         if self.graph_safe:
             rows = t.tok_row[: hidden.shape[0]]  # [T]; -1 also for CUDA-graph padding

@@ -25,6 +25,7 @@ FIELD = "feature_clamps"
 """Name of the request field, top level or inside `vllm_xargs`."""
 
 TOKENS_CODE = {"all": 0, "prompt": 1, "generated": 2}
+MODE_CODE = {"set": 0, "add": 1, "scale": 2}
 
 
 class FeatureClamp(BaseModel):
@@ -70,6 +71,7 @@ class ClampPlan:
     mul: np.ndarray  # [K] float32
     add: np.ndarray  # [K] float32
     tokens: np.ndarray  # [K] int8, TOKENS_CODE
+    mode: np.ndarray  # [K] int8, MODE_CODE
     canonical: str
     """Stable JSON of the clamp set, used to key the prefix cache."""
 
@@ -130,14 +132,15 @@ def parse_clamps(raw: Any, limits: SAELimits) -> ClampPlan | None:
         if not math.isfinite(value) or abs(value) > 1e30:
             raise ClampError(f"{where}.value: {c.value} is too large")
         mul, add = {"set": (0.0, value), "add": (1.0, value), "scale": (value, 0.0)}[c.mode]
-        rows.append((c.feature, mul, add, TOKENS_CODE[c.tokens]))
+        rows.append((c.feature, mul, add, TOKENS_CODE[c.tokens], MODE_CODE[c.mode]))
 
     rows.sort()
-    canonical = json.dumps([[f, m, a, t] for f, m, a, t in rows], separators=(",", ":"))
-    feature, mul, add, tokens = zip(*rows)
+    canonical = json.dumps([[f, m, a, t] for f, m, a, t, _ in rows], separators=(",", ":"))
+    feature, mul, add, tokens, mode = zip(*rows)
     return ClampPlan(
         feature=np.asarray(feature, dtype=np.int64), mul=np.asarray(mul, dtype=np.float32),
         add=np.asarray(add, dtype=np.float32), tokens=np.asarray(tokens, dtype=np.int8),
+        mode=np.asarray(mode, dtype=np.int8),
         canonical=canonical,
     )
 

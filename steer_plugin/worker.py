@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from steer_plugin import metrics
 from steer_plugin.clamp_table import ClampTable
 from steer_plugin.config import SteerConfig
 from steer_plugin.ops import LayerSteer, SteeredLayer, register_layer
@@ -77,10 +78,18 @@ def attach(runner, vllm_config) -> None:
 
     compilation = vllm_config.compilation_config
     graph_safe = device.type == "cuda" and str(compilation.cudagraph_mode) not in ("NONE", "CUDAGraphMode.NONE")
+    activity = metrics.FeatureActivity(sae.cfg.d_sae, cfg.metrics_sample_every, cfg.metrics_watch, cfg.metrics_top_n)
+
+    def on_new_plan(plan):
+        metrics.record_new_plan(plan)
+        activity.pin_clamped(plan)
+
     table = ClampTable(limits_for(cfg), max_tokens=runner.max_num_tokens, max_reqs=runner.max_num_reqs,
-                       device=device)
+                       device=device, on_new_plan=on_new_plan, on_step=metrics.STEERED_TOKENS.inc)
     key = f"layer{layer}"
-    register_layer(key, LayerSteer(sae, table, graph_safe=graph_safe))
+    register_layer(key, LayerSteer(sae, table, graph_safe=graph_safe, activity=activity))
+    metrics.SAE_INFO.labels(sae=Path(cfg.sae_path).name, layer=str(layer), d_sae=str(sae.cfg.d_sae),
+                            architecture=sae.cfg.architecture).set(1)
     layers[layer] = SteeredLayer(layers[layer], key)
     runner._steer_table = table
     logger.info("action=installed layer=%d sae=%s arch=%s d_sae=%d device=%s graph_safe=%s compile_mode=%s",

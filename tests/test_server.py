@@ -1,0 +1,215 @@
+"""The real server (server.py -> vLLM's OpenAI server, compiled mode) on the default model,
+driven with the official openai client and raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from engines import Server
+
+pytestmark = pytest.mark.slow
+
+CLAMPS = [{"feature": 3, "value": 80.0}, {"feature": 10, "value": 60.0, "mode": "add"}]
+WATCHED = 7
+MESSAGES = [{"role": "user", "content": "What is your favourite animal and why?"}]
+
+
+@pytest.fixture(scope="session")
+def server(random_sae_dir, tmp_path_factory):
+    srv = Server(["--sae", str(random_sae_dir), "--metrics-sample-every", "1", "--metrics-watch", str(WATCHED)],
+                 tmp_path_factory.mktemp("server") / "server.log").wait_ready()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none")
+
+
+def chat(client, clamps=None, **kwargs):
+    extra = {"feature_clamps": clamps} if clamps is not None else None
+    r = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=MESSAGES, temperature=0,
+                                       max_tokens=24, extra_body=extra, **kwargs)
+    return r.choices[0].message.content
+
+
+def scrape(server) -> dict[str, dict]:
+    text = httpx.get(f"{server.base_url}/metrics").text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_chat_steering_with_the_openai_client(client):
+    plain = chat(client)
+    steered = chat(client, CLAMPS)
+    assert steered != plain
+    assert chat(client) == plain
+    assert chat(client, []) == plain  # empty list: no steering
+
+
+def test_streaming_matches_non_streaming(client):
+    steered = chat(client, CLAMPS)
+    stream = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=MESSAGES, temperature=0,
+                                            max_tokens=24, stream=True, extra_body={"feature_clamps": CLAMPS})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == steered
+
+
+def test_completions_endpoint_streaming_and_not(client):
+    def complete(clamps=None, stream=False):
+        r = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The ocean is", temperature=0,
+                                      max_tokens=20, stream=stream,
+                                      extra_body={"feature_clamps": clamps} if clamps else None)
+        return "".join(c.choices[0].text for c in r) if stream else r.choices[0].text
+
+    plain, steered = complete(), complete(CLAMPS)
+    assert steered != plain
+    assert complete(CLAMPS, stream=True) == steered
+
+
+def test_vllm_xargs_json_string_path(client):
+    via_xargs = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=MESSAGES, temperature=0, max_tokens=24,
+        extra_body={"vllm_xargs": {"feature_clamps": json.dumps(CLAMPS)}}).choices[0].message.content
+    assert via_xargs == chat(client, CLAMPS)
+
+
+def test_concurrent_steered_and_unsteered(server, client):
+    plain = chat(client)
+    steered = chat(client, CLAMPS)
+    aclient = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="none")
+
+    async def one(clamps):
+        r = await aclient.chat.completions.create(model="SmolLM2-135M-Instruct", messages=MESSAGES, temperature=0,
+                                                  max_tokens=24,
+                                                  extra_body={"feature_clamps": clamps} if clamps else None)
+        return r.choices[0].message.content
+
+    async def both():
+        return await asyncio.gather(one(None), one(CLAMPS), one(None), one(CLAMPS))
+
+    results = asyncio.run(both())
+    assert results[0] == results[2] == plain
+    assert results[1] == results[3] == steered
+
+
+def test_prefix_cache_does_not_leak_steering(client):
+    long = [{"role": "user", "content": "Describe a quiet morning in a small village by the sea. " * 6}]
+
+    def ask(clamps=None):
+        return client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=long, temperature=0, max_tokens=20,
+            extra_body={"feature_clamps": clamps} if clamps else None).choices[0].message.content
+
+    cold = ask()
+    steered = ask(CLAMPS)
+    assert ask() == cold
+    assert ask(CLAMPS) == steered != cold
+
+
+BAD = [
+    ({"feature": 3, "value": 1}, "must be a list"),
+    ([{"feature": 3, "value": 1, "extra": 1}], "feature_clamps[0].extra"),
+    ([{"value": 1}], "feature_clamps[0].feature"),
+    ([{"feature": 3}], "feature_clamps[0].value"),
+    ([{"feature": 10**6, "value": 1}], "feature_clamps[0].feature"),
+    ([{"feature": 2.5, "value": 1}], "feature_clamps[0].feature"),
+    ([{"feature": 3, "value": "lots"}], "feature_clamps[0].value"),
+    ([{"feature": 3, "value": 1, "mode": "boost"}], "feature_clamps[0].mode"),
+    ([{"feature": 3, "value": 1, "unit": "sigma"}], "feature_clamps[0].unit"),
+    ([{"feature": 3, "value": 1, "tokens": "odd"}], "feature_clamps[0].tokens"),
+    ([{"feature": 3, "value": 1}, {"feature": 3, "value": 2}], "feature_clamps[1].feature"),
+    ([{"feature": i, "value": 1} for i in range(33)], "at most 32"),
+]
+
+
+@pytest.mark.parametrize("clamps, field", BAD)
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_clamps_get_400_naming_the_field(server, clamps, field, path, stream):
+    body = {"model": "SmolLM2-135M-Instruct", "max_tokens": 4, "stream": stream, "feature_clamps": clamps}
+    body.update({"messages": MESSAGES} if "chat" in path else {"prompt": "Hi"})
+    r = httpx.post(server.base_url + path, json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("raw", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_values_get_400(server, raw):
+    body = ('{"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 4, '
+            f'"feature_clamps": [{{"feature": 3, "value": {raw}}}]}}')
+    r = httpx.post(server.base_url + "/v1/completions", content=body,
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and "feature_clamps[0].value" in r.json()["error"]["message"]
+
+
+def test_bad_clamps_in_vllm_xargs_get_400_and_server_keeps_serving(server, client):
+    r = httpx.post(server.base_url + "/v1/chat/completions", timeout=60, json={
+        "model": "SmolLM2-135M-Instruct", "messages": MESSAGES, "max_tokens": 4,
+        "vllm_xargs": {"feature_clamps": json.dumps([{"feature": -1, "value": 1}])}})
+    assert r.status_code == 400 and "feature_clamps[0].feature" in r.json()["error"]["message"]
+    r = httpx.post(server.base_url + "/v1/chat/completions", timeout=60, json={
+        "model": "SmolLM2-135M-Instruct", "messages": MESSAGES, "max_tokens": 4, "use_beam_search": True,
+        "feature_clamps": CLAMPS})
+    assert r.status_code == 400 and "beam" in r.json()["error"]["message"]
+    assert chat(client)
+
+
+def test_metrics_on_the_servers_own_endpoint(server, client):
+    before = scrape(server)
+    n_plain, n_steered = 2, 3
+    for _ in range(n_plain):
+        chat(client)
+    for _ in range(n_steered):
+        chat(client, CLAMPS)
+    after = scrape(server)
+
+    def delta(name, labels=()):
+        key = tuple(sorted(labels))
+        return after.get(name, {}).get(key, 0.0) - before.get(name, {}).get(key, 0.0)
+
+    assert delta("steer_requests_total", {"steered": "false"}.items()) == n_plain
+    assert delta("steer_requests_total", {"steered": "true"}.items()) == n_steered
+    assert delta("steer_clamps_applied_total", {"mode": "set"}.items()) == n_steered
+    assert delta("steer_clamps_applied_total", {"mode": "add"}.items()) == n_steered
+    steered_tokens = delta("steer_steered_tokens_total")
+    assert steered_tokens >= n_steered * 24  # prompt + generated positions
+    # A clamped feature is exported; it was active on the steered tokens (set to 80 > 0), counted
+    # on every sampled step (sample_every=1): the same order of magnitude as the steered tokens.
+    clamped = delta("steer_feature_active_tokens_total", {"feature": "3"}.items())
+    assert 0.3 * steered_tokens <= clamped <= 3 * steered_tokens + 200
+    assert (("feature", str(WATCHED)),) in after["steer_feature_active_tokens_total"]
+    assert delta("steer_feature_sampled_tokens_total") > 0
+    assert delta("steer_active_features_count") > 0
+    assert delta("steer_reconstruction_relative_error_count") > 0
+    assert delta("steer_op_seconds_count") > 0
+    assert any(dict(k).get("layer") == "15" for k in after["steer_sae_info"])
+    assert "vllm:num_requests_running" in after  # vLLM's own metrics are still there
+    assert len(after["steer_feature_active_tokens_total"]) <= 1 + 2 + 4 * 20  # watch + clamped + top-N slots
+
+
+def test_restart_does_not_carry_stale_metrics(random_sae_dir, tmp_path):
+    """Two servers, one after the other on the same port: the second starts from zero."""
+    from engines import free_port
+
+    port = free_port()
+    for run in range(2):
+        srv = Server(["--sae", str(random_sae_dir), "--enforce-eager"], tmp_path / f"run{run}.log", port=port)
+        try:
+            srv.wait_ready()
+            values = scrape(srv).get("steer_requests_total", {})
+            assert sum(values.values()) == 0, f"run {run} started with {values}"
+            c = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="none")
+            chat(c, CLAMPS)
+            assert scrape(srv)["steer_requests_total"][(("steered", "true"),)] == 1
+        finally:
+            srv.stop()
