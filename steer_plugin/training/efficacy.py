@@ -1,0 +1,172 @@
+"""Does clamping a concept feature make the model talk about the concept? Measured, not asserted.
+
+    python -m steer_plugin.training.efficacy --sae sae_weights/NAME
+
+For each concept (a keyword list a reader recognises), the catalogue feature whose top-activating
+tokens match the keywords best is clamped (`set`, unit `max`) at several strengths on neutral
+prompts, through the real vLLM engine with the plugin. Reported per concept and strength: the
+fraction of replies that mention the concept, against the unsteered baseline, and a fluency
+signal: the perplexity of the reply under the *unsteered* model. Writes efficacy.json and
+efficacy.md next to the SAE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+from steer_plugin.config import default_model_dir
+from steer_plugin.sae import CATALOGUE_FILENAME
+
+NEUTRAL_PROMPTS = [
+    "Tell me about your weekend.", "What is your favourite book?", "How was your day?",
+    "What should I do this evening?", "Tell me a short story.", "What do you like to do for fun?",
+    "Describe your ideal holiday.", "What is something interesting you learned recently?",
+    "Give me some advice for tomorrow.", "What are you thinking about right now?",
+    "Describe a place you would like to visit.", "What makes you happy?", "Write a few sentences about anything.",
+    "What is the best gift you could receive?", "Tell me about a memorable day.", "What would you cook for a friend?",
+    "How would you spend a million dollars?", "What is your favourite season and why?",
+    "Tell me something about yourself.", "What did you dream about last night?",
+]
+CONCEPTS = {
+    "dogs": ["dog", "dogs", "puppy", "puppies", "canine"],
+    "cats": ["cat", "cats", "kitten", "feline"],
+    "horses": ["horse", "horses", "equine"],
+    "birds": ["bird", "birds"],
+    "fish": ["fish", "fishes", "fishing"],
+    "the sea": ["sea", "ocean", "oceans", "marine", "seas"],
+    "rivers": ["river", "rivers"],
+    "mountains": ["mountain", "mountains"],
+    "football": ["football", "soccer"],
+    "music": ["music", "musical", "song", "songs"],
+    "food": ["food", "foods", "cooking", "cuisine"],
+    "wine": ["wine", "wines"],
+    "space": ["planet", "planets", "galaxy", "orbit", "astronomy", "stars"],
+    "war": ["war", "wars", "battle", "army", "military"],
+    "religion": ["god", "church", "religion", "religious"],
+    "computers": ["computer", "computers", "software"],
+    "money": ["money", "currency", "bank", "banks"],
+    "medicine": ["disease", "diseases", "medical", "medicine"],
+    "France": ["france", "french", "paris"],
+    "Japan": ["japan", "japanese", "tokyo"],
+    "China": ["china", "chinese"],
+    "trees": ["tree", "trees", "forest", "forests"],
+    "weather": ["rain", "weather", "storm", "storms"],
+    "fire": ["fire", "fires", "flame", "flames"],
+    "chemistry": ["chemical", "chemistry", "molecule", "molecules"],
+    "painting": ["painting", "paintings", "painter"],
+    "film": ["film", "films", "movie", "movies"],
+    "railways": ["railway", "train", "trains", "railways"],
+    "language": ["language", "languages", "linguistic"],
+    "mathematics": ["mathematics", "mathematical", "equation", "theorem"],
+}
+STRENGTHS = (4.0, 8.0, 16.0)
+
+
+def _mentions(text: str, keywords: list[str]) -> bool:
+    return re.search(r"\b(" + "|".join(map(re.escape, keywords)) + r")\b", text.lower()) is not None
+
+
+def pick_features(catalogue: list[dict], concepts: dict[str, list[str]]) -> dict[str, dict]:
+    """Per concept, the feature whose top-activating tokens are most often a concept keyword."""
+    picked = {}
+    for concept, keywords in concepts.items():
+        best, best_score = None, 0.0
+        for entry in catalogue:
+            counts = entry["top_tokens"]
+            total = sum(t["count"] for t in counts)
+            if not total:
+                continue
+            hit = sum(t["count"] for t in counts if t["token"].lower().strip(" .,'\"") in keywords)
+            score = hit / total
+            if score > best_score:
+                best, best_score = entry, score
+        if best is not None and best_score >= 0.25:
+            picked[concept] = {"feature": best["id"], "label": best["label"], "match": round(best_score, 2)}
+    return picked
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sae", required=True)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--strengths", default=",".join(str(s) for s in STRENGTHS))
+    args = p.parse_args(argv)
+    strengths = [float(s) for s in args.strengths.split(",")]
+    sae_dir = Path(args.sae).resolve()
+    catalogue = json.loads((sae_dir / CATALOGUE_FILENAME).read_text())
+    picked = pick_features(catalogue, CONCEPTS)
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(default_model_dir()), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+              additional_config={"steer": {"sae_path": str(sae_dir)}})
+    conversations = [[{"role": "user", "content": q}] for q in NEUTRAL_PROMPTS]
+
+    def params(clamps):
+        return SamplingParams(temperature=0, max_tokens=args.max_tokens,
+                              extra_args={"feature_clamps": json.dumps(clamps)} if clamps else None)
+
+    jobs = [(None, None)] + [(c, s) for c in picked for s in strengths]
+    all_convs, all_params = [], []
+    for concept, strength in jobs:
+        clamps = None if concept is None else [{"feature": picked[concept]["feature"], "value": strength,
+                                                "unit": "max"}]
+        all_convs += conversations
+        all_params += [params(clamps)] * len(conversations)
+    started = time.time()
+    outputs = llm.chat(all_convs, all_params, use_tqdm=True)
+    replies = [o.outputs[0].text for o in outputs]
+
+    # Fluency: perplexity of each reply under the unsteered model (prompt logprobs, no clamps).
+    tokenizer = llm.get_tokenizer()
+    scored_prompts, spans = [], []
+    for conv, reply in zip(all_convs, replies):
+        prefix = tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=True)
+        reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+        scored_prompts.append({"prompt_token_ids": prefix + reply_ids})
+        spans.append((len(prefix), len(reply_ids)))
+    scoring = llm.generate(scored_prompts, SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0))
+    ppl = []
+    for out, (start, n) in zip(scoring, spans):
+        ids = out.prompt_token_ids
+        nll = [-out.prompt_logprobs[i][ids[i]].logprob for i in range(start, start + n)]
+        ppl.append(math.exp(sum(nll) / len(nll)))
+
+    n = len(conversations)
+    baseline_replies, baseline_ppl = replies[:n], ppl[:n]
+    results = []
+    for j, (concept, strength) in enumerate(jobs[1:], start=1):
+        chunk, chunk_ppl = replies[j * n:(j + 1) * n], ppl[j * n:(j + 1) * n]
+        kw = CONCEPTS[concept]
+        results.append({
+            "concept": concept, **picked[concept], "strength_x_max": strength,
+            "baseline_mention_rate": sum(_mentions(r, kw) for r in baseline_replies) / n,
+            "mention_rate": sum(_mentions(r, kw) for r in chunk) / n,
+            "median_ppl": sorted(chunk_ppl)[n // 2], "example": chunk[0],
+        })
+    success = sorted({r["concept"] for r in results if r["baseline_mention_rate"] <= 0.10
+                      and r["mention_rate"] >= 0.60 and r["strength_x_max"] <= 20})
+    report = {"date": time.strftime("%Y-%m-%d"), "prompts": n, "max_tokens": args.max_tokens,
+              "baseline_median_ppl": sorted(baseline_ppl)[n // 2], "seconds": round(time.time() - started, 1),
+              "concepts_meeting_bar": success, "results": results}
+    (sae_dir / "efficacy.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    lines = [f"Steering efficacy ({report['date']}): {n} neutral prompts, {args.max_tokens} tokens, greedy; "
+             f"unsteered median reply perplexity {report['baseline_median_ppl']:.1f}. "
+             f"{len(success)} concepts go from ≤10% to ≥60% mentions at ≤20× max: {', '.join(success)}.", "",
+             "| concept | feature | label | × max | mentions unsteered | mentions steered | median ppl |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['concept']} | {r['feature']} | {r['label']} | {r['strength_x_max']:g} | "
+                     f"{r['baseline_mention_rate']:.0%} | {r['mention_rate']:.0%} | {r['median_ppl']:.1f} |")
+    (sae_dir / "efficacy.md").write_text("\n".join(lines) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "results"}))
+    return report
+
+
+if __name__ == "__main__":
+    main()
