@@ -21,7 +21,7 @@ from steer_plugin import metrics
 from steer_plugin.clamp_table import ClampTable
 from steer_plugin.config import SteerConfig
 from steer_plugin.ops import LayerSteer, SteeredLayer, register_layer
-from steer_plugin.sae import SAE, SAEFileError, load_max_activations
+from steer_plugin.sae import SAE, SAEFileError, load_config, load_max_activations
 from steer_plugin.spec import SAELimits
 
 logger = logging.getLogger(__name__)
@@ -30,8 +30,6 @@ _installed = False
 
 def limits_for(cfg: SteerConfig) -> SAELimits:
     """What requests may ask of the configured SAE (also used at admission)."""
-    from steer_plugin.sae import load_config
-
     sae_cfg = load_config(cfg.sae_path)
     max_act = load_max_activations(cfg.sae_path)
     return SAELimits(d_sae=sae_cfg.d_sae, max_clamps=cfg.max_clamps,

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from steer_plugin.config import default_model_dir
-from steer_plugin.sae import CATALOGUE_FILENAME, STATS_FILENAME
+from steer_plugin.sae import CATALOGUE_FILENAME, SAE, STATS_FILENAME
 from steer_plugin.training.capture import capture, load_hf_model
 from steer_plugin.training.catalogue import build_catalogue, feature_statistics
 from steer_plugin.training.corpus import build_corpus
@@ -89,7 +89,6 @@ def main(argv: list[str] | None = None) -> dict:
     hook_name = f"blocks.{pipe.layer}.hook_resid_post"
     sae = timed("train", train_topk, cap.acts, train_cfg, hook_name, "SmolLM2-135M-Instruct")
     sae.save(out, dtype=torch.float16)
-    from steer_plugin.sae import SAE
     sae = SAE.load(out)  # evaluate exactly what ships (float16 on disk)
     recon = timed("eval_reconstruction", reconstruction_metrics, sae, held_cap.acts)
     ce = timed("eval_loss", loss_increase, model, sae, held_cap.tokens, pipe.layer)
