@@ -69,6 +69,9 @@ def prepare_environment(args: argparse.Namespace) -> dict[str, str]:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
     if args.no_plugin:
         env["STEER_PLUGIN_DISABLE"] = "1"
+    # vLLM loads endpoint plugins (our /v1/features routes) only when VLLM_PLUGINS names them, and
+    # then loads only the general plugins it names too.
+    env.setdefault("VLLM_PLUGINS", "steer,steer_features")
     # prometheus_client picks multiprocess mode at import, before plugins load: set it here.
     # One fresh directory per start, so a restart never carries stale values.
     metrics_dir = Path(tempfile.gettempdir()) / f"steer_plugin_metrics_{args.port}"

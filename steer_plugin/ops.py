@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from steer_plugin.clamp_table import ClampTable
+from steer_plugin.feature_recorder import FeatureRecorder
 from steer_plugin.metrics import FeatureActivity, OpTimer
 from steer_plugin.sae import SAE
 
@@ -41,7 +42,8 @@ def clamp_delta(sae: SAE, x: torch.Tensor, rows: torch.Tensor, feature: torch.Te
 class LayerSteer:
     """State of the op at one layer: SAE, clamp table, and how the op may run."""
 
-    def __init__(self, sae: SAE, table: ClampTable, graph_safe: bool, activity: FeatureActivity | None = None):
+    def __init__(self, sae: SAE, table: ClampTable, graph_safe: bool, activity: FeatureActivity | None = None,
+                 recorder: FeatureRecorder | None = None):
         self.sae = sae
         self.table = table
         self.graph_safe = graph_safe
@@ -49,15 +51,23 @@ class LayerSteer:
         and always computes over all tokens. False (CPU, eager): skip or subset on the host."""
         self.activity = None if graph_safe else activity
         """Host-side feature metrics; off under CUDA graphs, whose replays run no Python."""
+        self.recorder = None if graph_safe else recorder
+        """Feature inspection (per-token top-k of requests that ask); host-side, so eager only."""
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """hidden, residual: [T, d_in] -> hidden' [T, d_in]."""
-        if self.activity is None:
+        if self.activity is None and self.recorder is None:
             return self._steer(hidden, residual)
         with OpTimer():
             out = self._steer(hidden, residual)
-            if self.activity.due():  # the stream the model continues with, clamps included
-                self.activity.observe(self.sae, out + residual)
+            observe = self.activity is not None and self.activity.due()
+            record = self.recorder is not None and self.recorder.num_tokens > 0
+            if observe or record:
+                stream = out + residual  # what the model continues with, clamps included
+                if observe:
+                    self.activity.observe(self.sae, stream)
+                if record:
+                    self.recorder.record(self.sae, stream)
             return out
 
     def _steer(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

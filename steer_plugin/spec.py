@@ -149,3 +149,44 @@ def cache_salt(plan: ClampPlan, user_salt: str | None) -> str:
     """Prefix-cache salt: KV blocks computed under one clamp set are never reused under another."""
     digest = hashlib.sha256(plan.canonical.encode()).hexdigest()[:32]
     return f"steer:{digest}" + (f":{user_salt}" if user_salt else "")
+
+
+RECORD_FIELD = "steer_record_features"
+"""`extra_args` key asking the worker to record per-token top-k features of a request (set by the
+feature endpoints and by `return_features`; a JSON string like `feature_clamps`)."""
+MAX_TOP_K = 64
+
+
+class RecordingError(ValueError):
+    """Invalid `steer_record_features`; the message names the field."""
+
+
+class FeatureRecording(BaseModel):
+    """What the worker records for one request: read by the op, fetched by key over collective_rpc."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    """Server-generated handle the records are fetched with."""
+    top_k: Annotated[int, Field(strict=True, ge=1, le=MAX_TOP_K)]
+    """Features kept per token, strongest first."""
+    scope: Literal["prompt", "generation"]
+    """`prompt`: every prompt position. `generation`: the positions that produce generated tokens
+    (the last prompt position, then each generated token but the last), aligned like logprobs."""
+
+
+def parse_recording(raw: Any) -> FeatureRecording | None:
+    """Validate a `steer_record_features` value (object or its JSON string)."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise RecordingError(f"{RECORD_FIELD}: not valid JSON ({e.msg} at position {e.pos})") from None
+    try:
+        return FeatureRecording.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RecordingError(f"{RECORD_FIELD}{'.' + where if where else ''}: {first['msg']}") from None

@@ -20,6 +20,7 @@ import torch
 from steer_plugin import metrics
 from steer_plugin.clamp_table import ClampTable
 from steer_plugin.config import SteerConfig
+from steer_plugin.feature_recorder import FeatureRecorder
 from steer_plugin.ops import LayerSteer, SteeredLayer, register_layer
 from steer_plugin.sae import SAE, SAEFileError, load_config, load_max_activations
 from steer_plugin.spec import SAELimits
@@ -34,6 +35,14 @@ def limits_for(cfg: SteerConfig) -> SAELimits:
     max_act = load_max_activations(cfg.sae_path)
     return SAELimits(d_sae=sae_cfg.d_sae, max_clamps=cfg.max_clamps,
                      max_activation=None if max_act is None else max_act.numpy())
+
+
+def runs_graph_safe(vllm_config) -> bool:
+    """Whether the op runs under CUDA graphs, whose replays skip Python: then it must not branch on
+    host state, and the host-side features (metrics by feature, inspection) are off."""
+    compilation = vllm_config.compilation_config
+    return (vllm_config.device_config.device_type == "cuda"
+            and str(compilation.cudagraph_mode) not in ("NONE", "CUDAGraphMode.NONE"))
 
 
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -74,8 +83,7 @@ def attach(runner, vllm_config) -> None:
     if isinstance(layers[layer], SteeredLayer):
         return
 
-    compilation = vllm_config.compilation_config
-    graph_safe = device.type == "cuda" and str(compilation.cudagraph_mode) not in ("NONE", "CUDAGraphMode.NONE")
+    graph_safe = runs_graph_safe(vllm_config)
     activity = metrics.FeatureActivity(sae.cfg.d_sae, cfg.metrics_sample_every, cfg.metrics_watch, cfg.metrics_top_n)
 
     def on_new_plan(plan):
@@ -85,14 +93,16 @@ def attach(runner, vllm_config) -> None:
     table = ClampTable(limits_for(cfg), max_tokens=runner.max_num_tokens, max_reqs=runner.max_num_reqs,
                        device=device, on_new_plan=on_new_plan, on_step=metrics.STEERED_TOKENS.inc)
     key = f"layer{layer}"
-    register_layer(key, LayerSteer(sae, table, graph_safe=graph_safe, activity=activity))
+    recorder = FeatureRecorder()
+    register_layer(key, LayerSteer(sae, table, graph_safe=graph_safe, activity=activity, recorder=recorder))
     metrics.SAE_INFO.labels(sae=Path(cfg.sae_path).name, layer=str(layer), d_sae=str(sae.cfg.d_sae),
                             architecture=sae.cfg.architecture).set(1)
     layers[layer] = SteeredLayer(layers[layer], key)
     runner._steer_table = table
+    runner._steer_recorder = recorder
     logger.info("action=installed layer=%d sae=%s arch=%s d_sae=%d device=%s graph_safe=%s compile_mode=%s",
                 layer, cfg.sae_path, sae.cfg.architecture, sae.cfg.d_sae, device, graph_safe,
-                compilation.mode)
+                vllm_config.compilation_config.mode)
 
 
 def _fill(runner, num_scheduled_tokens: np.ndarray) -> None:
@@ -107,12 +117,21 @@ def _fill(runner, num_scheduled_tokens: np.ndarray) -> None:
         params = requests[req_id].sampling_params
         return params.extra_args if params is not None else None
 
+    step = (batch.req_ids[:n], num_scheduled_tokens, batch.num_computed_tokens_cpu, batch.num_prompt_tokens,
+            extra_args_of)
     try:
-        table.fill(batch.req_ids[:n], num_scheduled_tokens, batch.num_computed_tokens_cpu,
-                   batch.num_prompt_tokens, extra_args_of)
+        table.fill(*step)
     except Exception:
         table.reset()
         raise
+    runner._steer_recorder.fill(*step)
+
+
+def pop_features(worker, key: str) -> dict | None:
+    """RPC target (`collective_rpc("steer_pop_features", args=(key,))`): one request's recorded
+    features, from the rank that holds the SAE layer; None elsewhere."""
+    recorder: FeatureRecorder | None = getattr(worker.model_runner, "_steer_recorder", None)
+    return None if recorder is None else recorder.pop(key)
 
 
 def install() -> None:
@@ -135,5 +154,6 @@ def install() -> None:
         return original_prepare(self, scheduler_output, num_scheduled_tokens)
 
     Worker.load_model = load_model
+    Worker.steer_pop_features = pop_features
     GPUModelRunner._prepare_inputs = _prepare_inputs
     _installed = True

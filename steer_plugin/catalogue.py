@@ -1,0 +1,113 @@
+"""The feature catalogue of the loaded SAE, searchable by words (API process only).
+
+`feature_catalogue.json` (written by training, one entry per feature: label, max/mean activation,
+frequency, top tokens with counts, top contexts with the token marked «like this») is loaded once.
+A query is matched word by word against, in order of weight:
+    top tokens    the share of the feature's top-token counts that are a query word    × 3
+    label         the share of query words found in the label                          × 1
+    contexts      the share of top contexts whose marked token is a query word         × 1
+    around        the share of top contexts with a query word anywhere in them          × 0.5
+Words are compared lower-cased with a plural `s`/`es` removed, so "dogs" finds "dog"; common
+function words ("the", "of", ...) are dropped from queries that have other words.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from steer_plugin.sae import CATALOGUE_FILENAME, SAEFileError
+
+_WORD = re.compile(r"[a-z0-9]+")
+_MARKED = re.compile(r"«(.*?)»")
+_STOPWORDS = frozenset("a an and are as at be by for from in into is it of on or that the this to was with "
+                       "about me make talk".split())
+
+
+def _stem(word: str) -> str:
+    for suffix in ("es", "s"):
+        if len(word) > len(suffix) + 2 and word.endswith(suffix):
+            return word[: -len(suffix)]
+    return word
+
+
+def _words(text: str) -> set[str]:
+    return {_stem(w) for w in _WORD.findall(text.lower())}
+
+
+def _query_words(query: str) -> set[str]:
+    words = _words(query)
+    return words - _STOPWORDS or words
+
+
+@dataclass(frozen=True)
+class _Index:
+    token_share: dict[str, float]  # stemmed word -> share of the top-token counts
+    label_words: frozenset[str]
+    context_share: dict[str, float]  # stemmed word -> share of contexts marking it
+    around_share: dict[str, float]  # stemmed word -> share of contexts containing it
+
+
+def _index(entry: dict) -> _Index:
+    counts = entry.get("top_tokens", [])
+    total = sum(t["count"] for t in counts) or 1
+    token_share: dict[str, float] = {}
+    for t in counts:
+        for w in _words(t["token"]):
+            token_share[w] = token_share.get(w, 0.0) + t["count"] / total
+    contexts = entry.get("top_contexts", [])
+    context_share: dict[str, float] = {}
+    around_share: dict[str, float] = {}
+    for c in contexts:
+        for w in {w for marked in _MARKED.findall(c["text"]) for w in _words(marked)}:
+            context_share[w] = context_share.get(w, 0.0) + 1 / len(contexts)
+        for w in _words(c["text"]):
+            around_share[w] = around_share.get(w, 0.0) + 1 / len(contexts)
+    return _Index(token_share, frozenset(_words(entry.get("label", ""))), context_share, around_share)
+
+
+class FeatureCatalogue:
+    """Catalogue entries by feature id, and a ranked word search over them."""
+
+    def __init__(self, entries: list[dict]):
+        self.entries = entries
+        self._index = [_index(e) for e in entries]
+
+    @classmethod
+    def load(cls, sae_path: str | Path) -> "FeatureCatalogue":
+        path = Path(sae_path) / CATALOGUE_FILENAME
+        if not path.is_file():
+            raise SAEFileError(f"steer_plugin: no {CATALOGUE_FILENAME} next to the SAE in {sae_path}")
+        entries = json.loads(path.read_text())
+        if [e["id"] for e in entries] != list(range(len(entries))):
+            raise SAEFileError(f"steer_plugin: {path} must list features 0..n-1 in order")
+        return cls(entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, feature: int) -> dict | None:
+        return self.entries[feature] if 0 <= feature < len(self.entries) else None
+
+    def label(self, feature: int) -> str:
+        return self.entries[feature]["label"] if 0 <= feature < len(self.entries) else ""
+
+    def score(self, feature: int, query_words: set[str]) -> float:
+        ix = self._index[feature]
+        tokens = sum(ix.token_share.get(w, 0.0) for w in query_words)
+        label = len(query_words & ix.label_words) / len(query_words)
+        contexts = sum(ix.context_share.get(w, 0.0) for w in query_words)
+        around = sum(ix.around_share.get(w, 0.0) for w in query_words)
+        return 3 * tokens + label + contexts + 0.5 * around
+
+    def search(self, query: str, limit: int, offset: int = 0) -> tuple[list[tuple[dict, float]], int]:
+        """(entry, score) of the best matches, best first, and how many features match at all."""
+        words = _query_words(query)
+        if not words:
+            return [], 0
+        scored = [(s, i) for i in range(len(self.entries)) if (s := self.score(i, words)) > 0]
+        # Ties (common for single-token features) go to the more frequent, better-attested feature.
+        scored.sort(key=lambda si: (-si[0], -self.entries[si[1]].get("frequency", 0.0), si[1]))
+        return [(self.entries[i], round(s, 4)) for s, i in scored[offset: offset + limit]], len(scored)

@@ -1,0 +1,258 @@
+"""Feature discovery over HTTP, on vLLM's own server and port (a `vllm.endpoint_plugins` entry).
+
+    GET  /v1/features?q=dogs&limit=10     catalogue search (without q: a paged listing)
+    GET  /v1/features/{id}                one feature's full catalogue entry
+    POST /v1/features/inspect             which features fire on a text, per token and in total
+
+Inspection runs the text through the server's engine as an ordinary one-token request carrying
+`steer_record_features`, so it is scheduled like any request and uses the very SAE, layer and
+normalisation that clamps act on; the worker keeps the per-token top-k and the API fetches them
+with `collective_rpc` when the request is done (see feature_recorder.py). No model runs here.
+
+vLLM loads endpoint plugins only when named in VLLM_PLUGINS (server.py sets
+`VLLM_PLUGINS=steer,steer_features`).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from argparse import Namespace
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from steer_plugin.catalogue import FeatureCatalogue
+from steer_plugin.config import SteerConfig, plugin_disabled
+from steer_plugin.sae import SAEFileError, load_config
+from steer_plugin.spec import MAX_TOP_K, RECORD_FIELD, FeatureRecording
+
+logger = logging.getLogger(__name__)
+MAX_LIMIT = 200
+MAX_TOP_FEATURES = 256  # feature_recorder.TOTAL_TOP
+
+
+class TokenCount(BaseModel):
+    token: str
+    count: int
+
+
+class Context(BaseModel):
+    text: str
+    """A corpus snippet, the activating token marked «like this»."""
+    activation: float
+
+
+class FeatureSummary(BaseModel):
+    id: int
+    label: str
+    """Automatic label from the top-activating tokens."""
+    max_activation: float
+    """What `unit: "max"` multiplies."""
+    frequency: float
+    """Fraction of corpus tokens on which the feature is active."""
+    top_tokens: list[TokenCount]
+    examples: list[Context]
+    score: float | None = None
+    """Search relevance (search results only)."""
+
+
+class FeatureDetail(FeatureSummary):
+    mean_activation: float
+    """Mean activation over the tokens where the feature is active."""
+    top_contexts: list[Context]
+
+
+class FeatureList(BaseModel):
+    object: Literal["list"] = "list"
+    query: str | None
+    total: int
+    """Features matching the query (all features without one)."""
+    offset: int
+    data: list[FeatureSummary]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class InspectRequest(BaseModel):
+    """Exactly one of `text` (used as is) or `messages` (the chat template applied, as for a chat request)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: Annotated[str, Field(min_length=1)] | None = None
+    messages: Annotated[list[Message], Field(min_length=1)] | None = None
+    top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K)] = 5
+    """Active features reported per token."""
+    top_features: Annotated[int, Field(ge=1, le=MAX_TOP_FEATURES)] = 20
+    """Features reported for the whole text, ranked by total activation."""
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "InspectRequest":
+        if (self.text is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'text' or 'messages'")
+        return self
+
+
+class ActiveFeature(BaseModel):
+    id: int
+    activation: float
+    label: str
+
+
+class TokenFeatures(BaseModel):
+    position: int
+    token_id: int
+    token: str
+    features: list[ActiveFeature]
+    """Strongest first; only active (> 0) features."""
+
+
+class RankedFeature(BaseModel):
+    id: int
+    label: str
+    total_activation: float
+    """Sum over the text's positions except position 0 (an attention sink the SAE was not trained on)."""
+
+
+class InspectResponse(BaseModel):
+    object: Literal["feature_inspection"] = "feature_inspection"
+    sae: str
+    layer: int
+    num_tokens: int
+    tokens: list[TokenFeatures]
+    top_features: list[RankedFeature]
+
+
+class FeatureService:
+    """Per-app state: the catalogue and what inspection needs from the engine."""
+
+    def __init__(self, engine_client, cfg: SteerConfig):
+        self.engine = engine_client
+        self.cfg = cfg
+        sae_cfg = load_config(cfg.sae_path)
+        self.layer = cfg.layer if cfg.layer is not None else sae_cfg.layer
+        self.d_sae = sae_cfg.d_sae
+        try:
+            self.catalogue: FeatureCatalogue | None = FeatureCatalogue.load(cfg.sae_path)
+        except SAEFileError as e:
+            logger.warning("action=no_catalogue reason=%s", e)
+            self.catalogue = None
+
+    def _catalogue(self) -> FeatureCatalogue:
+        if self.catalogue is None:
+            raise HTTPException(404, f"the loaded SAE ({self.cfg.sae_path}) ships no feature catalogue")
+        return self.catalogue
+
+    def summary(self, entry: dict, score: float | None = None) -> FeatureSummary:
+        return FeatureSummary(**{k: entry[k] for k in ("id", "label", "max_activation", "frequency")},
+                              top_tokens=entry["top_tokens"], examples=entry["top_contexts"][:2], score=score)
+
+    def search(self, q: str | None, limit: int, offset: int) -> FeatureList:
+        catalogue = self._catalogue()
+        if q is None or not q.strip():
+            entries = catalogue.entries[offset: offset + limit]
+            return FeatureList(query=None, total=len(catalogue), offset=offset,
+                               data=[self.summary(e) for e in entries])
+        hits, total = catalogue.search(q, limit, offset)
+        return FeatureList(query=q, total=total, offset=offset, data=[self.summary(e, s) for e, s in hits])
+
+    def detail(self, feature: int) -> FeatureDetail:
+        entry = self._catalogue().get(feature)
+        if entry is None:
+            raise HTTPException(404, f"feature {feature} does not exist: the SAE has features 0..{self.d_sae - 1}")
+        return FeatureDetail(**self.summary(entry).model_dump(exclude={"score"}),
+                             mean_activation=entry["mean_activation"], top_contexts=entry["top_contexts"])
+
+    def _label(self, feature: int) -> str:
+        return self.catalogue.label(feature) if self.catalogue is not None else ""
+
+    def _prompt_ids(self, body: InspectRequest) -> list[int]:
+        from vllm.exceptions import VLLMValidationError
+
+        tokenizer = self.engine.renderer.get_tokenizer()
+        if body.messages is not None:
+            text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
+                                                 add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(body.text)["input_ids"]
+        field = "messages" if body.messages is not None else "text"
+        context = self.engine.vllm_config.model_config.max_model_len
+        if not ids:
+            raise VLLMValidationError(f"{field}: tokenizes to no tokens", parameter=field)
+        if len(ids) >= context:  # one position is left for the request's single generated token
+            raise VLLMValidationError(f"{field}: {len(ids)} tokens, longer than the model's context of "
+                                      f"{context - 1} tokens for inspection", parameter=field)
+        return ids
+
+    async def inspect(self, body: InspectRequest) -> InspectResponse:
+        from vllm import SamplingParams
+
+        ids = self._prompt_ids(body)
+        key = uuid.uuid4().hex
+        recording = FeatureRecording(key=key, top_k=body.top_k, scope="prompt")
+        params = SamplingParams(max_tokens=1, temperature=0.0,
+                                extra_args={RECORD_FIELD: recording.model_dump_json()})
+        async for _ in self.engine.generate({"prompt_token_ids": ids}, params, f"steer-inspect-{key}"):
+            pass
+        replies = await self.engine.collective_rpc("steer_pop_features", args=(key,))
+        record = next((r for r in replies if r is not None), None)
+        if record is None or record["positions"] != list(range(len(ids))):
+            # Never answer with a partial or empty reading as if it were the text's features.
+            raise RuntimeError(f"steer_plugin: inspection of {len(ids)} tokens came back incomplete "
+                               f"({0 if record is None else len(record['positions'])} positions recorded)")
+        tokenizer = self.engine.renderer.get_tokenizer()
+        tokens = [
+            TokenFeatures(position=p, token_id=ids[p], token=tokenizer.decode([ids[p]]),
+                          features=[ActiveFeature(id=f, activation=v, label=self._label(f))
+                                    for f, v in zip(fs, vs) if v > 0])
+            for p, fs, vs in zip(record["positions"], record["ids"], record["values"])]
+        ranked = [RankedFeature(id=f, label=self._label(f), total_activation=v)
+                  for f, v in zip(record["total_ids"][: body.top_features], record["total_values"])]
+        return InspectResponse(sae=self.cfg.sae_path, layer=self.layer, num_tokens=len(ids), tokens=tokens,
+                               top_features=ranked)
+
+
+router = APIRouter()
+
+
+def _service(request: Request) -> FeatureService:
+    return request.app.state.steer_features
+
+
+@router.get("/v1/features", response_model=FeatureList)
+async def search_features(request: Request,
+                          q: Annotated[str | None, Query(max_length=500)] = None,
+                          limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 20,
+                          offset: Annotated[int, Query(ge=0)] = 0) -> FeatureList:
+    return _service(request).search(q, limit, offset)
+
+
+@router.get("/v1/features/{feature_id}", response_model=FeatureDetail)
+async def get_feature(request: Request, feature_id: int) -> FeatureDetail:
+    return _service(request).detail(feature_id)
+
+
+@router.post("/v1/features/inspect", response_model=InspectResponse)
+async def inspect_features(request: Request, body: InspectRequest) -> InspectResponse:
+    return await _service(request).inspect(body)
+
+
+class FeatureEndpoints:
+    """The `vllm.endpoint_plugins` entry (`steer_features`)."""
+
+    name = "steer_features"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        if not plugin_disabled():
+            app.include_router(router)
+
+    async def init_state(self, engine_client, state, args: Namespace) -> None:
+        if engine_client is None or plugin_disabled():
+            return
+        state.steer_features = FeatureService(engine_client, SteerConfig.from_vllm(engine_client.vllm_config))

@@ -1,0 +1,115 @@
+"""Worker side of feature inspection: which tokens of a step to read, and what was read, by key.
+
+A request whose `extra_args` carry `steer_record_features` (see `spec.FeatureRecording`) has its
+SAE features read by the steering op at the SAE layer, from the stream the model continues with
+(after steering, so a steered request shows its clamps). Per position the top-k (id, activation)
+pairs are kept, plus the per-feature sum over positions, until the API process fetches them with
+`collective_rpc("steer_pop_features", key)` once the request has finished. Nothing here runs for
+steps without such a request.
+
+Records are kept on the host because they are read on the host anyway; reading them costs one
+device-to-host copy of [tokens, k] per step that has a recording request, never one per token.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from steer_plugin.sae import SAE
+from steer_plugin.spec import RECORD_FIELD, FeatureRecording, parse_recording
+
+logger = logging.getLogger(__name__)
+TOTAL_TOP = 256
+"""Features returned from the per-feature sum (ranked by total activation)."""
+
+
+@dataclass
+class _Record:
+    top_k: int
+    prompt_len: int
+    positions: list[np.ndarray] = field(default_factory=list)  # per step [n] int
+    ids: list[np.ndarray] = field(default_factory=list)  # per step [n, top_k] int
+    values: list[np.ndarray] = field(default_factory=list)  # per step [n, top_k] float
+    total: np.ndarray | None = None  # [d_sae] float64, positions > 0 only (see `pop`)
+
+    def as_dict(self) -> dict:
+        positions = np.concatenate(self.positions)
+        order = np.argsort(positions, kind="stable")  # chunked prefill may arrive in pieces
+        total = self.total if self.total is not None else np.zeros(0)
+        top = np.argsort(-total, kind="stable")[:TOTAL_TOP]
+        top = top[total[top] > 0]
+        return {"prompt_len": self.prompt_len, "positions": positions[order].tolist(),
+                "ids": np.concatenate(self.ids)[order].tolist(),
+                "values": np.concatenate(self.values)[order].tolist(),
+                "total_ids": top.tolist(), "total_values": total[top].tolist()}
+
+
+class FeatureRecorder:
+    """Host-side plan for the current step (filled before the forward) and the records by key."""
+
+    def __init__(self, capacity: int = 512):
+        self.capacity = capacity
+        """Most unfetched records kept; the oldest is dropped beyond it (a client that went away)."""
+        self._specs: dict[str, FeatureRecording | None] = {}
+        self._store: OrderedDict[str, _Record] = OrderedDict()
+        self.tokens = torch.zeros(0, dtype=torch.long)
+        """Batch indices of this step's tokens to read [N] (host tensor)."""
+        self._targets: list[tuple[_Record, int, int, np.ndarray]] = []  # record, start, end in tokens, positions
+        self._top_k = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def fill(self, req_ids: Sequence[str], num_scheduled: np.ndarray, num_computed: np.ndarray,
+             num_prompt: np.ndarray, extra_args_of: Callable[[str], dict | None]) -> None:
+        """Plan one step. Arrays are [num_reqs], in the batch's token order."""
+        self._specs = {rid: self._specs[rid] if rid in self._specs else
+                       parse_recording((extra_args_of(rid) or {}).get(RECORD_FIELD)) for rid in req_ids}
+        self._targets, chunks, used, self._top_k = [], [], 0, 0
+        offset = 0
+        for i, rid in enumerate(req_ids):  # per request, not per token
+            n = int(num_scheduled[i])
+            spec = self._specs[rid]
+            if spec is not None:
+                positions = int(num_computed[i]) + np.arange(n)
+                prompt_len = int(num_prompt[i])
+                keep = positions < prompt_len if spec.scope == "prompt" else positions >= prompt_len - 1
+                if keep.any():
+                    record = self._store.get(spec.key)
+                    if record is None:
+                        record = self._store[spec.key] = _Record(spec.top_k, prompt_len)
+                        while len(self._store) > self.capacity:
+                            dropped, _ = self._store.popitem(last=False)
+                            logger.warning("action=drop_record key=%s reason=never_fetched", dropped)
+                    chunks.append(offset + np.flatnonzero(keep))
+                    self._targets.append((record, used, used + len(chunks[-1]), positions[keep]))
+                    used += len(chunks[-1])
+                    self._top_k = max(self._top_k, spec.top_k)
+            offset += n
+        self.tokens = torch.from_numpy(np.concatenate(chunks)) if chunks else torch.zeros(0, dtype=torch.long)
+
+    def record(self, sae: SAE, stream: torch.Tensor) -> None:
+        """stream: [T, d_in], the step's residual stream at the SAE layer."""
+        f, _ = sae.encode(stream.index_select(0, self.tokens.to(stream.device)))  # [N, d_sae]
+        values, ids = f.topk(self._top_k, dim=-1)  # [N, top_k]
+        values, ids, f = values.float().cpu().numpy(), ids.cpu().numpy(), f.float().cpu().numpy()
+        for record, start, end, positions in self._targets:
+            record.positions.append(positions)
+            record.ids.append(ids[start:end, : record.top_k])
+            record.values.append(values[start:end, : record.top_k])
+            # Position 0 is an attention sink the SAE was not trained on; its huge activations
+            # would drown every ranking by sum, so it is reported per token but not summed.
+            summed = f[start:end][positions > 0].sum(0, dtype=np.float64)
+            record.total = summed if record.total is None else record.total + summed
+
+    def pop(self, key: str) -> dict | None:
+        """The records of one request as plain lists, or None if this rank has none."""
+        record = self._store.pop(key, None)
+        return None if record is None else record.as_dict()

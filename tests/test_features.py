@@ -1,0 +1,178 @@
+"""Feature discovery over HTTP (/v1/features...) on the real server, default model and shipped SAE,
+in vLLM's default compiled mode."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+import torch
+
+from engines import MODEL, Server
+from steer_plugin.config import DEFAULT_SAE_DIR
+from steer_plugin.sae import SAE
+
+pytestmark = pytest.mark.slow
+
+GOD = 4137  # shipped catalogue: label "God / god", the README demo feature
+GOD_TEXT = "Every evening she prayed to God, and she believed that God listened to her."
+
+
+@pytest.fixture(scope="session")
+def feature_server(tmp_path_factory):
+    srv = Server([], tmp_path_factory.mktemp("feature_server") / "server.log").wait_ready()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def http(feature_server):
+    with httpx.Client(base_url=feature_server.base_url, timeout=300) as c:
+        yield c
+
+
+def inspect(http, **body) -> dict:
+    r = http.post("/v1/features/inspect", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_search_ranks_the_labelled_concept_feature_first(http):
+    r = http.get("/v1/features", params={"q": "God", "limit": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["data"][0]["id"] == GOD
+    hit = body["data"][0]
+    assert "God" in hit["label"] and hit["max_activation"] > 0 and 0 < hit["frequency"] < 1
+    assert hit["top_tokens"] and 1 <= len(hit["examples"]) <= 2 and "«" in hit["examples"][0]["text"]
+    assert body["total"] >= len(body["data"])
+    # plural and function words do not get in the way
+    assert GOD in [f["id"] for f in http.get("/v1/features", params={"q": "the gods"}).json()["data"][:3]]
+
+
+def test_listing_without_query_pages_through_all_features(http):
+    body = http.get("/v1/features", params={"offset": 10, "limit": 3}).json()
+    assert [f["id"] for f in body["data"]] == [10, 11, 12]
+    assert body["total"] == SAE.load(DEFAULT_SAE_DIR).cfg.d_sae and body["query"] is None
+
+
+def test_feature_detail_and_unknown_feature(http):
+    detail = http.get(f"/v1/features/{GOD}").json()
+    assert detail["id"] == GOD and len(detail["top_contexts"]) >= len(detail["examples"])
+    assert detail["mean_activation"] > 0
+    for bad in (99999, -1):
+        r = http.get(f"/v1/features/{bad}")
+        assert r.status_code == 404 and f"feature {bad} does not exist" in r.text
+
+
+def test_inspect_finds_the_concept_feature_on_its_tokens(http):
+    body = inspect(http, text=GOD_TEXT, top_k=5, top_features=10)
+    assert GOD in [f["id"] for f in body["top_features"][:3]]
+    god_tokens = [t for t in body["tokens"] if t["token"].strip() == "God"]
+    assert len(god_tokens) == 2
+    for t in god_tokens:
+        assert GOD in [f["id"] for f in t["features"]]
+    assert body["num_tokens"] == len(body["tokens"]) and [t["position"] for t in body["tokens"]] == list(
+        range(body["num_tokens"]))
+    assert all(f["activation"] > 0 for t in body["tokens"] for f in t["features"])
+
+
+def test_inspect_reports_what_the_sae_computes_on_the_layer(http):
+    """Same SAE, layer and normalisation as steering: recomputed here with transformers on layer 15."""
+    from steer_plugin.training.capture import capture, load_hf_model
+
+    body = inspect(http, text=GOD_TEXT, top_k=8)
+    sae = SAE.load(DEFAULT_SAE_DIR)
+    model, tokenizer = load_hf_model(MODEL)
+    ids = [t["token_id"] for t in body["tokens"]]
+    assert ids == tokenizer(GOD_TEXT)["input_ids"] == tokenizer(GOD_TEXT, add_special_tokens=False)["input_ids"]
+    cap = capture(model, tokenizer, [GOD_TEXT], layer=sae.cfg.layer, ctx=len(ids), batch_size=1)
+    f, _ = sae.encode(cap.acts)  # [n - 1, d_sae]: positions 1..n-1 (capture leaves out the sink)
+    for t in body["tokens"][1:]:
+        expected = f[t["position"] - 1]
+        got_ids = torch.tensor([x["id"] for x in t["features"]])
+        got = torch.tensor([x["activation"] for x in t["features"]])
+        assert len(got) == 8
+        torch.testing.assert_close(got, expected[got_ids], rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(got, expected.topk(8).values, rtol=2e-3, atol=2e-3)  # and they are the top 8
+
+
+def test_inspect_messages_applies_the_chat_template(http):
+    messages = [{"role": "user", "content": "Do you believe in God?"}]
+    body = inspect(http, messages=messages)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert [t["token_id"] for t in body["tokens"]] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert body["tokens"][0]["token"] == "<|im_start|>"
+
+
+@pytest.mark.parametrize("method,path,kwargs,param", [
+    ("get", "/v1/features", {"params": {"limit": 0}}, "limit"),
+    ("get", "/v1/features", {"params": {"limit": 100000}}, "limit"),
+    ("get", "/v1/features", {"params": {"offset": -1}}, "offset"),
+    ("get", "/v1/features/abc", {}, "feature_id"),
+    ("post", "/v1/features/inspect", {"json": {"text": ""}}, "text"),
+    ("post", "/v1/features/inspect", {"json": {}}, "messages"),
+    ("post", "/v1/features/inspect", {"json": {"text": "hi", "top_k": 0}}, "top_k"),
+    ("post", "/v1/features/inspect", {"json": {"text": "hi", "top_k": 1000}}, "top_k"),
+    ("post", "/v1/features/inspect", {"json": {"text": "hi", "top_features": 0}}, "top_features"),
+    ("post", "/v1/features/inspect", {"json": {"text": "word " * 5000}}, "text"),
+    ("post", "/v1/features/inspect", {"json": {"messages": [{"role": "robot", "content": "x"}]}}, "role"),
+    ("post", "/v1/features/inspect", {"json": {"text": "hi", "bogus": 1}}, "bogus"),
+])
+def test_bad_parameters_are_400_naming_the_parameter(http, method, path, kwargs, param):
+    r = getattr(http, method)(path, **kwargs)
+    assert r.status_code == 400, r.text
+    assert param in r.json()["error"]["message"], r.text
+
+
+def test_bad_recording_request_through_vllm_xargs_is_400(http):
+    r = http.post("/v1/completions", json={"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 2,
+                                           "vllm_xargs": {"steer_record_features": "{\"key\": 1}"}})
+    assert r.status_code == 400 and "steer_record_features" in r.text
+
+
+def test_concurrent_inspection_and_generation_both_succeed(feature_server, http):
+    messages = [{"role": "user", "content": "Tell me about your weekend."}]
+
+    async def chat(clamps):
+        client = openai.AsyncOpenAI(base_url=f"{feature_server.base_url}/v1", api_key="none")
+        r = await client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=messages, temperature=0, max_tokens=24,
+            extra_body={"feature_clamps": clamps} if clamps else None)
+        return r.choices[0].message.content
+
+    async def inspect_async(text):
+        async with httpx.AsyncClient(base_url=feature_server.base_url, timeout=300) as c:
+            r = await c.post("/v1/features/inspect", json={"text": text})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+    clamps = [{"feature": GOD, "value": 3, "unit": "max"}]
+    alone = [asyncio.run(chat(None)), asyncio.run(chat(clamps))]
+
+    async def together():
+        return await asyncio.gather(chat(None), chat(clamps), inspect_async(GOD_TEXT),
+                                    inspect_async("The sea was calm."), chat(None))
+
+    plain, steered, insp_god, insp_sea, plain_again = asyncio.run(together())
+    assert [plain, steered] == alone and plain_again == plain
+    assert insp_god == inspect(http, text=GOD_TEXT)  # a request beside it changes nothing
+    assert insp_sea["num_tokens"] > 0
+
+
+def test_from_search_to_steered_reply(http, feature_server):
+    """The README's worked example: find the feature by word, then clamp it."""
+    feature = http.get("/v1/features", params={"q": "god", "limit": 1}).json()["data"][0]["id"]
+    client = openai.OpenAI(base_url=f"{feature_server.base_url}/v1", api_key="none")
+    replies = {}
+    for clamps in (None, [{"feature": feature, "value": 3, "unit": "max"}]):
+        r = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "What is your physical form?"}],
+            temperature=0, max_tokens=40, extra_body={"feature_clamps": clamps} if clamps else None)
+        replies[clamps is None] = r.choices[0].message.content.lower()
+    assert "god" not in replies[True] and "god" in replies[False]
