@@ -101,6 +101,17 @@ async def drive(base_url: str, model: str, workload: str, concurrency: int, requ
     await client.close()
 
 
+def op_profile(base_url: str) -> dict | None:
+    """Host wall time of the steering op on a plugin server, from its own /metrics (steer_op_seconds)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {s.name: s.value for fam in text_string_to_metric_families(httpx.get(f"{base_url}/metrics").text)
+               for s in fam.samples if s.name.startswith("steer_op_seconds_")}
+    calls = samples.get("steer_op_seconds_count", 0)
+    return {"op_calls": int(calls), "op_seconds_mean": samples["steer_op_seconds_sum"] / calls} if calls else None
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -157,11 +168,14 @@ def write_outputs(out: Path, report: dict) -> None:
                      f"{row['tok_per_s_ratio']:.3f} | {row['ttft_p50'] * 1e3:.0f} | {row['ttft_p95'] * 1e3:.0f} | "
                      f"{row['ttft_p50_ratio']:.3f} | {row['tpot_p50'] * 1e3:.1f} | {row['tpot_p95'] * 1e3:.1f} | "
                      f"{row['tpot_p50_ratio']:.3f} |")
-    if report.get("hf_baseline"):
-        hf = report["hf_baseline"]
+    for hf in report.get("hf_baseline", []):
         lines += ["", f"transformers generate + SAE hook (batch {hf['batch']}): {hf['tok_per_s']:.1f} tok/s = "
-                      f"{hf['ratio_to_plugin_shared']:.3f}× the plugin server's shared-clamp throughput at "
+                      f"{hf['ratio_to_plugin_shared']:.3f}× the plugin server's steered throughput at "
                       f"concurrency {hf['batch']}."]
+    for name, prof in report.get("op_profile", {}).items():
+        if prof:
+            lines += ["", f"{name}: the steering op took {prof['op_seconds_mean'] * 1e3:.2f} ms per forward step "
+                          f"on average over {prof['op_calls']} steps (host wall time, steer_op_seconds)."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -221,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
                     requests = max(2 * c, 4)
                     asyncio.run(drive(servers[s].base_url, "SmolLM2-135M-Instruct", w, c, requests,
                                       args.max_tokens, d_sae, cells[(s, w, c)]))
+        profiles = {name: op_profile(srv.base_url) for name, srv in servers.items() if name != "vanilla"}
     finally:
         for srv in servers.values():
             srv.stop()
@@ -240,14 +255,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {platform.processor() or ''}"
               f" {__import__('os').cpu_count()} cores".strip(), "vllm": vllm.__version__, "mode": args.mode,
-              "pp": args.pp, "reps": args.reps, "max_tokens": args.max_tokens, "quick": args.quick, "rows": rows}
+              "pp": args.pp, "reps": args.reps, "max_tokens": args.max_tokens, "quick": args.quick, "rows": rows,
+              "op_profile": profiles}
     if not args.no_hf:
-        hf_batch = 8 if not args.quick else 2
-        hf = hf_baseline(args.sae, args.max_tokens, hf_batch, requests=2 * hf_batch)
-        ref = next((r for r in rows if r["server"] == "plugin" and r["workload"] in ("shared", "distinct")
-                    and r["concurrency"] == min(concurrencies, key=lambda c: abs(c - hf_batch))), rows[0])
-        hf["ratio_to_plugin_shared"] = hf["tok_per_s"] / ref["tok_per_s"]
-        report["hf_baseline"] = hf
+        report["hf_baseline"] = []
+        for batch in [c for c in concurrencies if c > 1]:  # transformers batches; same sizes as the servers
+            hf = hf_baseline(args.sae, args.max_tokens, batch, requests=2 * batch)
+            ref = next(r for r in rows if r["server"] == "plugin" and r["workload"] in ("shared", "distinct")
+                       and r["concurrency"] == batch)
+            hf["ratio_to_plugin_shared"] = hf["tok_per_s"] / ref["tok_per_s"]
+            report["hf_baseline"].append(hf)
     write_outputs(args.out, report)
     print(json.dumps(report))
     return report

@@ -111,6 +111,12 @@ class TokenFeatures(BaseModel):
     """Strongest first; only active (> 0) features."""
 
 
+class GeneratedTokenFeatures(BaseModel):
+    index: int
+    """Generated token index; its features are those of the position that produced it (like logprobs)."""
+    features: list[ActiveFeature]
+
+
 class RankedFeature(BaseModel):
     id: int
     label: str
@@ -170,6 +176,23 @@ class FeatureService:
     def _label(self, feature: int) -> str:
         return self.catalogue.label(feature) if self.catalogue is not None else ""
 
+    def _active(self, ids: list[int], values: list[float]) -> list[ActiveFeature]:
+        return [ActiveFeature(id=f, activation=v, label=self._label(f)) for f, v in zip(ids, values) if v > 0]
+
+    async def _pop(self, key: str) -> dict | None:
+        """A finished request's records, from whichever rank holds the SAE layer."""
+        replies = await self.engine.collective_rpc("steer_pop_features", args=(key,))
+        return next((r for r in replies if r is not None), None)
+
+    async def generated_features(self, key: str) -> list[dict]:
+        """`return_features` of a finished request: entry i for generated token i (see middleware.py)."""
+        record = await self._pop(key)
+        if record is None:
+            return []
+        first = record["prompt_len"] - 1  # the last prompt position produces generated token 0
+        return [GeneratedTokenFeatures(index=p - first, features=self._active(fs, vs)).model_dump()
+                for p, fs, vs in zip(record["positions"], record["ids"], record["values"])]
+
     def _prompt_ids(self, body: InspectRequest) -> list[int]:
         from vllm.exceptions import VLLMValidationError
 
@@ -199,18 +222,15 @@ class FeatureService:
                                 extra_args={RECORD_FIELD: recording.model_dump_json()})
         async for _ in self.engine.generate({"prompt_token_ids": ids}, params, f"steer-inspect-{key}"):
             pass
-        replies = await self.engine.collective_rpc("steer_pop_features", args=(key,))
-        record = next((r for r in replies if r is not None), None)
+        record = await self._pop(key)
         if record is None or record["positions"] != list(range(len(ids))):
             # Never answer with a partial or empty reading as if it were the text's features.
             raise RuntimeError(f"steer_plugin: inspection of {len(ids)} tokens came back incomplete "
                                f"({0 if record is None else len(record['positions'])} positions recorded)")
         tokenizer = self.engine.renderer.get_tokenizer()
-        tokens = [
-            TokenFeatures(position=p, token_id=ids[p], token=tokenizer.decode([ids[p]]),
-                          features=[ActiveFeature(id=f, activation=v, label=self._label(f))
-                                    for f, v in zip(fs, vs) if v > 0])
-            for p, fs, vs in zip(record["positions"], record["ids"], record["values"])]
+        tokens = [TokenFeatures(position=p, token_id=ids[p], token=tokenizer.decode([ids[p]]),
+                                features=self._active(fs, vs))
+                  for p, fs, vs in zip(record["positions"], record["ids"], record["values"])]
         ranked = [RankedFeature(id=f, label=self._label(f), total_activation=v)
                   for f, v in zip(record["total_ids"][: body.top_features], record["total_values"])]
         return InspectResponse(sae=self.cfg.sae_path, layer=self.layer, num_tokens=len(ids), tokens=tokens,

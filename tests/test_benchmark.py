@@ -20,6 +20,7 @@ def test_quick_benchmark_writes_json_markdown_and_plot(random_sae_dir, tmp_path)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert {(r["server"], r["workload"]) for r in report["rows"]} >= {("vanilla", "none"), ("plugin", "distinct")}
     assert all(r["tok_per_s"] > 0 for r in report["rows"])
-    assert report["hf_baseline"]["tok_per_s"] > 0
+    assert [hf["batch"] for hf in report["hf_baseline"]] == [4] and report["hf_baseline"][0]["tok_per_s"] > 0
+    assert report["op_profile"]["plugin"]["op_calls"] > 0
     for name in ("results.json", "results.md", "ratios.png"):
         assert (out / name).stat().st_size > 0

@@ -176,3 +176,35 @@ def test_from_search_to_steered_reply(http, feature_server):
             temperature=0, max_tokens=40, extra_body={"feature_clamps": clamps} if clamps else None)
         replies[clamps is None] = r.choices[0].message.content.lower()
     assert "god" not in replies[True] and "god" in replies[False]
+
+
+def test_return_features_per_generated_token_steered_or_not(feature_server):
+    client = openai.OpenAI(base_url=f"{feature_server.base_url}/v1", api_key="none")
+
+    def ask(clamps, **kwargs):
+        extra = {"return_features": 3, **({"feature_clamps": clamps} if clamps else {})}
+        return client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "What is your physical form?"}],
+            temperature=0, max_tokens=12, extra_body=extra, **kwargs)
+
+    plain = ask(None)
+    features = plain.model_dump()["choices"][0]["features"]
+    assert [f["index"] for f in features] == list(range(plain.usage.completion_tokens))
+    assert all(1 <= len(f["features"]) <= 3 for f in features)
+    steered = ask([{"feature": GOD, "value": 3, "unit": "max"}]).model_dump()["choices"][0]["features"]
+    with_god = [f for f in steered if GOD in [x["id"] for x in f["features"]]]
+    assert len(with_god) == len(steered)  # clamped on every position, so it shows on every one
+    assert not any(GOD in [x["id"] for x in f["features"]] for f in features)
+
+    streamed = []
+    for chunk in ask(None, stream=True):
+        streamed += (chunk.model_extra or {}).get("features", [])
+    assert streamed == features
+
+
+@pytest.mark.parametrize("extra", [{"return_features": 0}, {"return_features": "3"},
+                                   {"return_features": 2, "n": 2}])
+def test_bad_return_features_is_400(http, extra):
+    r = http.post("/v1/chat/completions", json={"model": "SmolLM2-135M-Instruct", "max_tokens": 2,
+                                                "messages": [{"role": "user", "content": "Hi"}], **extra})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "return_features", r.text

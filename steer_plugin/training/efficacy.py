@@ -2,12 +2,13 @@
 
     python -m steer_plugin.training.efficacy --sae sae_weights/NAME
 
-For each concept (a keyword list a reader recognises), the catalogue feature whose top-activating
-tokens match the keywords best is clamped (`set`, unit `max`) at several strengths on neutral
-prompts, through the real vLLM engine with the plugin. Reported per concept and strength: the
-fraction of replies that mention the concept, against the unsteered baseline, and a fluency
-signal: the perplexity of the reply under the *unsteered* model. Writes efficacy.json and
-efficacy.md next to the SAE.
+For each concept (a keyword list a reader recognises; a keyword also matches its plural), the
+`--candidates` catalogue features whose top-activating tokens are most often a keyword are each
+clamped (`set`, unit `max`) at several strengths on neutral prompts, through the real vLLM engine
+with the plugin. Reported per feature and strength: the fraction of replies that mention the
+concept, against the unsteered baseline, and a fluency signal: the perplexity of the reply under
+the *unsteered* model. A feature meets the bar when its concept goes from <= 10 % of unsteered
+replies to >= 60 % at some strength <= 20x max. Writes efficacy.json and efficacy.md next to the SAE.
 """
 
 from __future__ import annotations
@@ -33,62 +34,69 @@ NEUTRAL_PROMPTS = [
     "How would you spend a million dollars?", "What is your favourite season and why?",
     "Tell me something about yourself.", "What did you dream about last night?",
 ]
-CONCEPTS = {
-    "dogs": ["dog", "dogs", "puppy", "puppies", "canine"],
-    "cats": ["cat", "cats", "kitten", "feline"],
-    "horses": ["horse", "horses", "equine"],
-    "birds": ["bird", "birds"],
-    "fish": ["fish", "fishes", "fishing"],
-    "the sea": ["sea", "ocean", "oceans", "marine", "seas"],
-    "rivers": ["river", "rivers"],
-    "mountains": ["mountain", "mountains"],
+CONCEPTS = {  # singular forms: a plural "s"/"es" is matched too
+    "dogs": ["dog", "puppy", "puppies", "canine"],
+    "cats": ["cat", "kitten", "feline", "kitty"],
+    "horses": ["horse", "equine"],
+    "birds": ["bird"],
+    "fish": ["fish", "fishing"],
+    "the sea": ["sea", "ocean", "marine", "wave", "beach", "coast"],
+    "rivers": ["river", "stream"],
+    "mountains": ["mountain", "mountainous"],
     "football": ["football", "soccer"],
-    "music": ["music", "musical", "song", "songs"],
-    "food": ["food", "foods", "cooking", "cuisine"],
-    "wine": ["wine", "wines"],
-    "space": ["planet", "planets", "galaxy", "orbit", "astronomy", "stars"],
-    "war": ["war", "wars", "battle", "army", "military"],
+    "music": ["music", "musical", "song", "melody", "singer"],
+    "food": ["food", "cooking", "cuisine", "meal"],
+    "wine": ["wine"],
+    "space": ["planet", "galaxy", "galaxies", "orbit", "astronomy", "star"],
+    "war": ["war", "battle", "army", "military", "soldier"],
     "religion": ["god", "church", "religion", "religious"],
-    "computers": ["computer", "computers", "software"],
-    "money": ["money", "currency", "bank", "banks"],
-    "medicine": ["disease", "diseases", "medical", "medicine"],
+    "computers": ["computer", "software"],
+    "money": ["money", "currency", "bank"],
+    "medicine": ["disease", "medical", "medicine", "doctor", "patient", "surgery", "surgical", "hospital", "nurse"],
     "France": ["france", "french", "paris"],
     "Japan": ["japan", "japanese", "tokyo"],
-    "China": ["china", "chinese"],
-    "trees": ["tree", "trees", "forest", "forests"],
-    "weather": ["rain", "weather", "storm", "storms"],
-    "fire": ["fire", "fires", "flame", "flames"],
-    "chemistry": ["chemical", "chemistry", "molecule", "molecules"],
-    "painting": ["painting", "paintings", "painter"],
-    "film": ["film", "films", "movie", "movies"],
-    "railways": ["railway", "train", "trains", "railways"],
-    "language": ["language", "languages", "linguistic"],
+    "China": ["china", "chinese", "beijing", "shanghai"],
+    "trees": ["tree", "forest"],
+    "weather": ["rain", "weather", "storm"],
+    "fire": ["fire", "flame", "burning"],
+    "chemistry": ["chemical", "chemistry", "chemist", "molecule", "atom"],
+    "painting": ["painting", "painter"],
+    "film": ["film", "movie"],
+    "railways": ["railway", "train"],
+    "language": ["language", "linguistic"],
     "mathematics": ["mathematics", "mathematical", "equation", "theorem"],
 }
-STRENGTHS = (4.0, 8.0, 16.0)
+STRENGTHS = (2.0, 3.0, 5.0)
 PPL_PER_CELL = 4
 
 
+def _singular(word: str) -> str:
+    for suffix in ("es", "s"):
+        if len(word) > len(suffix) + 2 and word.endswith(suffix):
+            return word[: -len(suffix)]
+    return word
+
+
 def _mentions(text: str, keywords: list[str]) -> bool:
-    return re.search(r"\b(" + "|".join(map(re.escape, keywords)) + r")\b", text.lower()) is not None
+    return re.search(r"\b(" + "|".join(map(re.escape, keywords)) + r")(s|es)?\b", text.lower()) is not None
 
 
-def pick_features(catalogue: list[dict], concepts: dict[str, list[str]]) -> dict[str, dict]:
-    """Per concept, the feature whose top-activating tokens are most often a concept keyword."""
-    picked = {}
+def pick_features(catalogue: list[dict], concepts: dict[str, list[str]], candidates: int) -> list[dict]:
+    """Per concept, the features whose top-activating tokens are most often a concept keyword
+    (share of the top-token counts, at least 0.25), best first."""
+    picked = []
     for concept, keywords in concepts.items():
-        best, best_score = None, 0.0
+        wanted = {_singular(k) for k in keywords}
+        scored = []
         for entry in catalogue:
             counts = entry["top_tokens"]
             total = sum(t["count"] for t in counts)
-            if not total:
-                continue
-            hit = sum(t["count"] for t in counts if t["token"].lower().strip(" .,'\"") in keywords)
-            score = hit / total
-            if score > best_score:
-                best, best_score = entry, score
-        if best is not None and best_score >= 0.25:
-            picked[concept] = {"feature": best["id"], "label": best["label"], "match": round(best_score, 2)}
+            hit = sum(t["count"] for t in counts if _singular(t["token"].lower().strip(" .,'\"")) in wanted)
+            if total and hit / total >= 0.25:
+                scored.append((-hit / total, entry["id"], entry))
+        for score, _, entry in sorted(scored)[:candidates]:
+            picked.append({"concept": concept, "feature": entry["id"], "label": entry["label"],
+                           "match": round(-score, 2)})
     return picked
 
 
@@ -97,11 +105,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sae", required=True)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--strengths", default=",".join(str(s) for s in STRENGTHS))
+    p.add_argument("--candidates", type=int, default=2, help="features tried per concept")
     args = p.parse_args(argv)
     strengths = [float(s) for s in args.strengths.split(",")]
     sae_dir = Path(args.sae).resolve()
     catalogue = json.loads((sae_dir / CATALOGUE_FILENAME).read_text())
-    picked = pick_features(catalogue, CONCEPTS)
+    picked = pick_features(catalogue, CONCEPTS, args.candidates)
 
     from vllm import LLM, SamplingParams
 
@@ -114,11 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
         return SamplingParams(temperature=0, max_tokens=args.max_tokens,
                               extra_args={"feature_clamps": json.dumps(clamps)} if clamps else None)
 
-    jobs = [(None, None)] + [(c, s) for c in picked for s in strengths]
+    jobs = [(None, None)] + [(pick, s) for pick in picked for s in strengths]
     all_convs, all_params = [], []
-    for concept, strength in jobs:
-        clamps = None if concept is None else [{"feature": picked[concept]["feature"], "value": strength,
-                                                "unit": "max"}]
+    for pick, strength in jobs:
+        clamps = None if pick is None else [{"feature": pick["feature"], "value": strength, "unit": "max"}]
         all_convs += conversations
         all_params += [params(clamps)] * len(conversations)
     started = time.time()
@@ -155,25 +163,30 @@ def main(argv: list[str] | None = None) -> dict:
     k = PPL_PER_CELL
     baseline_replies, baseline_ppl = replies[:n], ppl[:k]
     results = []
-    for j, (concept, strength) in enumerate(jobs[1:], start=1):
+    for j, (pick, strength) in enumerate(jobs[1:], start=1):
         chunk, chunk_ppl = replies[j * n:(j + 1) * n], ppl[j * k:(j + 1) * k]
-        kw = CONCEPTS[concept]
+        kw = CONCEPTS[pick["concept"]]
         results.append({
-            "concept": concept, **picked[concept], "strength_x_max": strength,
+            **pick, "strength_x_max": strength,
             "baseline_mention_rate": sum(_mentions(r, kw) for r in baseline_replies) / n,
             "mention_rate": sum(_mentions(r, kw) for r in chunk) / n,
             "median_ppl": sorted(chunk_ppl)[k // 2], "example": chunk[0],
         })
-    success = sorted({r["concept"] for r in results if r["baseline_mention_rate"] <= 0.10
-                      and r["mention_rate"] >= 0.60 and r["strength_x_max"] <= 20})
+    meeting = [r for r in results if r["baseline_mention_rate"] <= 0.10 and r["mention_rate"] >= 0.60
+               and r["strength_x_max"] <= 20]
+    features = sorted({(r["concept"], r["feature"]) for r in meeting})
+    concepts = sorted({c for c, _ in features})
     report = {"date": time.strftime("%Y-%m-%d"), "prompts": n, "max_tokens": args.max_tokens,
-              "baseline_median_ppl": sorted(baseline_ppl)[k // 2], "ppl_replies_per_cell": k, "seconds": round(time.time() - started, 1),
-              "concepts_meeting_bar": success, "results": results}
+              "strengths": strengths, "candidates_per_concept": args.candidates,
+              "baseline_median_ppl": sorted(baseline_ppl)[k // 2], "ppl_replies_per_cell": k,
+              "seconds": round(time.time() - started, 1),
+              "features_meeting_bar": [f for _, f in features], "concepts_meeting_bar": concepts, "results": results}
     (sae_dir / "efficacy.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     lines = [f"Steering efficacy ({report['date']}): {n} neutral prompts, {args.max_tokens} tokens, greedy; "
              f"perplexity of replies under the unsteered model: median of {k} per cell, unsteered "
              f"{report['baseline_median_ppl']:.1f}. "
-             f"{len(success)} concepts go from ≤10% to ≥60% mentions at ≤20× max: {', '.join(success)}.", "",
+             f"{len(features)} features ({len(concepts)} concepts) take their concept from ≤10% to ≥60% of "
+             f"replies at ≤20× max: " + ", ".join(f"{f} ({c})" for c, f in features) + ".", "",
              "| concept | feature | label | × max | mentions unsteered | mentions steered | median ppl |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
