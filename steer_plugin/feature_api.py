@@ -88,7 +88,7 @@ class InspectRequest(BaseModel):
     top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K)] = 5
     """Active features reported per token."""
     top_features: Annotated[int, Field(ge=1, le=MAX_TOP_FEATURES)] = 20
-    """Features reported for the whole text, ranked by total activation."""
+    """Features reported for the whole text, ranked by total activation (in units of max)."""
 
     @model_validator(mode="after")
     def _one_input(self) -> "InspectRequest":
@@ -122,6 +122,9 @@ class RankedFeature(BaseModel):
     label: str
     total_activation: float
     """Sum over the text's positions except position 0 (an attention sink the SAE was not trained on)."""
+    total_max_units: float
+    """The same sum in units of the feature's max activation; the ranking key (dense features with
+    large activations would otherwise top every text)."""
 
 
 class InspectResponse(BaseModel):
@@ -231,8 +234,9 @@ class FeatureService:
         tokens = [TokenFeatures(position=p, token_id=ids[p], token=tokenizer.decode([ids[p]]),
                                 features=self._active(fs, vs))
                   for p, fs, vs in zip(record["positions"], record["ids"], record["values"])]
-        ranked = [RankedFeature(id=f, label=self._label(f), total_activation=v)
-                  for f, v in zip(record["total_ids"][: body.top_features], record["total_values"])]
+        ranked = [RankedFeature(id=f, label=self._label(f), total_activation=v, total_max_units=r)
+                  for f, v, r in zip(record["total_ids"][: body.top_features], record["total_values"],
+                                     record["total_relative"])]
         return InspectResponse(sae=self.cfg.sae_path, layer=self.layer, num_tokens=len(ids), tokens=tokens,
                                top_features=ranked)
 

@@ -26,7 +26,7 @@ from steer_plugin.spec import RECORD_FIELD, FeatureRecording, parse_recording
 
 logger = logging.getLogger(__name__)
 TOTAL_TOP = 256
-"""Features returned from the per-feature sum (ranked by total activation)."""
+"""Features returned from the per-feature sums, ranked (see `_Record.as_dict`)."""
 
 
 @dataclass
@@ -38,22 +38,29 @@ class _Record:
     values: list[np.ndarray] = field(default_factory=list)  # per step [n, top_k] float
     total: np.ndarray | None = None  # [d_sae] float64, positions > 0 only (see `pop`)
 
-    def as_dict(self) -> dict:
+    def as_dict(self, max_activation: np.ndarray | None) -> dict:
+        """Ranked by total activation in units of each feature's max activation (the unit of
+        `unit: "max"` clamps): a raw sum would put the few dense, large-magnitude features that
+        fire on every text first, whatever the text is about."""
         positions = np.concatenate(self.positions)
         order = np.argsort(positions, kind="stable")  # chunked prefill may arrive in pieces
         total = self.total if self.total is not None else np.zeros(0)
-        top = np.argsort(-total, kind="stable")[:TOTAL_TOP]
+        relative = total / np.maximum(max_activation, 1e-6) if max_activation is not None else total
+        top = np.argsort(-relative, kind="stable")[:TOTAL_TOP]
         top = top[total[top] > 0]
         return {"prompt_len": self.prompt_len, "positions": positions[order].tolist(),
                 "ids": np.concatenate(self.ids)[order].tolist(),
                 "values": np.concatenate(self.values)[order].tolist(),
-                "total_ids": top.tolist(), "total_values": total[top].tolist()}
+                "total_ids": top.tolist(), "total_values": total[top].tolist(),
+                "total_relative": relative[top].tolist()}
 
 
 class FeatureRecorder:
     """Host-side plan for the current step (filled before the forward) and the records by key."""
 
-    def __init__(self, capacity: int = 512):
+    def __init__(self, max_activation: np.ndarray | None = None, capacity: int = 512):
+        self.max_activation = max_activation
+        """Per-feature max activation [d_sae] (the SAE's stats), for ranking; None: raw sums."""
         self.capacity = capacity
         """Most unfetched records kept; the oldest is dropped beyond it (a client that went away)."""
         self._specs: dict[str, FeatureRecording | None] = {}
@@ -112,4 +119,4 @@ class FeatureRecorder:
     def pop(self, key: str) -> dict | None:
         """The records of one request as plain lists, or None if this rank has none."""
         record = self._store.pop(key, None)
-        return None if record is None else record.as_dict()
+        return None if record is None else record.as_dict(self.max_activation)

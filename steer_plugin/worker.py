@@ -90,10 +90,11 @@ def attach(runner, vllm_config) -> None:
         metrics.record_new_plan(plan)
         activity.pin_clamped(plan)
 
-    table = ClampTable(limits_for(cfg), max_tokens=runner.max_num_tokens, max_reqs=runner.max_num_reqs,
+    limits = limits_for(cfg)
+    table = ClampTable(limits, max_tokens=runner.max_num_tokens, max_reqs=runner.max_num_reqs,
                        device=device, on_new_plan=on_new_plan, on_step=metrics.STEERED_TOKENS.inc)
     key = f"layer{layer}"
-    recorder = FeatureRecorder()
+    recorder = FeatureRecorder(limits.max_activation)
     register_layer(key, LayerSteer(sae, table, graph_safe=graph_safe, activity=activity, recorder=recorder))
     metrics.SAE_INFO.labels(sae=Path(cfg.sae_path).name, layer=str(layer), d_sae=str(sae.cfg.d_sae),
                             architecture=sae.cfg.architecture).set(1)
