@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mode", choices=("compiled", "eager"), default="compiled")
     p.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size (2 needs VLLM_CPU_OMP_THREADS_BIND)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--no-metrics-server", action="store_true", help="skip the plugin+metrics server (shorter runs)")
     args = p.parse_args(argv)
     if args.quick:
         args.reps, args.max_tokens, args.concurrency, args.mode = 1, 8, "1,4", "eager"
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                                          ("plugin+metrics", "distinct")]
     if args.quick:
         plan = [("vanilla", "none"), ("plugin", "none"), ("plugin", "distinct"), ("plugin+metrics", "half")]
+    if args.no_metrics_server:
+        plan = [(s, w) for s, w in plan if s != "plugin+metrics"]
     servers: dict[str, Server] = {}
     try:
         for name in dict.fromkeys(s for s, _ in plan):  # one at a time: start-up is CPU-heavy

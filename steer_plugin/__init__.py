@@ -6,6 +6,10 @@ Data path, one module a step:
              ── worker.py + clamp_table.py (per-step table filled from extra_args)
              ── ops.py (the registered op at the SAE layer: encode, clamp, decode, error kept)
              ── metrics.py (Prometheus)
+
+Feature discovery (feature_api.py, a `vllm.endpoint_plugins` entry; catalogue.py for search) sends
+inspection through the same path: a request carrying `steer_record_features` is admitted like any
+other, the op hands its tokens' features to feature_recorder.py, and the API fetches them by key.
 """
 
 from __future__ import annotations
