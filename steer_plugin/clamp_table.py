@@ -74,6 +74,10 @@ class ClampTable:
         """Tokens of the current step that have a row (host-side, read by the op to skip work)."""
         self.steered_tokens = torch.zeros(0, dtype=torch.long)
         """Indices of those tokens [num_steered_tokens] (host tensor; used on the eager path)."""
+        self.columns = torch.zeros(0, dtype=torch.long)
+        """Distinct features clamped in the current step [U] (host tensor; eager path decodes only these)."""
+        self.compact = torch.zeros((0, self.width), dtype=torch.long)
+        """The used rows' features as positions in `columns` [used, K]; padding = U (host tensor)."""
         self.step_plans: list[ClampPlan] = []
         """Clamp sets of the requests steered in the current step (for metrics)."""
         self._dirty = False
@@ -135,6 +139,10 @@ class ClampTable:
         if self._on_step is not None:
             self._on_step(self.num_steered_tokens)
         self.steered_tokens = torch.from_numpy(steered)
+        features = self._h_feature[:used].numpy()
+        columns = np.unique(features[features != self.pad_feature])
+        self.columns = torch.from_numpy(columns)
+        self.compact = torch.from_numpy(np.searchsorted(columns, features))  # padding (d_sae) sorts last: U
         self.tok_row.copy_(self._h_tok_row, non_blocking=True)
         self.feature[:used].copy_(self._h_feature[:used], non_blocking=True)
         self.mul[:used].copy_(self._h_mul[:used], non_blocking=True)

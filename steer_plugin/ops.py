@@ -25,18 +25,25 @@ from steer_plugin.metrics import FeatureActivity, OpTimer
 from steer_plugin.sae import SAE
 
 
-def clamp_delta(sae: SAE, x: torch.Tensor, rows: torch.Tensor, feature: torch.Tensor,
-                mul: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+def clamp_delta(sae: SAE, x: torch.Tensor, rows: torch.Tensor, feature: torch.Tensor, mul: torch.Tensor,
+                add: torch.Tensor, decode_only: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x: [S, d_in] residual stream; rows: [S] clamp-table rows (>= 0);
     feature/mul/add: [R, K] table -> delta [S, d_in] = decode(f') - decode(f).
-    Fixed shapes, no host sync: padding entries point at a dummy column and change nothing."""
+    Padding entries (feature d_sae, mul 1, add 0) yield a zero change, so they may point anywhere.
+
+    decode_only = (columns [U], compact [R, K]): the features the step clamps, and the table's
+    features as positions in `columns` (padding: U). The host knows them on the eager path, so only
+    U decoder rows are multiplied instead of all d_sae (U is usually a handful: half the op's
+    FLOPs saved). Without it (graph-safe path) the decode is dense: fixed shapes, no host sync."""
     f, norm = sae.encode(x)  # [S, d_sae]
-    idx = feature[rows]  # [S, K]
-    f_pad = F.pad(f, (0, 1))  # [S, d_sae + 1]; column d_sae absorbs padding
-    current = f_pad.gather(1, idx)  # [S, K]
-    change = current * (mul[rows] - 1.0) + add[rows]  # f' - f at the clamped features
-    df = torch.zeros_like(f_pad).scatter_add_(1, idx, change)[:, :-1]  # [S, d_sae]
-    return (df @ sae.W_dec) * norm.scale  # [S, d_in]
+    idx = feature[rows].clamp_max(f.shape[1] - 1)  # [S, K]
+    change = f.gather(1, idx) * (mul[rows] - 1.0) + add[rows]  # f' - f at the clamped features
+    if decode_only is None:
+        df = torch.zeros_like(f).scatter_add_(1, idx, change)  # [S, d_sae]
+        return (df @ sae.W_dec) * norm.scale
+    columns, compact = decode_only
+    df = change.new_zeros(x.shape[0], len(columns) + 1).scatter_add_(1, compact[rows], change)[:, :-1]  # [S, U]
+    return (df @ sae.W_dec.index_select(0, columns)) * norm.scale  # [S, d_in]
 
 
 class LayerSteer:
@@ -81,7 +88,8 @@ class LayerSteer:
         idx = t.steered_tokens.to(hidden.device, non_blocking=True)  # [S]
         x = hidden.index_select(0, idx) + residual.index_select(0, idx)  # [S, d_in]
         rows = t.tok_row.index_select(0, idx).long()
-        delta = clamp_delta(self.sae, x, rows, t.feature, t.mul, t.add)
+        decode_only = (t.columns.to(hidden.device, non_blocking=True), t.compact.to(hidden.device, non_blocking=True))
+        delta = clamp_delta(self.sae, x, rows, t.feature, t.mul, t.add, decode_only)
         return hidden.index_add(0, idx, delta)
 
 
