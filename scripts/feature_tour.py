@@ -17,8 +17,17 @@ import httpx
 from steer_plugin.server_process import Server
 
 
+def _compact(value: object) -> str:
+    """One line per top-level key, one line per list item below it."""
+    if isinstance(value, dict):
+        return "{\n" + ",\n".join(f" {json.dumps(k)}: {_compact(v)}" for k, v in value.items()) + "\n}"
+    if isinstance(value, list) and value:
+        return "[\n" + ",\n".join(f"  {json.dumps(v, ensure_ascii=False)}" for v in value) + "\n ]"
+    return json.dumps(value, ensure_ascii=False)
+
+
 def show(title: str, request: str, response: object) -> None:
-    print(f"**{title}**\n\n```\n{request}\n```\n```json\n{json.dumps(response, indent=1, ensure_ascii=False)}\n```\n")
+    print(f"**{title}**\n\n```\n{request}\n```\n```json\n{_compact(response)}\n```\n")
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ and hidden' = hidden + (x' - x). Tokens without a row are returned bit-identical
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from steer_plugin.clamp_table import ClampTable
