@@ -7,8 +7,9 @@ pairs are kept, plus the per-feature sum over positions, until the API process f
 `collective_rpc("steer_pop_features", key)` once the request has finished. Nothing here runs for
 steps without such a request.
 
-Records are kept on the host because they are read on the host anyway; reading them costs one
-device-to-host copy of [tokens, k] per step that has a recording request, never one per token.
+Records are kept on the host because they are read on the host anyway; reading them costs
+device-to-host copies of [tokens, k] and [requests, d_sae] per step that has a recording request,
+never one per token.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from steer_plugin.sae import SAE
 from steer_plugin.spec import RECORD_FIELD, FeatureRecording, parse_recording
 
 logger = logging.getLogger(__name__)
+_NO_TOKENS = torch.zeros(0, dtype=torch.long)
 TOTAL_TOP = 256
 """Features returned from the per-feature sums, ranked (see `_Record.as_dict`)."""
 
@@ -36,7 +38,7 @@ class _Record:
     positions: list[np.ndarray] = field(default_factory=list)  # per step [n] int
     ids: list[np.ndarray] = field(default_factory=list)  # per step [n, top_k] int
     values: list[np.ndarray] = field(default_factory=list)  # per step [n, top_k] float
-    total: np.ndarray | None = None  # [d_sae] float64, positions > 0 only (see `pop`)
+    total: np.ndarray | None = None  # [d_sae] float64, positions > 0 only (see `FeatureRecorder.fill`)
 
     def as_dict(self, max_activation: np.ndarray | None) -> dict:
         """Ranked by total activation in units of each feature's max activation (the unit of
@@ -65,9 +67,11 @@ class FeatureRecorder:
         """Most unfetched records kept; the oldest is dropped beyond it (a client that went away)."""
         self._specs: dict[str, FeatureRecording | None] = {}
         self._store: OrderedDict[str, _Record] = OrderedDict()
-        self.tokens = torch.zeros(0, dtype=torch.long)
+        self.tokens = _NO_TOKENS
         """Batch indices of this step's tokens to read [N] (host tensor)."""
         self._targets: list[tuple[_Record, int, int, np.ndarray]] = []  # record, start, end in tokens, positions
+        self._target_of = _NO_TOKENS  # [N] index into _targets of each token to read
+        self._summed = torch.zeros(0, dtype=torch.bool)  # [N] whether a token counts towards the sums
         self._top_k = 0
 
     @property
@@ -79,42 +83,53 @@ class FeatureRecorder:
         """Plan one step. Arrays are [num_reqs], in the batch's token order."""
         self._specs = {rid: self._specs[rid] if rid in self._specs else
                        parse_recording((extra_args_of(rid) or {}).get(RECORD_FIELD)) for rid in req_ids}
-        self._targets, chunks, used, self._top_k = [], [], 0, 0
-        offset = 0
-        for i, rid in enumerate(req_ids):  # per request, not per token
-            n = int(num_scheduled[i])
-            spec = self._specs[rid]
-            if spec is not None:
-                positions = int(num_computed[i]) + np.arange(n)
-                prompt_len = int(num_prompt[i])
-                keep = positions < prompt_len if spec.scope == "prompt" else positions >= prompt_len - 1
-                if keep.any():
-                    record = self._store.get(spec.key)
-                    if record is None:
-                        record = self._store[spec.key] = _Record(spec.top_k, prompt_len)
-                        while len(self._store) > self.capacity:
-                            dropped, _ = self._store.popitem(last=False)
-                            logger.warning("action=drop_record key=%s reason=never_fetched", dropped)
-                    chunks.append(offset + np.flatnonzero(keep))
-                    self._targets.append((record, used, used + len(chunks[-1]), positions[keep]))
-                    used += len(chunks[-1])
-                    self._top_k = max(self._top_k, spec.top_k)
-            offset += n
-        self.tokens = torch.from_numpy(np.concatenate(chunks)) if chunks else torch.zeros(0, dtype=torch.long)
+        recording = [(i, spec) for i, spec in enumerate(self._specs[rid] for rid in req_ids) if spec is not None]
+        self._targets, self._top_k = [], 0
+        self.tokens = _NO_TOKENS
+        if not recording:  # the common step: nothing more to plan
+            return
+        n = len(req_ids)
+        starts = np.cumsum(num_scheduled[:n]) - num_scheduled[:n]  # each request's first batch index
+        chunks, used = [], 0
+        for i, spec in recording:  # per recording request, not per token
+            positions = int(num_computed[i]) + np.arange(int(num_scheduled[i]))
+            prompt_len = int(num_prompt[i])
+            keep = positions < prompt_len if spec.scope == "prompt" else positions >= prompt_len - 1
+            if not keep.any():
+                continue
+            chunks.append(starts[i] + np.flatnonzero(keep))
+            self._targets.append((self._record_for(spec, prompt_len), used, used + len(chunks[-1]), positions[keep]))
+            used += len(chunks[-1])
+            self._top_k = max(self._top_k, spec.top_k)
+        if chunks:
+            self.tokens = torch.from_numpy(np.concatenate(chunks))
+            self._target_of = torch.from_numpy(np.repeat(np.arange(len(chunks)), [len(c) for c in chunks]))
+            # Position 0 is an attention sink the SAE was not trained on; its huge activations
+            # would drown every ranking by sum, so it is reported per token but not summed.
+            self._summed = torch.from_numpy(np.concatenate([p > 0 for *_, p in self._targets]))
+
+    def _record_for(self, spec: FeatureRecording, prompt_len: int) -> _Record:
+        record = self._store.get(spec.key)
+        if record is None:
+            record = self._store[spec.key] = _Record(spec.top_k, prompt_len)
+            while len(self._store) > self.capacity:
+                dropped, _ = self._store.popitem(last=False)
+                logger.warning("action=drop_record key=%s reason=never_fetched", dropped)
+        return record
 
     def record(self, sae: SAE, stream: torch.Tensor) -> None:
         """stream: [T, d_in], the step's residual stream at the SAE layer."""
-        f, _ = sae.encode(stream.index_select(0, self.tokens.to(stream.device)))  # [N, d_sae]
+        device = stream.device
+        f, _ = sae.encode(stream.index_select(0, self.tokens.to(device)))  # [N, d_sae]
         values, ids = f.topk(self._top_k, dim=-1)  # [N, top_k]
-        values, ids, f = values.float().cpu().numpy(), ids.cpu().numpy(), f.float().cpu().numpy()
-        for record, start, end, positions in self._targets:
+        summed = (f * self._summed.to(device, f.dtype).unsqueeze(1)).double()  # [N, d_sae]
+        totals = summed.new_zeros(len(self._targets), f.shape[1]).index_add_(0, self._target_of.to(device), summed)
+        values, ids, totals = values.float().cpu().numpy(), ids.cpu().numpy(), totals.cpu().numpy()
+        for (record, start, end, positions), total in zip(self._targets, totals):
             record.positions.append(positions)
             record.ids.append(ids[start:end, : record.top_k])
             record.values.append(values[start:end, : record.top_k])
-            # Position 0 is an attention sink the SAE was not trained on; its huge activations
-            # would drown every ranking by sum, so it is reported per token but not summed.
-            summed = f[start:end][positions > 0].sum(0, dtype=np.float64)
-            record.total = summed if record.total is None else record.total + summed
+            record.total = total if record.total is None else record.total + total
 
     def pop(self, key: str) -> dict | None:
         """The records of one request as plain lists, or None if this rank has none."""
