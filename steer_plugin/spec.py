@@ -79,18 +79,18 @@ class ClampPlan:
         return len(self.feature)
 
 
-def _load(raw: Any) -> Any:
-    # vllm_xargs only carries flat values, so there the list arrives as a JSON string.
+def _load(raw: Any, field: str, error: type[ValueError]) -> Any:
+    # vllm_xargs only carries flat values, so there structured values arrive as JSON strings.
     if isinstance(raw, str):
         try:
             return json.loads(raw)
         except json.JSONDecodeError as e:
-            raise ClampError(f"{FIELD}: not valid JSON ({e.msg} at position {e.pos})") from None
+            raise error(f"{field}: not valid JSON ({e.msg} at position {e.pos})") from None
     return raw
 
 
-def _location(loc: tuple) -> str:
-    out = FIELD
+def _location(field: str, loc: tuple) -> str:
+    out = field
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else f".{part}"
     return out
@@ -100,7 +100,7 @@ def parse_clamps(raw: Any, limits: SAELimits) -> ClampPlan | None:
     """Validate a `feature_clamps` value (list, or its JSON string). None means "no steering"."""
     if raw is None:
         return None
-    data = _load(raw)
+    data = _load(raw, FIELD, ClampError)
     if not isinstance(data, list):
         raise ClampError(f"{FIELD}: must be a list of clamp objects, got {type(data).__name__}")
     if not data:
@@ -111,7 +111,7 @@ def parse_clamps(raw: Any, limits: SAELimits) -> ClampPlan | None:
         clamps = _CLAMP_LIST.validate_python(data)
     except ValidationError as e:
         first = e.errors()[0]
-        raise ClampError(f"{_location(first['loc'])}: {first['msg']}") from None
+        raise ClampError(f"{_location(FIELD, first['loc'])}: {first['msg']}") from None
 
     seen: dict[int, int] = {}
     rows = []
@@ -179,14 +179,8 @@ def parse_recording(raw: Any) -> FeatureRecording | None:
     """Validate a `steer_record_features` value (object or its JSON string)."""
     if raw is None:
         return None
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise RecordingError(f"{RECORD_FIELD}: not valid JSON ({e.msg} at position {e.pos})") from None
     try:
-        return FeatureRecording.model_validate(raw)
+        return FeatureRecording.model_validate(_load(raw, RECORD_FIELD, RecordingError))
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise RecordingError(f"{RECORD_FIELD}{'.' + where if where else ''}: {first['msg']}") from None
+        raise RecordingError(f"{_location(RECORD_FIELD, first['loc'])}: {first['msg']}") from None
