@@ -26,7 +26,8 @@ _STOPWORDS = frozenset("a an and are as at be by for from in into is it of on or
                        "about me make talk".split())
 
 
-def _stem(word: str) -> str:
+def singular(word: str) -> str:
+    """A lower-case word with a plural `s`/`es` removed (crude; shared with the efficacy script)."""
     for suffix in ("es", "s"):
         if len(word) > len(suffix) + 2 and word.endswith(suffix):
             return word[: -len(suffix)]
@@ -34,7 +35,7 @@ def _stem(word: str) -> str:
 
 
 def _words(text: str) -> set[str]:
-    return {_stem(w) for w in _WORD.findall(text.lower())}
+    return {singular(w) for w in _WORD.findall(text.lower())}
 
 
 def _query_words(query: str) -> set[str]:

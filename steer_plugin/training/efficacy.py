@@ -21,6 +21,7 @@ import re
 import time
 from pathlib import Path
 
+from steer_plugin.catalogue import singular
 from steer_plugin.config import default_model_dir
 from steer_plugin.sae import CATALOGUE_FILENAME
 
@@ -70,13 +71,6 @@ STRENGTHS = (2.0, 3.0, 5.0)
 PPL_PER_CELL = 4
 
 
-def _singular(word: str) -> str:
-    for suffix in ("es", "s"):
-        if len(word) > len(suffix) + 2 and word.endswith(suffix):
-            return word[: -len(suffix)]
-    return word
-
-
 def _mentions(text: str, keywords: list[str]) -> bool:
     return re.search(r"\b(" + "|".join(map(re.escape, keywords)) + r")(s|es)?\b", text.lower()) is not None
 
@@ -86,12 +80,12 @@ def pick_features(catalogue: list[dict], concepts: dict[str, list[str]], candida
     (share of the top-token counts, at least 0.25), best first."""
     picked = []
     for concept, keywords in concepts.items():
-        wanted = {_singular(k) for k in keywords}
+        wanted = {singular(k) for k in keywords}
         scored = []
         for entry in catalogue:
             counts = entry["top_tokens"]
             total = sum(t["count"] for t in counts)
-            hit = sum(t["count"] for t in counts if _singular(t["token"].lower().strip(" .,'\"")) in wanted)
+            hit = sum(t["count"] for t in counts if singular(t["token"].lower().strip(" .,'\"")) in wanted)
             if total and hit / total >= 0.25:
                 scored.append((-hit / total, entry["id"], entry))
         for score, _, entry in sorted(scored)[:candidates]:
