@@ -123,6 +123,9 @@ def test_inspect_messages_applies_the_chat_template(http):
     ("post", "/v1/features/inspect", {"json": {"text": "word " * 5000}}, "text"),
     ("post", "/v1/features/inspect", {"json": {"messages": [{"role": "robot", "content": "x"}]}}, "role"),
     ("post", "/v1/features/inspect", {"json": {"text": "hi", "bogus": 1}}, "bogus"),
+    # inspection reads the unsteered stream: clamps there are refused, never ignored
+    ("post", "/v1/features/inspect", {"json": {"text": "hi", "feature_clamps": [{"feature": 1, "value": 1}]}},
+     "feature_clamps"),
 ])
 def test_bad_parameters_are_400_naming_the_parameter(http, method, path, kwargs, param):
     r = getattr(http, method)(path, **kwargs)
