@@ -1,39 +1,24 @@
 """steer_plugin: serve-time SAE feature steering for vLLM.
 
-Data path, one module a step:
-    HTTP body ── middleware.py (top-level `feature_clamps` -> vllm_xargs; 400 on bad input)
-             ── admission.py (SamplingParams.extra_args validated, prefix cache salted)
-             ── worker.py + clamp_table.py (per-step table filled from extra_args)
-             ── ops.py (the registered op at the SAE layer: encode, clamp, decode, error kept)
-             ── metrics.py (Prometheus)
+The layout follows the processes vLLM runs:
+    api/      the API server process: HTTP edge (middleware.py), admission.py, return_features.py,
+              feature_routes.py (/v1/features), and the request counters (metrics.py)
+    worker/   the worker process: attach.py (install at model load), step_layout.py (one per step),
+              clamp_table.py, recorder.py (feature inspection), ops.py (the op), metrics.py
+    spec.py, sae.py, config.py, catalogue.py, reference.py: pure parts both sides use
+    vllm_seam.py: the only module that patches vLLM or touches its internals
 
-Feature discovery (feature_api.py, a `vllm.endpoint_plugins` entry; catalogue.py for search) sends
-inspection through the same path: a request carrying `steer_record_features` is admitted like any
-other, the op hands its tokens' features to feature_recorder.py, and the API fetches them by key.
+Data path: HTTP body -> api/middleware.py (`feature_clamps` -> `vllm_xargs`, 400 on bad input) ->
+api/admission.py (`SamplingParams.extra_args` validated, prefix cache salted) -> worker: the step
+layout -> clamp table -> the op at the SAE layer (encode, clamp, decode, error kept) -> metrics.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import sys
 
 logger = logging.getLogger(__name__)
-OP_VERSION = "steer_plugin-op-1"
-"""Salted into vLLM's config hash: a compiled graph built without the op is never reused."""
 _registered = False
-
-
-def _salt_compile_hash() -> None:
-    from vllm.config import VllmConfig
-
-    original = VllmConfig.compute_hash
-
-    def compute_hash(self, *args, **kwargs) -> str:
-        base = original(self, *args, **kwargs)
-        return hashlib.sha256(f"{base}:{OP_VERSION}".encode()).hexdigest()[: len(base)]
-
-    VllmConfig.compute_hash = compute_hash
 
 
 def _configure_logging() -> None:
@@ -49,25 +34,21 @@ def _configure_logging() -> None:
 
 def register() -> None:
     """vLLM general-plugin entry point. Runs in every vLLM process, possibly more than once:
-    cheap, idempotent, and a no-op when STEER_PLUGIN_DISABLE=1."""
+    cheap, idempotent, and a no-op when STEER_PLUGIN_DISABLE=1. Stops start-up on an unsupported
+    vLLM (see `vllm_seam.SUPPORTED_VLLM`)."""
     global _registered
-    from steer_plugin.config import plugin_disabled, prefer_v1_model_runner
+    from steer_plugin.config import allow_any_vllm, plugin_disabled, prefer_v1_model_runner
 
-    if _registered:
-        return
-    _registered = True
     _configure_logging()
     if plugin_disabled():
-        logger.warning("steer_plugin disabled (STEER_PLUGIN_DISABLE=1): this is vanilla vLLM, "
-                       "feature_clamps is not understood here")
+        if not _registered:
+            logger.warning("steer_plugin disabled (STEER_PLUGIN_DISABLE=1): this is vanilla vLLM, "
+                           "feature_clamps is not understood here")
+        _registered = True
         return
+    _registered = True
+    from steer_plugin import vllm_seam
+
+    vllm_seam.check_vllm_version(vllm_seam.installed_vllm_version(), allow_any_vllm())
     prefer_v1_model_runner()
-    _salt_compile_hash()
-    from steer_plugin import admission, worker
-
-    admission.install()
-    worker.install()
-    if "vllm.entrypoints.launchers.app" in sys.modules:  # the API server process
-        from steer_plugin import middleware
-
-        middleware.install()
+    vllm_seam.install(vllm_seam.roles_of_this_load())

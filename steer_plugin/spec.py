@@ -63,6 +63,15 @@ class SAELimits:
     """Per-feature max activation [d_sae] for unit="max"; None if the SAE ships no stats."""
 
 
+def limits_for(cfg) -> SAELimits:
+    """What requests may ask of the SAE that `cfg` (a `config.SteerConfig`) serves; read from its files."""
+    from steer_plugin.sae import load_config, load_max_activations
+
+    max_act = load_max_activations(cfg.sae_path)
+    return SAELimits(d_sae=load_config(cfg.sae_path).d_sae, max_clamps=cfg.max_clamps,
+                     max_activation=None if max_act is None else max_act.numpy())
+
+
 @dataclass(frozen=True)
 class ClampPlan:
     """A validated clamp set in table form (K = number of clamps)."""

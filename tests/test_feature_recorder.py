@@ -9,8 +9,9 @@ import torch
 from sae_factory import make_sae
 from steer_plugin.catalogue import FeatureCatalogue
 from steer_plugin.config import DEFAULT_SAE_DIR
-from steer_plugin.feature_recorder import FeatureRecorder
+from steer_plugin.worker.recorder import FeatureRecorder
 from steer_plugin.spec import RECORD_FIELD, RecordingError, parse_recording
+from steer_plugin.worker.step_layout import StepLayout
 
 D_IN, D_SAE = 32, 64
 
@@ -29,7 +30,7 @@ def test_records_the_right_positions_across_chunked_steps():
              (["p", "g"], np.array([3, 1]), np.array([4, 6]), np.array([6, 5]))]
     streams = []
     for req_ids, sched, computed, prompt in steps:
-        rec.fill(req_ids, sched, computed, prompt, extra.get)
+        rec.fill(StepLayout(req_ids, sched, computed, prompt, extra.get))
         stream = torch.randn(int(sched.sum()), D_IN)
         streams.append(stream)
         if rec.num_tokens:
@@ -53,7 +54,7 @@ def test_unfetched_records_are_bounded():
     rec = FeatureRecorder(capacity=2)
     for i in range(3):
         key = f"key-{i:05d}"
-        rec.fill([key], np.array([2]), np.array([0]), np.array([2]), {key: _args(key, "prompt")}.get)
+        rec.fill(StepLayout([key], np.array([2]), np.array([0]), np.array([2]), {key: _args(key, "prompt")}.get))
         rec.record(sae, torch.randn(2, D_IN))
     assert rec.pop("key-00000") is None and rec.pop("key-00002") is not None
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from sae_factory import make_sae
-from steer_plugin.clamp_table import ClampTable
-from steer_plugin.ops import LayerSteer, register_layer
+from steer_plugin.worker.clamp_table import ClampTable
+from steer_plugin.worker.ops import LayerSteer, register_layer
 from steer_plugin.reference import reference_steer
 from steer_plugin.spec import SAELimits, parse_clamps
+from steer_plugin.worker.step_layout import StepLayout
 
 D_IN, D_SAE = 32, 64
 
@@ -38,8 +39,8 @@ def test_op_matches_reference(arch, normalize, graph_safe):
     limits = SAELimits(d_sae=D_SAE, max_clamps=4, max_activation=None)
     table = ClampTable(limits, max_tokens=32, max_reqs=8, device=torch.device("cpu"))
     req_ids, num_sched, num_computed, num_prompt, raw = _batch(0)
-    table.fill(req_ids, num_sched, num_computed, num_prompt,
-               lambda rid: {"feature_clamps": raw[rid]} if raw[rid] else None)
+    table.fill(StepLayout(req_ids, num_sched, num_computed, num_prompt,
+               lambda rid: {"feature_clamps": raw[rid]} if raw[rid] else None))
     key = f"test-{arch}-{normalize}-{graph_safe}"
     register_layer(key, LayerSteer(sae, table, graph_safe=graph_safe))
 
@@ -66,7 +67,7 @@ def test_identity_clamps_change_nothing_but_rounding():
     limits = SAELimits(d_sae=D_SAE, max_clamps=4, max_activation=None)
     table = ClampTable(limits, max_tokens=16, max_reqs=4, device=torch.device("cpu"))
     clamps = [{"feature": 2, "value": 1.0, "mode": "scale"}, {"feature": 5, "value": 0.0, "mode": "add"}]
-    table.fill(["r"], np.array([6]), np.array([0]), np.array([6]), lambda _: {"feature_clamps": clamps})
+    table.fill(StepLayout(["r"], np.array([6]), np.array([0]), np.array([6]), lambda _: {"feature_clamps": clamps}))
     register_layer("identity", LayerSteer(sae, table, graph_safe=False))
     hidden, residual = torch.randn(6, D_IN), torch.randn(6, D_IN)
     assert torch.equal(torch.ops.steer_plugin.steer(hidden, residual, "identity"), hidden)
@@ -85,10 +86,10 @@ def test_op_under_torch_compile_follows_table_changes():
         return torch.ops.steer_plugin.steer(h, r, "compiled") + 0.0
 
     hidden, residual = torch.randn(4, D_IN), torch.randn(4, D_IN)
-    table.fill(["r1"], np.array([4]), np.array([0]), np.array([4]), lambda _: None)
+    table.fill(StepLayout(["r1"], np.array([4]), np.array([0]), np.array([4]), lambda _: None))
     assert torch.equal(layer(hidden, residual), hidden)
-    table.fill(["r2"], np.array([4]), np.array([0]), np.array([4]),
-               lambda _: {"feature_clamps": [{"feature": 3, "value": 50.0}]})
+    table.fill(StepLayout(["r2"], np.array([4]), np.array([0]), np.array([4]),
+               lambda _: {"feature_clamps": [{"feature": 3, "value": 50.0}]}))
     assert not torch.allclose(layer(hidden, residual), hidden)
-    table.fill(["r3"], np.array([4]), np.array([0]), np.array([4]), lambda _: None)
+    table.fill(StepLayout(["r3"], np.array([4]), np.array([0]), np.array([4]), lambda _: None))
     assert torch.equal(layer(hidden, residual), hidden)

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from sae_factory import make_sae
-from steer_plugin.clamp_table import ClampTable
-from steer_plugin.ops import LayerSteer, register_layer
+from steer_plugin.worker.clamp_table import ClampTable
+from steer_plugin.worker.ops import LayerSteer, register_layer
 from steer_plugin.reference import reference_steer
 from steer_plugin.spec import SAELimits, parse_clamps
+from steer_plugin.worker.step_layout import StepLayout
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -27,8 +28,8 @@ def _setup(key):
 def _fill(table, clamps_a, clamps_b, step):
     """Two requests of 3 decode... tokens each + 2 padding tokens (T = 8)."""
     raw = {f"a{step}": clamps_a, f"b{step}": clamps_b}
-    table.fill(list(raw), np.array([3, 3]), np.array([5, 5]), np.array([4, 4]),
-               lambda rid: {"feature_clamps": raw[rid]} if raw[rid] else None)
+    table.fill(StepLayout(list(raw), np.array([3, 3]), np.array([5, 5]), np.array([4, 4]),
+               lambda rid: {"feature_clamps": raw[rid]} if raw[rid] else None))
 
 
 def _expected(sae, limits, hidden, residual, clamps_a, clamps_b):

@@ -196,20 +196,3 @@ def test_metrics_on_the_servers_own_endpoint(server, client):
     assert "vllm:num_requests_running" in after  # vLLM's own metrics are still there
     assert len(after["steer_feature_active_tokens_total"]) <= 1 + 2 + 4 * 20  # watch + clamped + top-N slots
 
-
-def test_restart_does_not_carry_stale_metrics(random_sae_dir, tmp_path):
-    """Two servers, one after the other on the same port: the second starts from zero."""
-    from engines import free_port
-
-    port = free_port()
-    for run in range(2):
-        srv = Server(["--sae", str(random_sae_dir), "--enforce-eager"], tmp_path / f"run{run}.log", port=port)
-        try:
-            srv.wait_ready()
-            values = scrape(srv).get("steer_requests_total", {})
-            assert sum(values.values()) == 0, f"run {run} started with {values}"
-            c = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="none")
-            chat(c, CLAMPS)
-            assert scrape(srv)["steer_requests_total"][(("steered", "true"),)] == 1
-        finally:
-            srv.stop()

@@ -11,6 +11,8 @@ import torch
 from steer_plugin.config import DEFAULT_SAE_DIR, default_model_dir
 from steer_plugin.sae import CATALOGUE_FILENAME, SAE, load_max_activations
 
+pytestmark = pytest.mark.slow  # captures activations with transformers and trains
+
 
 def test_tiny_training_run_writes_a_loadable_sae(tmp_path):
     from steer_plugin.training.__main__ import main

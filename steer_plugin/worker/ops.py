@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from steer_plugin.clamp_table import ClampTable
-from steer_plugin.feature_recorder import FeatureRecorder
-from steer_plugin.metrics import FeatureActivity, OpTimer
 from steer_plugin.sae import SAE
+from steer_plugin.worker.clamp_table import ClampTable
+from steer_plugin.worker.metrics import FeatureActivity, OpTimer
+from steer_plugin.worker.recorder import FeatureRecorder
 
 
 def clamp_delta(sae: SAE, x: torch.Tensor, rows: torch.Tensor, feature: torch.Tensor, mul: torch.Tensor,

@@ -14,12 +14,13 @@ prompt positions, one for its generated positions, since a clamp may target eith
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from steer_plugin.spec import FIELD, ClampPlan, SAELimits, parse_clamps
+from steer_plugin.worker.step_layout import StepLayout
 
 logger = logging.getLogger(__name__)
 _PROMPT, _GENERATED = 1, 2  # spec.TOKENS_CODE
@@ -96,11 +97,11 @@ class ClampTable:
                 self._on_new_plan(plan)
         return rows
 
-    def fill(self, req_ids: Sequence[str], num_scheduled: np.ndarray, num_computed: np.ndarray,
-             num_prompt: np.ndarray, extra_args_of: Callable[[str], dict | None]) -> None:
-        """Fill the table for one step. Arrays are [num_reqs], in the batch's token order."""
+    def fill(self, layout: StepLayout) -> None:
+        """Fill the table for one step."""
+        req_ids = layout.req_ids
         n = len(req_ids)
-        self._rows_of = {rid: self._rows(rid, extra_args_of(rid)) for rid in req_ids}
+        self._rows_of = {rid: self._rows(rid, layout.extra_args_of(rid)) for rid in req_ids}
         prompt_row = np.full(n, -1, dtype=np.int32)
         gen_row = np.full(n, -1, dtype=np.int32)
         plans = []
@@ -125,15 +126,11 @@ class ClampTable:
                 self._dirty = False
             return
 
-        num_tokens = int(num_scheduled.sum())
-        req_of_tok = np.repeat(np.arange(n), num_scheduled[:n])  # [num_tokens]
-        starts = np.cumsum(num_scheduled[:n]) - num_scheduled[:n]
-        pos = num_computed[:n][req_of_tok] + (np.arange(num_tokens) - starts[req_of_tok])
-        is_prompt = pos < num_prompt[:n][req_of_tok]
-        tok_row = np.where(is_prompt, prompt_row[req_of_tok], gen_row[req_of_tok])
+        req_of_tok = layout.token_request  # [T]
+        tok_row = np.where(layout.token_is_prompt, prompt_row[req_of_tok], gen_row[req_of_tok])  # [T]
         host = self._h_tok_row.numpy()
         host[:] = -1
-        host[:num_tokens] = tok_row
+        host[:layout.num_tokens] = tok_row
         steered = np.flatnonzero(tok_row >= 0)
         self.num_steered_tokens = len(steered)
         if self._on_step is not None:

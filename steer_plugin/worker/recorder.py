@@ -4,7 +4,7 @@ A request whose `extra_args` carry `steer_record_features` (see `spec.FeatureRec
 SAE features read by the steering op at the SAE layer, from the stream the model continues with
 (after steering, so a steered request shows its clamps). Per position the top-k (id, activation)
 pairs are kept, plus the per-feature sum over positions, until the API process fetches them with
-`collective_rpc("steer_pop_features", key)` once the request has finished. Nothing here runs for
+`collective_rpc("steer_pop_features", key)` (see vllm_seam) once the request has finished. Nothing here runs for
 steps without such a request.
 
 Records are kept on the host because they are read on the host anyway; reading them costs
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 
 from steer_plugin.sae import SAE
 from steer_plugin.spec import RECORD_FIELD, FeatureRecording, parse_recording
+from steer_plugin.worker.step_layout import StepLayout
 
 logger = logging.getLogger(__name__)
 _NO_TOKENS = torch.zeros(0, dtype=torch.long)
@@ -78,26 +78,24 @@ class FeatureRecorder:
     def num_tokens(self) -> int:
         return len(self.tokens)
 
-    def fill(self, req_ids: Sequence[str], num_scheduled: np.ndarray, num_computed: np.ndarray,
-             num_prompt: np.ndarray, extra_args_of: Callable[[str], dict | None]) -> None:
-        """Plan one step. Arrays are [num_reqs], in the batch's token order."""
+    def fill(self, layout: StepLayout) -> None:
+        """Plan one step."""
         self._specs = {rid: self._specs[rid] if rid in self._specs else
-                       parse_recording((extra_args_of(rid) or {}).get(RECORD_FIELD)) for rid in req_ids}
-        recording = [(i, spec) for i, spec in enumerate(self._specs[rid] for rid in req_ids) if spec is not None]
+                       parse_recording((layout.extra_args_of(rid) or {}).get(RECORD_FIELD)) for rid in layout.req_ids}
+        recording = [(i, spec) for i, spec in enumerate(self._specs[rid] for rid in layout.req_ids)
+                     if spec is not None]
         self._targets, self._top_k = [], 0
         self.tokens = _NO_TOKENS
         if not recording:  # the common step: nothing more to plan
             return
-        n = len(req_ids)
-        starts = np.cumsum(num_scheduled[:n]) - num_scheduled[:n]  # each request's first batch index
         chunks, used = [], 0
         for i, spec in recording:  # per recording request, not per token
-            positions = int(num_computed[i]) + np.arange(int(num_scheduled[i]))
-            prompt_len = int(num_prompt[i])
+            positions = layout.positions_of(i)
+            prompt_len = int(layout.num_prompt[i])
             keep = positions < prompt_len if spec.scope == "prompt" else positions >= prompt_len - 1
             if not keep.any():
                 continue
-            chunks.append(starts[i] + np.flatnonzero(keep))
+            chunks.append(layout.starts[i] + np.flatnonzero(keep))
             self._targets.append((self._record_for(spec, prompt_len), used, used + len(chunks[-1]), positions[keep]))
             used += len(chunks[-1])
             self._top_k = max(self._top_k, spec.top_k)

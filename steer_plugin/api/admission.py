@@ -1,0 +1,68 @@
+"""Admission: every request entering the engine has its steering validated and its prefix cache keyed.
+
+`vllm_seam` calls `admit` from vLLM's `InputProcessor.process_inputs`, the one place every request
+passes through (HTTP chat/completions, `vllm_xargs`, offline `LLM.generate`) before the engine core:
+- `extra_args["feature_clamps"]` is parsed with the same parser and limits as the worker; bad input
+  raises `AdmissionError` (HTTP 400 naming the field), so a steering request is never admitted to
+  run unsteered;
+- the request's `cache_salt` is derived from the canonical clamp set, so KV blocks computed under
+  one clamp set are never reused by a request with another (or none);
+- `extra_args["steer_record_features"]` (feature inspection) is validated the same way; a request
+  that records its prompt gets a cache salt of its own, so every prompt position is computed, and
+  read, rather than served from the prefix cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from steer_plugin.api import metrics
+from steer_plugin.spec import (FIELD, RECORD_FIELD, ClampError, ClampPlan, FeatureRecording, RecordingError, SAELimits,
+                               cache_salt, parse_clamps, parse_recording)
+
+logger = logging.getLogger(__name__)
+
+
+class AdmissionError(ValueError):
+    """A request the engine must not run; `field` is the request field to name in the 400."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """What a request asked of the plugin, validated."""
+
+    plan: ClampPlan | None
+    recording: FeatureRecording | None
+
+    def count(self) -> None:
+        """Count the request as admitted (once the engine accepted it)."""
+        metrics.record_admission(steered=self.plan is not None)
+
+    def cache_salt(self, salt: str | None) -> str | None:
+        """The request's prefix-cache salt, given the salt it came with."""
+        if self.plan is not None:
+            salt = cache_salt(self.plan, salt)
+        if self.recording is not None and self.recording.scope == "prompt":
+            salt = f"{salt or ''}:record:{self.recording.key}"
+        return salt
+
+
+def admit(request_id: str, extra_args: dict | None, limits: SAELimits, graph_safe: bool) -> Admitted:
+    """Validate one request's `extra_args` (a refusal is counted here, an admission by `Admitted.count`)."""
+    extra = extra_args or {}
+    try:
+        plan = parse_clamps(extra.get(FIELD), limits)
+        recording = parse_recording(extra.get(RECORD_FIELD))
+        if recording is not None and graph_safe:
+            raise RecordingError(f"{RECORD_FIELD}: feature inspection runs on the host and is off under CUDA "
+                                 "graphs; start the server with --enforce-eager to use it")
+    except (ClampError, RecordingError) as e:
+        logger.info("action=rejected req=%s reason=%s", request_id, e)
+        metrics.REJECTED.inc()
+        raise AdmissionError(str(e), FIELD if isinstance(e, ClampError) else RECORD_FIELD) from None
+    return Admitted(plan, recording)

@@ -1,0 +1,14 @@
+"""API-side Prometheus counters: requests admitted and refused. They live in the API server
+process's registry; the worker's series join them on /metrics through multiprocess mode."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+REQUESTS = Counter("steer_requests", "Requests admitted to the engine, by whether they carry feature clamps",
+                   ["steered"])
+REJECTED = Counter("steer_requests_rejected", "Requests rejected for invalid feature_clamps (HTTP 400)")
+
+
+def record_admission(steered: bool) -> None:
+    REQUESTS.labels(steered="true" if steered else "false").inc()

@@ -1,0 +1,106 @@
+"""`"return_features": k` on /v1/chat/completions and /v1/completions: the top-k SAE features of
+every generated token, returned with the reply.
+
+The request gets a `steer_record_features` entry (scope "generation"); the worker records the
+features of the positions that produce generated tokens, and when the reply is complete they are
+fetched (`FeatureService.generated_features`) and added to it:
+- non-streaming: as `choices[0].features` (the JSON reply is held back until complete, since its
+  length changes);
+- streaming: as one extra server-sent event `{"object": "steer.features", "choices": [],
+  "features": [...]}` just before the `data: [DONE]` event (like a usage chunk). The stream is read
+  as events, not searched for bytes, so no reply text can break the framing.
+Entry i belongs to generated token i; ask for logprobs to see the tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+
+from steer_plugin.spec import MAX_TOP_K, FeatureRecording, RecordingError
+
+FIELD = "return_features"
+"""Request field: top-k SAE features per generated token, returned with the reply."""
+
+Send = Callable[[dict], Awaitable[None]]
+
+
+def requested_recording(data: dict, service) -> FeatureRecording | None:
+    """The recording a request body's `return_features` asks for (the field is removed from `data`).
+    service: the app's FeatureService (None when the feature routes are not loaded)."""
+    k = data.pop(FIELD, None)
+    if k is None:
+        return None
+    if type(k) is not int or not 1 <= k <= MAX_TOP_K:
+        raise RecordingError(f"{FIELD}: must be an integer from 1 to {MAX_TOP_K}, got {k!r}")
+    if data.get("n", 1) not in (1, None) or data.get("use_beam_search"):
+        raise RecordingError(f"{FIELD}: needs a single choice (n=1, no beam search)")
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int):
+        raise RecordingError(f"{FIELD}: needs a single prompt (one choice); send the prompts one by one")
+    if service is None:
+        raise RecordingError(f"{FIELD}: the steer_features endpoint plugin is not loaded "
+                             "(VLLM_PLUGINS must name it; server.py does)")
+    return FeatureRecording(key=uuid.uuid4().hex, top_k=k, scope="generation")
+
+
+def _sse_data(event: bytes) -> bytes | None:
+    """The data of one server-sent event (its `data:` lines joined), None if it has none."""
+    lines = [line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+class FeatureAppender:
+    """Wraps the ASGI `send` of one request that asked for `return_features`."""
+
+    def __init__(self, send: Send, fetch: Callable[[str], Awaitable[list[dict]]], key: str):
+        self._send = send
+        self._fetch = fetch  # key -> features of the generated tokens
+        self._key: str | None = key  # None once the features went out, or for an error reply
+        self._start: dict | None = None  # non-streaming: held back until the body is known
+        self._streaming = False
+        self._buffer = b""  # streaming: bytes of an event not yet complete
+        self._chunks: list[bytes] = []  # non-streaming: the body so far
+
+    async def send(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+            if message["status"] != 200:
+                self._key = None  # an error reply passes through untouched
+            elif content_type.startswith(b"text/event-stream"):
+                self._streaming = True
+            else:
+                self._start = message
+                return None
+            return await self._send(message)
+        if message["type"] != "http.response.body" or self._key is None:
+            return await self._send(message)
+        if self._streaming:
+            return await self._stream(message)
+        self._chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return None
+        reply = json.loads(b"".join(self._chunks))
+        reply["choices"][0]["features"] = await self._fetch(self._key)
+        out = json.dumps(reply).encode()
+        headers = [(k, v) for k, v in self._start["headers"] if k.lower() != b"content-length"]
+        await self._send({**self._start, "headers": headers + [(b"content-length", str(len(out)).encode())]})
+        await self._send({"type": "http.response.body", "body": out, "more_body": False})
+
+    async def _stream(self, message: dict) -> None:
+        """Pass complete events on as they come; put the features event before `[DONE]`."""
+        self._buffer += message.get("body", b"").replace(b"\r\n", b"\n")
+        more = message.get("more_body", False)
+        out = b""
+        while self._key is not None and b"\n\n" in self._buffer:
+            event, self._buffer = self._buffer.split(b"\n\n", 1)
+            if _sse_data(event) == b"[DONE]":
+                features = {"object": "steer.features", "choices": [], "features": await self._fetch(self._key)}
+                out += b"data: " + json.dumps(features).encode() + b"\n\n"
+                self._key = None
+            out += event + b"\n\n"
+        if self._key is None or not more:  # after [DONE] (or at the end) nothing is held back
+            out, self._buffer = out + self._buffer, b""
+        if out or not more:
+            await self._send({"type": "http.response.body", "body": out, "more_body": more})

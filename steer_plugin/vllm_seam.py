@@ -1,0 +1,272 @@
+"""The one seam into vLLM: every monkeypatch, every private vLLM attribute the plugin reads or sets,
+and every import of vLLM internals (anything beyond `vllm.SamplingParams`, `vllm.LLM` and the two
+plugin entry-point groups) lives here, each with the reason and the vLLM function it mirrors.
+
+Supported vLLM: `SUPPORTED_VLLM` (checked at start; `STEER_PLUGIN_ALLOW_ANY_VLLM=1` skips the check
+for people who want to try another version; the hooks below may then break loudly).
+
+Hooks, by the process that needs them (`install(roles_of_this_load())`):
+    frontend (API server, or the process of an offline `vllm.LLM`)
+        InputProcessor.process_inputs        admission: every request passes it before the engine
+        launchers.app.init_entrypoints_middleware   the HTTP edge middleware, added to vLLM's app
+    worker (the process that runs the model; the EngineCore with one worker)
+        VllmConfig.compute_hash              salted, so a compiled graph without the op is never reused
+        Worker.load_model                    install the op once weights are loaded, before compile
+        GPUModelRunner._prepare_inputs       the per-step token layout, before every forward
+        Worker.steer_pop_features            RPC target for recorded features (collective_rpc)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_VLLM = ">=0.32.0,<0.33"
+"""vLLM versions whose internals below were read and tested."""
+OP_VERSION = "steer_plugin-op-2"
+"""Salted into vLLM's config hash: a compiled graph built without (this version of) the op is never reused."""
+_STATE_ATTR = "_steer_worker"
+"""Set on the model runner at load: the worker-side steering state (`worker.attach.WorkerSteering`)."""
+_LIMITS_ATTR = "_steer_limits"
+"""Set on an InputProcessor: the SAE limits admission checks against (loaded once per processor)."""
+_installed: set[str] = set()
+
+
+class UnsupportedVllmError(SystemExit):
+    """Raised at start on an unsupported vLLM. A SystemExit on purpose: vLLM catches `Exception` from
+    plugins and carries on without them, which would serve `feature_clamps` unsteered."""
+
+
+def check_vllm_version(installed: str, allow_any: bool) -> None:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        ok = Version(installed) in SpecifierSet(SUPPORTED_VLLM)
+    except InvalidVersion:
+        ok = False
+    if ok:
+        return
+    if allow_any:
+        logger.warning("action=version_override vllm=%s supported=%s", installed, SUPPORTED_VLLM)
+        return
+    raise UnsupportedVllmError(
+        f"steer_plugin supports vLLM {SUPPORTED_VLLM}, found vLLM {installed}. Install a supported vLLM, "
+        "or set STEER_PLUGIN_ALLOW_ANY_VLLM=1 to try this one at your own risk.")
+
+
+def installed_vllm_version() -> str:
+    from vllm import __version__
+
+    return __version__
+
+
+_WORKER_LOADERS = {("vllm.v1.worker.worker_base", "init_worker"), ("vllm.v1.engine.core", "__init__")}
+"""vLLM functions that load general plugins as a worker, or as an engine core (which may hold the
+worker in its own process); every other load (building the engine config) is a frontend's."""
+
+
+def roles_of_this_load() -> set[str]:
+    """Which hooks the current `load_general_plugins` call needs, told by who called it: a process
+    loads plugins once as what it is (frontend, engine core, worker), whatever its name."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if (frame.f_globals.get("__name__"), frame.f_code.co_name) in _WORKER_LOADERS:
+            return {"worker"}
+        frame = frame.f_back
+    return {"frontend"}
+
+
+def install(roles: set[str]) -> None:
+    """Install the hooks of the given roles ("frontend", "worker"); idempotent per role."""
+    for role in sorted(roles - _installed):
+        {"frontend": _install_frontend, "worker": _install_worker}[role]()
+        _installed.add(role)
+        logger.info("action=hooks_installed role=%s", role)
+
+
+# ---------------------------------------------------------------------------------------------- frontend
+
+def validation_error(message: str, parameter: str) -> Exception:
+    """The exception vLLM's server turns into an OpenAI-style HTTP 400 naming `parameter`."""
+    from vllm.exceptions import VLLMValidationError
+
+    return VLLMValidationError(message, parameter=parameter)
+
+
+def app_vllm_config(app) -> Any:
+    """The VllmConfig vLLM's `init_app_state` stores on the FastAPI app."""
+    return app.state.vllm_config
+
+
+def tokenizer_of(engine_client) -> Any:
+    """The tokenizer of an engine client (vLLM's renderer holds it)."""
+    return engine_client.renderer.get_tokenizer()
+
+
+def _install_frontend() -> None:
+    import vllm.entrypoints.launchers.app as app_module
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from steer_plugin.api import admission
+    from steer_plugin.api.middleware import FeatureClampMiddleware
+    from steer_plugin.config import SteerConfig
+    from steer_plugin.spec import limits_for
+
+    original_process = InputProcessor.process_inputs
+
+    # Mirrors InputProcessor.process_inputs (v1/engine/input_processor.py): the one place every
+    # request (HTTP, vllm_xargs, offline LLM) passes before reaching the engine core.
+    @wraps(original_process)
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        extra = params.extra_args if isinstance(params, SamplingParams) else None
+        limits = getattr(self, _LIMITS_ATTR, None)
+        if limits is None:
+            limits = limits_for(SteerConfig.from_vllm(self.vllm_config))
+            setattr(self, _LIMITS_ATTR, limits)
+        try:
+            admitted = admission.admit(request_id, extra, limits, runs_graph_safe(self.vllm_config))
+        except admission.AdmissionError as e:
+            raise validation_error(str(e), e.field) from None
+        request = original_process(self, request_id, prompt, params, *args, **kwargs)
+        request.cache_salt = admitted.cache_salt(request.cache_salt)
+        admitted.count()
+        return request
+
+    original_middleware = app_module.init_entrypoints_middleware
+
+    # Mirrors init_entrypoints_middleware (entrypoints/serve/middleware/register.py), which
+    # launchers/app.py imports and calls from build_app: the middleware joins every app vLLM
+    # builds, with no --middleware flag needed.
+    @wraps(original_middleware)
+    def init_entrypoints_middleware(args, app, *rest, **kwargs):
+        original_middleware(args, app, *rest, **kwargs)
+        name = f"{FeatureClampMiddleware.__module__}.{FeatureClampMiddleware.__name__}"
+        if name not in (getattr(args, "middleware", None) or []):
+            app.add_middleware(FeatureClampMiddleware)
+
+    InputProcessor.process_inputs = process_inputs
+    app_module.init_entrypoints_middleware = init_entrypoints_middleware
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+def runs_graph_safe(vllm_config) -> bool:
+    """Whether the op runs under CUDA graphs, whose replays skip Python: then it must not branch on
+    host state, and the host-side features (metrics by feature, inspection) are off."""
+    compilation = vllm_config.compilation_config
+    return (vllm_config.device_config.device_type == "cuda"
+            and str(compilation.cudagraph_mode) not in ("NONE", "CUDAGraphMode.NONE"))
+
+
+@dataclass(frozen=True)
+class ModelSite:
+    """What the worker side needs to know of the loaded model, read from vLLM's runner and config."""
+
+    layers: torch.nn.ModuleList
+    """The decoder layers (`model.model.layers`); entries may be placeholders of other PP ranks."""
+    held: tuple[bool, ...]
+    """Per layer: whether this pipeline rank holds it (False for vLLM's PPMissingLayer)."""
+    device: torch.device
+    hidden_size: int
+    max_num_tokens: int
+    """Most tokens one forward step carries (the clamp table's token dimension)."""
+    max_num_reqs: int
+    """Most requests one step carries."""
+    graph_safe: bool
+    """The op runs inside CUDA graphs (see `runs_graph_safe`)."""
+    compile_mode: str
+
+
+def _model_site(runner, vllm_config) -> ModelSite:
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    model = runner.get_model()  # unwraps vLLM's CUDAGraphWrapper
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise RuntimeError(f"steer_plugin: cannot find decoder layers (model.model.layers) in {type(model).__name__}")
+    return ModelSite(layers=layers, held=tuple(not isinstance(layer, PPMissingLayer) for layer in layers),
+                     device=next(model.parameters()).device,
+                     hidden_size=vllm_config.model_config.get_hidden_size(),
+                     max_num_tokens=runner.max_num_tokens, max_num_reqs=runner.max_num_reqs,
+                     graph_safe=runs_graph_safe(vllm_config), compile_mode=str(vllm_config.compilation_config.mode))
+
+
+def _step_layout(runner, num_scheduled_tokens: np.ndarray):
+    from steer_plugin.worker.step_layout import StepLayout
+
+    batch = runner.input_batch
+    n = batch.num_reqs
+    requests = runner.requests
+
+    def extra_args_of(req_id: str) -> dict | None:
+        params = requests[req_id].sampling_params
+        return params.extra_args if params is not None else None
+
+    return StepLayout(batch.req_ids[:n], num_scheduled_tokens[:n], batch.num_computed_tokens_cpu[:n],
+                      batch.num_prompt_tokens[:n], extra_args_of)
+
+
+def _install_worker() -> None:
+    from vllm.config import VllmConfig
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from steer_plugin.config import SteerConfig
+    from steer_plugin.worker.attach import attach
+
+    original_hash = VllmConfig.compute_hash
+
+    # Mirrors VllmConfig.compute_hash (config/vllm.py), the key of torch.compile's cache.
+    @wraps(original_hash)
+    def compute_hash(self, *args, **kwargs) -> str:
+        base = original_hash(self, *args, **kwargs)
+        return hashlib.sha256(f"{base}:{OP_VERSION}".encode()).hexdigest()[: len(base)]
+
+    original_load = Worker.load_model
+
+    # Mirrors Worker.load_model (v1/worker/gpu_worker.py; inherited by the CPU worker, while
+    # CPUModelRunner.load_model skips super()): weights are loaded, compile and graph capture not yet.
+    @wraps(original_load)
+    def load_model(self, *args, **kwargs):
+        original_load(self, *args, **kwargs)
+        runner = self.model_runner
+        if not isinstance(runner, GPUModelRunner):
+            # The V2 runner never calls _prepare_inputs: steering would be silently skipped.
+            raise RuntimeError(f"steer_plugin supports vLLM's V1 model runner only, got {type(runner).__module__}; "
+                               "set VLLM_USE_V2_MODEL_RUNNER=0")
+        state = attach(_model_site(runner, self.vllm_config), SteerConfig.from_vllm(self.vllm_config))
+        setattr(runner, _STATE_ATTR, state)
+
+    original_prepare = GPUModelRunner._prepare_inputs
+
+    # Mirrors GPUModelRunner._prepare_inputs (v1/worker/gpu_model_runner.py; inherited by
+    # CPUModelRunner): runs once per step after the batch is updated and reordered, with
+    # num_scheduled_tokens in input_batch.req_ids order.
+    @wraps(original_prepare)
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        state = getattr(self, _STATE_ATTR, None)
+        if state is not None:
+            state.on_step(_step_layout(self, num_scheduled_tokens))
+        return original_prepare(self, scheduler_output, num_scheduled_tokens)
+
+    # Target of `collective_rpc("steer_pop_features", args=(key,))` from the API process.
+    def steer_pop_features(self, key: str) -> dict | None:
+        state = getattr(self.model_runner, _STATE_ATTR, None)
+        return None if state is None else state.pop_features(key)
+
+    VllmConfig.compute_hash = compute_hash
+    Worker.load_model = load_model
+    GPUModelRunner._prepare_inputs = _prepare_inputs
+    Worker.steer_pop_features = steer_pop_features
+

@@ -1,0 +1,80 @@
+"""Admission on vLLM's real InputProcessor (built from the default model's config; no engine runs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prometheus_client import REGISTRY
+
+from steer_plugin import vllm_seam
+from steer_plugin.config import DEFAULT_SAE_DIR, default_model_dir
+from steer_plugin.spec import FIELD, RECORD_FIELD
+
+CLAMPS = [{"feature": 3, "value": 2.0}, {"feature": 10, "value": 1.0, "mode": "add"}]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.renderers import renderer_from_config
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    vllm_seam.install({"frontend"})
+    config = EngineArgs(model=str(default_model_dir()), dtype="float32", max_model_len=512,
+                        additional_config={"steer": {"sae_path": str(DEFAULT_SAE_DIR)}}).create_engine_config()
+    return InputProcessor(config, renderer_from_config(config))
+
+
+def _process(processor, extra_args=None, salt=None, request_id="r"):
+    from vllm import SamplingParams
+
+    prompt = {"prompt_token_ids": [1, 2, 3, 4]}
+    if salt is not None:
+        prompt["cache_salt"] = salt
+    return processor.process_inputs(request_id, prompt, SamplingParams(max_tokens=2, extra_args=extra_args),
+                                    ("generate",))
+
+
+def _count(name: str, labels: dict | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+def test_clamp_sets_key_the_prefix_cache(processor):
+    plain = _process(processor)
+    a = _process(processor, {FIELD: json.dumps(CLAMPS)})
+    a_again = _process(processor, {FIELD: list(reversed(CLAMPS))})  # same set, other order and form
+    b = _process(processor, {FIELD: json.dumps(CLAMPS[:1])})
+    assert plain.cache_salt is None
+    assert a.cache_salt == a_again.cache_salt and a.cache_salt not in (None, b.cache_salt)
+    assert _process(processor, {FIELD: json.dumps(CLAMPS)}, salt="user").cache_salt.endswith(":user")
+
+
+def test_prompt_recording_gets_a_salt_of_its_own(processor):
+    recording = json.dumps({"key": "k" * 16, "top_k": 3, "scope": "prompt"})
+    assert "record:" + "k" * 16 in _process(processor, {RECORD_FIELD: recording}).cache_salt
+
+
+@pytest.mark.parametrize("extra, field, words", [
+    ({FIELD: json.dumps([{"feature": 10**6, "value": 1}])}, FIELD, "out of range"),
+    ({FIELD: "[{"}, FIELD, "not valid JSON"),
+    ({FIELD: json.dumps([{"feature": 1, "value": 1, "mode": "clamp"}])}, FIELD, "feature_clamps[0].mode"),
+    ({RECORD_FIELD: json.dumps({"key": "short", "top_k": 3, "scope": "prompt"})}, RECORD_FIELD, "key"),
+])
+def test_bad_steering_is_a_validation_error_naming_the_field(processor, extra, field, words):
+    from vllm.exceptions import VLLMValidationError
+
+    before = _count("steer_requests_rejected_total")
+    with pytest.raises(VLLMValidationError) as info:
+        _process(processor, extra)
+    assert info.value.parameter == field and words in str(info.value)
+    assert _count("steer_requests_rejected_total") == before + 1
+
+
+def test_admissions_are_counted_by_steering(processor):
+    steered = _count("steer_requests_total", {"steered": "true"})
+    plain = _count("steer_requests_total", {"steered": "false"})
+    _process(processor, {FIELD: json.dumps(CLAMPS)})
+    _process(processor)
+    assert _count("steer_requests_total", {"steered": "true"}) == steered + 1
+    assert _count("steer_requests_total", {"steered": "false"}) == plain + 1

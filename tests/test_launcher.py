@@ -1,0 +1,56 @@
+"""server.py's argument and environment handling, without starting a server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import server
+from steer_plugin.config import DEFAULT_SAE_DIR, SteerConfig
+
+
+def _args(*argv: str):
+    return server.build_parser().parse_args(["--model", "/models/m", *argv])
+
+
+def test_defaults_reach_vllm_as_additional_config():
+    argv = server.vllm_argv(_args("--max-clamps", "8", "--metrics-watch", "3,7"), ["--max-num-seqs", "4"])
+    steer = json.loads(argv[argv.index("--additional-config") + 1])["steer"]
+    assert SteerConfig.from_dict(steer) == SteerConfig(sae_path=str(DEFAULT_SAE_DIR.resolve()), max_clamps=8,
+                                                       metrics_watch=(3, 7))
+    assert argv[0] == "/models/m" and argv[-2:] == ["--max-num-seqs", "4"]
+
+
+def test_no_plugin_means_no_steer_config_and_the_plugin_off(tmp_path, monkeypatch):
+    monkeypatch.setattr(server.tempfile, "gettempdir", lambda: str(tmp_path))
+    args = _args("--no-plugin")
+    assert "--additional-config" not in server.vllm_argv(args, [])
+    assert server.prepare_environment(args)["STEER_PLUGIN_DISABLE"] == "1"
+
+
+def test_environment_for_metrics_kv_cache_and_plugins(tmp_path, monkeypatch):
+    monkeypatch.setattr(server.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    env = server.prepare_environment(_args("--port", "8123"))
+    assert env["VLLM_PLUGINS"] == "steer,steer_features" and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert "STEER_PLUGIN_DISABLE" not in env or env["STEER_PLUGIN_DISABLE"] in ("", "0")
+    metrics_dir = Path(env["PROMETHEUS_MULTIPROC_DIR"])
+    assert metrics_dir.is_dir() and not any(metrics_dir.iterdir())
+
+
+def test_a_restart_starts_with_an_empty_metrics_directory(tmp_path, monkeypatch):
+    """Multiprocess metric files of a previous run on the same port must not be read again."""
+    monkeypatch.setattr(server.tempfile, "gettempdir", lambda: str(tmp_path))
+    first = Path(server.prepare_environment(_args("--port", "8124"))["PROMETHEUS_MULTIPROC_DIR"])
+    (first / "counter_123.db").write_bytes(b"stale")
+    second = Path(server.prepare_environment(_args("--port", "8124"))["PROMETHEUS_MULTIPROC_DIR"])
+    assert second == first and not any(second.iterdir())
+
+
+def test_user_settings_win(tmp_path, monkeypatch):
+    monkeypatch.setattr(server.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setenv("VLLM_PLUGINS", "steer")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "6")
+    env = server.prepare_environment(_args())
+    assert env["VLLM_PLUGINS"] == "steer" and env["VLLM_CPU_KVCACHE_SPACE"] == "6"
