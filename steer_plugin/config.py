@@ -19,6 +19,23 @@ ALLOW_ANY_VLLM_ENV = "STEER_PLUGIN_ALLOW_ANY_VLLM"
 """Set to 1 to start on a vLLM version outside the supported range (see `vllm_seam.SUPPORTED_VLLM`)."""
 
 
+FAULT_ENV = "STEER_PLUGIN_INJECT_FAULT"
+"""Testing aid: `prepare:N` and/or `apply:M` (comma-separated) make the worker fail while preparing
+the clamps of a request that clamps feature N, or while applying a step's clamps when one clamps
+feature M (to show that such a failure fails those requests only)."""
+
+
+def injected_faults() -> dict[str, int]:
+    """The faults FAULT_ENV asks for, as {stage: feature}."""
+    faults = {}
+    for item in filter(None, (part.strip() for part in os.environ.get(FAULT_ENV, "").split(","))):
+        stage, _, feature = item.partition(":")
+        if stage not in ("prepare", "apply") or not feature.isdigit():
+            raise ValueError(f"{FAULT_ENV}: each item must be 'prepare:N' or 'apply:N', got {item!r}")
+        faults[stage] = int(feature)
+    return faults
+
+
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip() not in ("", "0", "false", "False")
 

@@ -11,15 +11,20 @@ from steer_plugin.spec import ClampPlan
 
 
 def reference_steer(sae: SAE, hidden: torch.Tensor, residual: torch.Tensor,
-                    token_plans: list[ClampPlan | None], token_is_prompt: list[bool]) -> torch.Tensor:
-    """hidden, residual: [T, d_in]; per token its request's clamp set (or None) and whether the
-    token is a prompt position -> steered hidden [T, d_in]."""
+                    token_plans: list[ClampPlan | None], token_positions: list[int],
+                    token_prompt_lens: list[int]) -> torch.Tensor:
+    """hidden, residual: [T, d_in]; per token its request's clamp set (or None), its position in its
+    sequence and its request's prompt length -> steered hidden [T, d_in].
+
+    A "prompt" clamp acts where position < prompt length; a "generated" clamp where the position
+    produces a generated token: position >= prompt length - 1."""
     out = hidden.clone()
     for t, plan in enumerate(token_plans):
         if plan is None:
             continue
-        wanted = 1 if token_is_prompt[t] else 2  # spec.TOKENS_CODE: prompt / generated
-        keep = [i for i in range(len(plan)) if plan.tokens[i] in (0, wanted)]
+        pos, prompt_len = token_positions[t], token_prompt_lens[t]
+        acts = {0: True, 1: pos < prompt_len, 2: pos >= prompt_len - 1}  # spec.TOKENS_CODE -> acts here?
+        keep = [i for i in range(len(plan)) if acts[int(plan.tokens[i])]]
         if not keep:
             continue
         x = (hidden[t] + residual[t]).unsqueeze(0)  # [1, d_in]

@@ -41,7 +41,8 @@ class FeatureClamp(BaseModel):
     unit: Literal["absolute", "max"] = "absolute"
     """`max`: value is in multiples of the feature's max activation (Anthropic's unit)."""
     tokens: Literal["all", "prompt", "generated"] = "all"
-    """Which positions: prompt tokens, generated tokens, or both."""
+    """Which positions: `prompt` (every prompt position), `generated` (every position that produces a
+    generated token: the last prompt position and each generated token), or `all`."""
 
 
 _CLAMP_LIST = TypeAdapter(list[FeatureClamp])
@@ -86,6 +87,11 @@ class ClampPlan:
 
     def __len__(self) -> int:
         return len(self.feature)
+
+    @property
+    def scoped(self) -> bool:
+        """Whether some clamp acts on prompt or generated positions only (not all)."""
+        return bool((self.tokens != TOKENS_CODE["all"]).any())
 
 
 def _load(raw: Any, field: str, error: type[ValueError]) -> Any:
@@ -154,10 +160,32 @@ def parse_clamps(raw: Any, limits: SAELimits) -> ClampPlan | None:
     )
 
 
-def cache_salt(plan: ClampPlan, user_salt: str | None) -> str:
-    """Prefix-cache salt: KV blocks computed under one clamp set are never reused under another."""
-    digest = hashlib.sha256(plan.canonical.encode()).hexdigest()[:32]
-    return f"steer:{digest}" + (f":{user_salt}" if user_salt else "")
+SALT_PREFIX = "steer_plugin|"
+"""Every prefix-cache salt the plugin hands vLLM starts with this, and a client's own salt only ever
+appears inside it, JSON-encoded: no client can send a salt equal to one the plugin derives."""
+
+
+def cache_salt(client_salt: str | None, plan: ClampPlan | None, prompt_len: int,
+               record_key: str | None = None) -> str | None:
+    """The prefix-cache salt of a request. KV is reused only between requests whose salts are equal,
+    and vLLM chains it into every block hash, so KV computed under one clamp set (or none) is never
+    served to a request with another.
+
+    Scoped clamps (`tokens` "prompt" or "generated") act on positions by where the prompt ends, so
+    the same position's KV differs between a request and its next turn (turn 1's generated positions
+    are turn 2's prompt positions): their salt also holds the prompt length, and KV is reused only by
+    requests with the same boundary. Clamps on all positions are reused across turns. None: a
+    request with no salt, no steering and no recording shares the cache with plain vLLM requests."""
+    key: dict[str, Any] = {}
+    if client_salt is not None:
+        key["client"] = client_salt
+    if plan is not None:
+        key["clamps"] = hashlib.sha256(plan.canonical.encode()).hexdigest()[:32]
+        if plan.scoped:
+            key["prompt_len"] = prompt_len
+    if record_key is not None:
+        key["record"] = record_key
+    return SALT_PREFIX + json.dumps(key, sort_keys=True, separators=(",", ":")) if key else None
 
 
 RECORD_FIELD = "steer_record_features"

@@ -13,7 +13,10 @@ Hooks, by the process that needs them (`install(roles_of_this_load())`):
         VllmConfig.compute_hash              salted, so a compiled graph without the op is never reused
         Worker.load_model                    install the op once weights are loaded, before compile
         GPUModelRunner._prepare_inputs       the per-step token layout, before every forward
+        Worker.execute_model, sample_tokens  requests whose steering failed ride on the step's output
         Worker.steer_pop_features            RPC target for recorded features (collective_rpc)
+    engine (the EngineCore process)
+        Scheduler.update_from_output         those requests are finished with an error, not the step
 """
 
 from __future__ import annotations
@@ -70,9 +73,13 @@ def installed_vllm_version() -> str:
     return __version__
 
 
-_WORKER_LOADERS = {("vllm.v1.worker.worker_base", "init_worker"), ("vllm.v1.engine.core", "__init__")}
+_LOADERS = {("vllm.v1.worker.worker_base", "init_worker"): {"worker"},
+            ("vllm.v1.engine.core", "__init__"): {"engine", "worker"}}
 """vLLM functions that load general plugins as a worker, or as an engine core (which may hold the
 worker in its own process); every other load (building the engine config) is a frontend's."""
+FAILED_ATTR = "steer_failed"
+"""Set on a ModelRunnerOutput by the worker: ids of requests whose steering failed in the step. The
+output is pickled to the engine core with its instance attributes."""
 
 
 def roles_of_this_load() -> set[str]:
@@ -80,8 +87,9 @@ def roles_of_this_load() -> set[str]:
     loads plugins once as what it is (frontend, engine core, worker), whatever its name."""
     frame = sys._getframe(1)
     while frame is not None:
-        if (frame.f_globals.get("__name__"), frame.f_code.co_name) in _WORKER_LOADERS:
-            return {"worker"}
+        roles = _LOADERS.get((frame.f_globals.get("__name__"), frame.f_code.co_name))
+        if roles is not None:
+            return set(roles)
         frame = frame.f_back
     return {"frontend"}
 
@@ -89,7 +97,7 @@ def roles_of_this_load() -> set[str]:
 def install(roles: set[str]) -> None:
     """Install the hooks of the given roles ("frontend", "worker"); idempotent per role."""
     for role in sorted(roles - _installed):
-        {"frontend": _install_frontend, "worker": _install_worker}[role]()
+        {"frontend": _install_frontend, "worker": _install_worker, "engine": _install_engine}[role]()
         _installed.add(role)
         logger.info("action=hooks_installed role=%s", role)
 
@@ -113,6 +121,13 @@ def tokenizer_of(engine_client) -> Any:
     return engine_client.renderer.get_tokenizer()
 
 
+def _prompt_len(request) -> int:
+    """Prompt length of an EngineCoreRequest (token ids, or embeddings when the prompt is embeds)."""
+    if request.prompt_token_ids is not None:
+        return len(request.prompt_token_ids)
+    return int(request.prompt_embeds.shape[0])
+
+
 def _install_frontend() -> None:
     import vllm.entrypoints.launchers.app as app_module
     from vllm.sampling_params import SamplingParams
@@ -120,6 +135,7 @@ def _install_frontend() -> None:
 
     from steer_plugin.api import admission
     from steer_plugin.api.middleware import FeatureClampMiddleware
+    from steer_plugin.api.routes import log_routes
     from steer_plugin.config import SteerConfig
     from steer_plugin.spec import limits_for
 
@@ -139,21 +155,24 @@ def _install_frontend() -> None:
         except admission.AdmissionError as e:
             raise validation_error(str(e), e.field) from None
         request = original_process(self, request_id, prompt, params, *args, **kwargs)
-        request.cache_salt = admitted.cache_salt(request.cache_salt)
+        request.cache_salt = admitted.cache_salt(request.cache_salt, _prompt_len(request))
         admitted.count()
         return request
 
     original_middleware = app_module.init_entrypoints_middleware
 
     # Mirrors init_entrypoints_middleware (entrypoints/serve/middleware/register.py), which
-    # launchers/app.py imports and calls from build_app: the middleware joins every app vLLM
-    # builds, with no --middleware flag needed.
+    # launchers/app.py imports and calls from build_app once every router is attached. Our
+    # middleware is added before vLLM's, which makes it the innermost: vLLM's API-key check runs
+    # first and its CORS headers reach our 400s. Named in --middleware too, it would be added
+    # outermost; it is taken out of that list so it runs once, in its place.
     @wraps(original_middleware)
     def init_entrypoints_middleware(args, app, *rest, **kwargs):
-        original_middleware(args, app, *rest, **kwargs)
         name = f"{FeatureClampMiddleware.__module__}.{FeatureClampMiddleware.__name__}"
-        if name not in (getattr(args, "middleware", None) or []):
-            app.add_middleware(FeatureClampMiddleware)
+        args.middleware = [m for m in (getattr(args, "middleware", None) or []) if m != name]
+        app.add_middleware(FeatureClampMiddleware)
+        log_routes(getattr(route, "path", None) for route in app.routes)
+        original_middleware(args, app, *rest, **kwargs)
 
     InputProcessor.process_inputs = process_inputs
     app_module.init_entrypoints_middleware = init_entrypoints_middleware
@@ -186,9 +205,12 @@ class ModelSite:
     graph_safe: bool
     """The op runs inside CUDA graphs (see `runs_graph_safe`)."""
     compile_mode: str
+    reports_outputs: bool
+    """This rank's step outputs reach the scheduler (the last pipeline rank)."""
 
 
 def _model_site(runner, vllm_config) -> ModelSite:
+    from vllm.distributed import get_pp_group
     from vllm.model_executor.models.utils import PPMissingLayer
 
     model = runner.get_model()  # unwraps vLLM's CUDAGraphWrapper
@@ -199,7 +221,8 @@ def _model_site(runner, vllm_config) -> ModelSite:
                      device=next(model.parameters()).device,
                      hidden_size=vllm_config.model_config.get_hidden_size(),
                      max_num_tokens=runner.max_num_tokens, max_num_reqs=runner.max_num_reqs,
-                     graph_safe=runs_graph_safe(vllm_config), compile_mode=str(vllm_config.compilation_config.mode))
+                     graph_safe=runs_graph_safe(vllm_config), compile_mode=str(vllm_config.compilation_config.mode),
+                     reports_outputs=get_pp_group().is_last_rank)
 
 
 def _step_layout(runner, num_scheduled_tokens: np.ndarray):
@@ -260,6 +283,18 @@ def _install_worker() -> None:
             state.on_step(_step_layout(self, num_scheduled_tokens))
         return original_prepare(self, scheduler_output, num_scheduled_tokens)
 
+    def with_failures(original):
+        # Mirrors Worker.execute_model / Worker.sample_tokens (v1/worker/gpu_worker.py): whichever
+        # returns the step's ModelRunnerOutput carries the requests whose steering failed.
+        @wraps(original)
+        def run(self, *args, **kwargs):
+            output = original(self, *args, **kwargs)
+            state = getattr(self.model_runner, _STATE_ATTR, None)
+            if state is not None and output is not None:
+                _attach_failed(output, state)
+            return output
+        return run
+
     # Target of `collective_rpc("steer_pop_features", args=(key,))` from the API process.
     def steer_pop_features(self, key: str) -> dict | None:
         state = getattr(self.model_runner, _STATE_ATTR, None)
@@ -267,6 +302,55 @@ def _install_worker() -> None:
 
     VllmConfig.compute_hash = compute_hash
     Worker.load_model = load_model
+    Worker.execute_model = with_failures(Worker.execute_model)
+    Worker.sample_tokens = with_failures(Worker.sample_tokens)
     GPUModelRunner._prepare_inputs = _prepare_inputs
     Worker.steer_pop_features = steer_pop_features
 
+
+
+def _attach_failed(output, state) -> None:
+    """Put the failed requests on a ModelRunnerOutput (or on what an AsyncModelRunnerOutput yields)."""
+    if hasattr(output, "get_output"):  # async scheduling: the output is resolved later, in this process
+        resolve = output.get_output
+
+        def get_output():
+            resolved = resolve()
+            _attach_failed(resolved, state)
+            return resolved
+
+        output.get_output = get_output
+    elif hasattr(output, "req_id_to_index"):
+        failed = state.take_failed()
+        if failed:
+            setattr(output, FAILED_ATTR, failed)
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+def _install_engine() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    original_update = Scheduler.update_from_output
+
+    # Mirrors Scheduler.update_from_output (v1/core/sched/scheduler.py), which finishes the ids in
+    # its private `encoder_cache_mismatch_reqs` with FINISHED_ERROR (the API answers those with an
+    # error reply). Before it runs, a failed request's tokens of this step are dropped (they were
+    # computed without its clamps) and the KV blocks it holds are evicted from the prefix cache,
+    # since they sit under its clamp set's salt.
+    @wraps(original_update)
+    def update_from_output(self, scheduler_output, model_runner_output):
+        failed = getattr(model_runner_output, FAILED_ATTR, None)
+        if failed:
+            logger.warning("action=fail_requests reqs=%s reason=steering_failed", ",".join(failed))
+            for req_id in failed:
+                index = model_runner_output.req_id_to_index.get(req_id)
+                if index is not None and index < len(model_runner_output.sampled_token_ids):
+                    model_runner_output.sampled_token_ids[index] = []
+                if req_id in self.requests:
+                    blocks = self.kv_cache_manager.get_block_ids(req_id)
+                    self.kv_cache_manager.block_pool.evict_blocks({b for group in blocks for b in group})
+            self.encoder_cache_mismatch_reqs.update(failed)
+        return original_update(self, scheduler_output, model_runner_output)
+
+    Scheduler.update_from_output = update_from_output

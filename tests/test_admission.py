@@ -8,8 +8,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from steer_plugin import vllm_seam
+from steer_plugin.api.admission import new_recording_key
 from steer_plugin.config import DEFAULT_SAE_DIR, default_model_dir
-from steer_plugin.spec import FIELD, RECORD_FIELD
+from steer_plugin.spec import FIELD, RECORD_FIELD, SALT_PREFIX
 
 CLAMPS = [{"feature": 3, "value": 2.0}, {"feature": 10, "value": 1.0, "mode": "add"}]
 
@@ -47,12 +48,26 @@ def test_clamp_sets_key_the_prefix_cache(processor):
     b = _process(processor, {FIELD: json.dumps(CLAMPS[:1])})
     assert plain.cache_salt is None
     assert a.cache_salt == a_again.cache_salt and a.cache_salt not in (None, b.cache_salt)
-    assert _process(processor, {FIELD: json.dumps(CLAMPS)}, salt="user").cache_salt.endswith(":user")
+    with_user_salt = _process(processor, {FIELD: json.dumps(CLAMPS)}, salt="user").cache_salt
+    assert with_user_salt.startswith(SALT_PREFIX) and with_user_salt != a.cache_salt
+    forged = _process(processor, salt=a.cache_salt).cache_salt  # an unsteered request sending the derived salt
+    assert forged != a.cache_salt
 
 
 def test_prompt_recording_gets_a_salt_of_its_own(processor):
-    recording = json.dumps({"key": "k" * 16, "top_k": 3, "scope": "prompt"})
-    assert "record:" + "k" * 16 in _process(processor, {RECORD_FIELD: recording}).cache_salt
+    key = new_recording_key()
+    recording = json.dumps({"key": key, "top_k": 3, "scope": "prompt"})
+    assert key in _process(processor, {RECORD_FIELD: recording}).cache_salt
+
+
+def test_recording_is_internal_clients_cannot_forge_it(processor):
+    from vllm.exceptions import VLLMValidationError
+
+    forged = new_recording_key()[:-1] + "0"
+    for key in (forged, "a" * 32, "0" * 32 + "-" + "0" * 24):
+        with pytest.raises(VLLMValidationError, match="internal field") as info:
+            _process(processor, {RECORD_FIELD: json.dumps({"key": key, "top_k": 3, "scope": "generation"})})
+        assert info.value.parameter == RECORD_FIELD
 
 
 @pytest.mark.parametrize("extra, field, words", [

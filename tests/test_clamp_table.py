@@ -30,7 +30,7 @@ def test_layout_positions_and_prompt_flags():
     assert layout.num_tokens == 4 and layout.starts.tolist() == [0, 3]
     assert layout.token_request.tolist() == [0, 0, 0, 1]
     assert layout.token_position.tolist() == [2, 3, 4, 9]
-    assert layout.token_is_prompt.tolist() == [True, True, False, False]
+    assert layout.token_kind.tolist() == [0, 1, 2, 2]  # prompt, last prompt position, generated
     assert layout.positions_of(1).tolist() == [9]
 
 
@@ -41,19 +41,39 @@ def test_rows_follow_token_scope_and_request():
         "both": [{"feature": 5, "value": 1.5}],
         "scoped": [{"feature": 7, "value": 3.0, "tokens": "prompt"}, {"feature": 9, "value": 2.0, "mode": "scale",
                                                                         "tokens": "generated"}],
-    }, [2, 2, 3], [0, 0, 1], [2, 2, 3]))
-    rows = table.tok_row[:7].tolist()
+    }, [2, 2, 4], [0, 0, 0], [2, 2, 3]))
+    rows = table.tok_row[:8].tolist()
     assert rows[:2] == [-1, -1]  # unsteered request: untouched
-    assert rows[2] == rows[3] >= 0  # "all": one row for its prompt positions
-    prompt_row, _, gen_row = rows[4:7]  # positions 1, 2 (prompt) and 3 (generated)
-    assert rows[5] == prompt_row and gen_row not in (-1, prompt_row)
+    assert rows[2] >= 0 and rows[3] >= 0  # "all": every position
+    prompt_row, prompt_row_again, last_row, gen_row = rows[4:8]  # positions 0, 1 (prompt), 2 (last prompt), 3
+    assert prompt_row == prompt_row_again and len({prompt_row, last_row, gen_row}) == 3
     assert table.feature[prompt_row, 0] == 7 and table.add[prompt_row, 0] == 3.0 and table.mul[prompt_row, 0] == 0
     assert table.feature[gen_row, 0] == 9 and table.mul[gen_row, 0] == 2.0 and table.add[gen_row, 0] == 0
+    assert table.feature[last_row, :2].tolist() == [7, 9]  # both scopes act on the last prompt position
     assert (table.feature[prompt_row, 1:] == LIMITS.d_sae).all()  # padding: the dummy column, no change
     assert (table.mul[prompt_row, 1:] == 1).all() and (table.add[prompt_row, 1:] == 0).all()
-    assert (table.tok_row[7:] == -1).all()
-    assert table.num_steered_tokens == 5 and table.steered_tokens.tolist() == [2, 3, 4, 5, 6]
+    assert (table.tok_row[8:] == -1).all()
+    assert table.num_steered_tokens == 6 and table.steered_tokens.tolist() == [2, 3, 4, 5, 6, 7]
     assert table.columns.tolist() == [5, 7, 9]
+
+
+def test_generated_scope_steers_the_position_of_the_first_generated_token():
+    """With max_tokens 1 the only generated token comes from the last prompt position."""
+    table = _table()
+    table.fill(_layout({"a": [{"feature": 2, "value": 1.0, "tokens": "generated"}]}, [5], [0], [5]))
+    assert table.tok_row[:5].tolist()[:4] == [-1] * 4 and table.tok_row[4] >= 0
+
+
+def test_a_request_whose_clamps_cannot_be_prepared_fails_alone():
+    def check(plan):
+        if 13 in plan.feature:
+            raise RuntimeError("injected")
+
+    table = _table(check_plan=check)
+    table.fill(_layout({"bad": [{"feature": 13, "value": 1.0}], "good": [{"feature": 2, "value": 1.0}]},
+                       [2, 2], [0, 0], [2, 2]))
+    assert table.failed == {"bad"}
+    assert table.tok_row[:2].tolist() == [-1, -1] and (table.tok_row[2:4] >= 0).all()
 
 
 def test_an_idle_step_clears_the_previous_rows():

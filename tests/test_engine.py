@@ -87,6 +87,32 @@ def test_tokens_prompt_and_generated_are_distinct(llm, baseline):
     assert everywhere not in (prompt_only, gen_only)
 
 
+def test_generated_scope_steers_the_first_generated_token(llm, baseline):
+    """With max_tokens 1 the one generated token comes from the last prompt position: steered too."""
+    generated = [{**c, "tokens": "generated"} for c in STRONG]
+    first = token_ids(llm.generate(PROMPTS, [params(generated, max_tokens=1)] * len(PROMPTS)))
+    assert [t[0] for t in first] != [b[0] for b in baseline]
+
+
+def test_scoped_clamps_across_turns_match_a_cold_cache(llm):
+    """Turn 2 repeats turn 1 and its reply as prompt. Turn 1's reply positions were generated
+    positions, so a "prompt" clamp did not act there; in turn 2 it must. Served from the cache or
+    computed cold, turn 2's answer is the same."""
+    from vllm import SamplingParams, TokensPrompt
+
+    scoped = json.dumps([{**c, "tokens": "prompt"} for c in STRONG])
+    sampling = SamplingParams(temperature=0, max_tokens=160, ignore_eos=True, extra_args={"feature_clamps": scoped})
+    tokenizer = llm.get_tokenizer()
+    turn1 = tokenizer("Tell me a long story about a dragon who lived by the sea.")["input_ids"]
+    reply = list(llm.generate([TokensPrompt(prompt_token_ids=turn1)], [sampling])[0].outputs[0].token_ids)
+    turn2 = TokensPrompt(prompt_token_ids=turn1 + reply + tokenizer(" What happened next?")["input_ids"])
+    sampling.max_tokens = 24
+    warm = token_ids(llm.generate([turn2], [sampling]))
+    assert llm.reset_prefix_cache()
+    cold = token_ids(llm.generate([turn2], [sampling]))
+    assert warm == cold
+
+
 def test_bad_clamps_are_rejected_at_admission(llm):
     from vllm.exceptions import VLLMValidationError
 
@@ -126,3 +152,17 @@ def test_pipeline_parallel_2_steers_on_the_rank_holding_the_layer(random_sae_dir
         mixed = token_ids(engine.generate(PROMPTS, [params(STRONG), params(), params(OTHER), params()]))
     assert mixed[1] == base[1] and mixed[3] == base[3]
     assert mixed[0] != base[0] and mixed[2] != base[2]
+
+
+def test_a_request_whose_steering_fails_gets_an_error_and_the_rest_go_on(random_sae_dir, monkeypatch):
+    """Faults injected in the worker: preparing any clamp of feature 13, applying a step that clamps
+    feature 14. Those requests finish with an error and no tokens; the engine and the others go on."""
+    monkeypatch.setenv("STEER_PLUGIN_INJECT_FAULT", "prepare:13,apply:14")
+    with offline_llm(random_sae_dir) as engine:
+        plain = token_ids(engine.generate(PROMPTS[1:2], [params()]))
+        for bad in ([{"feature": 13, "value": 5.0}], [{"feature": 14, "value": 5.0}]):
+            outputs = engine.generate(PROMPTS[:2], [params(bad), params()])
+            assert outputs[0].outputs[0].finish_reason == "error" and list(outputs[0].outputs[0].token_ids) == []
+            assert outputs[1].outputs[0].finish_reason == "length" and len(outputs[1].outputs[0].token_ids) == 24
+        steered = engine.generate(PROMPTS[1:2], [params(STRONG)])[0].outputs[0]
+        assert steered.finish_reason == "length" and list(steered.token_ids) != plain[0]

@@ -87,5 +87,5 @@ def _call_as(module: str, function: str):
 
 def test_each_process_gets_the_hooks_of_what_it_loads_as():
     assert _call_as("vllm.v1.worker.worker_base", "init_worker") == {"worker"}
-    assert _call_as("vllm.v1.engine.core", "__init__") == {"worker"}
+    assert _call_as("vllm.v1.engine.core", "__init__") == {"engine", "worker"}
     assert _call_as("vllm.engine.arg_utils", "create_engine_config") == {"frontend"}

@@ -57,7 +57,14 @@ def _app() -> FastAPI:
 
     @app.post("/other")
     async def other(request: Request):
+        if request.headers.get("content-type", "").startswith("multipart/"):
+            return JSONResponse({"received": "form"})
         return JSONResponse({"received": await request.json()})
+
+    @app.post("/echo_error")
+    async def echo_error(request: Request):  # like vLLM's validation errors, which quote the input
+        return JSONResponse({"error": {"message": "bad: " + (await request.body()).decode()[12:], "code": 400}},
+                            status_code=400)
 
     app.add_middleware(FeatureClampMiddleware, limits=LIMITS)
     app.state.steer_features = Features()
@@ -102,11 +109,106 @@ async def test_bad_input_is_an_openai_style_400_naming_the_field(app, body, para
     assert error["param"] == param and words in error["message"] and error["code"] == 400
 
 
-async def test_other_routes_and_malformed_json_pass_through(app):
-    assert (await _post(app, "/other", {"feature_clamps": "x"})).json()["received"] == {"feature_clamps": "x"}
+async def test_other_routes_refuse_the_fields_and_pass_the_rest(app):
+    for field in ("feature_clamps", "return_features"):
+        r = await _post(app, "/other", {field: 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field and "/other" in r.text
+    assert (await _post(app, "/other", {"prompt": "x"})).json()["received"] == {"prompt": "x"}
+    r = await _post(app, "/other", {"vllm_xargs": {"feature_clamps": json.dumps(CLAMPS)}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "feature_clamps"
+
+
+async def test_malformed_json_is_left_to_vllm(app):
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
         r = await client.post("/v1/completions", content=b"{not json")
-    assert r.status_code == 422  # left to vLLM's own parser
+    assert r.status_code == 422  # vLLM's own parser reports it
+
+
+@pytest.mark.parametrize("key, wanted", [
+    ("feature_clamp", "feature_clamps"), ("featureClamps", "feature_clamps"), ("feature-clamps", "feature_clamps"),
+    ("FeatureClamps", "feature_clamps"), ("clamps", "feature_clamps"), ("return_feature", "return_features"),
+    ("returnFeatures", "return_features"),
+])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/other"])
+async def test_near_miss_field_names_name_the_right_field(app, key, wanted, path):
+    r = await _post(app, path, {"model": "m", key: CLAMPS})
+    assert r.status_code == 400 and r.json()["error"]["param"] == wanted and f"did you mean {wanted}" in r.text
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"vllm_xargs": {"feature_clamp": "[]"}}, "feature_clamps"),
+    ({"extra_body": {"feature_clamps": CLAMPS}}, "feature_clamps"),
+    ({"vllm_xargs": {"return_features": 2}}, "return_features"),
+])
+async def test_fields_in_the_wrong_place_are_refused(app, body, param):
+    r = await _post(app, "/v1/chat/completions", {"model": "m", **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+async def test_internal_recording_field_cannot_be_sent(app):
+    record = json.dumps({"key": "k" * 40, "top_k": 3, "scope": "prompt"})
+    for path in ("/v1/chat/completions", "/other"):
+        r = await _post(app, path, {"model": "m", "vllm_xargs": {RECORD_FIELD: record}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == RECORD_FIELD
+
+
+@pytest.mark.parametrize("depth", [100, 5000, 100_000])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/other"])
+@pytest.mark.parametrize("clamps", [False, True])
+async def test_deep_nesting_is_a_400_not_a_500(app, depth, path, clamps):
+    extra = f', "feature_clamps": {json.dumps(CLAMPS)}' if clamps else ""
+    body = '{"model": "m", "messages": ' + "[" * depth + "1" + "]" * depth + extra + "}"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        r = await client.post(path, content=body)
+    assert r.status_code == 400 and "nested deeper" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ('{"model": "m", "max_tokens": 1' + "0" * 5000 + "}", "max_tokens"),
+    ('{"model": "m", "feature_clamps": [{"feature": 1' + "0" * 300 + ', "value": 1}]}', "feature_clamps"),
+    ('{"model": "m", "seed": -' + "9" * 200 + "}", "seed"),
+])
+async def test_huge_numbers_are_a_400_naming_the_field(app, body, param):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        r = await client.post("/v1/completions", content=body)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == param and "digits" in error["message"]
+
+
+async def test_oversized_body_is_refused(app, monkeypatch):
+    from steer_plugin.api import request_body
+
+    monkeypatch.setattr(request_body, "MAX_BODY_BYTES", 1000)
+    r = await _post(app, "/v1/completions", {"model": "m", "prompt": "x" * 2000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+
+
+async def test_client_text_in_errors_is_short_and_has_no_control_characters(app):
+    key = "\x1b[31m" + "A" * 1_000_000
+    r = await _post(app, "/v1/completions", {"model": "m", "feature_clamps": [{"feature": 1, "value": 1, key: 2}]})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and len(r.content) < 2000 and "\x1b" not in message and "more characters" in message
+    r = await _post(app, "/v1/completions", {"model": "m", "return_features": "\x07" + "B" * 100_000})
+    assert r.status_code == 400 and len(r.content) < 2000 and "\x07" not in r.json()["error"]["message"]
+
+
+async def test_long_error_replies_from_vllm_are_cut_short(app):
+    r = await _post(app, "/echo_error", {"prompt": "C" * 100_000})
+    assert r.status_code == 400 and len(r.content) < 2000 and r.json()["error"]["message"].startswith("bad: C")
+
+
+async def test_multipart_uploads_refuse_the_fields(app):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        r = await client.post("/other", files={"file": ("a.wav", b"RIFF....")}, data={"feature_clamps": "[]"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "feature_clamps"
+
+
+async def test_root_path_prefix_is_understood():
+    app = _app()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, root_path="/api"),
+                                 base_url="http://test") as client:
+        r = await client.post("/api/v1/completions", content=json.dumps({"model": "m", "feature_clamps": CLAMPS}))
+    assert r.status_code == 200 and "feature_clamps" in r.json()["received"]["vllm_xargs"]
 
 
 async def test_return_features_non_streaming_joins_the_reply(app):

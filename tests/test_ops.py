@@ -49,13 +49,14 @@ def test_op_matches_reference(arch, normalize, graph_safe):
     hidden, residual = torch.randn(T, D_IN) * 3, torch.randn(T, D_IN) * 3
     out = torch.ops.steer_plugin.steer(hidden, residual, key)
 
-    token_plans, is_prompt = [], []
+    token_plans, positions, prompt_lens = [], [], []
     for i, rid in enumerate(req_ids):
         plan = parse_clamps(raw[rid], limits) if raw[rid] else None
         for j in range(num_sched[i]):
             token_plans.append(plan)
-            is_prompt.append(num_computed[i] + j < num_prompt[i])
-    expected = reference_steer(sae, hidden, residual, token_plans, is_prompt)
+            positions.append(int(num_computed[i] + j))
+            prompt_lens.append(int(num_prompt[i]))
+    expected = reference_steer(sae, hidden, residual, token_plans, positions, prompt_lens)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     # Request "d" is unclamped: bit-identical.
     assert torch.equal(out[-3:], hidden[-3:])

@@ -1,10 +1,11 @@
+import hashlib
 import json
 import math
 
 import numpy as np
 import pytest
 
-from steer_plugin.spec import ClampError, SAELimits, cache_salt, parse_clamps
+from steer_plugin.spec import SALT_PREFIX, ClampError, SAELimits, cache_salt, parse_clamps
 
 LIMITS = SAELimits(d_sae=100, max_clamps=4, max_activation=np.full(100, 2.0, dtype=np.float32))
 
@@ -65,5 +66,25 @@ def test_cache_salt_depends_on_the_clamp_set_only():
     a = parse_clamps([{"feature": 1, "value": 1}, {"feature": 2, "value": 3}], LIMITS)
     b = parse_clamps([{"feature": 2, "value": 3}, {"feature": 1, "value": 1.0}], LIMITS)
     c = parse_clamps([{"feature": 1, "value": 2}], LIMITS)
-    assert cache_salt(a, None) == cache_salt(b, None) != cache_salt(c, None)
-    assert cache_salt(a, "user").endswith(":user")
+    assert cache_salt(None, a, 10) == cache_salt(None, b, 10) != cache_salt(None, c, 10)
+    assert cache_salt(None, a, 10) == cache_salt(None, a, 99)  # all-position clamps: reused across turns
+    assert cache_salt(None, None, 10) is None  # plain requests share vLLM's cache as usual
+    assert cache_salt("user", a, 10) not in (cache_salt(None, a, 10), cache_salt("other", a, 10))
+
+
+def test_scoped_clamps_key_the_cache_by_the_prompt_boundary():
+    scoped = parse_clamps([{"feature": 1, "value": 1, "tokens": "prompt"}], LIMITS)
+    assert cache_salt(None, scoped, 10) != cache_salt(None, scoped, 11)
+
+
+@pytest.mark.parametrize("forged", [
+    lambda plan: cache_salt(None, plan, 10),  # the exact salt the plugin derives for the set
+    lambda plan: cache_salt(None, plan, 10)[len(SALT_PREFIX):],
+    lambda plan: "steer:" + hashlib.sha256(plan.canonical.encode()).hexdigest()[:32],
+])
+def test_no_client_salt_reaches_a_derived_salt(forged):
+    """An unsteered request carrying any salt a client could compute never shares KV with a steered one."""
+    plan = parse_clamps([{"feature": 1, "value": 1}], LIMITS)
+    derived = cache_salt(None, plan, 10)
+    assert cache_salt(forged(plan), None, 10) != derived
+    assert cache_salt(forged(plan), None, 10).startswith(SALT_PREFIX)

@@ -5,8 +5,9 @@ passes through (HTTP chat/completions, `vllm_xargs`, offline `LLM.generate`) bef
 - `extra_args["feature_clamps"]` is parsed with the same parser and limits as the worker; bad input
   raises `AdmissionError` (HTTP 400 naming the field), so a steering request is never admitted to
   run unsteered;
-- the request's `cache_salt` is derived from the canonical clamp set, so KV blocks computed under
-  one clamp set are never reused by a request with another (or none);
+- the request's prefix-cache salt is derived from the canonical clamp set (and, for scoped clamps,
+  the prompt length) in a namespace no client salt can reach (`spec.cache_salt`), so KV blocks
+  computed under one clamp set are never reused by a request with another (or none);
 - `extra_args["steer_record_features"]` (feature inspection) is validated the same way; a request
   that records its prompt gets a cache salt of its own, so every prompt position is computed, and
   read, rather than served from the prefix cache.
@@ -14,7 +15,11 @@ passes through (HTTP chat/completions, `vllm_xargs`, offline `LLM.generate`) bef
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import secrets
+import uuid
 from dataclasses import dataclass
 
 from steer_plugin.api import metrics
@@ -22,6 +27,24 @@ from steer_plugin.spec import (FIELD, RECORD_FIELD, ClampError, ClampPlan, Featu
                                cache_salt, parse_clamps, parse_recording)
 
 logger = logging.getLogger(__name__)
+_SECRET = secrets.token_bytes(32)
+"""Signs the recording keys this API process hands out: `steer_record_features` is internal, and a
+request carrying a key this process did not sign is refused, whatever route it came by."""
+
+
+def new_recording_key() -> str:
+    """A fresh key for `steer_record_features`, signed by this process."""
+    nonce = uuid.uuid4().hex
+    return f"{nonce}-{_signature(nonce)}"
+
+
+def _signature(nonce: str) -> str:
+    return hmac.new(_SECRET, nonce.encode(), hashlib.sha256).hexdigest()[:24]
+
+
+def _signed(key: str) -> bool:
+    nonce, _, signature = key.rpartition("-")
+    return bool(nonce) and hmac.compare_digest(signature, _signature(nonce))
 
 
 class AdmissionError(ValueError):
@@ -43,13 +66,11 @@ class Admitted:
         """Count the request as admitted (once the engine accepted it)."""
         metrics.record_admission(steered=self.plan is not None)
 
-    def cache_salt(self, salt: str | None) -> str | None:
-        """The request's prefix-cache salt, given the salt it came with."""
-        if self.plan is not None:
-            salt = cache_salt(self.plan, salt)
-        if self.recording is not None and self.recording.scope == "prompt":
-            salt = f"{salt or ''}:record:{self.recording.key}"
-        return salt
+    def cache_salt(self, client_salt: str | None, prompt_len: int) -> str | None:
+        """The request's prefix-cache salt, given the salt it came with and its prompt length. A request
+        that records its prompt gets a salt of its own, so every prompt position is computed."""
+        prompt_recording = self.recording is not None and self.recording.scope == "prompt"
+        return cache_salt(client_salt, self.plan, prompt_len, self.recording.key if prompt_recording else None)
 
 
 def admit(request_id: str, extra_args: dict | None, limits: SAELimits, graph_safe: bool) -> Admitted:
@@ -58,6 +79,9 @@ def admit(request_id: str, extra_args: dict | None, limits: SAELimits, graph_saf
     try:
         plan = parse_clamps(extra.get(FIELD), limits)
         recording = parse_recording(extra.get(RECORD_FIELD))
+        if recording is not None and not _signed(recording.key):
+            raise RecordingError(f"{RECORD_FIELD}: an internal field the server sets; clients cannot send it "
+                                 "(use return_features or /v1/features/inspect)")
         if recording is not None and graph_safe:
             raise RecordingError(f"{RECORD_FIELD}: feature inspection runs on the host and is off under CUDA "
                                  "graphs; start the server with --enforce-eager to use it")

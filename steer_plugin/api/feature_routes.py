@@ -15,14 +15,15 @@ vLLM loads endpoint plugins only when named in VLLM_PLUGINS (server.py sets
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import uuid
 from argparse import Namespace
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from steer_plugin.api.admission import new_recording_key
 from steer_plugin.catalogue import FeatureCatalogue
 from steer_plugin.config import SteerConfig, plugin_disabled
 from steer_plugin.sae import SAEFileError, load_config
@@ -146,6 +147,7 @@ class FeatureService:
         sae_cfg = load_config(cfg.sae_path)
         self.layer = cfg.layer if cfg.layer is not None else sae_cfg.layer
         self.d_sae = sae_cfg.d_sae
+        self._token_chars: int | None = None
         try:
             self.catalogue: FeatureCatalogue | None = FeatureCatalogue.load(cfg.sae_path)
         except SAEFileError as e:
@@ -197,16 +199,28 @@ class FeatureService:
         return [GeneratedTokenFeatures(index=p - first, features=self._active(fs, vs)).model_dump()
                 for p, fs, vs in zip(record["positions"], record["ids"], record["values"])]
 
+    def _max_token_chars(self, tokenizer) -> int:
+        """Most characters one token can stand for (vocabulary strings are at least as long as what
+        they decode to), so a text longer than this times the context cannot fit."""
+        if self._token_chars is None:
+            self._token_chars = max(len(t) for t in tokenizer.get_vocab())
+        return self._token_chars
+
     def _prompt_ids(self, body: InspectRequest) -> list[int]:
+        """Runs off the event loop: tokenising and chat templates take time on long texts."""
         tokenizer = tokenizer_of(self.engine)
+        field = "messages" if body.messages is not None else "text"
+        context = self.engine.vllm_config.model_config.max_model_len
+        chars = len(body.text) if body.text is not None else sum(len(m.content) for m in body.messages)
+        if chars > self._max_token_chars(tokenizer) * context:  # surely too long: not worth tokenising
+            raise validation_error(f"{field}: {chars} characters, more than the model's context of "
+                                   f"{context - 1} tokens can hold", field)
         if body.messages is not None:
             text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
                                                  add_generation_prompt=True)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(body.text)["input_ids"]
-        field = "messages" if body.messages is not None else "text"
-        context = self.engine.vllm_config.model_config.max_model_len
         if not ids:
             raise validation_error(f"{field}: tokenizes to no tokens", field)
         if len(ids) >= context:  # one position is left for the request's single generated token
@@ -217,14 +231,17 @@ class FeatureService:
     async def inspect(self, body: InspectRequest) -> InspectResponse:
         from vllm import SamplingParams
 
-        ids = self._prompt_ids(body)
-        key = uuid.uuid4().hex
+        ids = await asyncio.to_thread(self._prompt_ids, body)
+        key = new_recording_key()
         recording = FeatureRecording(key=key, top_k=body.top_k, scope="prompt")
         params = SamplingParams(max_tokens=1, temperature=0.0,
                                 extra_args={RECORD_FIELD: recording.model_dump_json()})
-        async for _ in self.engine.generate({"prompt_token_ids": ids}, params, f"steer-inspect-{key}"):
-            pass
-        record = await self._pop(key)
+        record = None
+        try:
+            async for _ in self.engine.generate({"prompt_token_ids": ids}, params, f"steer-inspect-{key}"):
+                pass
+        finally:  # also when the client went away: never leave the records on the worker
+            record = await self._pop(key)
         if record is None or record["positions"] != list(range(len(ids))):
             # Never answer with a partial or empty reading as if it were the text's features.
             raise RuntimeError(f"steer_plugin: inspection of {len(ids)} tokens came back incomplete "
@@ -252,7 +269,7 @@ async def search_features(request: Request,
                           q: Annotated[str | None, Query(max_length=500)] = None,
                           limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 20,
                           offset: Annotated[int, Query(ge=0)] = 0) -> FeatureList:
-    return _service(request).search(q, limit, offset)
+    return await asyncio.to_thread(_service(request).search, q, limit, offset)
 
 
 @router.get("/v1/features/{feature_id}", response_model=FeatureDetail)

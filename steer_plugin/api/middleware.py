@@ -1,29 +1,38 @@
-"""HTTP edge: moves a top-level `feature_clamps` into `vllm_xargs`, and rejects bad clamps with 400.
+"""HTTP edge: moves a top-level `feature_clamps` into `vllm_xargs`, refuses what must not run.
 
 vLLM's OpenAI models accept unknown top-level fields and drop them (extra="allow", logged at
-DEBUG), so without this a `feature_clamps` would silently run unsteered. This pure-ASGI
-middleware rewrites the JSON body of POST /v1/chat/completions and /v1/completions:
-    {"feature_clamps": [...], ...}  ->  {"vllm_xargs": {"feature_clamps": "<json>"}, ...}
-vLLM copies `vllm_xargs` into `SamplingParams.extra_args`, where admission and the worker read it.
-
+DEBUG), so without this a `feature_clamps` would silently run unsteered. This pure-ASGI middleware
+reads the JSON body of every POST:
+- on the steering routes (`routes.STEERED`) it rewrites
+      {"feature_clamps": [...], ...}  ->  {"vllm_xargs": {"feature_clamps": "<json>"}, ...}
+  (vLLM copies `vllm_xargs` into `SamplingParams.extra_args`, where admission and the worker read
+  it) and hands `return_features` to `return_features.py`;
+- on every other route a body carrying either field is refused (it would run unsteered);
+- everywhere: bodies over the size, nesting or number limits, near-miss field names and the
+  internal `steer_record_features` get a 400 naming the field (`request_body.py`).
 Clamps are validated here too (same parser as admission), because a streamed response has already
 sent its 200 header when the engine rejects a request; the edge is where a clean 400 is possible.
-The plugin adds it to vLLM's app itself (see `vllm_seam`); it can also be named explicitly with
-`--middleware steer_plugin.api.middleware.FeatureClampMiddleware`. `return_features` is handled by
-`return_features.py`.
+
+The plugin adds it to vLLM's app itself (see `vllm_seam`) as the innermost middleware, so vLLM's
+API-key check runs first and CORS headers reach its 400s. vLLM's own error replies that quote
+client input are cut short here too.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 
-from steer_plugin.api import return_features
+from steer_plugin.api import request_body, return_features, routes
 from steer_plugin.api.metrics import REJECTED
+from steer_plugin.api.request_body import BodyError, clip
 from steer_plugin.spec import FIELD, RECORD_FIELD, ClampError, FeatureRecording, RecordingError, SAELimits, parse_clamps
 
 logger = logging.getLogger(__name__)
-STEERABLE_PATHS = ("/v1/chat/completions", "/v1/completions")
+_FORM_FIELD = re.compile(rb'name="(%s|%s)"' % (FIELD.encode(), return_features.FIELD.encode()))
+MAX_ERROR_BYTES = 4096
+"""Error replies longer than this (vLLM's own echo client input) have their message cut short."""
 
 
 def error_body(message: str, param: str) -> bytes:
@@ -47,22 +56,27 @@ class FeatureClampMiddleware:
         return self._limits
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in STEERABLE_PATHS:
+        if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        chunks = []
+        chunks, size = [], 0
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
             chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > request_body.MAX_BODY_BYTES:
+                return await self._reject(send, scope, BodyError(
+                    f"request body: over {request_body.MAX_BODY_BYTES} bytes", "body"))
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
+        path = routes.route_path(scope)
         service = getattr(scope["app"].state, "steer_features", None) if "app" in scope else None
         try:
-            rewritten, recording = self._rewrite(body, scope, service)
-        except (ClampError, RecordingError) as e:
-            logger.info("action=rejected path=%s reason=%s", scope["path"], e)
-            REJECTED.inc()
-            return await self._reject(send, str(e), FIELD if isinstance(e, ClampError) else return_features.FIELD)
+            rewritten, recording = self._rewrite(body, path, scope, service)
+        except (ClampError, RecordingError, BodyError) as e:
+            return await self._reject(send, scope, e)
         if rewritten is not None:
             body = rewritten
             headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
@@ -77,23 +91,44 @@ class FeatureClampMiddleware:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        if recording is not None:
-            send = return_features.FeatureAppender(send, service.generated_features, recording.key).send
-        await self.app(scope, replay, send)
-
-    def _rewrite(self, body: bytes, scope, service) -> tuple[bytes | None, FeatureRecording | None]:
-        """New body (None: pass the original through; vLLM reports malformed JSON itself) and the
-        feature recording the request asked for."""
+        send = _ClippedErrors(send).send
+        if recording is None:
+            return await self.app(scope, replay, send)
+        appender = return_features.FeatureAppender(send, service.generated_features, recording.key)
         try:
-            data = json.loads(body)
-        except ValueError:
+            await self.app(scope, replay, appender.send)
+        finally:
+            await appender.discard()  # records of a reply that never completed (client gone, error)
+
+    def _rewrite(self, body: bytes, path: str, scope, service) -> tuple[bytes | None, FeatureRecording | None]:
+        """New body (None: pass the original through) and the feature recording the request asked for."""
+        content_type = dict(scope["headers"]).get(b"content-type", b"").lower()
+        if content_type.startswith(b"multipart/"):  # audio uploads: form fields, not JSON
+            named = _FORM_FIELD.search(body)
+            if named:
+                field = named.group(1).decode()
+                raise BodyError(f"{field}: not supported on {clip(path)}", field)
             return None, None
+        if path not in routes.STEERED and not _mentions_plugin_fields(body):
+            request_body.parse(body)  # the limits only
+            return None, None
+        data = request_body.parse(body)
         if not isinstance(data, dict):
+            return None, None  # not a JSON object: vLLM reports it itself
+        request_body.near_miss(data)
+        xargs = data.get("vllm_xargs")
+        nested = isinstance(xargs, dict) and FIELD in xargs
+        if isinstance(xargs, dict) and RECORD_FIELD in xargs:
+            raise BodyError(f"vllm_xargs.{RECORD_FIELD}: an internal field the server sets; clients "
+                            "cannot send it (use return_features)", RECORD_FIELD)
+        if path not in routes.STEERED:
+            for field in (FIELD, return_features.FIELD):
+                if field in data or (field == FIELD and nested):
+                    raise BodyError(f"{field}: not supported on {clip(path)}; steering runs on "
+                                    f"{' and '.join(sorted(routes.STEERED))}", field)
             return None, None
         recording = return_features.requested_recording(data, service)
-        xargs = data.get("vllm_xargs")
         top = FIELD in data
-        nested = isinstance(xargs, dict) and FIELD in xargs
         if not (top or nested or recording):
             return None, None
         xargs = dict(xargs) if isinstance(xargs, dict) else {}
@@ -114,9 +149,57 @@ class FeatureClampMiddleware:
         return json.dumps(data).encode(), recording
 
     @staticmethod
-    async def _reject(send, message: str, param: str) -> None:
+    async def _reject(send, scope, error: ValueError) -> None:
+        param = error.param if isinstance(error, BodyError) else (
+            FIELD if isinstance(error, ClampError) else return_features.FIELD)
+        message = clip(str(error), 600)
+        logger.info("action=rejected path=%s param=%s reason=%s", clip(scope["path"]), param, message)
+        REJECTED.inc()
         body = error_body(message, param)
         await send({"type": "http.response.start", "status": 400,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+def _mentions_plugin_fields(body: bytes) -> bool:
+    """Cheap pre-test: could the body name a plugin field, or a near miss of one?"""
+    lowered = body.lower()
+    return b"clamp" in lowered or b"feature" in lowered or RECORD_FIELD.encode() in lowered
+
+
+class _ClippedErrors:
+    """Wraps `send`: an error reply longer than MAX_ERROR_BYTES gets its message cut short, so no
+    reply repeats megabytes of client input (vLLM's validation errors quote the input)."""
+
+    def __init__(self, send):
+        self._send = send
+        self._start = None
+        self._chunks: list[bytes] = []
+
+    async def send(self, message) -> None:
+        if message["type"] == "http.response.start":
+            if message["status"] < 400:
+                return await self._send(message)
+            self._start = message
+            return None
+        if self._start is None or message["type"] != "http.response.body":
+            return await self._send(message)
+        self._chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return None
+        body = b"".join(self._chunks)
+        if len(body) > MAX_ERROR_BYTES:
+            body = self._clipped(body)
+        headers = [(k, v) for k, v in self._start["headers"] if k.lower() != b"content-length"]
+        await self._send({**self._start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+
+    @staticmethod
+    def _clipped(body: bytes) -> bytes:
+        try:
+            reply = json.loads(body)
+            reply["error"]["message"] = clip(reply["error"]["message"], 600)
+            return json.dumps(reply).encode()
+        except (ValueError, KeyError, TypeError):
+            return clip(body.decode(errors="replace"), 600).encode()

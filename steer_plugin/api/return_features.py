@@ -15,9 +15,9 @@ Entry i belongs to generated token i; ask for logprobs to see the tokens.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Awaitable, Callable
 
+from steer_plugin.api.admission import new_recording_key
 from steer_plugin.spec import MAX_TOP_K, FeatureRecording, RecordingError
 
 FIELD = "return_features"
@@ -42,7 +42,7 @@ def requested_recording(data: dict, service) -> FeatureRecording | None:
     if service is None:
         raise RecordingError(f"{FIELD}: the steer_features endpoint plugin is not loaded "
                              "(VLLM_PLUGINS must name it; server.py does)")
-    return FeatureRecording(key=uuid.uuid4().hex, top_k=k, scope="generation")
+    return FeatureRecording(key=new_recording_key(), top_k=k, scope="generation")
 
 
 def _sse_data(event: bytes) -> bytes | None:
@@ -56,12 +56,23 @@ class FeatureAppender:
 
     def __init__(self, send: Send, fetch: Callable[[str], Awaitable[list[dict]]], key: str):
         self._send = send
-        self._fetch = fetch  # key -> features of the generated tokens
+        self._fetch = fetch  # key -> features of the generated tokens (fetching removes them)
+        self._recording_key = key
+        self._fetched = False
         self._key: str | None = key  # None once the features went out, or for an error reply
         self._start: dict | None = None  # non-streaming: held back until the body is known
         self._streaming = False
         self._buffer = b""  # streaming: bytes of an event not yet complete
         self._chunks: list[bytes] = []  # non-streaming: the body so far
+
+    async def _features(self) -> list[dict]:
+        self._fetched = True
+        return await self._fetch(self._recording_key)
+
+    async def discard(self) -> None:
+        """Drop the worker's records of a reply that never took them (client gone, error reply)."""
+        if not self._fetched:
+            await self._features()
 
     async def send(self, message: dict) -> None:
         if message["type"] == "http.response.start":
@@ -82,7 +93,7 @@ class FeatureAppender:
         if message.get("more_body"):
             return None
         reply = json.loads(b"".join(self._chunks))
-        reply["choices"][0]["features"] = await self._fetch(self._key)
+        reply["choices"][0]["features"] = await self._features()
         out = json.dumps(reply).encode()
         headers = [(k, v) for k, v in self._start["headers"] if k.lower() != b"content-length"]
         await self._send({**self._start, "headers": headers + [(b"content-length", str(len(out)).encode())]})
@@ -96,7 +107,7 @@ class FeatureAppender:
         while self._key is not None and b"\n\n" in self._buffer:
             event, self._buffer = self._buffer.split(b"\n\n", 1)
             if _sse_data(event) == b"[DONE]":
-                features = {"object": "steer.features", "choices": [], "features": await self._fetch(self._key)}
+                features = {"object": "steer.features", "choices": [], "features": await self._features()}
                 out += b"data: " + json.dumps(features).encode() + b"\n\n"
                 self._key = None
             out += event + b"\n\n"

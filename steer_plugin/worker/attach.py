@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from steer_plugin.config import SteerConfig
+from steer_plugin.config import SteerConfig, injected_faults
 from steer_plugin.sae import SAE, SAEFileError
 from steer_plugin.spec import limits_for
 from steer_plugin.worker import metrics
@@ -26,9 +26,12 @@ logger = logging.getLogger(__name__)
 class WorkerSteering:
     """What one worker steers: the clamp table and feature recorder of its SAE layer."""
 
-    def __init__(self, table: ClampTable, recorder: FeatureRecorder):
+    def __init__(self, table: ClampTable, recorder: FeatureRecorder, reports_outputs: bool):
         self.table = table
         self.recorder = recorder
+        self.reports_outputs = reports_outputs
+        """Whether this worker's step outputs reach the scheduler (False on pipeline ranks but the last),
+        so that it can fail single requests; elsewhere a failure fails the step, loudly."""
 
     def on_step(self, layout: StepLayout) -> None:
         """Before each forward: the table and the recorder read the same layout."""
@@ -38,6 +41,16 @@ class WorkerSteering:
             self.table.reset()
             raise
         self.recorder.fill(layout)
+
+    def take_failed(self) -> list[str]:
+        """Requests that failed in the steps since the last call, to be finished with an error."""
+        failed = self.table.drain_failed()
+        if failed:
+            metrics.FAILED.inc(len(failed))
+            if not self.reports_outputs:
+                raise RuntimeError(f"steer_plugin: steering failed for requests {failed} on a pipeline rank "
+                                   "that cannot fail single requests")
+        return failed
 
     def pop_features(self, key: str) -> dict | None:
         """One finished request's recorded features, or None if this rank recorded none."""
@@ -68,16 +81,23 @@ def attach(site, cfg: SteerConfig) -> WorkerSteering | None:
         metrics.record_new_plan(plan)
         activity.pin_clamped(plan)
 
+    faults = injected_faults()
+
+    def check_plan(plan):
+        if "prepare" in faults and faults["prepare"] in plan.feature:
+            raise RuntimeError(f"injected fault: preparing a clamp of feature {faults['prepare']}")
+
     limits = limits_for(cfg)
     table = ClampTable(limits, max_tokens=site.max_num_tokens, max_reqs=site.max_num_reqs, device=site.device,
-                       on_new_plan=on_new_plan, on_step=metrics.STEERED_TOKENS.inc)
+                       on_new_plan=on_new_plan, on_step=metrics.STEERED_TOKENS.inc, check_plan=check_plan)
     recorder = FeatureRecorder(limits.max_activation)
     key = f"layer{layer}"
-    register_layer(key, LayerSteer(sae, table, graph_safe=site.graph_safe, activity=activity, recorder=recorder))
+    register_layer(key, LayerSteer(sae, table, graph_safe=site.graph_safe, activity=activity, recorder=recorder,
+                                   fault_feature=faults.get("apply")))
     metrics.SAE_INFO.labels(sae=Path(cfg.sae_path).name, layer=str(layer), d_sae=str(sae.cfg.d_sae),
                             architecture=sae.cfg.architecture).set(1)
     site.layers[layer] = SteeredLayer(site.layers[layer], key)
     logger.info("action=installed layer=%d sae=%s arch=%s d_sae=%d device=%s graph_safe=%s compile_mode=%s",
                 layer, cfg.sae_path, sae.cfg.architecture, sae.cfg.d_sae, site.device, site.graph_safe,
                 site.compile_mode)
-    return WorkerSteering(table, recorder)
+    return WorkerSteering(table, recorder, site.reports_outputs)

@@ -4,8 +4,10 @@ Why persistent, fixed-size buffers: the op runs inside torch.compile'd graphs (a
 GPU), which bake in tensor addresses and shapes. Steering changes between steps must therefore
 change buffer *contents*, never buffers. All buffers are allocated once, before compilation.
 
-Layout (K = max clamps per request, R = 2 * max_num_seqs rows, two per request: one for its
-prompt positions, one for its generated positions, since a clamp may target either):
+Layout (K = max clamps per request, R = 3 * max_num_seqs rows, up to three per request, since a
+clamp may target prompt positions, generated positions or both: one row for its prompt positions
+but the last, one for its last prompt position, which is a prompt position *and* produces the
+first generated token, so both scopes act there, and one for its generated positions):
     tok_row  [max_tokens]   int32    row of the table each token uses; -1 = untouched
     feature  [R, K]         int64    feature index; padding = d_sae (a dummy column)
     mul, add [R, K]         float32  f' = f * mul + add; padding = (1, 0), i.e. no change
@@ -26,15 +28,21 @@ logger = logging.getLogger(__name__)
 _PROMPT, _GENERATED = 1, 2  # spec.TOKENS_CODE
 
 
-class _RequestRows:
-    """One request's clamps split into its prompt row and its generated row ([K] arrays or None)."""
+class _AlreadyFailed(Exception):
+    pass
 
-    __slots__ = ("plan", "prompt", "generated")
+
+class _RequestRows:
+    """One request's clamps as its rows by kind of position ([K] arrays, or None: no clamp acts there)."""
+
+    __slots__ = ("plan", "kinds")
 
     def __init__(self, plan: ClampPlan, width: int, pad_feature: int):
         self.plan = plan
-        self.prompt = self._row(plan, plan.tokens != _GENERATED, width, pad_feature)
-        self.generated = self._row(plan, plan.tokens != _PROMPT, width, pad_feature)
+        everywhere = np.ones(len(plan), dtype=bool)
+        self.kinds = (self._row(plan, plan.tokens != _GENERATED, width, pad_feature),  # prompt, but the last
+                      self._row(plan, everywhere, width, pad_feature),  # the last prompt position
+                      self._row(plan, plan.tokens != _PROMPT, width, pad_feature))  # generated
 
     @staticmethod
     def _row(plan: ClampPlan, keep: np.ndarray, width: int, pad_feature: int):
@@ -53,13 +61,15 @@ class ClampTable:
 
     def __init__(self, limits: SAELimits, max_tokens: int, max_reqs: int, device: torch.device,
                  on_new_plan: Callable[[ClampPlan], None] | None = None,
-                 on_step: Callable[[int], None] | None = None):
+                 on_step: Callable[[int], None] | None = None,
+                 check_plan: Callable[[ClampPlan], None] | None = None):
         self.limits = limits
         self._on_new_plan = on_new_plan
         self._on_step = on_step  # called with the number of steered tokens of each step
+        self._check_plan = check_plan  # may raise for a plan (fault injection, see config.FAULT_ENV)
         self.width = limits.max_clamps
         self.pad_feature = limits.d_sae
-        rows = 2 * max_reqs
+        rows = 3 * max_reqs
         self.tok_row = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
         self.feature = torch.full((rows, self.width), self.pad_feature, dtype=torch.int64, device=device)
         self.mul = torch.ones((rows, self.width), dtype=torch.float32, device=device)
@@ -81,6 +91,12 @@ class ClampTable:
         """The used rows' features as positions in `columns` [used, K]; padding = U (host tensor)."""
         self.step_plans: list[ClampPlan] = []
         """Clamp sets of the requests steered in the current step (for metrics)."""
+        self.failed: set[str] = set()
+        """Requests whose clamps could not be prepared or applied, to be failed with an error reply
+        (drained by the worker after each step; see `vllm_seam`)."""
+        self.step_steered: list[str] = []
+        """Requests with rows in the current step."""
+        self._broken: set[str] = set()  # failed requests still in the batch: never steered again
         self._dirty = False
 
     def _rows(self, req_id: str, extra_args: dict | None) -> _RequestRows | None:
@@ -88,8 +104,10 @@ class ClampTable:
             return self._rows_of[req_id]
         raw = (extra_args or {}).get(FIELD)
         # Admission already validated this exact value with the same parser and limits; an error
-        # here is a bug and must surface, never fall back to an unsteered answer.
+        # here is a bug and fails the request (see `fill`), never an unsteered answer.
         plan = parse_clamps(raw, self.limits) if raw is not None else None
+        if plan is not None and self._check_plan is not None:
+            self._check_plan(plan)
         rows = _RequestRows(plan, self.width, self.pad_feature) if plan else None
         if rows is not None:
             logger.info("action=clamp_plan req=%s clamps=%s", req_id, plan.canonical)
@@ -98,25 +116,38 @@ class ClampTable:
         return rows
 
     def fill(self, layout: StepLayout) -> None:
-        """Fill the table for one step."""
+        """Fill the table for one step. A request whose clamps cannot be prepared joins `failed` and
+        gets no rows; the others are steered as asked."""
         req_ids = layout.req_ids
-        n = len(req_ids)
-        self._rows_of = {rid: self._rows(rid, layout.extra_args_of(rid)) for rid in req_ids}
-        prompt_row = np.full(n, -1, dtype=np.int32)
-        gen_row = np.full(n, -1, dtype=np.int32)
+        self._broken &= set(req_ids)  # requests that left the batch
+        rows_of: dict[str, _RequestRows | None] = {}
+        for rid in req_ids:
+            try:
+                if rid in self._broken:  # failed in an earlier step and not finished yet
+                    raise _AlreadyFailed
+                rows_of[rid] = self._rows(rid, layout.extra_args_of(rid))
+            except Exception as e:
+                if not isinstance(e, _AlreadyFailed):
+                    logger.exception("action=failed req=%s reason=clamps_not_prepared", rid)
+                self._broken.add(rid)
+                self.failed.add(rid)
+                rows_of[rid] = None
+        self._rows_of = rows_of
+        self.step_steered = [rid for rid in req_ids if rows_of[rid] is not None]
+        kind_row = np.full((3, len(req_ids)), -1, dtype=np.int32)  # [kind, R] table row of each request
         plans = []
         used = 0
         for i, rid in enumerate(req_ids):  # per request, not per token
-            rows = self._rows_of[rid]
+            rows = rows_of[rid]
             if rows is None:
                 continue
             plans.append(rows.plan)
-            for kind, target in ((rows.prompt, prompt_row), (rows.generated, gen_row)):
+            for k, kind in enumerate(rows.kinds):
                 if kind is not None:
                     self._h_feature[used] = torch.from_numpy(kind[0])
                     self._h_mul[used] = torch.from_numpy(kind[1])
                     self._h_add[used] = torch.from_numpy(kind[2])
-                    target[i] = used
+                    kind_row[k, i] = used
                     used += 1
         self.step_plans = plans
         if used == 0:
@@ -126,8 +157,7 @@ class ClampTable:
                 self._dirty = False
             return
 
-        req_of_tok = layout.token_request  # [T]
-        tok_row = np.where(layout.token_is_prompt, prompt_row[req_of_tok], gen_row[req_of_tok])  # [T]
+        tok_row = kind_row[layout.token_kind, layout.token_request]  # [T]
         host = self._h_tok_row.numpy()
         host[:] = -1
         host[:layout.num_tokens] = tok_row
@@ -145,6 +175,15 @@ class ClampTable:
         self.mul[:used].copy_(self._h_mul[:used], non_blocking=True)
         self.add[:used].copy_(self._h_add[:used], non_blocking=True)
         self._dirty = True
+
+    def fail_step(self) -> None:
+        """The op could not apply this step's clamps: every request steered in it fails."""
+        self._broken.update(self.step_steered)
+        self.failed.update(self.step_steered)
+
+    def drain_failed(self) -> list[str]:
+        failed, self.failed = sorted(self.failed), set()
+        return failed
 
     def reset(self) -> None:
         """Never leave a partial fill behind (called when a fill raises)."""

@@ -28,6 +28,8 @@ MODE_NAMES = ("set", "add", "scale")
 
 CLAMPS_APPLIED = Counter("steer_clamps_applied", "Clamps of admitted requests taken into the clamp table, by mode",
                          ["mode"])
+FAILED = Counter("steer_requests_failed", "Requests failed with an error because their clamps could not be "
+                 "prepared or applied (the engine and the other requests go on)")
 STEERED_TOKENS = Counter("steer_steered_tokens", "Token positions whose residual stream the op edited")
 FEATURE_ACTIVE = Counter("steer_feature_active_tokens",
                          "Sampled tokens on which the feature was active (watch-list, clamped and top-N features)",

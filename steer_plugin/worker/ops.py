@@ -15,6 +15,8 @@ and hidden' = hidden + (x' - x). Tokens without a row are returned bit-identical
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -22,6 +24,8 @@ from steer_plugin.sae import SAE
 from steer_plugin.worker.clamp_table import ClampTable
 from steer_plugin.worker.metrics import FeatureActivity, OpTimer
 from steer_plugin.worker.recorder import FeatureRecorder
+
+logger = logging.getLogger(__name__)
 
 
 def clamp_delta(sae: SAE, x: torch.Tensor, rows: torch.Tensor, feature: torch.Tensor, mul: torch.Tensor,
@@ -49,8 +53,10 @@ class LayerSteer:
     """State of the op at one layer: SAE, clamp table, and how the op may run."""
 
     def __init__(self, sae: SAE, table: ClampTable, graph_safe: bool, activity: FeatureActivity | None = None,
-                 recorder: FeatureRecorder | None = None):
+                 recorder: FeatureRecorder | None = None, fault_feature: int | None = None):
         self.sae = sae
+        self.fault_feature = fault_feature
+        """Testing aid (config.FAULT_ENV): applying a clamp of this feature raises."""
         self.table = table
         self.graph_safe = graph_safe
         """True under CUDA graphs: replays skip Python, so the op must not branch on host state
@@ -62,10 +68,10 @@ class LayerSteer:
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """hidden, residual: [T, d_in] -> hidden' [T, d_in]."""
-        if self.activity is None and self.recorder is None:
+        if self.graph_safe:  # replays run no Python: nothing to catch, time or observe
             return self._steer(hidden, residual)
         with OpTimer():
-            out = self._steer(hidden, residual)
+            out = self._apply(hidden, residual)
             observe = self.activity is not None and self.activity.due()
             record = self.recorder is not None and self.recorder.num_tokens > 0
             if observe or record:
@@ -75,6 +81,18 @@ class LayerSteer:
                 if record:
                     self.recorder.record(self.sae, stream)
             return out
+
+    def _apply(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The eager path: a failure fails the requests steered in this step (the scheduler finishes
+        them with an error and drops this step's tokens), not the step."""
+        try:
+            if self.fault_feature is not None and bool((self.table.columns == self.fault_feature).any()):
+                raise RuntimeError(f"injected fault: applying a clamp of feature {self.fault_feature}")
+            return self._steer(hidden, residual)
+        except Exception:
+            logger.exception("action=failed reqs=%s reason=op_failed", ",".join(self.table.step_steered))
+            self.table.fail_step()
+            return hidden.clone()
 
     def _steer(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         t = self.table

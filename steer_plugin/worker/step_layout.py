@@ -3,7 +3,8 @@ table and the feature recorder.
 
 vLLM flattens a step's tokens request by request, in the batch's order, `num_scheduled[i]` tokens
 for request i; those tokens are the request's positions `num_computed[i] ...` of its sequence, and
-positions below `num_prompt[i]` are prompt positions. Per-token arrays are computed on first use,
+positions below `num_prompt[i]` are prompt positions; the last of them produces the first generated
+token, so it counts as a generated position too. Per-token arrays are computed on first use,
 so a step that steers and records nothing pays only for the per-request arrays.
 """
 
@@ -48,6 +49,7 @@ class StepLayout:
         return self.num_computed[req] + (np.arange(self.num_tokens) - self.starts[req])
 
     @cached_property
-    def token_is_prompt(self) -> np.ndarray:
-        """[T] whether each token is a prompt position."""
-        return self.token_position < self.num_prompt[self.token_request]
+    def token_kind(self) -> np.ndarray:
+        """[T] 0: a prompt position but the last; 1: the last prompt position, which produces the first
+        generated token; 2: a generated position."""
+        return np.sign(self.token_position - (self.num_prompt[self.token_request] - 1)) + 1

@@ -1,0 +1,81 @@
+"""vLLM's real app (build_app, with the plugin's hooks), no engine: every route is classified,
+the API-key check runs before the plugin, CORS headers reach its 400s, and routes that do not steer
+refuse the steering fields. Requests here never reach an engine: each is answered by a middleware."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from steer_plugin import vllm_seam
+from steer_plugin.api import routes
+from steer_plugin.config import DEFAULT_SAE_DIR, default_model_dir
+
+pytestmark = pytest.mark.anyio
+KEY = "sk-test"
+CLAMPS = [{"feature": 3, "value": 1.0}]
+
+
+def _build(*flags: str):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    vllm_seam.install({"frontend"})
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", "m", *flags])
+    app = build_app(args, supported_tasks=("generate",))
+    app.state.vllm_config = EngineArgs(
+        model=str(default_model_dir()), dtype="float32", max_model_len=512,
+        additional_config={"steer": {"sae_path": str(DEFAULT_SAE_DIR)}}).create_engine_config()
+    return app
+
+
+@pytest.fixture(scope="module")
+def app():
+    return _build("--api-key", KEY, "--allowed-origins", '["https://playground.example"]')
+
+
+async def _post(app, path, body, key=KEY, **kwargs):
+    headers = {"content-type": "application/json", "origin": "https://playground.example"}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, **kwargs), base_url="http://test") as c:
+        return await c.post(path, content=json.dumps(body), headers=headers)
+
+
+def test_every_route_of_the_app_is_classified(app):
+    paths = [getattr(r, "path", None) for r in app.routes]
+    assert "/v1/chat/completions" in paths and routes.unclassified(paths) == []
+
+
+async def test_the_api_key_is_checked_before_clamps(app):
+    r = await _post(app, "/v1/chat/completions", {"model": "m", "feature_clamps": "garbage"}, key=None)
+    assert r.status_code == 401
+
+
+async def test_plugin_400s_carry_cors_headers(app):
+    r = await _post(app, "/v1/chat/completions", {"model": "m", "messages": [], "feature_clamps": [{"feature": -1}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "feature_clamps"
+    assert r.headers["access-control-allow-origin"] == "https://playground.example"
+
+
+@pytest.mark.parametrize("path", sorted(routes.ENGINE_REFUSED & {
+    "/v1/responses", "/v1/messages", "/invocations", "/generative_scoring", "/inference/v1/generate",
+    "/v1/chat/completions/batch", "/v1/systemone"}))
+@pytest.mark.parametrize("field, value", [("feature_clamps", CLAMPS), ("return_features", 3)])
+async def test_routes_that_do_not_steer_refuse_the_fields(app, path, field, value):
+    r = await _post(app, path, {"model": "m", "input": "hi", field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field and path in r.json()["error"]["message"]
+
+
+async def test_routes_under_a_root_path():
+    app = _build("--root-path", "/api")
+    r = await _post(app, "/api/v1/responses", {"model": "m", "input": "hi", "feature_clamps": CLAMPS},
+                    root_path="/api")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "feature_clamps"
+    r = await _post(app, "/api/v1/completions", {"model": "m", "prompt": "x", "feature_clamps": [{"feature": -1}]},
+                    root_path="/api")
+    assert r.status_code == 400 and "feature_clamps[0]" in r.json()["error"]["message"]
