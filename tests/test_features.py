@@ -121,6 +121,8 @@ def test_inspect_messages_applies_the_chat_template(http):
     ("post", "/v1/features/inspect", {"json": {"text": "hi", "top_k": 1000}}, "top_k"),
     ("post", "/v1/features/inspect", {"json": {"text": "hi", "top_features": 0}}, "top_features"),
     ("post", "/v1/features/inspect", {"json": {"text": "word " * 5000}}, "text"),
+    # far beyond the context: refused on its length alone, before any tokenising
+    ("post", "/v1/features/inspect", {"json": {"text": "x" * 3_000_000}}, "text"),
     ("post", "/v1/features/inspect", {"json": {"messages": [{"role": "robot", "content": "x"}]}}, "role"),
     ("post", "/v1/features/inspect", {"json": {"text": "hi", "bogus": 1}}, "bogus"),
     # inspection reads the unsteered stream: clamps there are refused, never ignored

@@ -116,6 +116,45 @@ def test_prefix_cache_does_not_leak_steering(client):
     assert ask(CLAMPS) == steered != cold
 
 
+def test_a_forged_cache_salt_plants_no_unsteered_kv(client):
+    """An unsteered request carrying the very salt the plugin derives for a clamp set (anyone can
+    compute it) must not leave KV that a steered request with that prompt then reuses."""
+    from steer_plugin.spec import SAELimits, cache_salt, parse_clamps
+
+    prompt = "Write about the rain falling on a tin roof at night, slowly and with care. " * 5
+    plan = parse_clamps(CLAMPS, SAELimits(d_sae=1024, max_clamps=32, max_activation=None))
+
+    def complete(clamps=None, salt=None):
+        extra = {"feature_clamps": clamps} if clamps else {}
+        if salt is not None:
+            extra["cache_salt"] = salt
+        return client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, temperature=0,
+                                         max_tokens=16, extra_body=extra).choices[0].text
+
+    for forged in (cache_salt(None, plan, 0), "steer:" + plan.canonical):
+        complete(salt=forged)  # plants unsteered KV under the forged salt, if it could
+    steered = complete(CLAMPS)
+    assert steered == complete(CLAMPS, salt="a fresh salt: nothing cached")
+
+
+def test_turn_two_with_prompt_scoped_clamps_matches_a_cold_cache(client):
+    """Over HTTP: a conversation's second turn with "tokens": "prompt" answers as if computed cold."""
+    scoped = [{**c, "tokens": "prompt"} for c in CLAMPS]
+    question = [{"role": "user", "content": "Tell me a story about a lighthouse keeper."}]
+    first = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=question, temperature=0,
+                                           max_tokens=150, extra_body={"feature_clamps": scoped,
+                                                                      "ignore_eos": True})
+    turn2 = question + [{"role": "assistant", "content": first.choices[0].message.content},
+                        {"role": "user", "content": "And then?"}]
+
+    def ask(salt=None):
+        extra = {"feature_clamps": scoped} | ({"cache_salt": salt} if salt else {})
+        return client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=turn2, temperature=0,
+                                              max_tokens=16, extra_body=extra).choices[0].message.content
+
+    assert ask() == ask(salt="cold")
+
+
 BAD = [
     ({"feature": 3, "value": 1}, "must be a list"),
     ([{"feature": 3, "value": 1, "extra": 1}], "feature_clamps[0].extra"),

@@ -1,0 +1,58 @@
+"""The /v1/features routes as an ASGI app over the shipped SAE's catalogue (search and detail need
+no engine): catalogue search runs off the event loop, so other requests are served meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from steer_plugin.api.feature_routes import FeatureService, router
+from steer_plugin.config import SteerConfig
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def service():
+    return FeatureService(None, SteerConfig())
+
+
+def _client(service) -> httpx.AsyncClient:
+    app = FastAPI()
+    app.include_router(router)
+    app.state.steer_features = service
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+async def test_search_does_not_block_other_requests(service, monkeypatch):
+    started, release = threading.Event(), threading.Event()
+    search = service.catalogue.search
+
+    def slow_search(*args):
+        started.set()
+        if not release.wait(10):  # on the event loop, nothing could ever release it
+            raise TimeoutError("search ran on the event loop: no other request was served")
+        return search(*args)
+
+    monkeypatch.setattr(service.catalogue, "search", slow_search)
+    async with _client(service) as client:
+        pending = asyncio.create_task(client.get("/v1/features", params={"q": "God"}))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        other = await client.get("/v1/features/4137")  # served while the search is still running
+        release.set()
+        searched = await pending
+    assert other.status_code == 200 and other.json()["id"] == 4137
+    assert searched.status_code == 200 and searched.json()["data"][0]["id"] == 4137
+
+
+async def test_search_and_detail_answer_as_before(service):
+    async with _client(service) as client:
+        hits = (await client.get("/v1/features", params={"q": "God", "limit": 3})).json()
+        missing = await client.get("/v1/features/999999")
+    assert hits["data"][0]["id"] == 4137 and len(hits["data"]) == 3
+    assert missing.status_code == 404 and "0..4607" in missing.text
