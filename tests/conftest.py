@@ -5,6 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from engines import Server  # noqa: E402
 from sae_factory import write_sae  # noqa: E402
 
 
@@ -18,3 +19,20 @@ def random_sae_dir(tmp_path_factory) -> Path:
 def anyio_backend():
     """Async tests (marked anyio) run on asyncio, as vLLM's server does."""
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def feature_server(tmp_path_factory):
+    """server.py with its defaults (default model and SAE, compiled mode), shared by the feature
+    discovery and playground tests."""
+    srv = Server([], tmp_path_factory.mktemp("feature_server") / "server.log").wait_ready()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def http(feature_server):
+    import httpx
+
+    with httpx.Client(base_url=feature_server.base_url, timeout=300) as c:
+        yield c

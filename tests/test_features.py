@@ -10,7 +10,7 @@ import openai
 import pytest
 import torch
 
-from engines import MODEL, Server
+from engines import MODEL
 from steer_plugin.config import DEFAULT_SAE_DIR
 from steer_plugin.sae import SAE
 
@@ -18,19 +18,6 @@ pytestmark = pytest.mark.slow
 
 GOD = 4137  # shipped catalogue: label "God / god", the README demo feature
 GOD_TEXT = "Every evening she prayed to God, and she believed that God listened to her."
-
-
-@pytest.fixture(scope="session")
-def feature_server(tmp_path_factory):
-    srv = Server([], tmp_path_factory.mktemp("feature_server") / "server.log").wait_ready()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="session")
-def http(feature_server):
-    with httpx.Client(base_url=feature_server.base_url, timeout=300) as c:
-        yield c
 
 
 def inspect(http, **body) -> dict:

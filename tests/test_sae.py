@@ -70,3 +70,21 @@ def test_missing_files_and_bad_shapes_say_which(tmp_path):
     sae = make_sae("standard", d_in=16, d_sae=32)
     with pytest.raises(SAEFileError, match="W_dec"):
         SAE(sae.cfg, {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec[:, :8], "b_dec": sae.b_dec})
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu"])
+@pytest.mark.parametrize("mode", ["none", "constant_norm_rescale", "layer_norm"])
+def test_encoding_only_some_features_equals_the_full_encode(arch, mode):
+    """What the op computes for a step's clamped features only (ReLU and JumpReLU)."""
+    sae = make_sae(arch, d_in=32, d_sae=256, normalize=mode)
+    x = torch.randn(7, 32, generator=torch.Generator().manual_seed(3)) * 4
+    columns = torch.tensor([5, 0, 255, 17])
+    full, norm = sae.encode(x)
+    part, part_norm = sae.encode_columns(x, columns)
+    torch.testing.assert_close(part, full[:, columns], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(part_norm.scale * torch.ones(7, 1), norm.scale * torch.ones(7, 1))
+
+
+def test_topk_refuses_a_partial_encode():
+    with pytest.raises(ValueError, match="TopK"):
+        make_sae("topk", d_in=32, d_sae=64, k=4).encode_columns(torch.randn(2, 32), torch.tensor([1]))

@@ -3,6 +3,8 @@
     GET  /v1/features?q=dogs&limit=10     catalogue search (without q: a paged listing)
     GET  /v1/features/{id}                one feature's full catalogue entry
     POST /v1/features/inspect             which features fire on a text, per token and in total
+    GET  /v1/saes                         the loaded SAEs
+    GET  /playground                      the steering playground (see playground.py)
 
 Inspection runs the text through the server's engine as an ordinary one-token request carrying
 `steer_record_features`, so it is scheduled like any request and uses the very SAE, layer and
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from argparse import Namespace
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from steer_plugin.api import playground
 from steer_plugin.api.admission import new_recording_key
 from steer_plugin.catalogue import FeatureCatalogue
 from steer_plugin.config import SteerConfig, plugin_disabled
@@ -138,13 +142,29 @@ class InspectResponse(BaseModel):
     top_features: list[RankedFeature]
 
 
+class SAESummary(BaseModel):
+    id: str
+    """The SAE's folder name."""
+    layer: int
+    d_sae: int
+    architecture: str
+    hook_name: str
+    catalogue: bool
+    """Whether it ships a feature catalogue (search, labels)."""
+
+
+class SAEList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SAESummary]
+
+
 class FeatureService:
     """Per-app state: the catalogue and what inspection needs from the engine."""
 
     def __init__(self, engine_client, cfg: SteerConfig):
         self.engine = engine_client
         self.cfg = cfg
-        sae_cfg = load_config(cfg.sae_path)
+        sae_cfg = self.sae_cfg = load_config(cfg.sae_path)
         self.layer = cfg.layer if cfg.layer is not None else sae_cfg.layer
         self.d_sae = sae_cfg.d_sae
         self._token_chars: int | None = None
@@ -153,6 +173,11 @@ class FeatureService:
         except SAEFileError as e:
             logger.warning("action=no_catalogue reason=%s", e)
             self.catalogue = None
+
+    def saes(self) -> SAEList:
+        return SAEList(data=[SAESummary(id=Path(self.cfg.sae_path).name, layer=self.layer, d_sae=self.d_sae,
+                                        architecture=self.sae_cfg.architecture, hook_name=self.sae_cfg.hook_name,
+                                        catalogue=self.catalogue is not None)])
 
     def _catalogue(self) -> FeatureCatalogue:
         if self.catalogue is None:
@@ -264,6 +289,11 @@ def _service(request: Request) -> FeatureService:
     return request.app.state.steer_features
 
 
+@router.get("/v1/saes", response_model=SAEList)
+async def list_saes(request: Request) -> SAEList:
+    return _service(request).saes()
+
+
 @router.get("/v1/features", response_model=FeatureList)
 async def search_features(request: Request,
                           q: Annotated[str | None, Query(max_length=500)] = None,
@@ -291,6 +321,7 @@ class FeatureEndpoints:
     def attach_router(self, app: FastAPI) -> None:
         if not plugin_disabled():
             app.include_router(router)
+            playground.attach(app)
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         if engine_client is None or plugin_disabled():

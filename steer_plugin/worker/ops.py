@@ -29,23 +29,33 @@ logger = logging.getLogger(__name__)
 
 
 def clamp_delta(sae: SAE, x: torch.Tensor, rows: torch.Tensor, feature: torch.Tensor, mul: torch.Tensor,
-                add: torch.Tensor, decode_only: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                add: torch.Tensor, columns: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x: [S, d_in] residual stream; rows: [S] clamp-table rows (>= 0);
     feature/mul/add: [R, K] table -> delta [S, d_in] = decode(f') - decode(f).
     Padding entries (feature d_sae, mul 1, add 0) yield a zero change, so they may point anywhere.
 
-    decode_only = (columns [U], compact [R, K]): the features the step clamps, and the table's
-    features as positions in `columns` (padding: U). The host knows them on the eager path, so only
-    U decoder rows are multiplied instead of all d_sae (U is usually a handful: half the op's
-    FLOPs saved). Without it (graph-safe path) the decode is dense: fixed shapes, no host sync."""
-    f, norm = sae.encode(x)  # [S, d_sae]
-    idx = feature[rows].clamp_max(f.shape[1] - 1)  # [S, K]
-    change = f.gather(1, idx) * (mul[rows] - 1.0) + add[rows]  # f' - f at the clamped features
-    if decode_only is None:
+    columns = (columns [U], compact [R, K]): the features the step clamps, and the table's features
+    as positions in `columns` (padding: U). The host knows them on the eager path, so only U decoder
+    rows are multiplied instead of all d_sae, and for SAEs whose activation is per feature (ReLU,
+    JumpReLU) only U encoder columns: about U·d_in work per steered token instead of d_sae·d_in
+    (U is usually a handful). TopK needs every pre-activation to know which k survive. Without
+    `columns` (graph-safe path) encode and decode are dense: fixed shapes, no host sync."""
+    if columns is None:
+        f, norm = sae.encode(x)  # [S, d_sae]
+        idx = feature[rows].clamp_max(f.shape[1] - 1)  # [S, K]
+        change = f.gather(1, idx) * (mul[rows] - 1.0) + add[rows]  # f' - f at the clamped features
         df = torch.zeros_like(f).scatter_add_(1, idx, change)  # [S, d_sae]
         return (df @ sae.W_dec) * norm.scale
-    columns, compact = decode_only
-    df = change.new_zeros(x.shape[0], len(columns) + 1).scatter_add_(1, compact[rows], change)[:, :-1]  # [S, U]
+    columns, compact = columns
+    if sae.per_feature:
+        f_cols, norm = sae.encode_columns(x, columns)  # [S, U]
+    else:
+        f, norm = sae.encode(x)  # [S, d_sae]
+        f_cols = f.index_select(1, columns)  # [S, U]
+    slot = compact[rows]  # [S, K] positions in columns; padding U
+    f_slot = torch.cat([f_cols, f_cols.new_zeros(f_cols.shape[0], 1)], dim=1).gather(1, slot)  # [S, K]
+    change = f_slot * (mul[rows] - 1.0) + add[rows]  # f' - f at the clamped features
+    df = change.new_zeros(x.shape[0], len(columns) + 1).scatter_add_(1, slot, change)[:, :-1]  # [S, U]
     return (df @ sae.W_dec.index_select(0, columns)) * norm.scale  # [S, d_in]
 
 
@@ -105,8 +115,8 @@ class LayerSteer:
         idx = t.steered_tokens.to(hidden.device, non_blocking=True)  # [S]
         x = hidden.index_select(0, idx) + residual.index_select(0, idx)  # [S, d_in]
         rows = t.tok_row.index_select(0, idx).long()
-        decode_only = (t.columns.to(hidden.device, non_blocking=True), t.compact.to(hidden.device, non_blocking=True))
-        delta = clamp_delta(self.sae, x, rows, t.feature, t.mul, t.add, decode_only)
+        columns = (t.columns.to(hidden.device, non_blocking=True), t.compact.to(hidden.device, non_blocking=True))
+        delta = clamp_delta(self.sae, x, rows, t.feature, t.mul, t.add, columns)
         return hidden.index_add(0, idx, delta)
 
 

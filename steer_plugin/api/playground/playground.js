@@ -1,0 +1,329 @@
+"use strict";
+// The steering playground. Talks only to this server's public API, with URLs relative to the page
+// (so it works under --root-path): /v1/models, /v1/saes, /v1/features..., /v1/chat/completions.
+
+const $ = (id) => document.getElementById(id);
+const api = (path) => new URL(`../${path}`, location.href).toString();
+const state = {
+  model: null,
+  sae: null,          // id of the chosen SAE
+  clamps: [],         // {feature, label, strength, mode, tokens}
+  details: new Map(), // feature id -> catalogue entry
+  reply: null,        // steered reply: {tokens: [str], features: [[{id, activation, label}]]}
+  text: null,         // inspected text: the same shape
+};
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (v !== undefined && v !== null) node.setAttribute(k, v);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+async function request(path, options = {}) {
+  const response = await fetch(api(path), {headers: {"Content-Type": "application/json"}, ...options});
+  const body = await response.json().catch(() => ({}));
+  return {ok: response.ok, status: response.status, body};
+}
+
+// ---------------------------------------------------------------------------------------- errors
+
+function clearErrors() {
+  for (const node of document.querySelectorAll(".error")) { node.hidden = true; node.textContent = ""; }
+  for (const node of document.querySelectorAll("[aria-invalid]")) node.removeAttribute("aria-invalid");
+}
+
+function showError(error) {
+  // Put an API error next to the control it names; the form keeps every value.
+  const message = error.message || JSON.stringify(error);
+  const param = error.param || "";
+  const clamp = /^feature_clamps\[(\d+)\]\.?(\w+)?/.exec(message);
+  let target = null;
+  let control = null;
+  if (param === "feature_clamps" && clamp) {
+    target = $(`clamp-${clamp[1]}-error`);
+    control = $(`clamp-${clamp[1]}-${clamp[2] === "value" ? "strength" : (clamp[2] || "feature")}`);
+  } else {
+    target = $(`${param}-error`);
+    control = document.querySelector(`[data-param="${param}"]`);
+  }
+  target = target || $("general-error");
+  target.textContent = message;
+  target.hidden = false;
+  if (control) control.setAttribute("aria-invalid", "true");
+}
+
+// ---------------------------------------------------------------------------------------- features
+
+async function loadSaes() {
+  const models = await request("v1/models");
+  state.model = models.ok ? models.body.data[0].id : null;
+  $("model-name").textContent = state.model || "(unavailable)";
+  const saes = await request("v1/saes");
+  const select = $("sae-select");
+  select.replaceChildren();
+  for (const sae of saes.ok ? saes.body.data : []) {
+    select.append(el("option", {value: sae.id}, `${sae.id} (layer ${sae.layer}, ${sae.d_sae} features)`));
+  }
+  state.sae = select.value || null;
+}
+
+async function search(query) {
+  const result = await request(`v1/features?q=${encodeURIComponent(query)}&limit=10`);
+  const list = $("search-results");
+  list.replaceChildren();
+  if (!result.ok) return showError(result.body.error || result.body);
+  for (const hit of result.body.data) {
+    list.append(el("li", {"data-feature": hit.id},
+      el("button", {type: "button", class: "open", onclick: () => openCard(hit.id)}, `#${hit.id} ${hit.label}`), " ",
+      el("button", {type: "button", class: "add", "aria-label": `Add feature ${hit.id} as a clamp`,
+                    onclick: () => addClamp(hit.id)}, "+ clamp")));
+  }
+  if (!result.body.data.length) list.append(el("li", {}, "No feature matches."));
+}
+
+async function detail(id) {
+  if (!state.details.has(id)) {
+    const result = await request(`v1/features/${id}`);
+    if (!result.ok) { showError(result.body.error || {message: result.body.detail || "unknown feature"}); return null; }
+    state.details.set(id, result.body);
+  }
+  return state.details.get(id);
+}
+
+function context(text) {
+  // Catalogue contexts mark the activating token «like this».
+  const node = el("blockquote");
+  text.split(/(«[^»]*»)/).forEach((part) => {
+    node.append(part.startsWith("«") ? el("mark", {}, part.slice(1, -1)) : part);
+  });
+  return node;
+}
+
+async function openCard(id) {
+  const entry = await detail(id);
+  if (!entry) return;
+  const card = $("feature-card");
+  const tops = entry.top_tokens.map((t) => `${t.token} (${t.count})`).join(", ");
+  const facts = el("dl", {},
+    el("dt", {}, "Max activation"), el("dd", {}, entry.max_activation.toFixed(3)),
+    el("dt", {}, "Frequency"), el("dd", {}, `${(100 * entry.frequency).toFixed(3)} %`),
+    el("dt", {}, "Top tokens"), el("dd", {}, tops));
+  if (entry.recommended_strength !== undefined && entry.recommended_strength !== null) {
+    facts.append(el("dt", {}, "Recommended strength"), el("dd", {}, `${entry.recommended_strength} × max`));
+  }
+  card.replaceChildren(el("h3", {id: "card-title"}, `Feature ${entry.id}: ${entry.label}`), facts,
+    el("h4", {}, "Where it fires"), ...entry.top_contexts.map((c) => context(c.text)),
+    el("button", {type: "button", onclick: () => addClamp(entry.id)}, "Add as clamp"));
+  card.hidden = false;
+}
+
+// ---------------------------------------------------------------------------------------- clamps
+
+async function addClamp(id) {
+  id = Number(id);
+  if (!Number.isInteger(id) || id < 0) return;
+  if (!state.clamps.some((c) => c.feature === id)) {
+    const entry = state.details.get(id) || (await request(`v1/features/${id}`)).body;
+    const strength = entry && entry.recommended_strength ? entry.recommended_strength : 3;
+    state.clamps.push({feature: id, label: entry && entry.label ? entry.label : "", strength, mode: "set",
+                       tokens: "all"});
+  }
+  if (!$("heat-feature").value) $("heat-feature").value = id;
+  renderClamps();
+}
+
+function renderClamps() {
+  const box = $("clamps");
+  box.replaceChildren();
+  state.clamps.forEach((clamp, i) => {
+    const sync = (value) => { clamp.strength = Number(value); slider.value = value; number.value = value; };
+    const slider = el("input", {id: `clamp-${i}-slider`, type: "range", min: "-10", max: "10", step: "0.1",
+                                value: clamp.strength, oninput: (e) => sync(e.target.value)});
+    const number = el("input", {id: `clamp-${i}-strength`, type: "number", step: "0.1", value: clamp.strength,
+                                oninput: (e) => sync(e.target.value)});
+    const feature = el("input", {id: `clamp-${i}-feature`, type: "number", step: "1", value: clamp.feature,
+                                 onchange: (e) => { clamp.feature = Number(e.target.value); }});
+    const mode = el("select", {id: `clamp-${i}-mode`, onchange: (e) => { clamp.mode = e.target.value; }},
+      ...["set", "add", "scale"].map((m) => el("option", {value: m}, m)));
+    mode.value = clamp.mode;
+    const tokens = el("select", {id: `clamp-${i}-tokens`, onchange: (e) => { clamp.tokens = e.target.value; }},
+      ...["all", "prompt", "generated"].map((t) => el("option", {value: t}, t)));
+    tokens.value = clamp.tokens;
+    box.append(el("div", {class: "clamp", "data-feature": clamp.feature},
+      el("div", {class: "title"}, `#${clamp.feature} ${clamp.label}`),
+      el("div", {}, el("label", {for: `clamp-${i}-feature`}, "Feature"), feature),
+      el("div", {}, el("label", {for: `clamp-${i}-slider`}, "Strength (× max)"), slider),
+      el("div", {}, el("label", {for: `clamp-${i}-strength`}, "Strength value"), number),
+      el("div", {}, el("label", {for: `clamp-${i}-mode`}, "Mode"), mode),
+      el("div", {}, el("label", {for: `clamp-${i}-tokens`}, "Tokens"), tokens),
+      el("button", {type: "button", "aria-label": `Remove clamp on feature ${clamp.feature}`,
+                    onclick: () => { state.clamps.splice(i, 1); renderClamps(); }}, "Remove"),
+      el("span", {id: `clamp-${i}-error`, class: "error", role: "alert", hidden: ""})));
+  });
+}
+
+function clampSpec() {
+  return state.clamps.map((c) => c.mode === "scale"
+    ? {feature: c.feature, value: c.strength, mode: "scale", tokens: c.tokens}
+    : {feature: c.feature, value: c.strength, mode: c.mode, unit: "max", tokens: c.tokens});
+}
+
+// ---------------------------------------------------------------------------------------- compare
+
+function chatBody(steered) {
+  const body = {model: state.model, messages: [{role: "user", content: $("prompt").value}],
+                temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value),
+                stream: true};
+  if ($("seed").value !== "") body.seed = Number($("seed").value);
+  if (steered) body.feature_clamps = clampSpec();
+  return body;
+}
+
+async function stream(body, out, collect) {
+  // Streams one chat request into `out`; returns false (after showing the error) on an API error.
+  out.textContent = "";
+  const response = await fetch(api("v1/chat/completions"), {method: "POST", body: JSON.stringify(body),
+                                                           headers: {"Content-Type": "application/json"}});
+  if (!response.ok) {
+    const error = await response.json().catch(() => ({}));
+    showError(error.error || {message: `HTTP ${response.status}`});
+    out.textContent = "(error: see the highlighted field)";
+    return false;
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, {stream: true});
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
+      if (!data || data === "[DONE]") continue;
+      const chunk = JSON.parse(data);
+      if (chunk.error) { showError(chunk.error); return false; }
+      if (chunk.object === "steer.features") { if (collect) collect.features = chunk.features; continue; }
+      for (const choice of chunk.choices || []) {
+        out.textContent += (choice.delta && choice.delta.content) || "";
+        if (collect && choice.logprobs && choice.logprobs.content) {
+          for (const t of choice.logprobs.content) collect.tokens.push(t.token);
+        }
+      }
+    }
+  }
+  return true;
+}
+
+async function send() {
+  clearErrors();
+  const steered = {...chatBody(true), return_features: 5, logprobs: true};
+  const collect = {tokens: [], features: []};
+  $("send").disabled = true;
+  try {
+    const [, ok] = await Promise.all([stream(chatBody(false), $("reply-plain"), null),
+                                      stream(steered, $("reply-steered"), collect)]);
+    if (ok) {
+      state.reply = {tokens: collect.tokens,
+                     features: collect.tokens.map((_, i) => (collect.features.find((f) => f.index === i) || {}).features || [])};
+      await renderHeatmap("heatmap-reply", state.reply);
+    }
+  } finally {
+    $("send").disabled = false;
+  }
+}
+
+// ---------------------------------------------------------------------------------------- heatmap
+
+async function renderHeatmap(id, data) {
+  const box = $(id);
+  box.replaceChildren();
+  if (!data) return;
+  const chosen = Number($("heat-feature").value);
+  const entry = Number.isInteger(chosen) && $("heat-feature").value !== "" ? await detail(chosen) : null;
+  const top = entry ? entry.max_activation : 1;
+  data.tokens.forEach((token, i) => {
+    const features = data.features[i] || [];
+    const hit = features.find((f) => f.id === chosen);
+    const alpha = hit ? Math.min(1, hit.activation / Math.max(top, 1e-6)) : 0;
+    const span = el("span", {class: "tok", tabindex: "0", "data-activation": hit ? hit.activation.toFixed(3) : "0",
+                             style: `background: rgba(255, 140, 0, ${alpha.toFixed(3)})`,
+                             "aria-label": `${token}: ${hit ? hit.activation.toFixed(2) : 0}`}, token);
+    const show = () => showToken(token, features);
+    span.addEventListener("mouseenter", show);
+    span.addEventListener("focus", show);
+    box.append(span);
+  });
+}
+
+function showToken(token, features) {
+  const list = el("ul");
+  for (const f of features) {
+    list.append(el("li", {}, el("button", {type: "button", class: "open", onclick: () => openCard(f.id)},
+      `#${f.id} ${f.label || ""}`), ` ${f.activation.toFixed(2)}`));
+  }
+  $("token-details").replaceChildren(el("h3", {}, `Token “${token}”`),
+    features.length ? list : el("p", {class: "hint"}, "No active feature."));
+}
+
+async function inspect() {
+  clearErrors();
+  const result = await request("v1/features/inspect", {method: "POST",
+    body: JSON.stringify({text: $("inspect-text").value, top_k: 5})});
+  if (!result.ok) return showError(result.body.error || {message: JSON.stringify(result.body)});
+  state.text = {tokens: result.body.tokens.map((t) => t.token), features: result.body.tokens.map((t) => t.features)};
+  if (!$("heat-feature").value && result.body.top_features.length) $("heat-feature").value = result.body.top_features[0].id;
+  await renderHeatmap("heatmap-text", state.text);
+}
+
+// ---------------------------------------------------------------------------------------- copy
+
+function steeredRequest() {
+  const body = chatBody(true);
+  delete body.stream;
+  return body;
+}
+
+function curl() {
+  const json = JSON.stringify(steeredRequest()).replaceAll("'", "'\\''");
+  return `curl ${api("v1/chat/completions")} -H 'Content-Type: application/json' -d '${json}'`;
+}
+
+function python() {
+  const body = steeredRequest();
+  const extra = {feature_clamps: body.feature_clamps};
+  delete body.feature_clamps;
+  const args = Object.entries(body).map(([k, v]) => `    ${k}=${JSON.stringify(v)},`).join("\n");
+  return ["from openai import OpenAI", "",
+          `client = OpenAI(base_url=${JSON.stringify(api("v1"))}, api_key="none")`,
+          "reply = client.chat.completions.create(", args,
+          `    extra_body=${JSON.stringify(extra)},`, ")", "print(reply.choices[0].message.content)"].join("\n");
+}
+
+async function copy(text) {
+  const out = $("copy-output");
+  out.value = text;
+  out.hidden = false;
+  try { await navigator.clipboard.writeText(text); } catch (e) { /* the text box still shows it */ }
+}
+
+// ---------------------------------------------------------------------------------------- wiring
+
+$("search-form").addEventListener("submit", (e) => { e.preventDefault(); search($("search-input").value); });
+$("add-clamp-form").addEventListener("submit", (e) => { e.preventDefault(); addClamp($("add-clamp-id").value); });
+$("chat-form").addEventListener("submit", (e) => { e.preventDefault(); send(); });
+$("inspect-form").addEventListener("submit", (e) => { e.preventDefault(); inspect(); });
+$("copy-curl").addEventListener("click", () => copy(curl()));
+$("copy-python").addEventListener("click", () => copy(python()));
+$("heat-feature").addEventListener("change", () => {
+  renderHeatmap("heatmap-reply", state.reply);
+  renderHeatmap("heatmap-text", state.text);
+});
+$("sae-select").addEventListener("change", (e) => { state.sae = e.target.value; });
+loadSaes();

@@ -1,0 +1,145 @@
+"""The playground page in a real headless Chromium (Debian's `chromium`, driven by Playwright) against
+the real server with the default model and SAE. Screenshots go to the test's temporary folder, or
+to STEER_SCREENSHOT_DIR when set (README's picture comes from there)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Flags for a closed network: no background connections, no component or sync updates.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-default-apps"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.fail("chromium is not installed (setup.sh installs Debian's chromium package)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("STEER_SCREENSHOT_DIR") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def page(browser, feature_server):
+    """The playground at 1280x800, with every console error and every request it makes recorded."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.console_errors, page.requests = [], []
+    page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
+    page.on("pageerror", lambda e: page.console_errors.append(str(e)))
+    page.on("request", lambda r: page.requests.append(r.url))
+    page.goto(f"{feature_server.base_url}/playground")
+    page.wait_for_function("document.getElementById('model-name').textContent !== '…'")
+    yield page
+    context.close()
+
+
+def _search(page, query: str):
+    page.get_by_label("Concept").fill(query)
+    page.get_by_role("button", name="Search").click()
+    page.wait_for_selector("#search-results li[data-feature]")
+
+
+def test_page_loads_offline_with_no_console_errors(page, feature_server, shots):
+    assert page.title() == "Steering playground"
+    assert page.locator("#model-name").inner_text() == "SmolLM2-135M-Instruct"
+    assert "smollm2-135m-instruct-l15" in page.locator("#sae-select").inner_text()
+    _search(page, "God")
+    page.screenshot(path=str(shots / "playground-loaded.png"))
+    server = urlparse(feature_server.base_url).netloc
+    assert all(urlparse(url).netloc == server for url in page.requests), page.requests
+    assert page.console_errors == []
+
+
+def test_search_shows_the_feature_the_api_ranks_first(page, http):
+    first = http.get("/v1/features", params={"q": "God", "limit": 10}).json()["data"][0]
+    _search(page, "God")
+    assert page.locator("#search-results li").first.get_attribute("data-feature") == str(first["id"])
+    page.locator("#search-results li").first.get_by_role("button").first.click()
+    card = page.locator("#feature-card")
+    card.wait_for(state="visible")
+    assert f"Feature {first['id']}" in card.inner_text() and card.locator("mark").count() > 0
+
+
+def test_clamp_send_compare_heatmap_and_copy(page, shots):
+    _search(page, "God")
+    page.locator("#search-results li").first.locator("button.add").click()
+    assert page.locator(".clamp").count() == 1
+    page.get_by_label("Prompt").fill("What is your physical form?")
+    page.get_by_label("Max tokens").fill("30")
+    page.get_by_role("button", name="Send").click()
+    page.wait_for_function("document.querySelectorAll('#heatmap-reply .tok').length > 0", timeout=120_000)
+    plain, steered = page.locator("#reply-plain").inner_text(), page.locator("#reply-steered").inner_text()
+    assert plain and steered and plain != steered
+    shaded = page.locator("#heatmap-reply .tok:not([data-activation='0'])")
+    assert shaded.count() > 0  # the clamped feature is active on the steered reply
+    shaded.first.hover()
+    assert "Token" in page.locator("#token-details").inner_text()
+    page.locator("#token-details button.open").first.click()
+    page.locator("#feature-card").wait_for(state="visible")
+
+    page.get_by_label("Text to inspect").fill("She prayed to God every night.")
+    page.get_by_role("button", name="Inspect").click()
+    page.wait_for_function("document.querySelectorAll('#heatmap-text .tok').length > 3", timeout=120_000)
+    page.screenshot(path=str(shots / "playground.png"), full_page=True)
+
+    page.get_by_role("button", name="Copy as curl").click()
+    curl = page.locator("#copy-output").input_value()
+    assert curl.startswith("curl ") and '"feature_clamps"' in curl and '"unit":"max"' in curl
+    page.get_by_role("button", name="Copy as Python (openai client)").click()
+    python = page.locator("#copy-output").input_value()
+    assert "from openai import OpenAI" in python and "extra_body=" in python and "feature_clamps" in python
+    assert page.console_errors == []
+
+
+def test_a_bad_value_shows_its_error_beside_the_field_and_keeps_the_form(page):
+    page.get_by_label("Feature id").fill("4137")
+    page.get_by_role("button", name="Add clamp").click()
+    page.locator("#clamp-0-feature").fill("999999")
+    page.locator("#clamp-0-feature").dispatch_event("change")
+    page.get_by_label("Prompt").fill("Hello there")
+    page.get_by_role("button", name="Send").click()
+    error = page.locator("#clamp-0-error")
+    error.wait_for(state="visible", timeout=60_000)
+    assert "feature_clamps[0].feature" in error.inner_text() and "out of range" in error.inner_text()
+    assert page.locator("#clamp-0-feature").get_attribute("aria-invalid") == "true"
+    assert page.locator("#clamp-0-feature").input_value() == "999999"  # nothing lost
+    assert page.get_by_label("Prompt").input_value() == "Hello there"
+
+
+def test_narrow_window_and_keyboard(browser, feature_server):
+    context = browser.new_context(viewport={"width": 420, "height": 800})
+    page = context.new_page()
+    page.goto(f"{feature_server.base_url}/playground")
+    page.wait_for_function("document.getElementById('model-name').textContent !== '…'")
+    page.keyboard.press("Tab")  # the SAE chooser, then the search box, by keyboard alone
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "search-input"
+    page.keyboard.type("God")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#search-results li[data-feature]")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 420 + 1  # no horizontal scrolling in a narrow window
+    unlabelled = page.evaluate("""[...document.querySelectorAll('input, select, textarea')]
+        .filter(e => !e.labels || e.labels.length === 0).map(e => e.id)""")
+    assert unlabelled == []
+    context.close()
