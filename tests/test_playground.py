@@ -83,6 +83,7 @@ def test_search_shows_the_feature_the_api_ranks_first(page, http):
 def test_clamp_send_compare_heatmap_and_copy(page, shots):
     _search(page, "God")
     page.locator("#search-results li").first.locator("button.add").click()
+    page.wait_for_selector(".clamp")
     assert page.locator(".clamp").count() == 1
     page.get_by_label("Prompt").fill("What is your physical form?")
     page.get_by_label("Max tokens").fill("30")
@@ -114,6 +115,7 @@ def test_clamp_send_compare_heatmap_and_copy(page, shots):
 def test_a_bad_value_shows_its_error_beside_the_field_and_keeps_the_form(page):
     page.get_by_label("Feature id").fill("4137")
     page.get_by_role("button", name="Add clamp").click()
+    page.wait_for_selector("#clamp-0-feature")
     page.locator("#clamp-0-feature").fill("999999")
     page.locator("#clamp-0-feature").dispatch_event("change")
     page.get_by_label("Prompt").fill("Hello there")
