@@ -97,6 +97,10 @@ def test_clamp_send_compare_heatmap_and_copy(page, shots):
     assert "Token" in page.locator("#token-details").inner_text()
     page.locator("#token-details button.open").first.click()
     page.locator("#feature-card").wait_for(state="visible")
+    item = page.locator("#token-details li").last  # a clamp added from the heatmap
+    feature = item.locator("button.open").inner_text().split()[0].lstrip("#")
+    item.locator("button.add").click()
+    page.wait_for_selector(f".clamp[data-feature='{feature}']")
 
     page.get_by_label("Text to inspect").fill("She prayed to God every night.")
     page.get_by_role("button", name="Inspect").click()

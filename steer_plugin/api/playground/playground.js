@@ -266,7 +266,9 @@ function showToken(token, features) {
   const list = el("ul");
   for (const f of features) {
     list.append(el("li", {}, el("button", {type: "button", class: "open", onclick: () => openCard(f.id)},
-      `#${f.id} ${f.label || ""}`), ` ${f.activation.toFixed(2)}`));
+      `#${f.id} ${f.label || ""}`), ` ${f.activation.toFixed(2)} `,
+      el("button", {type: "button", class: "add", "aria-label": `Add feature ${f.id} as a clamp`,
+                    onclick: () => addClamp(f.id)}, "+ clamp")));
   }
   $("token-details").replaceChildren(el("h3", {}, `Token “${token}”`),
     features.length ? list : el("p", {class: "hint"}, "No active feature."));
