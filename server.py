@@ -24,12 +24,16 @@ from pathlib import Path
 from steer_plugin.config import DEFAULT_SAE_DIR, SteerConfig, default_model_dir
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MAX_MODEL_LEN = 4096
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF model directory (default: the prepared SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", default=DEFAULT_SERVED_NAME)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help=f"context length (default: {DEFAULT_MAX_MODEL_LEN} for the default model, else the model's own)")
+    p.add_argument("--dtype", default="float32", help="model dtype (float32: the SAE op runs in the model's dtype)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--sae", default=str(DEFAULT_SAE_DIR), help="SAE directory in SAELens format")
@@ -52,7 +56,12 @@ def vllm_argv(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
 
         model = str(prepare(default_model_dir()))
     argv = [model, "--served-model-name", args.served_model_name, "--host", args.host,
-            "--port", str(args.port), "--dtype", "float32", "--max-model-len", "4096"]
+            "--port", str(args.port), "--dtype", args.dtype]
+    # The default model is served with a 4k context on this kind of 2-core machine; any other model
+    # keeps the context its own config gives vLLM, unless --max-model-len says otherwise.
+    max_len = args.max_model_len or (DEFAULT_MAX_MODEL_LEN if args.model is None else None)
+    if max_len:
+        argv += ["--max-model-len", str(max_len)]
     if args.enforce_eager:
         argv.append("--enforce-eager")
     if not args.no_plugin:

@@ -151,7 +151,7 @@ class SAE:
         cfg = load_config(path)
         weights_file = path / WEIGHTS_FILENAME
         if not weights_file.is_file():
-            raise SAEFileError(f"SAE weights file missing: {weights_file}")
+            raise _layout_error(path, WEIGHTS_FILENAME)
         return cls(cfg, load_file(str(weights_file), device=str(device)))
 
     def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
@@ -231,11 +231,22 @@ class SAE:
         return torch.addmm(self.b_dec, f, self.W_dec) * norm.scale + norm.shift
 
 
+def _layout_error(path: Path, missing: str) -> SAEFileError:
+    """An SAE folder this loader cannot read: say what is there and what is missing."""
+    found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    pickles = [name for name in found if name.endswith((".pt", ".pth", ".pkl", ".ckpt"))]
+    hint = (f" Pickled weights ({', '.join(pickles)}) are never loaded: they can run code. Load the SAE with its "
+            "own library and save it as safetensors (for SAELens: SAE.load_from_pretrained(...).save_model(DIR))."
+            if pickles else "")
+    return SAEFileError(f"SAE folder {path}: {missing} is missing; found {found or 'nothing'}. Expected SAELens' "
+                        f"layout: {CFG_FILENAME} + {WEIGHTS_FILENAME}.{hint}")
+
+
 def load_config(path: str | Path) -> SAEConfig:
     """Read only cfg.json (cheap: the API process validates requests with it)."""
     cfg_file = Path(path) / CFG_FILENAME
     if not cfg_file.is_file():
-        raise SAEFileError(f"SAE config file missing: {cfg_file}")
+        raise _layout_error(Path(path), CFG_FILENAME)
     return SAEConfig.from_json(json.loads(cfg_file.read_text()))
 
 

@@ -54,3 +54,13 @@ def test_user_settings_win(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "6")
     env = server.prepare_environment(_args())
     assert env["VLLM_PLUGINS"] == "steer" and env["VLLM_CPU_KVCACHE_SPACE"] == "6"
+
+
+def test_context_length_comes_from_the_model_unless_set(monkeypatch):
+    own_model = server.vllm_argv(_args(), [])
+    assert "--max-model-len" not in own_model  # vLLM reads the context from the model's own config
+    argv = server.vllm_argv(_args("--max-model-len", "1024", "--dtype", "bfloat16"), [])
+    assert argv[argv.index("--max-model-len") + 1] == "1024" and argv[argv.index("--dtype") + 1] == "bfloat16"
+    monkeypatch.setattr("steer_plugin.prepare_model.prepare", lambda out: Path("/models/default"))
+    default = server.vllm_argv(server.build_parser().parse_args([]), [])
+    assert default[default.index("--max-model-len") + 1] == str(server.DEFAULT_MAX_MODEL_LEN)

@@ -72,6 +72,16 @@ def test_missing_files_and_bad_shapes_say_which(tmp_path):
         SAE(sae.cfg, {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec[:, :8], "b_dec": sae.b_dec})
 
 
+def test_an_unknown_layout_names_what_it_found_and_refuses_pickles(tmp_path):
+    torch.save({"W_enc": torch.zeros(2, 2)}, tmp_path / "sae.pt")
+    (tmp_path / "config.yaml").write_text("d_sae: 2\n")
+    with pytest.raises(SAEFileError) as info:
+        load_config(tmp_path)
+    message = str(info.value)
+    assert "cfg.json is missing" in message and "config.yaml" in message and "sae.pt" in message
+    assert "never loaded" in message and "save_model" in message
+
+
 @pytest.mark.parametrize("arch", ["standard", "jumprelu"])
 @pytest.mark.parametrize("mode", ["none", "constant_norm_rescale", "layer_norm"])
 def test_encoding_only_some_features_equals_the_full_encode(arch, mode):
