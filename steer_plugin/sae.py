@@ -74,14 +74,18 @@ class SAEConfig:
 
     @property
     def layer(self) -> int:
-        """Decoder layer index from `blocks.L.hook_resid_post` (the output of layer L)."""
+        """The decoder layer whose output is the stream the SAE reads: L for `blocks.L.hook_resid_post`,
+        L - 1 for `blocks.L.hook_resid_pre` (the input of layer L is the output of layer L - 1), and -1
+        for `blocks.0.hook_resid_pre` (the input of the first layer: the embeddings)."""
         parts = self.hook_name.split(".")
-        if len(parts) != 3 or parts[0] != "blocks" or parts[2] != "hook_resid_post":
+        if (len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit()
+                or parts[2] not in ("hook_resid_post", "hook_resid_pre")):
             raise SAEFileError(
-                f"hook_name {self.hook_name!r} is not blocks.<L>.hook_resid_post; "
-                "name the layer explicitly in the steer configuration"
+                f"hook_name {self.hook_name!r}: the plugin reads the residual stream at blocks.<L>.hook_resid_post "
+                "(output of layer L) or blocks.<L>.hook_resid_pre (input of layer L); other hook points "
+                "(attention or MLP outputs) are not part of the stream between layers"
             )
-        return int(parts[1])
+        return int(parts[1]) - (parts[2] == "hook_resid_pre")
 
     @classmethod
     def from_json(cls, raw: dict) -> "SAEConfig":

@@ -166,3 +166,27 @@ def test_a_request_whose_steering_fails_gets_an_error_and_the_rest_go_on(random_
             assert outputs[1].outputs[0].finish_reason in ("length", "stop") and outputs[1].outputs[0].token_ids
         steered = engine.generate(PROMPTS[1:2], [params(STRONG)])[0].outputs[0]
         assert steered.finish_reason in ("length", "stop") and list(steered.token_ids) != plain[0]
+
+
+def test_hook_resid_pre_reads_the_stream_of_the_layer_before(tmp_path):
+    """An SAE on blocks.16.hook_resid_pre reads what one on blocks.15.hook_resid_post reads: the same
+    steering. One on blocks.0.hook_resid_pre steers the embeddings: a strong clamp changes the reply,
+    an identity clamp leaves it bit-identical."""
+    import shutil
+
+    from steer_plugin.sae import CFG_FILENAME
+
+    post = write_sae(tmp_path / "post", d_sae=1024)
+    outputs = {}
+    for name, hook in (("post", None), ("pre16", "blocks.16.hook_resid_pre"), ("pre0", "blocks.0.hook_resid_pre")):
+        folder = post if hook is None else tmp_path / name
+        if hook is not None:
+            shutil.copytree(post, folder)
+            cfg = json.loads((folder / CFG_FILENAME).read_text())
+            cfg["metadata"]["hook_name"] = hook
+            (folder / CFG_FILENAME).write_text(json.dumps(cfg))
+        with offline_llm(folder) as engine:
+            outputs[name] = [token_ids(engine.generate(PROMPTS[:2], [params(c)] * 2)) for c in (None, STRONG, IDENTITY)]
+    assert outputs["pre16"] == outputs["post"]
+    plain, strong, identity = outputs["pre0"]
+    assert identity == plain and strong != plain

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -98,3 +99,15 @@ def test_encoding_only_some_features_equals_the_full_encode(arch, mode):
 def test_topk_refuses_a_partial_encode():
     with pytest.raises(ValueError, match="TopK"):
         make_sae("topk", d_in=32, d_sae=64, k=4).encode_columns(torch.randn(2, 32), torch.tensor([1]))
+
+
+@pytest.mark.parametrize("hook, layer", [("blocks.15.hook_resid_post", 15), ("blocks.16.hook_resid_pre", 15),
+                                         ("blocks.0.hook_resid_pre", -1), ("blocks.0.hook_resid_post", 0)])
+def test_hook_points_name_the_layer_output_the_sae_reads(hook, layer):
+    assert replace(make_sae().cfg, hook_name=hook).layer == layer
+
+
+@pytest.mark.parametrize("hook", ["blocks.3.hook_mlp_out", "blocks.3.attn.hook_z", "layers.3", "blocks.x.hook_resid_pre"])
+def test_other_hook_points_are_refused_with_the_reason(hook):
+    with pytest.raises(SAEFileError, match="hook_resid_post.*hook_resid_pre"):
+        replace(make_sae().cfg, hook_name=hook).layer

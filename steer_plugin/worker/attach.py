@@ -16,7 +16,7 @@ from steer_plugin.sae import SAE, SAEFileError
 from steer_plugin.spec import limits_for
 from steer_plugin.worker import metrics
 from steer_plugin.worker.clamp_table import ClampTable
-from steer_plugin.worker.ops import LayerSteer, SteeredLayer, register_layer
+from steer_plugin.worker.ops import LayerSteer, SteeredInput, SteeredLayer, register_layer
 from steer_plugin.worker.recorder import FeatureRecorder
 from steer_plugin.worker.step_layout import StepLayout
 
@@ -67,13 +67,14 @@ def attach(site, cfg: SteerConfig) -> WorkerSteering | None:
             f"steer_plugin: SAE d_in={sae.cfg.d_in} does not match the model's hidden size {site.hidden_size} "
             f"({cfg.sae_path})")
     layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
-    if not 0 <= layer < len(site.layers):
+    if not -1 <= layer < len(site.layers):
         raise SAEFileError(f"steer_plugin: layer {layer} out of range, the model has {len(site.layers)} layers")
-    if not site.held[layer]:
+    wrapped = max(layer, 0)  # -1, the embeddings: steer the input of layer 0
+    if not site.held[wrapped]:
         logger.info("action=skip_install layer=%d reason=held_by_another_pipeline_rank", layer)
         return None
-    if isinstance(site.layers[layer], SteeredLayer):
-        raise RuntimeError(f"steer_plugin: layer {layer} is already steered (model loaded twice?)")
+    if isinstance(site.layers[wrapped], (SteeredLayer, SteeredInput)):
+        raise RuntimeError(f"steer_plugin: layer {wrapped} is already steered (model loaded twice?)")
 
     activity = metrics.FeatureActivity(sae.cfg.d_sae, cfg.metrics_sample_every, cfg.metrics_watch, cfg.metrics_top_n)
 
@@ -96,7 +97,7 @@ def attach(site, cfg: SteerConfig) -> WorkerSteering | None:
                                    fault_feature=faults.get("apply")))
     metrics.SAE_INFO.labels(sae=Path(cfg.sae_path).name, layer=str(layer), d_sae=str(sae.cfg.d_sae),
                             architecture=sae.cfg.architecture).set(1)
-    site.layers[layer] = SteeredLayer(site.layers[layer], key)
+    site.layers[wrapped] = (SteeredLayer if layer >= 0 else SteeredInput)(site.layers[wrapped], key)
     logger.info("action=installed layer=%d sae=%s arch=%s d_sae=%d device=%s graph_safe=%s compile_mode=%s",
                 layer, cfg.sae_path, sae.cfg.architecture, sae.cfg.d_sae, site.device, site.graph_safe,
                 site.compile_mode)

@@ -149,3 +149,19 @@ class SteeredLayer(nn.Module):
     def forward(self, *args, **kwargs):
         hidden, residual = self.inner(*args, **kwargs)
         return torch.ops.steer_plugin.steer(hidden, residual, self.layer_key), residual
+
+
+class SteeredInput(nn.Module):
+    """Wraps the first decoder layer and applies the op to its input, the embeddings (an SAE on
+    `blocks.0.hook_resid_pre`). Decoder layers take (positions, hidden_states, residual); at layer 0
+    the residual is None and the stream is hidden_states alone."""
+
+    def __init__(self, inner: nn.Module, layer_key: str):
+        super().__init__()
+        self.inner = inner
+        self.layer_key = layer_key
+
+    def forward(self, positions, hidden_states, residual=None, *args, **kwargs):
+        stream_rest = torch.zeros_like(hidden_states) if residual is None else residual
+        hidden_states = torch.ops.steer_plugin.steer(hidden_states, stream_rest, self.layer_key)
+        return self.inner(positions, hidden_states, residual, *args, **kwargs)
