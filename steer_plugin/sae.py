@@ -1,4 +1,5 @@
-"""Sparse autoencoders in the SAELens on-disk format (`cfg.json` + `sae_weights.safetensors`).
+"""Sparse autoencoders: SAELens' on-disk format (`cfg.json` + `sae_weights.safetensors`), and the
+other layouts `sae_formats.py` reads into it.
 
 Math (SAELens semantics, per token):
     x_in   = normalize(x)                                   (see `Normalization`)
@@ -15,12 +16,15 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from steer_plugin import sae_formats
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -77,6 +81,9 @@ class SAEConfig:
         """The decoder layer whose output is the stream the SAE reads: L for `blocks.L.hook_resid_post`,
         L - 1 for `blocks.L.hook_resid_pre` (the input of layer L is the output of layer L - 1), and -1
         for `blocks.0.hook_resid_pre` (the input of the first layer: the embeddings)."""
+        if not self.hook_name:
+            raise SAEFileError("the SAE names no hook point: give the layer whose output it reads "
+                               "(server.py --layer, or steer.layer in the configuration)")
         parts = self.hook_name.split(".")
         if (len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit()
                 or parts[2] not in ("hook_resid_post", "hook_resid_pre")):
@@ -151,8 +158,14 @@ class SAE:
     # ---- on-disk format -------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SAE":
+        """An SAE in any layout `sae_formats` reads (SAELens, sparsify, Gemma Scope)."""
         path = Path(path)
         cfg = load_config(path)
+        kind = sae_formats.layout(path)
+        if kind == "sparsify":
+            return cls(cfg, sae_formats.sparsify_weights(path, str(device)))
+        if kind == "gemma_scope":
+            return cls(cfg, sae_formats.gemma_scope_weights(path, str(device)))
         weights_file = path / WEIGHTS_FILENAME
         if not weights_file.is_file():
             raise _layout_error(path, WEIGHTS_FILENAME)
@@ -237,20 +250,31 @@ class SAE:
 
 def _layout_error(path: Path, missing: str) -> SAEFileError:
     """An SAE folder this loader cannot read: say what is there and what is missing."""
-    found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    found = sorted(p.name for p in path.iterdir()) if path.is_dir() else ([path.name] if path.exists() else [])
     pickles = [name for name in found if name.endswith((".pt", ".pth", ".pkl", ".ckpt"))]
     hint = (f" Pickled weights ({', '.join(pickles)}) are never loaded: they can run code. Load the SAE with its "
             "own library and save it as safetensors (for SAELens: SAE.load_from_pretrained(...).save_model(DIR))."
             if pickles else "")
-    return SAEFileError(f"SAE folder {path}: {missing} is missing; found {found or 'nothing'}. Expected SAELens' "
-                        f"layout: {CFG_FILENAME} + {WEIGHTS_FILENAME}.{hint}")
+    return SAEFileError(f"SAE folder {path}: {missing} is missing; found {found or 'nothing'}. Readable layouts: "
+                        f"SAELens ({CFG_FILENAME} + {WEIGHTS_FILENAME}), sparsify ({CFG_FILENAME} + "
+                        f"{sae_formats.SPARSIFY_WEIGHTS}), Gemma Scope ({sae_formats.GEMMA_SCOPE_PARAMS}).{hint}")
 
 
 def load_config(path: str | Path) -> SAEConfig:
-    """Read only cfg.json (cheap: the API process validates requests with it)."""
-    cfg_file = Path(path) / CFG_FILENAME
+    """Read only the configuration and shapes, not the weights (cheap: the API process validates
+    requests with it)."""
+    path = Path(path)
+    kind = sae_formats.layout(path)
+    try:
+        if kind == "sparsify":
+            return SAEConfig.from_json(sae_formats.sparsify_config(path))
+        if kind == "gemma_scope":
+            return SAEConfig.from_json(sae_formats.gemma_scope_config(path))
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
+        raise SAEFileError(f"{kind} SAE at {path}: {e}") from None
+    cfg_file = path / CFG_FILENAME
     if not cfg_file.is_file():
-        raise _layout_error(Path(path), CFG_FILENAME)
+        raise _layout_error(path, CFG_FILENAME)
     return SAEConfig.from_json(json.loads(cfg_file.read_text()))
 
 

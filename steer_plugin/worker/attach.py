@@ -59,8 +59,8 @@ class WorkerSteering:
 
 def attach(site, cfg: SteerConfig) -> WorkerSteering | None:
     """site: `vllm_seam.ModelSite` of the loaded model. None when this rank does not hold the layer."""
-    if not Path(cfg.sae_path).is_dir():
-        raise SAEFileError(f"steer_plugin: SAE directory not found: {cfg.sae_path}")
+    if not Path(cfg.sae_path).exists():
+        raise SAEFileError(f"steer_plugin: SAE not found: {cfg.sae_path}")
     sae = SAE.load(cfg.sae_path, device=site.device)
     if sae.cfg.d_in != site.hidden_size:
         raise SAEFileError(
