@@ -1,0 +1,130 @@
+"""The bodies of the feature routes (`feature_routes.py`): what clients send and get back, as pydantic models."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from steer_plugin.spec import MAX_TOP_K
+
+MAX_TOP_FEATURES = 256  # worker.recorder.TOTAL_TOP
+
+
+class TokenCount(BaseModel):
+    token: str
+    count: int
+
+
+class Context(BaseModel):
+    text: str
+    """A corpus snippet, the activating token marked «like this»."""
+    activation: float
+
+
+class FeatureSummary(BaseModel):
+    id: int
+    label: str
+    """Automatic label from the top-activating tokens."""
+    max_activation: float
+    """What `unit: "max"` multiplies."""
+    frequency: float
+    """Fraction of corpus tokens on which the feature is active."""
+    top_tokens: list[TokenCount]
+    examples: list[Context]
+    score: float | None = None
+    """Search relevance (search results only)."""
+
+
+class FeatureDetail(FeatureSummary):
+    mean_activation: float
+    """Mean activation over the tokens where the feature is active."""
+    top_contexts: list[Context]
+
+
+class FeatureList(BaseModel):
+    object: Literal["list"] = "list"
+    query: str | None
+    total: int
+    """Features matching the query (all features without one)."""
+    offset: int
+    data: list[FeatureSummary]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class InspectRequest(BaseModel):
+    """Exactly one of `text` (used as is) or `messages` (the chat template applied, as for a chat request)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: Annotated[str, Field(min_length=1)] | None = None
+    messages: Annotated[list[Message], Field(min_length=1)] | None = None
+    top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K)] = 5
+    """Active features reported per token."""
+    top_features: Annotated[int, Field(ge=1, le=MAX_TOP_FEATURES)] = 20
+    """Features reported for the whole text, ranked by total activation (in units of max)."""
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "InspectRequest":
+        if (self.text is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'text' or 'messages'")
+        return self
+
+
+class ActiveFeature(BaseModel):
+    id: int
+    activation: float
+    label: str
+
+
+class TokenFeatures(BaseModel):
+    position: int
+    token_id: int
+    token: str
+    features: list[ActiveFeature]
+    """Strongest first; only active (> 0) features."""
+
+
+class GeneratedTokenFeatures(BaseModel):
+    index: int
+    """Generated token index; its features are those of the position that produced it (like logprobs)."""
+    features: list[ActiveFeature]
+
+
+class RankedFeature(BaseModel):
+    id: int
+    label: str
+    total_activation: float
+    """Sum over the text's positions except position 0 (an attention sink the SAE was not trained on)."""
+    total_max_units: float
+    """The same sum in units of the feature's max activation; the ranking key (dense features with
+    large activations would otherwise top every text)."""
+
+
+class InspectResponse(BaseModel):
+    object: Literal["feature_inspection"] = "feature_inspection"
+    sae: str
+    layer: int
+    num_tokens: int
+    tokens: list[TokenFeatures]
+    top_features: list[RankedFeature]
+
+
+class SAESummary(BaseModel):
+    id: str
+    """The SAE's folder name."""
+    layer: int
+    d_sae: int
+    architecture: str
+    hook_name: str
+    catalogue: bool
+    """Whether it ships a feature catalogue (search, labels)."""
+
+
+class SAEList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SAESummary]
