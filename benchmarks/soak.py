@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/soak"))
     args = p.parse_args(argv)
-    command = argv if argv is not None else __import__("sys").argv[1:]
+    command = argv if argv is not None else sys.argv[1:]
     if not (args.url or args.start):
         p.error("give --url or --start")
     server = Server([], args.out / "server.log").wait_ready() if args.start else None

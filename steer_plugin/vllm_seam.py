@@ -95,7 +95,7 @@ def roles_of_this_load() -> set[str]:
 
 
 def install(roles: set[str]) -> None:
-    """Install the hooks of the given roles ("frontend", "worker"); idempotent per role."""
+    """Install the hooks of the given roles ("frontend", "worker", "engine"); idempotent per role."""
     for role in sorted(roles - _installed):
         {"frontend": _install_frontend, "worker": _install_worker, "engine": _install_engine}[role]()
         _installed.add(role)

@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass
 
 from steer_plugin.api import metrics
+from steer_plugin.api.request_body import ERROR_CHARS, clip
 from steer_plugin.spec import (FIELD, RECORD_FIELD, ClampError, ClampPlan, FeatureRecording, RecordingError, SAELimits,
                                cache_salt, parse_clamps, parse_recording)
 
@@ -86,7 +87,8 @@ def admit(request_id: str, extra_args: dict | None, limits: SAELimits, graph_saf
             raise RecordingError(f"{RECORD_FIELD}: feature inspection runs on the host and is off under CUDA "
                                  "graphs; start the server with --enforce-eager to use it")
     except (ClampError, RecordingError) as e:
-        logger.info("action=rejected req=%s reason=%s", request_id, e)
+        message = clip(str(e), ERROR_CHARS)  # it may quote client input (an unknown key, say)
+        logger.info("action=rejected req=%s reason=%s", request_id, message)
         metrics.REJECTED.inc()
-        raise AdmissionError(str(e), FIELD if isinstance(e, ClampError) else RECORD_FIELD) from None
+        raise AdmissionError(message, FIELD if isinstance(e, ClampError) else RECORD_FIELD) from None
     return Admitted(plan, recording)

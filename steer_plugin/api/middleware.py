@@ -26,7 +26,7 @@ import re
 
 from steer_plugin.api import request_body, return_features, routes
 from steer_plugin.api.metrics import REJECTED
-from steer_plugin.api.request_body import BodyError, clip
+from steer_plugin.api.request_body import ERROR_CHARS, BodyError, clip
 from steer_plugin.spec import FIELD, RECORD_FIELD, ClampError, FeatureRecording, RecordingError, SAELimits, parse_clamps
 
 logger = logging.getLogger(__name__)
@@ -79,8 +79,7 @@ class FeatureClampMiddleware:
             return await self._reject(send, scope, e)
         if rewritten is not None:
             body = rewritten
-            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-            scope = {**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}
+            scope = {**scope, "headers": request_body.with_length(scope["headers"], len(body))}
 
         sent = False
 
@@ -152,13 +151,12 @@ class FeatureClampMiddleware:
     async def _reject(send, scope, error: ValueError) -> None:
         param = error.param if isinstance(error, BodyError) else (
             FIELD if isinstance(error, ClampError) else return_features.FIELD)
-        message = clip(str(error), 600)
+        message = clip(str(error), ERROR_CHARS)
         logger.info("action=rejected path=%s param=%s reason=%s", clip(scope["path"]), param, message)
         REJECTED.inc()
         body = error_body(message, param)
         await send({"type": "http.response.start", "status": 400,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+                    "headers": request_body.with_length([(b"content-type", b"application/json")], len(body))})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -191,15 +189,14 @@ class _ClippedErrors:
         body = b"".join(self._chunks)
         if len(body) > MAX_ERROR_BYTES:
             body = self._clipped(body)
-        headers = [(k, v) for k, v in self._start["headers"] if k.lower() != b"content-length"]
-        await self._send({**self._start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+        await self._send({**self._start, "headers": request_body.with_length(self._start["headers"], len(body))})
         await self._send({"type": "http.response.body", "body": body, "more_body": False})
 
     @staticmethod
     def _clipped(body: bytes) -> bytes:
         try:
             reply = json.loads(body)
-            reply["error"]["message"] = clip(reply["error"]["message"], 600)
+            reply["error"]["message"] = clip(reply["error"]["message"], ERROR_CHARS)
             return json.dumps(reply).encode()
         except (ValueError, KeyError, TypeError):
-            return clip(body.decode(errors="replace"), 600).encode()
+            return clip(body.decode(errors="replace"), ERROR_CHARS).encode()

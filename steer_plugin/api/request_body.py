@@ -24,6 +24,8 @@ MAX_INT_DIGITS = 100
 """Longest integer accepted (seeds and token ids have at most 20 digits)."""
 ECHO_CHARS = 120
 """Client text quoted in an error message or log line is cut to this many characters."""
+ERROR_CHARS = 600
+"""A whole error message (which may quote client text) is cut to this many characters."""
 
 _LONG_INT = re.compile(rb"\d{%d}" % (MAX_INT_DIGITS + 1))
 _NEAR_MISSES = {"featureclamps": FIELD, "featureclamp": FIELD, "clamps": FIELD, "featuresclamps": FIELD,
@@ -40,6 +42,11 @@ class BodyError(ValueError):
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
+
+
+def with_length(headers: list[tuple[bytes, bytes]], length: int) -> list[tuple[bytes, bytes]]:
+    """ASGI headers with `content-length` set to `length` (for a body the plugin rewrote)."""
+    return [(k, v) for k, v in headers if k.lower() != b"content-length"] + [(b"content-length", str(length).encode())]
 
 
 def clip(text: Any, limit: int = ECHO_CHARS) -> str:

@@ -18,6 +18,7 @@ import json
 from collections.abc import Awaitable, Callable
 
 from steer_plugin.api.admission import new_recording_key
+from steer_plugin.api.request_body import with_length
 from steer_plugin.spec import MAX_TOP_K, FeatureRecording, RecordingError
 
 FIELD = "return_features"
@@ -95,8 +96,7 @@ class FeatureAppender:
         reply = json.loads(b"".join(self._chunks))
         reply["choices"][0]["features"] = await self._features()
         out = json.dumps(reply).encode()
-        headers = [(k, v) for k, v in self._start["headers"] if k.lower() != b"content-length"]
-        await self._send({**self._start, "headers": headers + [(b"content-length", str(len(out)).encode())]})
+        await self._send({**self._start, "headers": with_length(self._start["headers"], len(out))})
         await self._send({"type": "http.response.body", "body": out, "more_body": False})
 
     async def _stream(self, message: dict) -> None:

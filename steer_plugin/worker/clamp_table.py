@@ -28,10 +28,6 @@ logger = logging.getLogger(__name__)
 _PROMPT, _GENERATED = 1, 2  # spec.TOKENS_CODE
 
 
-class _AlreadyFailed(Exception):
-    pass
-
-
 class _RequestRows:
     """One request's clamps as its rows by kind of position ([K] arrays, or None: no clamp acts there)."""
 
@@ -89,8 +85,6 @@ class ClampTable:
         """Distinct features clamped in the current step [U] (host tensor; eager path decodes only these)."""
         self.compact = torch.zeros((0, self.width), dtype=torch.long)
         """The used rows' features as positions in `columns` [used, K]; padding = U (host tensor)."""
-        self.step_plans: list[ClampPlan] = []
-        """Clamp sets of the requests steered in the current step (for metrics)."""
         self.failed: set[str] = set()
         """Requests whose clamps could not be prepared or applied, to be failed with an error reply
         (drained by the worker after each step; see `vllm_seam`)."""
@@ -122,26 +116,24 @@ class ClampTable:
         self._broken &= set(req_ids)  # requests that left the batch
         rows_of: dict[str, _RequestRows | None] = {}
         for rid in req_ids:
+            rows_of[rid] = None
+            if rid in self._broken:  # failed in an earlier step and not finished yet
+                self.failed.add(rid)
+                continue
             try:
-                if rid in self._broken:  # failed in an earlier step and not finished yet
-                    raise _AlreadyFailed
                 rows_of[rid] = self._rows(rid, layout.extra_args_of(rid))
-            except Exception as e:
-                if not isinstance(e, _AlreadyFailed):
-                    logger.exception("action=failed req=%s reason=clamps_not_prepared", rid)
+            except Exception:
+                logger.exception("action=failed req=%s reason=clamps_not_prepared", rid)
                 self._broken.add(rid)
                 self.failed.add(rid)
-                rows_of[rid] = None
         self._rows_of = rows_of
         self.step_steered = [rid for rid in req_ids if rows_of[rid] is not None]
         kind_row = np.full((3, len(req_ids)), -1, dtype=np.int32)  # [kind, R] table row of each request
-        plans = []
         used = 0
         for i, rid in enumerate(req_ids):  # per request, not per token
             rows = rows_of[rid]
             if rows is None:
                 continue
-            plans.append(rows.plan)
             for k, kind in enumerate(rows.kinds):
                 if kind is not None:
                     self._h_feature[used] = torch.from_numpy(kind[0])
@@ -149,7 +141,6 @@ class ClampTable:
                     self._h_add[used] = torch.from_numpy(kind[2])
                     kind_row[k, i] = used
                     used += 1
-        self.step_plans = plans
         if used == 0:
             self.num_steered_tokens = 0
             if self._dirty:  # leave no stale rows behind for graph replays
@@ -189,5 +180,4 @@ class ClampTable:
         """Never leave a partial fill behind (called when a fill raises)."""
         self.tok_row.fill_(-1)
         self.num_steered_tokens = 0
-        self.step_plans = []
         self._dirty = False
