@@ -7,12 +7,23 @@ Configuration reaches every vLLM process through `VllmConfig.additional_config["
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SAE_DIR = REPO_ROOT / "sae_weights" / "smollm2-135m-instruct-l15"
+DEFAULT_SAE_NAME = "smollm2-135m-instruct-l15"
+
+
+def _default_sae_dir() -> Path:
+    # A checkout (or an editable install) has it in the source tree; a wheel carries the same
+    # folder as package data, steer_plugin/sae_weights/ (see pyproject.toml).
+    in_tree = REPO_ROOT / "sae_weights" / DEFAULT_SAE_NAME
+    return in_tree if in_tree.is_dir() else Path(__file__).resolve().parent / "sae_weights" / DEFAULT_SAE_NAME
+
+
+DEFAULT_SAE_DIR = _default_sae_dir()
 DISABLE_ENV = "STEER_PLUGIN_DISABLE"
 """Set to 1 to make the plugin a no-op (vanilla vLLM with the package installed)."""
 ALLOW_ANY_VLLM_ENV = "STEER_PLUGIN_ALLOW_ANY_VLLM"
@@ -48,36 +59,69 @@ def allow_any_vllm() -> bool:
     return _flag(ALLOW_ANY_VLLM_ENV)
 
 
+_SAE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class SAESource:
+    """One SAE the server loads, and where in the model it reads and writes the residual stream."""
+
+    path: str
+    """SAE folder or file; its layout is detected from the files (see `sae_formats`)."""
+    id: str = ""
+    """Name clamps, feature routes and metrics use for it; default: the folder name."""
+    layer: int | None = None
+    """Decoder layer whose output the SAE reads; None: taken from the SAE (its hook point or path)."""
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", Path(self.path).name)
+        if not _SAE_ID.match(self.id):
+            raise ValueError(f"SAE id {self.id!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+        if self.layer is not None and self.layer < -1:
+            raise ValueError(f"SAE {self.id}: layer must be >= -1 (-1: the embeddings), got {self.layer}")
+
+    def stream_layer(self, sae_cfg) -> int:
+        """The decoder layer whose output the SAE reads (-1: the embeddings); sae_cfg: its `sae.SAEConfig`."""
+        return self.layer if self.layer is not None else sae_cfg.layer
+
+
 @dataclass(frozen=True)
 class SteerConfig:
-    """Where the SAE comes from and how the steering op behaves."""
+    """Which SAEs are served and how the steering op behaves."""
 
-    sae_path: str = str(DEFAULT_SAE_DIR)
-    """Directory in SAELens format (cfg.json + sae_weights.safetensors [+ feature_stats.safetensors])."""
-    layer: int | None = None
-    """Decoder layer whose output the SAE reads; None: taken from the SAE's hook_name."""
+    saes: tuple[SAESource, ...] = (SAESource(str(DEFAULT_SAE_DIR)),)
+    """The SAEs, in order: a clamp without `"sae"` acts on the first. SAEs reading the same point of
+    the residual stream are applied in this order (each reads the stream the previous one wrote)."""
     max_clamps: int = 32
-    """Most clamps one request may carry; the width of the per-request clamp table."""
+    """Most clamps one request may carry, over all SAEs; the width of each clamp table."""
     metrics_sample_every: int = 1
     """Feature-activity metrics encode every n-th forward step (0: feature metrics off)."""
     metrics_watch: tuple[int, ...] = ()
-    """Features whose activity counter is always exported."""
+    """Features (of every SAE) whose activity counter is always exported."""
     metrics_top_n: int = 20
-    """Also export the n most frequently active features (bounded label cardinality)."""
+    """Also export each SAE's n most frequently active features (bounded label cardinality)."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """Unrecognised keys, kept so the error message can name them."""
 
     def __post_init__(self) -> None:
         if self.extra:
             raise ValueError(f"unknown steer configuration keys: {sorted(self.extra)}")
+        if not self.saes:
+            raise ValueError("steer.saes: give at least one SAE")
+        ids = [s.id for s in self.saes]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"steer.saes: SAE ids must differ, got {ids} (name them: --sae ID=PATH)")
         if not 1 <= self.max_clamps <= 1024:
             raise ValueError(f"steer.max_clamps must be in [1, 1024], got {self.max_clamps}")
-        if self.layer is not None and self.layer < 0:
-            raise ValueError(f"steer.layer must be >= 0, got {self.layer}")
         if self.metrics_sample_every < 0:
             raise ValueError("steer.metrics_sample_every must be >= 0")
         if self.metrics_top_n < 0:
             raise ValueError("steer.metrics_top_n must be >= 0")
+
+    @property
+    def sae_ids(self) -> tuple[str, ...]:
+        return tuple(s.id for s in self.saes)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "SteerConfig":
@@ -86,6 +130,8 @@ class SteerConfig:
         extra = {k: raw.pop(k) for k in list(raw) if k not in known}
         if "metrics_watch" in raw:
             raw["metrics_watch"] = tuple(int(i) for i in raw["metrics_watch"])
+        if "saes" in raw:
+            raw["saes"] = tuple(SAESource(**s) for s in raw["saes"])
         return cls(**raw, extra=extra)
 
     @classmethod
@@ -94,7 +140,9 @@ class SteerConfig:
         return cls.from_dict(additional.get("steer"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "saes")}
+        out["saes"] = [asdict(s) for s in self.saes]
+        return out
 
 
 def default_model_dir() -> Path:

@@ -33,6 +33,8 @@ class FeatureClamp(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    sae: Annotated[str, Field(strict=True, min_length=1, max_length=64)] | None = None
+    """Which loaded SAE the feature belongs to (its id, see /v1/saes); default: the first."""
     feature: Annotated[int, Field(strict=True, ge=0)]
     """SAE feature (latent) index."""
     value: Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -54,36 +56,66 @@ class ClampError(ValueError):
 
 @dataclass(frozen=True)
 class SAELimits:
-    """What the loaded SAE allows; trusted, from the server configuration."""
+    """What one loaded SAE allows; trusted, from its files."""
 
     d_sae: int
     """Feature indices must be below this."""
-    max_clamps: int
-    """Most clamps one request may carry (the per-request clamp table width)."""
     max_activation: np.ndarray | None
     """Per-feature max activation [d_sae] for unit="max"; None if the SAE ships no stats."""
 
 
-def limits_for(cfg) -> SAELimits:
-    """What requests may ask of the SAE that `cfg` (a `config.SteerConfig`) serves; read from its files."""
+@dataclass(frozen=True)
+class Limits:
+    """What requests may ask of the server's SAEs; trusted, from the server configuration."""
+
+    saes: dict[str, SAELimits]
+    """By SAE id, in configuration order: the first is the SAE of clamps that name none."""
+    max_clamps: int
+    """Most clamps one request may carry, over all SAEs (the per-request clamp table width)."""
+
+    @classmethod
+    def one(cls, d_sae: int, max_clamps: int, max_activation: np.ndarray | None = None,
+            sae_id: str = "sae") -> "Limits":
+        """The limits of a server with a single SAE."""
+        return cls({sae_id: SAELimits(d_sae, max_activation)}, max_clamps)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(self.saes)
+
+    def index(self, sae_id: str | None, where: str, error: type[ValueError]) -> int:
+        """Position of an SAE id in configuration order (None: the first); unknown ids raise `error`."""
+        if sae_id is None:
+            return 0
+        if sae_id not in self.saes:
+            raise error(f"{where}: unknown SAE {sae_id[:64]!r}; this server has {', '.join(map(repr, self.saes))}")
+        return self.ids.index(sae_id)
+
+
+def limits_for(cfg) -> Limits:
+    """What requests may ask of the SAEs `cfg` (a `config.SteerConfig`) serves; read from their files."""
     from steer_plugin.sae import load_config, load_max_activations
 
-    max_act = load_max_activations(cfg.sae_path)
-    return SAELimits(d_sae=load_config(cfg.sae_path).d_sae, max_clamps=cfg.max_clamps,
-                     max_activation=None if max_act is None else max_act.numpy())
+    saes = {}
+    for source in cfg.saes:
+        max_act = load_max_activations(source.path)
+        saes[source.id] = SAELimits(d_sae=load_config(source.path).d_sae,
+                                    max_activation=None if max_act is None else max_act.numpy())
+    return Limits(saes, cfg.max_clamps)
 
 
 @dataclass(frozen=True)
 class ClampPlan:
-    """A validated clamp set in table form (K = number of clamps)."""
+    """A validated clamp set in table form (K = number of clamps), sorted by SAE and feature."""
 
+    sae: np.ndarray  # [K] int8, position of the clamp's SAE in `Limits.saes`
     feature: np.ndarray  # [K] int64
     mul: np.ndarray  # [K] float32
     add: np.ndarray  # [K] float32
     tokens: np.ndarray  # [K] int8, TOKENS_CODE
     mode: np.ndarray  # [K] int8, MODE_CODE
     canonical: str
-    """Stable JSON of the clamp set, used to key the prefix cache."""
+    """Stable JSON of the whole clamp set (every SAE), used to key the prefix cache."""
 
     def __len__(self) -> int:
         return len(self.feature)
@@ -92,6 +124,16 @@ class ClampPlan:
     def scoped(self) -> bool:
         """Whether some clamp acts on prompt or generated positions only (not all)."""
         return bool((self.tokens != TOKENS_CODE["all"]).any())
+
+    def only(self, sae: int) -> "ClampPlan | None":
+        """The clamps of one SAE (by position), or None if the plan has none for it."""
+        keep = self.sae == sae
+        if not keep.any():
+            return None
+        if keep.all():
+            return self
+        return ClampPlan(sae=self.sae[keep], feature=self.feature[keep], mul=self.mul[keep], add=self.add[keep],
+                         tokens=self.tokens[keep], mode=self.mode[keep], canonical=self.canonical)
 
 
 def _load(raw: Any, field: str, error: type[ValueError]) -> Any:
@@ -111,7 +153,7 @@ def _location(field: str, loc: tuple) -> str:
     return out
 
 
-def parse_clamps(raw: Any, limits: SAELimits) -> ClampPlan | None:
+def parse_clamps(raw: Any, limits: Limits) -> ClampPlan | None:
     """Validate a `feature_clamps` value (list, or its JSON string). None means "no steering"."""
     if raw is None:
         return None
@@ -128,31 +170,37 @@ def parse_clamps(raw: Any, limits: SAELimits) -> ClampPlan | None:
         first = e.errors()[0]
         raise ClampError(f"{_location(FIELD, first['loc'])}: {first['msg']}") from None
 
-    seen: dict[int, int] = {}
+    seen: dict[tuple[int, int], int] = {}
     rows = []
     for i, c in enumerate(clamps):
         where = f"{FIELD}[{i}]"
-        if c.feature >= limits.d_sae:
-            raise ClampError(f"{where}.feature: {c.feature} is out of range (SAE has {limits.d_sae} features)")
-        if c.feature in seen:
-            raise ClampError(f"{where}.feature: feature {c.feature} already clamped by {FIELD}[{seen[c.feature]}]")
-        seen[c.feature] = i
+        sae = limits.index(c.sae, f"{where}.sae", ClampError)
+        sae_id = limits.ids[sae]
+        sae_limits = limits.saes[sae_id]
+        if c.feature >= sae_limits.d_sae:
+            raise ClampError(f"{where}.feature: {c.feature} is out of range (SAE {sae_id} has "
+                             f"{sae_limits.d_sae} features)")
+        if (sae, c.feature) in seen:
+            raise ClampError(f"{where}.feature: feature {c.feature} of SAE {sae_id} already clamped by "
+                             f"{FIELD}[{seen[sae, c.feature]}]")
+        seen[sae, c.feature] = i
         value = c.value
         if c.unit == "max":
             if c.mode == "scale":
                 raise ClampError(f"{where}.unit: 'max' has no meaning for mode 'scale' (a pure factor)")
-            if limits.max_activation is None:
-                raise ClampError(f"{where}.unit: 'max' needs per-feature max activations, this SAE has none")
-            value *= float(limits.max_activation[c.feature])
+            if sae_limits.max_activation is None:
+                raise ClampError(f"{where}.unit: 'max' needs per-feature max activations, SAE {sae_id} has none")
+            value *= float(sae_limits.max_activation[c.feature])
         if not math.isfinite(value) or abs(value) > 1e30:
             raise ClampError(f"{where}.value: {c.value} is too large")
         mul, add = {"set": (0.0, value), "add": (1.0, value), "scale": (value, 0.0)}[c.mode]
-        rows.append((c.feature, mul, add, TOKENS_CODE[c.tokens], MODE_CODE[c.mode]))
+        rows.append((sae, c.feature, mul, add, TOKENS_CODE[c.tokens], MODE_CODE[c.mode]))
 
     rows.sort()
-    canonical = json.dumps([[f, m, a, t] for f, m, a, t, _ in rows], separators=(",", ":"))
-    feature, mul, add, tokens, mode = zip(*rows)
+    canonical = json.dumps([[limits.ids[s], f, m, a, t] for s, f, m, a, t, _ in rows], separators=(",", ":"))
+    sae, feature, mul, add, tokens, mode = zip(*rows)
     return ClampPlan(
+        sae=np.asarray(sae, dtype=np.int8),
         feature=np.asarray(feature, dtype=np.int64), mul=np.asarray(mul, dtype=np.float32),
         add=np.asarray(add, dtype=np.float32), tokens=np.asarray(tokens, dtype=np.int8),
         mode=np.asarray(mode, dtype=np.int8),
@@ -205,6 +253,8 @@ class FeatureRecording(BaseModel):
 
     key: Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
     """Server-generated handle the records are fetched with."""
+    sae: Annotated[str, Field(min_length=1, max_length=64)]
+    """Id of the SAE whose features are recorded."""
     top_k: Annotated[int, Field(strict=True, ge=1, le=MAX_TOP_K)]
     """Features kept per token, strongest first."""
     scope: Literal["prompt", "generation"]

@@ -193,7 +193,7 @@ class ModelSite:
     """What the worker side needs to know of the loaded model, read from vLLM's runner and config."""
 
     layers: torch.nn.ModuleList
-    """The decoder layers (`model.model.layers`); entries may be placeholders of other PP ranks."""
+    """The decoder layers; entries may be placeholders of other PP ranks."""
     held: tuple[bool, ...]
     """Per layer: whether this pipeline rank holds it (False for vLLM's PPMissingLayer)."""
     device: torch.device
@@ -207,22 +207,33 @@ class ModelSite:
     compile_mode: str
     reports_outputs: bool
     """This rank's step outputs reach the scheduler (the last pipeline rank)."""
+    exports_metrics: bool
+    """This rank exports the worker-side metrics: the first tensor-parallel rank (every TP rank
+    steers the same replicated stream; counting on each would multiply the counts)."""
+
+
+def _decoder_layers(model, num_layers: int) -> torch.nn.ModuleList:
+    """The model's decoder layers: the outermost ModuleList with one entry per hidden layer
+    (`model.layers` in Llama-like models, `transformer.h` in GPT-2, `model.decoder.layers` in OPT)."""
+    for _, module in model.named_modules():  # parents before children
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise RuntimeError(f"steer_plugin: cannot find the {num_layers} decoder layers of {type(model).__name__} "
+                       "(no ModuleList of that length); this model cannot be steered")
 
 
 def _model_site(runner, vllm_config) -> ModelSite:
-    from vllm.distributed import get_pp_group
+    from vllm.distributed import get_pp_group, get_tp_group
     from vllm.model_executor.models.utils import PPMissingLayer
 
     model = runner.get_model()  # unwraps vLLM's CUDAGraphWrapper
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise RuntimeError(f"steer_plugin: cannot find decoder layers (model.model.layers) in {type(model).__name__}")
+    layers = _decoder_layers(model, vllm_config.model_config.get_total_num_hidden_layers())
     return ModelSite(layers=layers, held=tuple(not isinstance(layer, PPMissingLayer) for layer in layers),
                      device=next(model.parameters()).device,
                      hidden_size=vllm_config.model_config.get_hidden_size(),
                      max_num_tokens=runner.max_num_tokens, max_num_reqs=runner.max_num_reqs,
                      graph_safe=runs_graph_safe(vllm_config), compile_mode=str(vllm_config.compilation_config.mode),
-                     reports_outputs=get_pp_group().is_last_rank)
+                     reports_outputs=get_pp_group().is_last_rank, exports_metrics=get_tp_group().rank_in_group == 0)
 
 
 def _step_layout(runner, num_scheduled_tokens: np.ndarray):

@@ -22,7 +22,7 @@ def offline_llm(sae_dir: Path | None, enforce_eager: bool = True, plugin: bool =
     previous = os.environ.get("STEER_PLUGIN_DISABLE")
     os.environ["STEER_PLUGIN_DISABLE"] = "0" if plugin else "1"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    extra = {"additional_config": {"steer": {"sae_path": str(sae_dir)}}} if plugin and sae_dir else {}
+    extra = {"additional_config": {"steer": {"saes": [{"path": str(sae_dir)}]}}} if plugin and sae_dir else {}
     llm = LLM(model=MODEL, dtype="float32", enforce_eager=enforce_eager, max_model_len=2048,
               seed=0, **extra, **kwargs)
     try:

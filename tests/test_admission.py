@@ -23,7 +23,7 @@ def processor():
 
     vllm_seam.install({"frontend"})
     config = EngineArgs(model=str(default_model_dir()), dtype="float32", max_model_len=512,
-                        additional_config={"steer": {"sae_path": str(DEFAULT_SAE_DIR)}}).create_engine_config()
+                        additional_config={"steer": {"saes": [{"path": str(DEFAULT_SAE_DIR)}]}}).create_engine_config()
     return InputProcessor(config, renderer_from_config(config))
 
 
@@ -56,17 +56,19 @@ def test_clamp_sets_key_the_prefix_cache(processor):
 
 def test_prompt_recording_gets_a_salt_of_its_own(processor):
     key = new_recording_key()
-    recording = json.dumps({"key": key, "top_k": 3, "scope": "prompt"})
+    recording = json.dumps({"key": key, "sae": "smollm2-135m-instruct-l15", "top_k": 3, "scope": "prompt"})
     assert key in _process(processor, {RECORD_FIELD: recording}).cache_salt
 
 
 def test_recording_is_internal_clients_cannot_forge_it(processor):
     from vllm.exceptions import VLLMValidationError
 
-    forged = new_recording_key()[:-1] + "0"
+    real = new_recording_key()
+    forged = real[:-1] + ("1" if real.endswith("0") else "0")  # one signature digit changed
     for key in (forged, "a" * 32, "0" * 32 + "-" + "0" * 24):
         with pytest.raises(VLLMValidationError, match="internal field") as info:
-            _process(processor, {RECORD_FIELD: json.dumps({"key": key, "top_k": 3, "scope": "generation"})})
+            _process(processor, {RECORD_FIELD: json.dumps({"key": key, "sae": "smollm2-135m-instruct-l15", "top_k": 3,
+                                                           "scope": "generation"})})
         assert info.value.parameter == RECORD_FIELD
 
 
@@ -74,7 +76,7 @@ def test_recording_is_internal_clients_cannot_forge_it(processor):
     ({FIELD: json.dumps([{"feature": 10**6, "value": 1}])}, FIELD, "out of range"),
     ({FIELD: "[{"}, FIELD, "not valid JSON"),
     ({FIELD: json.dumps([{"feature": 1, "value": 1, "mode": "clamp"}])}, FIELD, "feature_clamps[0].mode"),
-    ({RECORD_FIELD: json.dumps({"key": "short", "top_k": 3, "scope": "prompt"})}, RECORD_FIELD, "key"),
+    ({RECORD_FIELD: json.dumps({"key": "short", "sae": "smollm2-135m-instruct-l15", "top_k": 3, "scope": "prompt"})}, RECORD_FIELD, "key"),
 ])
 def test_bad_steering_is_a_validation_error_naming_the_field(processor, extra, field, words):
     from vllm.exceptions import VLLMValidationError

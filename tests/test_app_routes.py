@@ -29,7 +29,7 @@ def _build(*flags: str):
     app = build_app(args, supported_tasks=("generate",))
     app.state.vllm_config = EngineArgs(
         model=str(default_model_dir()), dtype="float32", max_model_len=512,
-        additional_config={"steer": {"sae_path": str(DEFAULT_SAE_DIR)}}).create_engine_config()
+        additional_config={"steer": {"saes": [{"path": str(DEFAULT_SAE_DIR)}]}}).create_engine_config()
     return app
 
 

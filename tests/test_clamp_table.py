@@ -7,15 +7,15 @@ import json
 import numpy as np
 import torch
 
-from steer_plugin.spec import SAELimits
+from steer_plugin.spec import Limits
 from steer_plugin.worker.clamp_table import ClampTable
 from steer_plugin.worker.step_layout import StepLayout
 
-LIMITS = SAELimits(d_sae=64, max_clamps=4, max_activation=np.full(64, 2.0, dtype=np.float32))
+LIMITS = Limits.one(d_sae=64, max_clamps=4, max_activation=np.full(64, 2.0, dtype=np.float32))
 
 
 def _table(**kwargs) -> ClampTable:
-    return ClampTable(LIMITS, max_tokens=32, max_reqs=4, device=torch.device("cpu"), **kwargs)
+    return ClampTable(LIMITS, "sae", max_tokens=32, max_reqs=4, device=torch.device("cpu"), **kwargs)
 
 
 def _layout(clamps: dict[str, list | None], scheduled, computed, prompt) -> StepLayout:
@@ -50,7 +50,7 @@ def test_rows_follow_token_scope_and_request():
     assert table.feature[prompt_row, 0] == 7 and table.add[prompt_row, 0] == 3.0 and table.mul[prompt_row, 0] == 0
     assert table.feature[gen_row, 0] == 9 and table.mul[gen_row, 0] == 2.0 and table.add[gen_row, 0] == 0
     assert table.feature[last_row, :2].tolist() == [7, 9]  # both scopes act on the last prompt position
-    assert (table.feature[prompt_row, 1:] == LIMITS.d_sae).all()  # padding: the dummy column, no change
+    assert (table.feature[prompt_row, 1:] == LIMITS.saes["sae"].d_sae).all()  # padding: the dummy column, no change
     assert (table.mul[prompt_row, 1:] == 1).all() and (table.add[prompt_row, 1:] == 0).all()
     assert (table.tok_row[8:] == -1).all()
     assert table.num_steered_tokens == 6 and table.steered_tokens.tolist() == [2, 3, 4, 5, 6, 7]

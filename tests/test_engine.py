@@ -134,11 +134,11 @@ def test_sae_width_mismatch_fails_at_start_up(tmp_path):
     bad = write_sae(tmp_path / "narrow", d_in=64, d_sae=128)
     script = (f"from vllm import LLM\nif __name__ == '__main__':\n"
               f"    LLM(model={MODEL!r}, dtype='float32', enforce_eager=True, max_model_len=512,"
-              f" additional_config={{'steer': {{'sae_path': {str(bad)!r}}}}})\n")
+              f" additional_config={{'steer': {{'saes': [{{'path': {str(bad)!r}}}]}}}})\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
                             timeout=600, env={"VLLM_CPU_KVCACHE_SPACE": "1", **__import__("os").environ})
     assert result.returncode != 0
-    assert "SAE d_in=64 does not match the model's hidden size 576" in result.stdout + result.stderr
+    assert "has d_in=64, the model's hidden size is 576" in result.stdout + result.stderr
 
 
 def test_pipeline_parallel_2_steers_on_the_rank_holding_the_layer(random_sae_dir, monkeypatch):

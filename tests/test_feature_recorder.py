@@ -17,12 +17,12 @@ D_IN, D_SAE = 32, 64
 
 
 def _args(key, scope, top_k=4):
-    return {RECORD_FIELD: json.dumps({"key": key, "top_k": top_k, "scope": scope})}
+    return {RECORD_FIELD: json.dumps({"key": key, "sae": "sae", "top_k": top_k, "scope": scope})}
 
 
 def test_records_the_right_positions_across_chunked_steps():
     sae = make_sae("topk", d_in=D_IN, d_sae=D_SAE, k=8)
-    rec = FeatureRecorder()
+    rec = FeatureRecorder("sae")
     extra = {"p": _args("prompt-key", "prompt"), "g": _args("gen-key-1", "generation", 2), "u": None}
     # step 1: p prefills positions 0..3 of 6, g decodes position 5 (prompt of 5), u is not recorded
     # step 2: p prefills 4..5 and its first generated position 6 is not asked for
@@ -51,7 +51,7 @@ def test_records_the_right_positions_across_chunked_steps():
 
 def test_unfetched_records_are_bounded():
     sae = make_sae("topk", d_in=D_IN, d_sae=D_SAE, k=8)
-    rec = FeatureRecorder(capacity=2)
+    rec = FeatureRecorder("sae", capacity=2)
     for i in range(3):
         key = f"key-{i:05d}"
         rec.fill(StepLayout([key], np.array([2]), np.array([0]), np.array([2]), {key: _args(key, "prompt")}.get))
@@ -61,9 +61,9 @@ def test_unfetched_records_are_bounded():
 
 @pytest.mark.parametrize("raw,where", [
     ("{", "not valid JSON"), ({"key": "k", "top_k": 1, "scope": "prompt"}, ".key"),
-    ({"key": "abcdefgh", "top_k": 0, "scope": "prompt"}, ".top_k"),
-    ({"key": "abcdefgh", "top_k": 2, "scope": "everything"}, ".scope"),
-    ({"key": "abcdefgh", "top_k": 2, "scope": "prompt", "x": 1}, ".x"),
+    ({"key": "abcdefgh", "sae": "s", "top_k": 0, "scope": "prompt"}, ".top_k"),
+    ({"key": "abcdefgh", "sae": "s", "top_k": 2, "scope": "everything"}, ".scope"),
+    ({"key": "abcdefgh", "sae": "s", "top_k": 2, "scope": "prompt", "x": 1}, ".x"),
 ])
 def test_recording_requests_are_validated(raw, where):
     with pytest.raises(RecordingError, match=RECORD_FIELD) as e:

@@ -30,7 +30,8 @@ def _client(service) -> httpx.AsyncClient:
 
 async def test_search_does_not_block_other_requests(service, monkeypatch):
     started, release = threading.Event(), threading.Event()
-    search = service.catalogue.search
+    catalogue = service._saes["smollm2-135m-instruct-l15"].catalogue
+    search = catalogue.search
 
     def slow_search(*args):
         started.set()
@@ -38,7 +39,7 @@ async def test_search_does_not_block_other_requests(service, monkeypatch):
             raise TimeoutError("search ran on the event loop: no other request was served")
         return search(*args)
 
-    monkeypatch.setattr(service.catalogue, "search", slow_search)
+    monkeypatch.setattr(catalogue, "search", slow_search)
     async with _client(service) as client:
         pending = asyncio.create_task(client.get("/v1/features", params={"q": "God"}))
         while not started.is_set():

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import server
-from steer_plugin.config import DEFAULT_SAE_DIR, SteerConfig
+from steer_plugin.config import DEFAULT_SAE_DIR, SAESource, SteerConfig
 
 
 def _args(*argv: str):
@@ -16,7 +16,7 @@ def _args(*argv: str):
 def test_defaults_reach_vllm_as_additional_config():
     argv = server.vllm_argv(_args("--max-clamps", "8", "--metrics-watch", "3,7"), ["--max-num-seqs", "4"])
     steer = json.loads(argv[argv.index("--additional-config") + 1])["steer"]
-    assert SteerConfig.from_dict(steer) == SteerConfig(sae_path=str(DEFAULT_SAE_DIR.resolve()), max_clamps=8,
+    assert SteerConfig.from_dict(steer) == SteerConfig(saes=(SAESource(str(DEFAULT_SAE_DIR.resolve())),), max_clamps=8,
                                                        metrics_watch=(3, 7))
     assert argv[0] == "/models/m" and argv[-2:] == ["--max-num-seqs", "4"]
 

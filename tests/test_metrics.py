@@ -8,7 +8,7 @@ import torch
 from prometheus_client import REGISTRY, Histogram
 
 from sae_factory import make_sae
-from steer_plugin.spec import SAELimits, parse_clamps
+from steer_plugin.spec import Limits, parse_clamps
 from steer_plugin.worker import metrics
 
 
@@ -30,31 +30,31 @@ def test_observe_many_equals_one_observe_per_value():
 
 def test_feature_activity_counts_watched_clamped_and_top_features():
     sae = make_sae("topk", d_in=32, d_sae=128, k=8)
-    activity = metrics.FeatureActivity(128, sample_every=2, watch=(5,), top_n=3)
-    limits = SAELimits(d_sae=128, max_clamps=4, max_activation=None)
+    activity = metrics.FeatureActivity("sae", 128, sample_every=2, watch=(5,), top_n=3)
+    limits = Limits.one(d_sae=128, max_clamps=4, max_activation=None)
     activity.pin_clamped(parse_clamps([{"feature": 9, "value": 1.0}], limits))
     x = torch.randn(20, 32, generator=torch.Generator().manual_seed(0))
-    sampled = _value("steer_feature_sampled_tokens_total")
-    l0_count = _value("steer_active_features_count")
+    sampled = _value("steer_feature_sampled_tokens_total", {"sae": "sae"})
+    l0_count = _value("steer_active_features_count", {"sae": "sae"})
     due = [activity.due() for _ in range(4)]
     assert due == [False, True, False, True]  # every 2nd step
     activity.observe(sae, x)
-    assert _value("steer_feature_sampled_tokens_total") == sampled + 20
-    assert _value("steer_active_features_count") == l0_count + 20
+    assert _value("steer_feature_sampled_tokens_total", {"sae": "sae"}) == sampled + 20
+    assert _value("steer_active_features_count", {"sae": "sae"}) == l0_count + 20
     f, _ = sae.encode(x)
     fired = (f > 0).sum(0)
     for feature in (5, 9):  # watched and clamped: exported, with their exact count
-        assert _value("steer_feature_active_tokens_total", {"feature": str(feature)}) >= fired[feature].item()
+        assert _value("steer_feature_active_tokens_total", {"sae": "sae", "feature": str(feature)}) >= fired[feature].item()
     exported = {int(s.labels["feature"]) for m in metrics.FEATURE_ACTIVE.collect() for s in m.samples
                 if s.name.endswith("_total")}
     assert set(torch.topk(fired, 3).indices.tolist()) <= exported | set(np.flatnonzero(activity.pinned))
 
 
 def test_new_clamp_plans_count_clamps_by_mode():
-    limits = SAELimits(d_sae=16, max_clamps=4, max_activation=None)
+    limits = Limits.one(d_sae=16, max_clamps=4, max_activation=None)
     plan = parse_clamps([{"feature": 1, "value": 1.0}, {"feature": 2, "value": 2.0, "mode": "scale"},
                          {"feature": 3, "value": 0.5, "mode": "scale"}], limits)
-    before = {m: _value("steer_clamps_applied_total", {"mode": m}) for m in ("set", "scale")}
-    metrics.record_new_plan(plan)
-    assert _value("steer_clamps_applied_total", {"mode": "set"}) == before["set"] + 1
-    assert _value("steer_clamps_applied_total", {"mode": "scale"}) == before["scale"] + 2
+    before = {m: _value("steer_clamps_applied_total", {"sae": "sae", "mode": m}) for m in ("set", "scale")}
+    metrics.record_new_plan("sae", plan)
+    assert _value("steer_clamps_applied_total", {"sae": "sae", "mode": "set"}) == before["set"] + 1
+    assert _value("steer_clamps_applied_total", {"sae": "sae", "mode": "scale"}) == before["scale"] + 2

@@ -11,11 +11,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from steer_plugin.api.middleware import FeatureClampMiddleware
-from steer_plugin.spec import RECORD_FIELD, SAELimits
+from steer_plugin.spec import RECORD_FIELD, Limits
 
 pytestmark = pytest.mark.anyio
 
-LIMITS = SAELimits(d_sae=64, max_clamps=4, max_activation=np.full(64, 2.0, dtype=np.float32))
+LIMITS = Limits.one(d_sae=64, max_clamps=4, max_activation=np.full(64, 2.0, dtype=np.float32))
 CLAMPS = [{"feature": 3, "value": 1.5}]
 TRICKY = "data: [DONE]\n\nnot the end"
 """Reply text that contains the stream's end marker."""
@@ -98,7 +98,9 @@ async def test_empty_clamp_list_means_no_steering(app):
     ({"feature_clamps": [{"feature": 64, "value": 1}]}, "feature_clamps", "feature_clamps[0].feature"),
     ({"feature_clamps": CLAMPS, "vllm_xargs": {"feature_clamps": json.dumps(CLAMPS)}}, "feature_clamps", "both"),
     ({"feature_clamps": CLAMPS, "use_beam_search": True}, "feature_clamps", "beam"),
-    ({"return_features": 0}, "return_features", "integer"),
+    ({"return_features": 0}, "return_features", "greater than or equal to 1"),
+    ({"return_features": "5"}, "return_features", "integer from 1 to"),
+    ({"return_features": {"top_k": 2, "sae": "other"}}, "return_features", "return_features.sae: unknown SAE"),
     ({"return_features": 3, "n": 2}, "return_features", "single choice"),
     ({"return_features": 3, "prompt": ["a", "b"]}, "return_features", "single prompt"),
 ])
@@ -146,7 +148,7 @@ async def test_fields_in_the_wrong_place_are_refused(app, body, param):
 
 
 async def test_internal_recording_field_cannot_be_sent(app):
-    record = json.dumps({"key": "k" * 40, "top_k": 3, "scope": "prompt"})
+    record = json.dumps({"key": "k" * 40, "sae": "s", "top_k": 3, "scope": "prompt"})
     for path in ("/v1/chat/completions", "/other"):
         r = await _post(app, path, {"model": "m", "vllm_xargs": {RECORD_FIELD: record}})
         assert r.status_code == 400 and r.json()["error"]["param"] == RECORD_FIELD

@@ -6,9 +6,9 @@ import torch
 
 from sae_factory import make_sae
 from steer_plugin.worker.clamp_table import ClampTable
-from steer_plugin.worker.ops import LayerSteer, register_layer
+from steer_plugin.worker.ops import LayerSteer, register_sae
 from steer_plugin.reference import reference_steer
-from steer_plugin.spec import SAELimits, parse_clamps
+from steer_plugin.spec import Limits, parse_clamps
 from steer_plugin.worker.step_layout import StepLayout
 
 D_IN, D_SAE = 32, 64
@@ -36,13 +36,13 @@ def _batch(seed: int):
 @pytest.mark.parametrize("graph_safe", [False, True])
 def test_op_matches_reference(arch, normalize, graph_safe):
     sae = make_sae(arch, d_in=D_IN, d_sae=D_SAE, k=8, normalize=normalize)
-    limits = SAELimits(d_sae=D_SAE, max_clamps=4, max_activation=None)
-    table = ClampTable(limits, max_tokens=32, max_reqs=8, device=torch.device("cpu"))
+    limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)
+    table = ClampTable(limits, "sae", max_tokens=32, max_reqs=8, device=torch.device("cpu"))
     req_ids, num_sched, num_computed, num_prompt, raw = _batch(0)
     table.fill(StepLayout(req_ids, num_sched, num_computed, num_prompt,
                lambda rid: {"feature_clamps": raw[rid]} if raw[rid] else None))
     key = f"test-{arch}-{normalize}-{graph_safe}"
-    register_layer(key, LayerSteer(sae, table, graph_safe=graph_safe))
+    register_sae(key, LayerSteer(sae, table, graph_safe=graph_safe))
 
     T = int(num_sched.sum())
     torch.manual_seed(1)
@@ -65,11 +65,11 @@ def test_op_matches_reference(arch, normalize, graph_safe):
 
 def test_identity_clamps_change_nothing_but_rounding():
     sae = make_sae("topk", d_in=D_IN, d_sae=D_SAE, k=8)
-    limits = SAELimits(d_sae=D_SAE, max_clamps=4, max_activation=None)
-    table = ClampTable(limits, max_tokens=16, max_reqs=4, device=torch.device("cpu"))
+    limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)
+    table = ClampTable(limits, "sae", max_tokens=16, max_reqs=4, device=torch.device("cpu"))
     clamps = [{"feature": 2, "value": 1.0, "mode": "scale"}, {"feature": 5, "value": 0.0, "mode": "add"}]
     table.fill(StepLayout(["r"], np.array([6]), np.array([0]), np.array([6]), lambda _: {"feature_clamps": clamps}))
-    register_layer("identity", LayerSteer(sae, table, graph_safe=False))
+    register_sae("identity", LayerSteer(sae, table, graph_safe=False))
     hidden, residual = torch.randn(6, D_IN), torch.randn(6, D_IN)
     assert torch.equal(torch.ops.steer_plugin.steer(hidden, residual, "identity"), hidden)
 
@@ -77,9 +77,9 @@ def test_identity_clamps_change_nothing_but_rounding():
 def test_op_under_torch_compile_follows_table_changes():
     """The compiled graph keeps the op as a call: a table change after compilation takes effect."""
     sae = make_sae("topk", d_in=D_IN, d_sae=D_SAE, k=8)
-    limits = SAELimits(d_sae=D_SAE, max_clamps=4, max_activation=None)
-    table = ClampTable(limits, max_tokens=16, max_reqs=4, device=torch.device("cpu"))
-    register_layer("compiled", LayerSteer(sae, table, graph_safe=True))
+    limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)
+    table = ClampTable(limits, "sae", max_tokens=16, max_reqs=4, device=torch.device("cpu"))
+    register_sae("compiled", LayerSteer(sae, table, graph_safe=True))
 
     @torch.compile(fullgraph=True, dynamic=False)
     def layer(h, r):

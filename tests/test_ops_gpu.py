@@ -7,9 +7,9 @@ import torch
 
 from sae_factory import make_sae
 from steer_plugin.worker.clamp_table import ClampTable
-from steer_plugin.worker.ops import LayerSteer, register_layer
+from steer_plugin.worker.ops import LayerSteer, register_sae
 from steer_plugin.reference import reference_steer
-from steer_plugin.spec import SAELimits, parse_clamps
+from steer_plugin.spec import Limits, parse_clamps
 from steer_plugin.worker.step_layout import StepLayout
 
 pytestmark = [pytest.mark.gpu,
@@ -19,9 +19,9 @@ D_IN, D_SAE, T = 576, 1024, 8
 
 def _setup(key):
     sae = make_sae("topk", d_in=D_IN, d_sae=D_SAE, k=32).to("cuda")
-    limits = SAELimits(d_sae=D_SAE, max_clamps=4, max_activation=None)
-    table = ClampTable(limits, max_tokens=64, max_reqs=8, device=torch.device("cuda"))
-    register_layer(key, LayerSteer(sae, table, graph_safe=True))
+    limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)
+    table = ClampTable(limits, "sae", max_tokens=64, max_reqs=8, device=torch.device("cuda"))
+    register_sae(key, LayerSteer(sae, table, graph_safe=True))
     return sae, limits, table
 
 

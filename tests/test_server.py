@@ -119,10 +119,10 @@ def test_prefix_cache_does_not_leak_steering(client):
 def test_a_forged_cache_salt_plants_no_unsteered_kv(client):
     """An unsteered request carrying the very salt the plugin derives for a clamp set (anyone can
     compute it) must not leave KV that a steered request with that prompt then reuses."""
-    from steer_plugin.spec import SAELimits, cache_salt, parse_clamps
+    from steer_plugin.spec import Limits, cache_salt, parse_clamps
 
     prompt = "Write about the rain falling on a tin roof at night, slowly and with care. " * 5
-    plan = parse_clamps(CLAMPS, SAELimits(d_sae=1024, max_clamps=32, max_activation=None))
+    plan = parse_clamps(CLAMPS, Limits.one(d_sae=1024, max_clamps=32, max_activation=None))
 
     def complete(clamps=None, salt=None):
         extra = {"feature_clamps": clamps} if clamps else {}
@@ -218,19 +218,19 @@ def test_metrics_on_the_servers_own_endpoint(server, client):
 
     assert delta("steer_requests_total", {"steered": "false"}.items()) == n_plain
     assert delta("steer_requests_total", {"steered": "true"}.items()) == n_steered
-    assert delta("steer_clamps_applied_total", {"mode": "set"}.items()) == n_steered
-    assert delta("steer_clamps_applied_total", {"mode": "add"}.items()) == n_steered
-    steered_tokens = delta("steer_steered_tokens_total")
+    sae = {"sae": "topk"}  # the SAE's folder name, its default id
+    assert delta("steer_clamps_applied_total", {**sae, "mode": "set"}.items()) == n_steered
+    assert delta("steer_clamps_applied_total", {**sae, "mode": "add"}.items()) == n_steered
+    steered_tokens = delta("steer_steered_tokens_total", sae.items())
     assert steered_tokens >= n_steered * 24  # prompt + generated positions
     # A clamped feature is exported; it was active on the steered tokens (set to 80 > 0), counted
     # on every sampled step (sample_every=1): the same order of magnitude as the steered tokens.
-    clamped = delta("steer_feature_active_tokens_total", {"feature": "3"}.items())
+    clamped = delta("steer_feature_active_tokens_total", {**sae, "feature": "3"}.items())
     assert 0.3 * steered_tokens <= clamped <= 3 * steered_tokens + 200
-    assert (("feature", str(WATCHED)),) in after["steer_feature_active_tokens_total"]
-    assert delta("steer_feature_sampled_tokens_total") > 0
-    assert delta("steer_active_features_count") > 0
-    assert delta("steer_reconstruction_relative_error_count") > 0
-    assert delta("steer_op_seconds_count") > 0
+    assert (("feature", str(WATCHED)), ("sae", "topk")) in after["steer_feature_active_tokens_total"]
+    for name in ("steer_feature_sampled_tokens_total", "steer_active_features_count",
+                 "steer_reconstruction_relative_error_count", "steer_op_seconds_count"):
+        assert delta(name, sae.items()) > 0, name
     assert any(dict(k).get("layer") == "15" for k in after["steer_sae_info"])
     assert "vllm:num_requests_running" in after  # vLLM's own metrics are still there
     assert len(after["steer_feature_active_tokens_total"]) <= 1 + 2 + 4 * 20  # watch + clamped + top-N slots

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from steer_plugin.spec import SALT_PREFIX, ClampError, SAELimits, cache_salt, parse_clamps
+from steer_plugin.spec import SALT_PREFIX, ClampError, Limits, cache_salt, parse_clamps
 
-LIMITS = SAELimits(d_sae=100, max_clamps=4, max_activation=np.full(100, 2.0, dtype=np.float32))
+LIMITS = Limits.one(d_sae=100, max_clamps=4, max_activation=np.full(100, 2.0, dtype=np.float32))
 
 
 def test_modes_become_affine_edits():
@@ -57,7 +57,7 @@ def test_bad_input_names_the_clamp_and_field(raw, field):
 
 
 def test_unit_max_without_a_max_table_is_rejected():
-    no_max = SAELimits(d_sae=100, max_clamps=4, max_activation=None)
+    no_max = Limits.one(d_sae=100, max_clamps=4, max_activation=None)
     with pytest.raises(ClampError, match=r"feature_clamps\[0\]\.unit"):
         parse_clamps([{"feature": 1, "value": 1, "unit": "max"}], no_max)
 

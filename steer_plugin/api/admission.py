@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from steer_plugin.api import metrics
 from steer_plugin.api.request_body import ERROR_CHARS, clip
-from steer_plugin.spec import (FIELD, RECORD_FIELD, ClampError, ClampPlan, FeatureRecording, RecordingError, SAELimits,
+from steer_plugin.spec import (FIELD, RECORD_FIELD, ClampError, ClampPlan, FeatureRecording, Limits, RecordingError,
                                cache_salt, parse_clamps, parse_recording)
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class Admitted:
         return cache_salt(client_salt, self.plan, prompt_len, self.recording.key if prompt_recording else None)
 
 
-def admit(request_id: str, extra_args: dict | None, limits: SAELimits, graph_safe: bool) -> Admitted:
+def admit(request_id: str, extra_args: dict | None, limits: Limits, graph_safe: bool) -> Admitted:
     """Validate one request's `extra_args` (a refusal is counted here, an admission by `Admitted.count`)."""
     extra = extra_args or {}
     try:
@@ -83,6 +83,8 @@ def admit(request_id: str, extra_args: dict | None, limits: SAELimits, graph_saf
         if recording is not None and not _signed(recording.key):
             raise RecordingError(f"{RECORD_FIELD}: an internal field the server sets; clients cannot send it "
                                  "(use return_features or /v1/features/inspect)")
+        if recording is not None:
+            limits.index(recording.sae, f"{RECORD_FIELD}.sae", RecordingError)
         if recording is not None and graph_safe:
             raise RecordingError(f"{RECORD_FIELD}: feature inspection runs on the host and is off under CUDA "
                                  "graphs; start the server with --enforce-eager to use it")

@@ -37,6 +37,8 @@ class FeatureSummary(BaseModel):
 
 
 class FeatureDetail(FeatureSummary):
+    sae: str
+    """The SAE the feature belongs to."""
     mean_activation: float
     """Mean activation over the tokens where the feature is active."""
     top_contexts: list[Context]
@@ -44,6 +46,8 @@ class FeatureDetail(FeatureSummary):
 
 class FeatureList(BaseModel):
     object: Literal["list"] = "list"
+    sae: str
+    """The SAE searched."""
     query: str | None
     total: int
     """Features matching the query (all features without one)."""
@@ -63,6 +67,8 @@ class InspectRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: Annotated[str, Field(min_length=1)] | None = None
     messages: Annotated[list[Message], Field(min_length=1)] | None = None
+    sae: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    """Whose features (an SAE id, see /v1/saes); default: the first SAE."""
     top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K)] = 5
     """Active features reported per token."""
     top_features: Annotated[int, Field(ge=1, le=MAX_TOP_FEATURES)] = 20
@@ -108,6 +114,7 @@ class RankedFeature(BaseModel):
 class InspectResponse(BaseModel):
     object: Literal["feature_inspection"] = "feature_inspection"
     sae: str
+    """The SAE's id."""
     layer: int
     num_tokens: int
     tokens: list[TokenFeatures]
@@ -116,7 +123,7 @@ class InspectResponse(BaseModel):
 
 class SAESummary(BaseModel):
     id: str
-    """The SAE's folder name."""
+    """What clamps (`"sae"`), the feature routes and metrics call it; default: its folder name."""
     layer: int
     d_sae: int
     architecture: str

@@ -3,6 +3,7 @@
     GET  /v1/features?q=dogs&limit=10     catalogue search (without q: a paged listing)
     GET  /v1/features/{id}                one feature's full catalogue entry
     POST /v1/features/inspect             which features fire on a text, per token and in total
+                                          (each takes `sae`, an SAE id; default: the first SAE)
     GET  /v1/saes                         the loaded SAEs
     GET  /playground                      the steering playground (see playground.py)
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from argparse import Namespace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
@@ -31,8 +32,8 @@ from steer_plugin.api.feature_models import (ActiveFeature, FeatureDetail, Featu
                                              GeneratedTokenFeatures, InspectRequest, InspectResponse, RankedFeature,
                                              SAEList, SAESummary, TokenFeatures)
 from steer_plugin.catalogue import FeatureCatalogue
-from steer_plugin.config import SteerConfig, plugin_disabled
-from steer_plugin.sae import SAEFileError, load_config
+from steer_plugin.config import SAESource, SteerConfig, plugin_disabled
+from steer_plugin.sae import SAEConfig, SAEFileError, load_config
 from steer_plugin.spec import RECORD_FIELD, FeatureRecording
 from steer_plugin.vllm_seam import tokenizer_of, validation_error
 
@@ -40,60 +41,92 @@ logger = logging.getLogger(__name__)
 MAX_LIMIT = 200
 
 
+@dataclass(frozen=True)
+class _ServedSAE:
+    """One loaded SAE as the feature routes see it: its configuration and catalogue."""
+
+    source: SAESource
+    cfg: SAEConfig
+    layer: int
+    catalogue: FeatureCatalogue | None
+
+    @classmethod
+    def load(cls, source: SAESource) -> "_ServedSAE":
+        cfg = load_config(source.path)
+        try:
+            catalogue = FeatureCatalogue.load(source.path)
+        except SAEFileError as e:
+            logger.warning("action=no_catalogue sae=%s reason=%s", source.id, e)
+            catalogue = None
+        return cls(source, cfg, source.stream_layer(cfg), catalogue)
+
+    def summary(self) -> SAESummary:
+        return SAESummary(id=self.source.id, layer=self.layer, d_sae=self.cfg.d_sae, architecture=self.cfg.architecture,
+                          hook_name=self.cfg.hook_name, catalogue=self.catalogue is not None)
+
+    def label(self, feature: int) -> str:
+        return self.catalogue.label(feature) if self.catalogue is not None else ""
+
+
 class FeatureService:
-    """Per-app state: the catalogue and what inspection needs from the engine."""
+    """Per-app state: the SAEs' catalogues and what inspection needs from the engine."""
 
     def __init__(self, engine_client, cfg: SteerConfig):
         self.engine = engine_client
         self.cfg = cfg
-        sae_cfg = self.sae_cfg = load_config(cfg.sae_path)
-        self.layer = cfg.layer if cfg.layer is not None else sae_cfg.layer
-        self.d_sae = sae_cfg.d_sae
+        self._saes = {source.id: _ServedSAE.load(source) for source in cfg.saes}  # configuration order
         self._token_chars: int | None = None
-        try:
-            self.catalogue: FeatureCatalogue | None = FeatureCatalogue.load(cfg.sae_path)
-        except SAEFileError as e:
-            logger.warning("action=no_catalogue reason=%s", e)
-            self.catalogue = None
+
+    def sae_id(self, sae: str | None, field: str, error: type[Exception]) -> str:
+        """The id of a served SAE (None: the first); an unknown one raises `error` naming `field`."""
+        if sae is None:
+            return next(iter(self._saes))
+        if sae not in self._saes:
+            raise error(f"{field}: unknown SAE {sae[:64]!r}; this server has {', '.join(map(repr, self._saes))}")
+        return sae
+
+    def _sae(self, sae: str | None) -> _ServedSAE:
+        return self._saes[self.sae_id(sae, "sae", lambda message: validation_error(message, "sae"))]
 
     def saes(self) -> SAEList:
-        return SAEList(data=[SAESummary(id=Path(self.cfg.sae_path).name, layer=self.layer, d_sae=self.d_sae,
-                                        architecture=self.sae_cfg.architecture, hook_name=self.sae_cfg.hook_name,
-                                        catalogue=self.catalogue is not None)])
+        return SAEList(data=[served.summary() for served in self._saes.values()])
 
-    def _catalogue(self) -> FeatureCatalogue:
-        if self.catalogue is None:
-            raise HTTPException(404, f"the loaded SAE ({self.cfg.sae_path}) ships no feature catalogue")
-        return self.catalogue
+    def _catalogue(self, served: _ServedSAE) -> FeatureCatalogue:
+        if served.catalogue is None:
+            raise HTTPException(404, f"SAE {served.source.id} ({served.source.path}) ships no feature catalogue")
+        return served.catalogue
 
-    def summary(self, entry: dict, score: float | None = None) -> FeatureSummary:
+    @staticmethod
+    def summary(entry: dict, score: float | None = None) -> FeatureSummary:
         return FeatureSummary(**{k: entry[k] for k in ("id", "label", "max_activation", "frequency")},
                               top_tokens=entry["top_tokens"], examples=entry["top_contexts"][:2], score=score)
 
-    def search(self, q: str | None, limit: int, offset: int) -> FeatureList:
-        catalogue = self._catalogue()
+    def search(self, q: str | None, limit: int, offset: int, sae: str | None = None) -> FeatureList:
+        served = self._sae(sae)
+        catalogue = self._catalogue(served)
         if q is None or not q.strip():
             entries = catalogue.entries[offset: offset + limit]
-            return FeatureList(query=None, total=len(catalogue), offset=offset,
+            return FeatureList(sae=served.source.id, query=None, total=len(catalogue), offset=offset,
                                data=[self.summary(e) for e in entries])
         hits, total = catalogue.search(q, limit, offset)
-        return FeatureList(query=q, total=total, offset=offset, data=[self.summary(e, s) for e, s in hits])
+        return FeatureList(sae=served.source.id, query=q, total=total, offset=offset,
+                           data=[self.summary(e, s) for e, s in hits])
 
-    def detail(self, feature: int) -> FeatureDetail:
-        entry = self._catalogue().get(feature)
+    def detail(self, feature: int, sae: str | None = None) -> FeatureDetail:
+        served = self._sae(sae)
+        entry = self._catalogue(served).get(feature)
         if entry is None:
-            raise HTTPException(404, f"feature {feature} does not exist: the SAE has features 0..{self.d_sae - 1}")
-        return FeatureDetail(**self.summary(entry).model_dump(exclude={"score"}),
+            raise HTTPException(404, f"feature {feature} does not exist: SAE {served.source.id} has features "
+                                     f"0..{served.cfg.d_sae - 1}")
+        return FeatureDetail(**self.summary(entry).model_dump(exclude={"score"}), sae=served.source.id,
                              mean_activation=entry["mean_activation"], top_contexts=entry["top_contexts"])
 
-    def _label(self, feature: int) -> str:
-        return self.catalogue.label(feature) if self.catalogue is not None else ""
-
-    def _active(self, ids: list[int], values: list[float]) -> list[ActiveFeature]:
-        return [ActiveFeature(id=f, activation=v, label=self._label(f)) for f, v in zip(ids, values) if v > 0]
+    @staticmethod
+    def _active(served: _ServedSAE, ids: list[int], values: list[float]) -> list[ActiveFeature]:
+        return [ActiveFeature(id=f, activation=v, label=served.label(f)) for f, v in zip(ids, values) if v > 0]
 
     async def _pop(self, key: str) -> dict | None:
-        """A finished request's records, from whichever rank holds the SAE layer."""
+        """A finished request's records, from whichever rank holds the SAE's layer."""
         replies = await self.engine.collective_rpc("steer_pop_features", args=(key,))
         return next((r for r in replies if r is not None), None)
 
@@ -102,8 +135,9 @@ class FeatureService:
         record = await self._pop(key)
         if record is None:
             return []
+        served = self._saes[record["sae"]]
         first = record["prompt_len"] - 1  # the last prompt position produces generated token 0
-        return [GeneratedTokenFeatures(index=p - first, features=self._active(fs, vs)).model_dump()
+        return [GeneratedTokenFeatures(index=p - first, features=self._active(served, fs, vs)).model_dump()
                 for p, fs, vs in zip(record["positions"], record["ids"], record["values"])]
 
     def _max_token_chars(self, tokenizer) -> int:
@@ -138,9 +172,10 @@ class FeatureService:
     async def inspect(self, body: InspectRequest) -> InspectResponse:
         from vllm import SamplingParams
 
+        served = self._sae(body.sae)
         ids = await asyncio.to_thread(self._prompt_ids, body)
         key = new_recording_key()
-        recording = FeatureRecording(key=key, top_k=body.top_k, scope="prompt")
+        recording = FeatureRecording(key=key, sae=served.source.id, top_k=body.top_k, scope="prompt")
         params = SamplingParams(max_tokens=1, temperature=0.0,
                                 extra_args={RECORD_FIELD: recording.model_dump_json()})
         record = None
@@ -155,12 +190,12 @@ class FeatureService:
                                f"({0 if record is None else len(record['positions'])} positions recorded)")
         tokenizer = tokenizer_of(self.engine)
         tokens = [TokenFeatures(position=p, token_id=ids[p], token=tokenizer.decode([ids[p]]),
-                                features=self._active(fs, vs))
+                                features=self._active(served, fs, vs))
                   for p, fs, vs in zip(record["positions"], record["ids"], record["values"])]
-        ranked = [RankedFeature(id=f, label=self._label(f), total_activation=v, total_max_units=r)
+        ranked = [RankedFeature(id=f, label=served.label(f), total_activation=v, total_max_units=r)
                   for f, v, r in zip(record["total_ids"][: body.top_features], record["total_values"],
                                      record["total_relative"])]
-        return InspectResponse(sae=self.cfg.sae_path, layer=self.layer, num_tokens=len(ids), tokens=tokens,
+        return InspectResponse(sae=served.source.id, layer=served.layer, num_tokens=len(ids), tokens=tokens,
                                top_features=ranked)
 
 
@@ -180,13 +215,15 @@ async def list_saes(request: Request) -> SAEList:
 async def search_features(request: Request,
                           q: Annotated[str | None, Query(max_length=500)] = None,
                           limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 20,
-                          offset: Annotated[int, Query(ge=0)] = 0) -> FeatureList:
-    return await asyncio.to_thread(_service(request).search, q, limit, offset)
+                          offset: Annotated[int, Query(ge=0)] = 0,
+                          sae: Annotated[str | None, Query(max_length=64)] = None) -> FeatureList:
+    return await asyncio.to_thread(_service(request).search, q, limit, offset, sae)
 
 
 @router.get("/v1/features/{feature_id}", response_model=FeatureDetail)
-async def get_feature(request: Request, feature_id: int) -> FeatureDetail:
-    return _service(request).detail(feature_id)
+async def get_feature(request: Request, feature_id: int,
+                      sae: Annotated[str | None, Query(max_length=64)] = None) -> FeatureDetail:
+    return _service(request).detail(feature_id, sae)
 
 
 @router.post("/v1/features/inspect", response_model=InspectResponse)

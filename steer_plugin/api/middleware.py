@@ -27,7 +27,7 @@ import re
 from steer_plugin.api import request_body, return_features, routes
 from steer_plugin.api.metrics import REJECTED
 from steer_plugin.api.request_body import ERROR_CHARS, BodyError, clip
-from steer_plugin.spec import FIELD, RECORD_FIELD, ClampError, FeatureRecording, RecordingError, SAELimits, parse_clamps
+from steer_plugin.spec import FIELD, RECORD_FIELD, ClampError, FeatureRecording, RecordingError, Limits, parse_clamps
 
 logger = logging.getLogger(__name__)
 _FORM_FIELD = re.compile(rb'name="(%s|%s)"' % (FIELD.encode(), return_features.FIELD.encode()))
@@ -41,12 +41,12 @@ def error_body(message: str, param: str) -> bytes:
 
 
 class FeatureClampMiddleware:
-    def __init__(self, app, limits: SAELimits | None = None):
+    def __init__(self, app, limits: Limits | None = None):
         self.app = app
         self._limits = limits
-        """What clamps may ask; None: read from the SAE of the app's vLLM config on first use."""
+        """What clamps may ask; None: read from the SAEs of the app's vLLM config on first use."""
 
-    def _get_limits(self, scope) -> SAELimits:
+    def _get_limits(self, scope) -> Limits:
         if self._limits is None:
             from steer_plugin.config import SteerConfig
             from steer_plugin.spec import limits_for
@@ -126,7 +126,7 @@ class FeatureClampMiddleware:
                     raise BodyError(f"{field}: not supported on {clip(path)}; steering runs on "
                                     f"{' and '.join(sorted(routes.STEERED))}", field)
             return None, None
-        recording = return_features.requested_recording(data, service)
+        recording = return_features.requested_recording(data, service, lambda: self._get_limits(scope))
         top = FIELD in data
         if not (top or nested or recording):
             return None, None

@@ -1,5 +1,5 @@
-"""`"return_features": k` on /v1/chat/completions and /v1/completions: the top-k SAE features of
-every generated token, returned with the reply.
+"""`"return_features": k` (or `{"top_k": k, "sae": ID}`) on /v1/chat/completions and /v1/completions:
+the top-k features of one SAE at every generated token, returned with the reply.
 
 The request gets a `steer_record_features` entry (scope "generation"); the worker records the
 features of the positions that produce generated tokens, and when the reply is complete they are
@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from steer_plugin.api.admission import new_recording_key
 from steer_plugin.api.request_body import with_length
-from steer_plugin.spec import MAX_TOP_K, FeatureRecording, RecordingError
+from steer_plugin.spec import MAX_TOP_K, FeatureRecording, Limits, RecordingError
 
 FIELD = "return_features"
 """Request field: top-k SAE features per generated token, returned with the reply."""
@@ -27,14 +30,34 @@ FIELD = "return_features"
 Send = Callable[[dict], Awaitable[None]]
 
 
-def requested_recording(data: dict, service) -> FeatureRecording | None:
+class ReturnFeatures(BaseModel):
+    """The object form of `return_features`; the integer form `k` means {"top_k": k}."""
+
+    model_config = ConfigDict(extra="forbid")
+    top_k: Annotated[int, Field(strict=True, ge=1, le=MAX_TOP_K)]
+    """Features reported per generated token, strongest first."""
+    sae: Annotated[str, Field(strict=True, min_length=1, max_length=64)] | None = None
+    """Whose features (an SAE id, see /v1/saes); default: the first SAE."""
+
+
+def requested_recording(data: dict, service, limits: Callable[[], Limits]) -> FeatureRecording | None:
     """The recording a request body's `return_features` asks for (the field is removed from `data`).
-    service: the app's FeatureService (None when the feature routes are not loaded)."""
-    k = data.pop(FIELD, None)
-    if k is None:
+    service: the app's FeatureService (None when the feature routes are not loaded); limits: the
+    server's SAEs (read on first need)."""
+    raw = data.pop(FIELD, None)
+    if raw is None:
         return None
-    if type(k) is not int or not 1 <= k <= MAX_TOP_K:
-        raise RecordingError(f"{FIELD}: must be an integer from 1 to {MAX_TOP_K}, got {k!r}")
+    if type(raw) is int:
+        raw = {"top_k": raw}
+    if not isinstance(raw, dict):
+        raise RecordingError(f"{FIELD}: must be an integer from 1 to {MAX_TOP_K} or an object "
+                             f'{{"top_k": k, "sae": ID}}, got {type(raw).__name__}')
+    try:
+        asked = ReturnFeatures.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in (FIELD, *first["loc"]))
+        raise RecordingError(f"{where}: {first['msg']}") from None
     if data.get("n", 1) not in (1, None) or data.get("use_beam_search"):
         raise RecordingError(f"{FIELD}: needs a single choice (n=1, no beam search)")
     prompt = data.get("prompt")
@@ -43,7 +66,9 @@ def requested_recording(data: dict, service) -> FeatureRecording | None:
     if service is None:
         raise RecordingError(f"{FIELD}: the steer_features endpoint plugin is not loaded "
                              "(VLLM_PLUGINS must name it; server.py does)")
-    return FeatureRecording(key=new_recording_key(), top_k=k, scope="generation")
+    served = limits()
+    sae = served.ids[served.index(asked.sae, f"{FIELD}.sae", RecordingError)]
+    return FeatureRecording(key=new_recording_key(), sae=sae, top_k=asked.top_k, scope="generation")
 
 
 def _sse_data(event: bytes) -> bytes | None:

@@ -1,50 +1,66 @@
-"""Worker side, at model load: load the SAE onto the model's device, wrap the configured decoder
-layer with the steering op, and hand back the state the per-step hook drives.
+"""Worker side, at model load: load each configured SAE onto the model's device, wrap the decoder
+layers they read with the steering op, and hand back the state the per-step hook drives.
 
 Called by `vllm_seam` from vLLM's `Worker.load_model`, after the weights are loaded and before
 warm-up, torch.compile and CUDA-graph capture, so the op is part of every graph. Under pipeline
-parallelism only the rank that holds the layer installs anything.
+parallelism a rank installs only the SAEs whose layer it holds; under tensor parallelism every
+rank holds the whole (replicated) stream and steers it alike, and only the first exports metrics.
+
+SAEs that read the same point of the stream (say `blocks.4.hook_resid_post` and
+`blocks.5.hook_resid_pre`) are applied one after the other in configuration order: each reads the
+stream as the previous one left it.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-from steer_plugin.config import SteerConfig, injected_faults
+from steer_plugin.config import SAESource, SteerConfig, injected_faults
 from steer_plugin.sae import SAE, SAEFileError
-from steer_plugin.spec import limits_for
+from steer_plugin.spec import Limits, limits_for
 from steer_plugin.worker import metrics
 from steer_plugin.worker.clamp_table import ClampTable
-from steer_plugin.worker.ops import LayerSteer, SteeredInput, SteeredLayer, register_layer
+from steer_plugin.worker.ops import LayerSteer, SteeredInput, SteeredLayer, register_sae
 from steer_plugin.worker.recorder import FeatureRecorder
 from steer_plugin.worker.step_layout import StepLayout
 
 logger = logging.getLogger(__name__)
 
 
-class WorkerSteering:
-    """What one worker steers: the clamp table and feature recorder of its SAE layer."""
+@dataclass
+class _Installed:
+    """One SAE installed on this rank."""
 
-    def __init__(self, table: ClampTable, recorder: FeatureRecorder, reports_outputs: bool):
-        self.table = table
-        self.recorder = recorder
+    table: ClampTable
+    recorder: FeatureRecorder
+
+
+class WorkerSteering:
+    """What one worker steers: the clamp table and feature recorder of each SAE it holds."""
+
+    def __init__(self, saes: list[_Installed], reports_outputs: bool):
+        self.saes = saes
         self.reports_outputs = reports_outputs
         """Whether this worker's step outputs reach the scheduler (False on pipeline ranks but the last),
         so that it can fail single requests; elsewhere a failure fails the step, loudly."""
 
     def on_step(self, layout: StepLayout) -> None:
-        """Before each forward: the table and the recorder read the same layout."""
+        """Before each forward: the tables and the recorders read the same layout."""
         try:
-            self.table.fill(layout)
+            for sae in self.saes:
+                sae.table.fill(layout)
         except Exception:
-            self.table.reset()
+            for sae in self.saes:
+                sae.table.reset()
             raise
-        self.recorder.fill(layout)
+        for sae in self.saes:
+            sae.recorder.fill(layout)
 
     def take_failed(self) -> list[str]:
         """Requests that failed in the steps since the last call, to be finished with an error."""
-        failed = self.table.drain_failed()
+        failed = sorted(set().union(*(sae.table.drain_failed() for sae in self.saes)))
         if failed:
             metrics.FAILED.inc(len(failed))
             if not self.reports_outputs:
@@ -54,33 +70,37 @@ class WorkerSteering:
 
     def pop_features(self, key: str) -> dict | None:
         """One finished request's recorded features, or None if this rank recorded none."""
-        return self.recorder.pop(key)
-
-
-def attach(site, cfg: SteerConfig) -> WorkerSteering | None:
-    """site: `vllm_seam.ModelSite` of the loaded model. None when this rank does not hold the layer."""
-    if not Path(cfg.sae_path).exists():
-        raise SAEFileError(f"steer_plugin: SAE not found: {cfg.sae_path}")
-    sae = SAE.load(cfg.sae_path, device=site.device)
-    if sae.cfg.d_in != site.hidden_size:
-        raise SAEFileError(
-            f"steer_plugin: SAE d_in={sae.cfg.d_in} does not match the model's hidden size {site.hidden_size} "
-            f"({cfg.sae_path})")
-    layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
-    if not -1 <= layer < len(site.layers):
-        raise SAEFileError(f"steer_plugin: layer {layer} out of range, the model has {len(site.layers)} layers")
-    wrapped = max(layer, 0)  # -1, the embeddings: steer the input of layer 0
-    if not site.held[wrapped]:
-        logger.info("action=skip_install layer=%d reason=held_by_another_pipeline_rank", layer)
+        for sae in self.saes:
+            record = sae.recorder.pop(key)
+            if record is not None:
+                return record
         return None
-    if isinstance(site.layers[wrapped], (SteeredLayer, SteeredInput)):
-        raise RuntimeError(f"steer_plugin: layer {wrapped} is already steered (model loaded twice?)")
 
-    activity = metrics.FeatureActivity(sae.cfg.d_sae, cfg.metrics_sample_every, cfg.metrics_watch, cfg.metrics_top_n)
+
+def _load(site, source: SAESource) -> tuple[SAE, int]:
+    """The SAE on the model's device and the layer whose output it reads (-1: the embeddings)."""
+    if not Path(source.path).exists():
+        raise SAEFileError(f"steer_plugin: SAE {source.id} not found: {source.path}")
+    sae = SAE.load(source.path, device=site.device)
+    if sae.cfg.d_in != site.hidden_size:
+        raise SAEFileError(f"steer_plugin: SAE {source.id} has d_in={sae.cfg.d_in}, the model's hidden size is "
+                           f"{site.hidden_size} ({source.path})")
+    layer = source.stream_layer(sae.cfg)
+    if not -1 <= layer < len(site.layers):
+        raise SAEFileError(f"steer_plugin: SAE {source.id} reads layer {layer}, the model has "
+                           f"{len(site.layers)} layers")
+    return sae, layer
+
+
+def _install_one(site, cfg: SteerConfig, limits: Limits, source: SAESource, sae: SAE, layer: int) -> _Installed:
+    exporting = site.exports_metrics
+    activity = (metrics.FeatureActivity(source.id, sae.cfg.d_sae, cfg.metrics_sample_every, cfg.metrics_watch,
+                                        cfg.metrics_top_n) if exporting else None)
 
     def on_new_plan(plan):
-        metrics.record_new_plan(plan)
-        activity.pin_clamped(plan)
+        if exporting:
+            metrics.record_new_plan(source.id, plan)
+            activity.pin_clamped(plan)
 
     faults = injected_faults()
 
@@ -88,17 +108,37 @@ def attach(site, cfg: SteerConfig) -> WorkerSteering | None:
         if "prepare" in faults and faults["prepare"] in plan.feature:
             raise RuntimeError(f"injected fault: preparing a clamp of feature {faults['prepare']}")
 
-    limits = limits_for(cfg)
-    table = ClampTable(limits, max_tokens=site.max_num_tokens, max_reqs=site.max_num_reqs, device=site.device,
-                       on_new_plan=on_new_plan, on_step=metrics.STEERED_TOKENS.inc, check_plan=check_plan)
-    recorder = FeatureRecorder(limits.max_activation)
-    key = f"layer{layer}"
-    register_layer(key, LayerSteer(sae, table, graph_safe=site.graph_safe, activity=activity, recorder=recorder,
-                                   fault_feature=faults.get("apply")))
-    metrics.SAE_INFO.labels(sae=Path(cfg.sae_path).name, layer=str(layer), d_sae=str(sae.cfg.d_sae),
-                            architecture=sae.cfg.architecture).set(1)
-    site.layers[wrapped] = (SteeredLayer if layer >= 0 else SteeredInput)(site.layers[wrapped], key)
-    logger.info("action=installed layer=%d sae=%s arch=%s d_sae=%d device=%s graph_safe=%s compile_mode=%s",
-                layer, cfg.sae_path, sae.cfg.architecture, sae.cfg.d_sae, site.device, site.graph_safe,
+    steered = metrics.STEERED_TOKENS.labels(sae=source.id) if exporting else None
+    table = ClampTable(limits, source.id, max_tokens=site.max_num_tokens, max_reqs=site.max_num_reqs,
+                       device=site.device, on_new_plan=on_new_plan, on_step=steered.inc if steered else None,
+                       check_plan=check_plan)
+    recorder = FeatureRecorder(source.id, limits.saes[source.id].max_activation)
+    register_sae(source.id, LayerSteer(sae, table, graph_safe=site.graph_safe, activity=activity, recorder=recorder,
+                                       fault_feature=faults.get("apply"),
+                                       timer=metrics.OP_SECONDS.labels(sae=source.id) if exporting else None))
+    if exporting:
+        metrics.SAE_INFO.labels(sae=source.id, layer=str(layer), d_sae=str(sae.cfg.d_sae),
+                                architecture=sae.cfg.architecture).set(1)
+    logger.info("action=installed sae=%s layer=%d path=%s arch=%s d_sae=%d device=%s graph_safe=%s compile_mode=%s",
+                source.id, layer, source.path, sae.cfg.architecture, sae.cfg.d_sae, site.device, site.graph_safe,
                 site.compile_mode)
-    return WorkerSteering(table, recorder, site.reports_outputs)
+    return _Installed(table, recorder)
+
+
+def attach(site, cfg: SteerConfig) -> WorkerSteering | None:
+    """site: `vllm_seam.ModelSite` of the loaded model. None when this rank holds none of the SAEs' layers."""
+    loaded = [(source, *_load(site, source)) for source in cfg.saes]  # every SAE checked, held here or not
+    limits = limits_for(cfg)
+    installed, keys_at = [], {}  # keys_at: stream point (layer, -1: embeddings) -> SAE ids in order
+    for source, sae, layer in loaded:
+        if not site.held[max(layer, 0)]:
+            logger.info("action=skip_install sae=%s layer=%d reason=held_by_another_pipeline_rank", source.id, layer)
+            continue
+        installed.append(_install_one(site, cfg, limits, source, sae, layer))
+        keys_at.setdefault(layer, []).append(source.id)
+    for layer, keys in sorted(keys_at.items(), reverse=True):  # layer 0's output wrapped before its input
+        index = max(layer, 0)
+        if layer >= 0 and isinstance(site.layers[index], (SteeredLayer, SteeredInput)):
+            raise RuntimeError(f"steer_plugin: layer {index} is already steered (model loaded twice?)")
+        site.layers[index] = (SteeredLayer if layer >= 0 else SteeredInput)(site.layers[index], tuple(keys))
+    return WorkerSteering(installed, site.reports_outputs) if installed else None

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from steer_plugin.spec import FIELD, ClampPlan, SAELimits, parse_clamps
+from steer_plugin.spec import FIELD, ClampPlan, Limits, parse_clamps
 from steer_plugin.worker.step_layout import StepLayout
 
 logger = logging.getLogger(__name__)
@@ -53,18 +53,20 @@ class _RequestRows:
 
 
 class ClampTable:
-    """Buffers on the model's device plus the host-side fill that runs once per forward step."""
+    """One SAE's buffers on the model's device plus the host-side fill that runs once per forward step."""
 
-    def __init__(self, limits: SAELimits, max_tokens: int, max_reqs: int, device: torch.device,
+    def __init__(self, limits: Limits, sae_id: str, max_tokens: int, max_reqs: int, device: torch.device,
                  on_new_plan: Callable[[ClampPlan], None] | None = None,
                  on_step: Callable[[int], None] | None = None,
                  check_plan: Callable[[ClampPlan], None] | None = None):
         self.limits = limits
+        self.sae_id = sae_id
+        self._sae_index = limits.ids.index(sae_id)
         self._on_new_plan = on_new_plan
         self._on_step = on_step  # called with the number of steered tokens of each step
         self._check_plan = check_plan  # may raise for a plan (fault injection, see config.FAULT_ENV)
         self.width = limits.max_clamps
-        self.pad_feature = limits.d_sae
+        self.pad_feature = limits.saes[sae_id].d_sae
         rows = 3 * max_reqs
         self.tok_row = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
         self.feature = torch.full((rows, self.width), self.pad_feature, dtype=torch.int64, device=device)
@@ -100,11 +102,12 @@ class ClampTable:
         # Admission already validated this exact value with the same parser and limits; an error
         # here is a bug and fails the request (see `fill`), never an unsteered answer.
         plan = parse_clamps(raw, self.limits) if raw is not None else None
+        plan = plan.only(self._sae_index) if plan is not None else None  # this table's SAE
         if plan is not None and self._check_plan is not None:
             self._check_plan(plan)
         rows = _RequestRows(plan, self.width, self.pad_feature) if plan else None
         if rows is not None:
-            logger.info("action=clamp_plan req=%s clamps=%s", req_id, plan.canonical)
+            logger.info("action=clamp_plan req=%s sae=%s clamps=%s", req_id, self.sae_id, plan.canonical)
             if self._on_new_plan is not None:
                 self._on_new_plan(plan)
         return rows

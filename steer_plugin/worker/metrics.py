@@ -27,20 +27,20 @@ TOP_N_SLOTS_FACTOR = 4
 MODE_NAMES = ("set", "add", "scale")
 
 CLAMPS_APPLIED = Counter("steer_clamps_applied", "Clamps of admitted requests taken into the clamp table, by mode",
-                         ["mode"])
+                         ["sae", "mode"])
 FAILED = Counter("steer_requests_failed", "Requests failed with an error because their clamps could not be "
                  "prepared or applied (the engine and the other requests go on)")
-STEERED_TOKENS = Counter("steer_steered_tokens", "Token positions whose residual stream the op edited")
+STEERED_TOKENS = Counter("steer_steered_tokens", "Token positions whose residual stream the op edited", ["sae"])
 FEATURE_ACTIVE = Counter("steer_feature_active_tokens",
                          "Sampled tokens on which the feature was active (watch-list, clamped and top-N features)",
-                         ["feature"])
-SAMPLED_TOKENS = Counter("steer_feature_sampled_tokens", "Tokens encoded for feature-activity metrics")
-L0 = Histogram("steer_active_features", "Active SAE features per sampled token (L0)",
+                         ["sae", "feature"])
+SAMPLED_TOKENS = Counter("steer_feature_sampled_tokens", "Tokens encoded for feature-activity metrics", ["sae"])
+L0 = Histogram("steer_active_features", "Active SAE features per sampled token (L0)", ["sae"],
                buckets=(0, 1, 2, 4, 8, 16, 24, 32, 40, 48, 64, 96, 128, 256, 512, 1024))
 RECON_ERROR = Histogram("steer_reconstruction_relative_error",
-                        "Per sampled token |x - sae(x)|^2 / |x|^2 at the SAE layer",
+                        "Per sampled token |x - sae(x)|^2 / |x|^2 at the SAE layer", ["sae"],
                         buckets=(0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0))
-OP_SECONDS = Histogram("steer_op_seconds", "Wall time of the SAE step per forward pass (host-measured)",
+OP_SECONDS = Histogram("steer_op_seconds", "Wall time of one SAE's step per forward pass (host-measured)", ["sae"],
                        buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25))
 SAE_INFO = Gauge("steer_sae_info", "The loaded SAE (value 1)", ["sae", "layer", "d_sae", "architecture"],
                  multiprocess_mode="max")
@@ -59,15 +59,19 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
     histogram._sum.inc(float(values.sum()))
 
 
-def record_new_plan(plan: ClampPlan) -> None:
+def record_new_plan(sae: str, plan: ClampPlan) -> None:
+    """plan: the clamps of one request on SAE `sae`."""
     for code, count in zip(*np.unique(plan.mode, return_counts=True)):
-        CLAMPS_APPLIED.labels(mode=MODE_NAMES[int(code)]).inc(int(count))
+        CLAMPS_APPLIED.labels(sae=sae, mode=MODE_NAMES[int(code)]).inc(int(count))
 
 
 class FeatureActivity:
-    """Worker-side feature metrics, computed on every `sample_every`-th forward step."""
+    """Worker-side feature metrics of one SAE, computed on every `sample_every`-th forward step."""
 
-    def __init__(self, d_sae: int, sample_every: int, watch: tuple[int, ...], top_n: int):
+    def __init__(self, sae: str, d_sae: int, sample_every: int, watch: tuple[int, ...], top_n: int):
+        self.sae = sae
+        self._active = lambda feature: FEATURE_ACTIVE.labels(sae=sae, feature=str(feature))
+        self._sampled, self._l0, self._error = (m.labels(sae=sae) for m in (SAMPLED_TOKENS, L0, RECON_ERROR))
         self.sample_every = sample_every
         self.top_n = min(top_n, d_sae)
         self.fired = np.zeros(d_sae, dtype=np.int64)  # cumulative active-token counts
@@ -75,7 +79,7 @@ class FeatureActivity:
         self.pinned = np.zeros(d_sae, dtype=bool)  # watch-list and clamped features
         for feature in (w for w in watch if 0 <= w < d_sae):
             self.pinned[feature] = True
-            FEATURE_ACTIVE.labels(feature=str(feature))  # exported from the start, at 0
+            self._active(feature)  # exported from the start, at 0
         self.num_clamped_pinned = 0
         self.num_top_pinned = 0
         self._step = 0
@@ -85,7 +89,7 @@ class FeatureActivity:
             if not self.pinned[feature] and self.num_clamped_pinned < MAX_CLAMPED_EXPORTED:
                 self.pinned[feature] = True
                 self.num_clamped_pinned += 1
-                FEATURE_ACTIVE.labels(feature=str(feature))
+                self._active(feature)
 
     def due(self) -> bool:
         if self.sample_every <= 0:
@@ -100,9 +104,9 @@ class FeatureActivity:
         active = f > 0
         err = (x - sae.decode(f, norm)).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-12)  # [T]
         self.fired += active.sum(0).cpu().numpy()
-        observe_many(L0, active.sum(-1).cpu().numpy())
-        observe_many(RECON_ERROR, err.cpu().numpy())
-        SAMPLED_TOKENS.inc(x.shape[0])
+        observe_many(self._l0, active.sum(-1).cpu().numpy())
+        observe_many(self._error, err.cpu().numpy())
+        self._sampled.inc(x.shape[0])
         if self.top_n and self.num_top_pinned < TOP_N_SLOTS_FACTOR * self.top_n:
             top = np.argpartition(-self.fired, self.top_n - 1)[: self.top_n]
             joining = top[~self.pinned[top]][: TOP_N_SLOTS_FACTOR * self.top_n - self.num_top_pinned]
@@ -110,16 +114,21 @@ class FeatureActivity:
             self.num_top_pinned += len(joining)
         changed = np.flatnonzero(self.pinned & (self.fired != self.exported))
         for feature in changed:  # features that fired this step and are exported: small
-            FEATURE_ACTIVE.labels(feature=str(feature)).inc(int(self.fired[feature] - self.exported[feature]))
+            self._active(feature).inc(int(self.fired[feature] - self.exported[feature]))
         self.exported[changed] = self.fired[changed]
 
 
 class OpTimer:
-    """Host wall time of the op (CPU and eager only: under CUDA graphs Python does not run)."""
+    """Host wall time of the op into `histogram` (CPU and eager only: under CUDA graphs Python does
+    not run). histogram None: not measured."""
+
+    def __init__(self, histogram: Histogram | None):
+        self.histogram = histogram
 
     def __enter__(self):
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        OP_SECONDS.observe(time.perf_counter() - self.start)
+        if self.histogram is not None:
+            self.histogram.observe(time.perf_counter() - self.start)

@@ -58,9 +58,11 @@ class _Record:
 
 
 class FeatureRecorder:
-    """Host-side plan for the current step (filled before the forward) and the records by key."""
+    """One SAE's host-side plan for the current step (filled before the forward) and its records by key."""
 
-    def __init__(self, max_activation: np.ndarray | None = None, capacity: int = 512):
+    def __init__(self, sae: str, max_activation: np.ndarray | None = None, capacity: int = 512):
+        self.sae = sae
+        """Id of the SAE recorded here; requests recording another SAE's features are left to its recorder."""
         self.max_activation = max_activation
         """Per-feature max activation [d_sae] (the SAE's stats), for ranking; None: raw sums."""
         self.capacity = capacity
@@ -80,8 +82,8 @@ class FeatureRecorder:
 
     def fill(self, layout: StepLayout) -> None:
         """Plan one step."""
-        self._specs = {rid: self._specs[rid] if rid in self._specs else
-                       parse_recording((layout.extra_args_of(rid) or {}).get(RECORD_FIELD)) for rid in layout.req_ids}
+        self._specs = {rid: self._specs[rid] if rid in self._specs else self._spec(layout.extra_args_of(rid))
+                       for rid in layout.req_ids}
         recording = [(i, spec) for i, spec in enumerate(self._specs[rid] for rid in layout.req_ids)
                      if spec is not None]
         self._targets, self._top_k = [], 0
@@ -105,6 +107,10 @@ class FeatureRecorder:
             # Position 0 is an attention sink the SAE was not trained on; its huge activations
             # would drown every ranking by sum, so it is reported per token but not summed.
             self._summed = torch.from_numpy(np.concatenate([p > 0 for *_, p in self._targets]))
+
+    def _spec(self, extra_args: dict | None) -> FeatureRecording | None:
+        spec = parse_recording((extra_args or {}).get(RECORD_FIELD))
+        return spec if spec is not None and spec.sae == self.sae else None
 
     def _record_for(self, spec: FeatureRecording, prompt_len: int) -> _Record:
         record = self._store.get(spec.key)
@@ -132,4 +138,4 @@ class FeatureRecorder:
     def pop(self, key: str) -> dict | None:
         """The records of one request as plain lists, or None if this rank has none."""
         record = self._store.pop(key, None)
-        return None if record is None else record.as_dict(self.max_activation)
+        return None if record is None else {"sae": self.sae, **record.as_dict(self.max_activation)}
