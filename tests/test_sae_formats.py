@@ -3,37 +3,19 @@ numerically with what those libraries compute."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from sae_factory import write_gemma_scope, written_by
 from steer_plugin.sae import SAE, SAEFileError, load_config
-
-REPO = Path(__file__).resolve().parent.parent
-FIXTURE_LIBS = Path(os.environ.get("STEER_FIXTURE_LIBS", REPO / ".fixture-libs"))
-"""eai-sparsify and what it imports, installed apart from the serving venv by setup.sh."""
-
-
-def _gemma_scope(folder: Path, d_in=32, d_sae=128) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    params = {"W_enc": rng.normal(size=(d_in, d_sae)).astype(np.float32),
-              "b_enc": rng.normal(size=d_sae).astype(np.float32) * 0.1,
-              "W_dec": rng.normal(size=(d_sae, d_in)).astype(np.float32),
-              "b_dec": rng.normal(size=d_in).astype(np.float32),
-              "threshold": rng.uniform(0, 2, size=d_sae).astype(np.float32)}
-    folder.mkdir(parents=True)
-    np.savez(folder / "params.npz", **params)  # Gemma Scope's own files are numpy archives
-    return params
 
 
 def test_gemma_scope_params_npz(tmp_path):
     folder = tmp_path / "gemma-scope-2b-pt-res" / "layer_7" / "width_16k" / "average_l0_10"
-    p = _gemma_scope(folder)
+    p = write_gemma_scope(folder)
     for where in (folder, folder / "params.npz"):
         sae = SAE.load(where)
         assert (sae.cfg.architecture, sae.cfg.layer, sae.cfg.d_in, sae.cfg.d_sae) == ("jumprelu", 7, 32, 128)
@@ -47,20 +29,33 @@ def test_gemma_scope_params_npz(tmp_path):
 
 
 def test_gemma_scope_without_a_layer_in_its_path_asks_for_the_layer(tmp_path):
-    _gemma_scope(tmp_path / "my_sae")
+    write_gemma_scope(tmp_path / "my_sae")
     with pytest.raises(SAEFileError, match="--layer"):
         SAE.load(tmp_path / "my_sae").cfg.layer
 
 
 @pytest.fixture(scope="module")
 def sparsify_dir(tmp_path_factory) -> Path:
-    if not (FIXTURE_LIBS / "sparsify").is_dir():
-        pytest.fail(f"eai-sparsify is not in {FIXTURE_LIBS}: run setup.sh (or set STEER_FIXTURE_LIBS)")
-    out = tmp_path_factory.mktemp("sparsify")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FIXTURE_LIBS), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, str(Path(__file__).parent / "fixtures_sparsify.py"), str(out)], env=env,
-                   check=True, capture_output=True, timeout=300)
-    return out
+    return written_by("fixtures_sparsify.py", tmp_path_factory.mktemp("sparsify"))
+
+
+@pytest.fixture(scope="module")
+def saelens_dir(tmp_path_factory) -> Path:
+    return written_by("fixtures_saelens.py", tmp_path_factory.mktemp("saelens"))
+
+
+@pytest.mark.parametrize("name, architecture, layer", [
+    ("standard", "standard", 1), ("jumprelu", "jumprelu", 1), ("topk", "topk", 1), ("standard_norm", "standard", 1),
+    ("pre6", "standard", 1)])
+def test_saelens_files_match_saelens(saelens_dir, name, architecture, layer):
+    """Files SAELens wrote (and, for pre6, the older layout it still reads), against SAELens's own
+    encode/decode of the files it loaded back."""
+    sae = SAE.load(saelens_dir / name)
+    assert (sae.cfg.architecture, sae.cfg.layer) == (architecture, layer)  # jumprelu: blocks.2.hook_resid_pre
+    expected = np.load(saelens_dir / name / "expected.npz")
+    f, norm = sae.encode(torch.from_numpy(expected["x"]))
+    np.testing.assert_allclose(f.numpy(), expected["f"], rtol=1e-5, atol=4e-6)
+    np.testing.assert_allclose(sae.decode(f, norm).numpy(), expected["recon"], rtol=1e-5, atol=4e-6)
 
 
 def test_sparsify_layout_matches_sparsify(sparsify_dir):

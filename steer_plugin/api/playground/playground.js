@@ -7,7 +7,7 @@ const api = (path) => new URL(`../${path}`, location.href).toString();
 const state = {
   model: null,
   sae: null,          // id of the chosen SAE
-  clamps: [],         // {feature, label, strength, mode, tokens}
+  clamps: [],         // {sae, feature, label, strength, mode, tokens}
   details: new Map(), // feature id -> catalogue entry
   reply: null,        // steered reply: {tokens: [str], features: [[{id, activation, label}]]}
   text: null,         // inspected text: the same shape
@@ -72,7 +72,7 @@ async function loadSaes() {
 }
 
 async function search(query) {
-  const result = await request(`v1/features?q=${encodeURIComponent(query)}&limit=10`);
+  const result = await request(`v1/features?q=${encodeURIComponent(query)}&limit=10&${saeQuery()}`);
   const list = $("search-results");
   list.replaceChildren();
   if (!result.ok) return showError(result.body.error || result.body);
@@ -85,13 +85,18 @@ async function search(query) {
   if (!result.body.data.length) list.append(el("li", {}, "No feature matches."));
 }
 
+function saeQuery() {
+  return state.sae ? `sae=${encodeURIComponent(state.sae)}` : "";
+}
+
 async function detail(id) {
-  if (!state.details.has(id)) {
-    const result = await request(`v1/features/${id}`);
+  const key = `${state.sae}:${id}`;  // feature ids are per SAE
+  if (!state.details.has(key)) {
+    const result = await request(`v1/features/${id}?${saeQuery()}`);
     if (!result.ok) { showError(result.body.error || {message: result.body.detail || "unknown feature"}); return null; }
-    state.details.set(id, result.body);
+    state.details.set(key, result.body);
   }
-  return state.details.get(id);
+  return state.details.get(key);
 }
 
 function context(text) {
@@ -126,11 +131,11 @@ async function openCard(id) {
 async function addClamp(id) {
   id = Number(id);
   if (!Number.isInteger(id) || id < 0) return;
-  if (!state.clamps.some((c) => c.feature === id)) {
-    const entry = state.details.get(id) || (await request(`v1/features/${id}`)).body;
+  if (!state.clamps.some((c) => c.feature === id && c.sae === state.sae)) {
+    const entry = state.details.get(`${state.sae}:${id}`) || (await request(`v1/features/${id}?${saeQuery()}`)).body;
     const strength = entry && entry.recommended_strength ? entry.recommended_strength : 3;
-    state.clamps.push({feature: id, label: entry && entry.label ? entry.label : "", strength, mode: "set",
-                       tokens: "all"});
+    state.clamps.push({sae: state.sae, feature: id, label: entry && entry.label ? entry.label : "", strength,
+                       mode: "set", tokens: "all"});
   }
   if (!$("heat-feature").value) $("heat-feature").value = id;
   renderClamps();
@@ -154,7 +159,7 @@ function renderClamps() {
       ...["all", "prompt", "generated"].map((t) => el("option", {value: t}, t)));
     tokens.value = clamp.tokens;
     box.append(el("div", {class: "clamp", "data-feature": clamp.feature},
-      el("div", {class: "title"}, `#${clamp.feature} ${clamp.label}`),
+      el("div", {class: "title"}, `${clamp.sae ? clamp.sae + " " : ""}#${clamp.feature} ${clamp.label}`),
       el("div", {}, el("label", {for: `clamp-${i}-feature`}, "Feature"), feature),
       el("div", {}, el("label", {for: `clamp-${i}-slider`}, "Strength (× max)"), slider),
       el("div", {}, el("label", {for: `clamp-${i}-strength`}, "Strength value"), number),
@@ -167,9 +172,8 @@ function renderClamps() {
 }
 
 function clampSpec() {
-  return state.clamps.map((c) => c.mode === "scale"
-    ? {feature: c.feature, value: c.strength, mode: "scale", tokens: c.tokens}
-    : {feature: c.feature, value: c.strength, mode: c.mode, unit: "max", tokens: c.tokens});
+  return state.clamps.map((c) => ({...(c.sae ? {sae: c.sae} : {}), feature: c.feature, value: c.strength,
+                                   mode: c.mode, ...(c.mode === "scale" ? {} : {unit: "max"}), tokens: c.tokens}));
 }
 
 // ---------------------------------------------------------------------------------------- compare
@@ -223,7 +227,8 @@ async function stream(body, out, collect) {
 
 async function send() {
   clearErrors();
-  const steered = {...chatBody(true), return_features: 5, logprobs: true};
+  const features = state.sae ? {top_k: 5, sae: state.sae} : 5;
+  const steered = {...chatBody(true), return_features: features, logprobs: true};
   const collect = {tokens: [], features: []};
   $("send").disabled = true;
   try {
@@ -277,7 +282,7 @@ function showToken(token, features) {
 async function inspect() {
   clearErrors();
   const result = await request("v1/features/inspect", {method: "POST",
-    body: JSON.stringify({text: $("inspect-text").value, top_k: 5})});
+    body: JSON.stringify({text: $("inspect-text").value, top_k: 5, ...(state.sae ? {sae: state.sae} : {})})});
   if (!result.ok) return showError(result.body.error || {message: JSON.stringify(result.body)});
   state.text = {tokens: result.body.tokens.map((t) => t.token), features: result.body.tokens.map((t) => t.features)};
   if (!$("heat-feature").value && result.body.top_features.length) $("heat-feature").value = result.body.top_features[0].id;
