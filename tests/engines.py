@@ -15,15 +15,19 @@ MODEL = str(default_model_dir())
 
 
 @contextlib.contextmanager
-def offline_llm(sae_dir: Path | None, enforce_eager: bool = True, plugin: bool = True, **kwargs):
-    """An in-process `vllm.LLM` (its engine core and worker are child processes)."""
+def offline_llm(saes: Path | list[dict] | None, enforce_eager: bool = True, plugin: bool = True, model: str = MODEL,
+                dtype: str = "float32", max_model_len: int = 2048, **kwargs):
+    """An in-process `vllm.LLM` (its engine core and worker are child processes). saes: one SAE
+    folder, or the `steer.saes` entries ({"path", "id", "layer"})."""
     from vllm import LLM
 
     previous = os.environ.get("STEER_PLUGIN_DISABLE")
     os.environ["STEER_PLUGIN_DISABLE"] = "0" if plugin else "1"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    extra = {"additional_config": {"steer": {"saes": [{"path": str(sae_dir)}]}}} if plugin and sae_dir else {}
-    llm = LLM(model=MODEL, dtype="float32", enforce_eager=enforce_eager, max_model_len=2048,
+    if isinstance(saes, Path):
+        saes = [{"path": str(saes)}]
+    extra = {"additional_config": {"steer": {"saes": saes}}} if plugin and saes else {}
+    llm = LLM(model=model, dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_model_len,
               seed=0, **extra, **kwargs)
     try:
         yield llm

@@ -30,11 +30,11 @@ def _config(arch: str):
     if arch == "mistral":
         return tf.MistralConfig(**_COMMON, sliding_window=None)
     if arch == "gemma2":
-        return tf.Gemma2Config(**_COMMON, head_dim=HIDDEN // HEADS, query_pre_attn_scalar=HIDDEN // HEADS,
-                               sliding_window=1024)
-    if arch == "gemma3":
-        return tf.Gemma3TextConfig(**_COMMON, head_dim=HIDDEN // HEADS, query_pre_attn_scalar=HIDDEN // HEADS,
-                                   sliding_window=1024)
+        return tf.Gemma2Config(**{**_COMMON, "tie_word_embeddings": True}, head_dim=HIDDEN // HEADS,
+                               query_pre_attn_scalar=HIDDEN // HEADS, sliding_window=1024)
+    if arch == "gemma3":  # vLLM's Gemma models always tie the unembedding to the embeddings
+        return tf.Gemma3TextConfig(**{**_COMMON, "tie_word_embeddings": True}, head_dim=HIDDEN // HEADS,
+                                   query_pre_attn_scalar=HIDDEN // HEADS, sliding_window=1024)
     if arch == "phi3":
         return tf.Phi3Config(**_COMMON)
     if arch == "olmo2":

@@ -154,9 +154,13 @@ def _steer_fake(hidden: torch.Tensor, residual: torch.Tensor | None, sae_key: st
 
 
 def _steer_all(hidden: torch.Tensor, residual: torch.Tensor | None, sae_keys: tuple[str, ...]) -> torch.Tensor:
+    """hidden, residual: [T, d_in], or [1, T, d_in] from layers run by vLLM's transformers backend."""
+    shape = hidden.shape
+    hidden = hidden.reshape(-1, shape[-1])  # [T, d_in]
+    residual = None if residual is None else residual.reshape(-1, shape[-1])
     for key in sae_keys:  # SAEs at one point of the stream, in configuration order
         hidden = torch.ops.steer_plugin.steer(hidden, residual, key)
-    return hidden
+    return hidden.reshape(shape)
 
 
 class SteeredLayer(nn.Module):
