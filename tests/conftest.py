@@ -15,6 +15,15 @@ def random_sae_dir(tmp_path_factory) -> Path:
     return write_sae(tmp_path_factory.mktemp("sae") / "topk", d_sae=1024)
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(arch) -> folder of a tiny random model of that architecture (built once per session)."""
+    from tiny_models import build
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return lambda arch: build(arch, root / arch)
+
+
 @pytest.fixture
 def anyio_backend():
     """Async tests (marked anyio) run on asyncio, as vLLM's server does."""

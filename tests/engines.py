@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 from pathlib import Path
 
@@ -39,3 +40,27 @@ def offline_llm(saes: Path | list[dict] | None, enforce_eager: bool = True, plug
             os.environ.pop("STEER_PLUGIN_DISABLE", None)
         else:
             os.environ["STEER_PLUGIN_DISABLE"] = previous
+
+
+def generate_ids(llm, prompts: list[list[int]], clamps: list[dict] | None = None, record=None,
+                 max_tokens: int = 8) -> list[list[int]]:
+    """Greedy replies (token ids) to token-id prompts, all with the same clamps and recording
+    (`spec.FeatureRecording`, signed by this process: admission runs here in an offline engine)."""
+    from vllm import SamplingParams
+
+    from steer_plugin.spec import FIELD, RECORD_FIELD
+
+    extra = {}
+    if clamps is not None:
+        extra[FIELD] = json.dumps(clamps)
+    if record is not None:
+        extra[RECORD_FIELD] = record.model_dump_json()
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=extra or None)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def recorded(llm, prompts: list[list[int]], clamps: list[dict] | None, record) -> dict:
+    """Run the prompts with a recording and fetch what a worker recorded."""
+    generate_ids(llm, prompts, clamps, record, max_tokens=1)
+    return next(r for r in llm.collective_rpc("steer_pop_features", args=(record.key,)) if r)

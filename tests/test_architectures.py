@@ -7,19 +7,17 @@ tiny random-weight model built from a transformers config (nothing downloaded):
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from engines import offline_llm
+from engines import generate_ids, offline_llm, recorded
 from sae_factory import write_sae
 from steer_plugin.api.admission import new_recording_key
 from steer_plugin.reference import reference_steer
 from steer_plugin.sae import SAE
-from steer_plugin.spec import FIELD, RECORD_FIELD, FeatureRecording, Limits, parse_clamps
-from tiny_models import ARCHITECTURES, HIDDEN, build, stream_after
+from steer_plugin.spec import FeatureRecording, Limits, parse_clamps
+from tiny_models import ARCHITECTURES, HIDDEN, stream_after
 
 pytestmark = pytest.mark.slow
 
@@ -38,28 +36,14 @@ def sae_dir(tmp_path_factory):
                      layer=LAYER)
 
 
-def _generate(llm, clamps=None, record: FeatureRecording | None = None, prompts=PROMPTS, max_tokens=8):
-    from vllm import SamplingParams
-
-    extra = {}
-    if clamps is not None:
-        extra[FIELD] = json.dumps(clamps)
-    if record is not None:
-        extra[RECORD_FIELD] = record.model_dump_json()
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=extra or None)
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outputs]
-
-
 def check_steering(model_dir, sae_dir, dtype: str, tolerance: float) -> None:
     ids = PROMPTS[1]
     recording = FeatureRecording(key=new_recording_key(), sae="sae", top_k=TOP_K, scope="prompt")
     with offline_llm(sae_dir, model=str(model_dir), dtype=dtype, max_model_len=512) as llm:
-        plain = _generate(llm)
-        assert _generate(llm, IDENTITY) == plain
-        assert _generate(llm, STRONG) != plain
-        _generate(llm, MODERATE, recording, prompts=[ids], max_tokens=1)
-        record = next(r for r in llm.collective_rpc("steer_pop_features", args=(recording.key,)) if r)
+        plain = generate_ids(llm, PROMPTS)
+        assert generate_ids(llm, PROMPTS, IDENTITY) == plain
+        assert generate_ids(llm, PROMPTS, STRONG) != plain
+        record = recorded(llm, [ids], MODERATE, recording)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     x = stream_after(model_dir, LAYER, ids, torch_dtype)  # [T, d] transformers' stream, float32
     sae = SAE.load(sae_dir)
@@ -73,13 +57,13 @@ def check_steering(model_dir, sae_dir, dtype: str, tolerance: float) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_architecture_is_steered_exactly(arch, sae_dir, tmp_path_factory):
-    check_steering(build(arch, tmp_path_factory.mktemp(arch) / arch), sae_dir, "float32", 2e-3)
+def test_architecture_is_steered_exactly(arch, sae_dir, tiny_model):
+    check_steering(tiny_model(arch), sae_dir, "float32", 2e-3)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_models_are_steered_in_float32(dtype, sae_dir, tmp_path_factory):
+def test_half_precision_models_are_steered_in_float32(dtype, sae_dir, tiny_model):
     """The op reads the half-precision stream into float32, does the SAE math there and casts only
     the change back; transformers runs the same weights in the same dtype (their kernels differ from
     vLLM's, hence the wider tolerance)."""
-    check_steering(build("llama", tmp_path_factory.mktemp("llama") / "llama"), sae_dir, dtype, 6e-2)
+    check_steering(tiny_model("llama"), sae_dir, dtype, 6e-2)
