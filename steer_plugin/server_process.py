@@ -24,16 +24,18 @@ def free_port() -> int:
 class Server:
     """`python server.py ...` in its own process group; log in `log_path`."""
 
-    def __init__(self, args: list[str], log_path: Path, port: int | None = None, env: dict | None = None):
+    def __init__(self, args: list[str], log_path: Path, port: int | None = None, env: dict | None = None,
+                 launcher: list[str] | None = None, cwd: Path = REPO):
+        """launcher: the command before the arguments (default: this checkout's server.py)."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "server.py"), "--port", str(self.port), *args],
+            [*(launcher or [sys.executable, str(REPO / "server.py")]), "--port", str(self.port), *args],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **(env or {})}, cwd=REPO)
+            env={**os.environ, **(env or {})}, cwd=cwd)
 
     def wait_ready(self, timeout: float = 900) -> "Server":
         deadline = time.time() + timeout

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 import server
 from steer_plugin.config import DEFAULT_SAE_DIR, SAESource, SteerConfig
 
@@ -64,3 +66,19 @@ def test_context_length_comes_from_the_model_unless_set(monkeypatch):
     monkeypatch.setattr("steer_plugin.prepare_model.prepare", lambda out: Path("/models/default"))
     default = server.vllm_argv(server.build_parser().parse_args([]), [])
     assert default[default.index("--max-model-len") + 1] == str(server.DEFAULT_MAX_MODEL_LEN)
+
+
+def test_several_saes_with_ids_and_layers(tmp_path):
+    a, b = tmp_path / "resid_sae", tmp_path / "other"
+    argv = server.vllm_argv(_args("--sae", str(a), "--sae", f"mlp={b}", "--layer", "mlp=12", "--layer", "3"), [])
+    cfg = SteerConfig.from_dict(json.loads(argv[argv.index("--additional-config") + 1])["steer"])
+    assert cfg.saes == (SAESource(str(a), "resid_sae", 3), SAESource(str(b), "mlp", 12))
+    with pytest.raises(SystemExit, match="no --sae has id 'attn'"):
+        server.vllm_argv(_args("--sae", str(a), "--layer", "attn=2"), [])
+
+
+def test_sae_ids_must_differ_and_be_plain():
+    with pytest.raises(ValueError, match="ids must differ"):
+        SteerConfig(saes=(SAESource("/x/sae"), SAESource("/y/sae")))
+    with pytest.raises(ValueError, match="letters, digits"):
+        SAESource("/x/sae", id="a b")

@@ -94,3 +94,47 @@ def test_op_under_torch_compile_follows_table_changes():
     assert not torch.allclose(layer(hidden, residual), hidden)
     table.fill(StepLayout(["r3"], np.array([4]), np.array([0]), np.array([4]), lambda _: None))
     assert torch.equal(layer(hidden, residual), hidden)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("graph_safe", [False, True])
+def test_half_precision_stream_is_steered_in_float32(dtype, graph_safe):
+    """The op reads a half-precision stream into float32, does the SAE math there and adds the change
+    cast back: out == hidden + (reference delta of the float32 stream).to(dtype); identity clamps and
+    unclamped tokens are bit-identical."""
+    sae = make_sae("jumprelu", d_in=D_IN, d_sae=D_SAE)
+    limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)
+    table = ClampTable(limits, "sae", max_tokens=16, max_reqs=4, device=torch.device("cpu"))
+    clamps = {"s": [{"feature": 3, "value": 5.0}], "i": [{"feature": 2, "value": 1.0, "mode": "scale"}], "u": None}
+    table.fill(StepLayout(["s", "i", "u"], np.array([3, 2, 2]), np.array([0, 0, 0]), np.array([3, 2, 2]),
+                          lambda rid: {"feature_clamps": clamps[rid]} if clamps[rid] else None))
+    key = f"half-{dtype}-{graph_safe}"
+    register_sae(key, LayerSteer(sae, table, graph_safe=graph_safe))
+    hidden, residual = (torch.randn(7, D_IN) * 2).to(dtype), (torch.randn(7, D_IN) * 2).to(dtype)
+    out = torch.ops.steer_plugin.steer(hidden, residual, key)
+    assert out.dtype == dtype and torch.equal(out[3:], hidden[3:])
+    plan = parse_clamps(clamps["s"], limits)
+    h32, r32 = hidden[:3].float(), residual[:3].float()
+    delta = reference_steer(sae, h32, r32, [plan] * 3, [0, 1, 2], [3] * 3) - h32
+    assert torch.equal(out[:3], hidden[:3] + delta.to(dtype))
+
+
+def test_layers_that_return_one_tensor_and_batched_streams():
+    """GPT-2-like layers return the stream as one tensor (no residual); vLLM's transformers backend
+    hands [1, T, d] to its layers. Both are steered like (hidden, residual) = (stream, 0)."""
+    from torch import nn
+
+    from steer_plugin.worker.ops import SteeredLayer
+
+    sae = make_sae("standard", d_in=D_IN, d_sae=D_SAE)
+    limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)
+    table = ClampTable(limits, "sae", max_tokens=16, max_reqs=4, device=torch.device("cpu"))
+    clamps = [{"feature": 3, "value": 5.0}]
+    table.fill(StepLayout(["r"], np.array([5]), np.array([0]), np.array([5]), lambda _: {"feature_clamps": clamps}))
+    register_sae("single", LayerSteer(sae, table, graph_safe=False))
+    stream = torch.randn(5, D_IN)
+    expected = reference_steer(sae, stream, torch.zeros_like(stream), [parse_clamps(clamps, limits)] * 5,
+                               list(range(5)), [5] * 5)
+    for shape in ((5, D_IN), (1, 5, D_IN)):
+        layer = SteeredLayer(nn.Identity(), ("single",))
+        torch.testing.assert_close(layer(stream.reshape(shape)), expected.reshape(shape), rtol=1e-5, atol=1e-5)

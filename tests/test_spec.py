@@ -88,3 +88,34 @@ def test_no_client_salt_reaches_a_derived_salt(forged):
     derived = cache_salt(None, plan, 10)
     assert cache_salt(forged(plan), None, 10) != derived
     assert cache_salt(forged(plan), None, 10).startswith(SALT_PREFIX)
+
+
+TWO = Limits({"res": LIMITS.saes["sae"], "mlp": Limits.one(d_sae=10, max_clamps=4).saes["sae"]}, max_clamps=3)
+"""Two SAEs: `res` (100 features, with max activations) first, `mlp` (10 features, none)."""
+
+
+def test_clamps_name_their_sae_and_default_to_the_first():
+    plan = parse_clamps([{"feature": 5, "value": 1}, {"sae": "mlp", "feature": 5, "value": 2},
+                         {"sae": "res", "feature": 6, "value": 3, "unit": "max"}], TWO)
+    assert plan.sae.tolist() == [0, 0, 1] and plan.feature.tolist() == [5, 6, 5]
+    assert plan.only(1).add.tolist() == [2.0] and plan.only(0).add.tolist() == [1.0, 6.0]
+    assert parse_clamps([{"sae": "mlp", "feature": 1, "value": 1}], TWO).only(0) is None
+    # The same feature id on two SAEs is two features; the canonical form (cache key) tells them apart.
+    res, mlp = (parse_clamps([{"sae": s, "feature": 5, "value": 1}], TWO).canonical for s in ("res", "mlp"))
+    assert res != mlp
+
+
+@pytest.mark.parametrize("clamps, words", [
+    ([{"sae": "attn", "feature": 1, "value": 1}], "feature_clamps[0].sae: unknown SAE 'attn'; this server has 'res', 'mlp'"),
+    ([{"sae": "mlp", "feature": 10, "value": 1}], "feature_clamps[0].feature: 10 is out of range (SAE mlp has 10"),
+    ([{"sae": "mlp", "feature": 1, "value": 1, "unit": "max"}], "SAE mlp has none"),
+    ([{"sae": "mlp", "feature": 1, "value": 1}, {"sae": "mlp", "feature": 1, "value": 2}],
+     "feature_clamps[1].feature: feature 1 of SAE mlp already clamped by feature_clamps[0]"),
+    ([{"sae": s, "feature": 1, "value": 1} for s in ("res", "mlp")] + [{"feature": 2, "value": 1}] * 2,
+     "4 clamps given, at most 3"),
+    ([{"sae": 3, "feature": 1, "value": 1}], "feature_clamps[0].sae"),
+])
+def test_bad_sae_references_name_the_clamp(clamps, words):
+    with pytest.raises(ClampError) as e:
+        parse_clamps(clamps, TWO)
+    assert words in str(e.value)

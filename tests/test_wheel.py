@@ -1,0 +1,45 @@
+"""`pip install .` (a wheel, not editable) gives a working `steer-server` that finds the shipped SAE."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from engines import REPO, Server
+
+pytestmark = pytest.mark.slow
+
+
+def test_wheel_install_serves_and_steers_with_the_shipped_sae(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO),
+                    "-w", str(tmp_path / "wheel")], check=True, capture_output=True, timeout=600)
+    (wheel,) = (tmp_path / "wheel").glob("steer_plugin-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=600)
+    # vLLM and the rest come from this venv; the plugin, its entry points and the SAE from the wheel,
+    # which comes first on the path (the checkout's editable install is shadowed), run from elsewhere.
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    where = subprocess.run([sys.executable, "-c", "import steer_plugin.config as c; print(c.DEFAULT_SAE_DIR)"],
+                           env={**os.environ, **env}, cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert where.stdout.strip().startswith(str(site / "steer_plugin" / "sae_weights"))
+
+    server = Server(["--enforce-eager", "--kv-cache-gib", "1"], tmp_path / "server.log", env=env,
+                    launcher=[sys.executable, str(site / "bin" / "steer-server")], cwd=tmp_path).wait_ready()
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=300) as http:
+            assert [s["id"] for s in http.get("/v1/saes").json()["data"]] == ["smollm2-135m-instruct-l15"]
+            body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Tell me a story."}],
+                    "max_tokens": 16, "temperature": 0}
+            plain = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+            steered = http.post("/v1/chat/completions", json={
+                **body, "feature_clamps": [{"feature": 4137, "value": 4, "unit": "max"}]}).json()
+            assert steered["choices"][0]["message"]["content"] != plain
+            assert http.get("/v1/features", params={"q": "God"}).json()["data"][0]["id"] == 4137
+    finally:
+        server.stop()
+    assert f"path={site / 'steer_plugin' / 'sae_weights'}" in server.log_path.read_text()
