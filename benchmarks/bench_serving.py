@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import openai
+from tqdm import tqdm
 
 from steer_plugin.config import DEFAULT_SAE_DIR, default_model_dir
 from steer_plugin.server_process import Server
@@ -346,11 +347,10 @@ def main(argv: list[str] | None = None) -> dict:
                                    env=env).wait_ready(timeout=1800)
         before = {name: op_seconds(srv.base_url) for name, srv in servers.items() if name != "vanilla"}
         cells = {(s, w, c): Cell(s, w, c) for s, w in plan for c in concurrencies}
-        for _rep in range(args.reps):
-            for c in concurrencies:
-                for s, w in plan:
-                    asyncio.run(drive(servers[s].base_url, w, c, args.requests_per_stream * c, args.max_tokens,
-                                      sae_cfg.d_sae, unit, prompts, cells[(s, w, c)]))
+        order = [(s, w, c) for _rep in range(args.reps) for c in concurrencies for s, w in plan]
+        for s, w, c in tqdm(order, desc="cells", unit="cell"):
+            asyncio.run(drive(servers[s].base_url, w, c, args.requests_per_stream * c, args.max_tokens,
+                              sae_cfg.d_sae, unit, prompts, cells[(s, w, c)]))
         profiles = {}
         for name, (total0, calls0) in before.items():
             total, calls = op_seconds(servers[name].base_url)

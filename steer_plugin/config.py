@@ -95,8 +95,10 @@ class SteerConfig:
     the residual stream are applied in this order (each reads the stream the previous one wrote)."""
     max_clamps: int = 32
     """Most clamps one request may carry, over all SAEs; the width of each clamp table."""
-    metrics_sample_every: int = 1
-    """Feature-activity metrics encode every n-th forward step (0: feature metrics off)."""
+    metrics_sample_every: int = 16
+    """Feature-activity metrics encode every n-th forward step (0: feature metrics off). Each sampled
+    step encodes every token of the step through the whole SAE; on every step that costs several
+    per cent of throughput (see benchmarks/results/README.md), on every 16th a fraction of one."""
     metrics_watch: tuple[int, ...] = ()
     """Features (of every SAE) whose activity counter is always exported."""
     metrics_top_n: int = 20

@@ -80,14 +80,14 @@ def admit(request_id: str, extra_args: dict | None, limits: Limits, graph_safe: 
     try:
         plan = parse_clamps(extra.get(FIELD), limits)
         recording = parse_recording(extra.get(RECORD_FIELD))
-        if recording is not None and not _signed(recording.key):
-            raise RecordingError(f"{RECORD_FIELD}: an internal field the server sets; clients cannot send it "
-                                 "(use return_features or /v1/features/inspect)")
         if recording is not None:
+            if not _signed(recording.key):
+                raise RecordingError(f"{RECORD_FIELD}: an internal field the server sets; clients cannot send it "
+                                     "(use return_features or /v1/features/inspect)")
             limits.index(recording.sae, f"{RECORD_FIELD}.sae", RecordingError)
-        if recording is not None and graph_safe:
-            raise RecordingError(f"{RECORD_FIELD}: feature inspection runs on the host and is off under CUDA "
-                                 "graphs; start the server with --enforce-eager to use it")
+            if graph_safe:
+                raise RecordingError(f"{RECORD_FIELD}: feature inspection runs on the host and is off under CUDA "
+                                     "graphs; start the server with --enforce-eager to use it")
     except (ClampError, RecordingError) as e:
         message = clip(str(e), ERROR_CHARS)  # it may quote client input (an unknown key, say)
         logger.info("action=rejected req=%s reason=%s", request_id, message)

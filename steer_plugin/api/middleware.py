@@ -27,7 +27,7 @@ import re
 from steer_plugin.api import request_body, return_features, routes
 from steer_plugin.api.metrics import REJECTED
 from steer_plugin.api.request_body import ERROR_CHARS, BodyError, clip
-from steer_plugin.spec import FIELD, RECORD_FIELD, ClampError, FeatureRecording, RecordingError, Limits, parse_clamps
+from steer_plugin.spec import FIELD, RECORD_FIELD, ClampError, FeatureRecording, Limits, RecordingError, parse_clamps
 
 logger = logging.getLogger(__name__)
 _FORM_FIELD = re.compile(rb'name="(%s|%s)"' % (FIELD.encode(), return_features.FIELD.encode()))
