@@ -44,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +61,8 @@ PROMPTS = [
 ]
 FILLER = ("The committee reviewed the quarterly figures, the staffing plan and the schedule for the new "
           "building, and asked for a shorter summary of each before the next meeting. ")
-"""Repeated in front of each prompt for --prompt-words (about 1.3 tokens a word)."""
+"""Repeated in front of each prompt for --prompt-words (about 1.1 tokens a word), after a nonce of its
+own per request, so long prompts are computed (prefill) rather than served from the prefix cache."""
 WORKLOADS = ("none", "shared", "distinct", "half", "features")
 SERVED_NAME = "SmolLM2-135M-Instruct"
 
@@ -127,7 +129,10 @@ async def drive(base_url: str, workload: str, concurrency: int, requests: int, m
         results = []
         while queue:
             i = queue.pop(0)
-            results.append(await one_request(client, prompts[i % len(prompts)], clamps_for(workload, i, d_sae, unit),
+            prompt = prompts[i % len(prompts)]
+            if prompt.startswith(FILLER):
+                prompt = f"Ticket {uuid.uuid4().hex}. {prompt}"
+            results.append(await one_request(client, prompt, clamps_for(workload, i, d_sae, unit),
                                              workload == "features", max_tokens))
         return results
 
@@ -402,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "architecture": sae_cfg.architecture, "sae_layer": sae_cfg.layer, "device": device_name(),
                    "compile_mode": args.mode, "dtype": "float32" if device_name().endswith("cores") else "model's own",
                    "pp": args.pp, "reps": args.reps, "requests_per_stream": args.requests_per_stream,
-                   "max_tokens": args.max_tokens, "prompt_tokens": round(1.3 * (args.prompt_words + 8)),
+                   "max_tokens": args.max_tokens, "prompt_tokens": round(1.1 * (args.prompt_words + 8)),
                    "concurrencies": concurrencies},
         "summary": {"idle_ratio_min": lowest("plugin", "none"), "distinct_ratio_min": lowest("plugin", "distinct"),
                     "shared_ratio_min": lowest("plugin", "shared"), "half_ratio_min": lowest("plugin", "half"),

@@ -24,11 +24,12 @@ import inspect
 import logging
 
 import torch
+from prometheus_client import Histogram
 from torch import nn
 
 from steer_plugin.sae import SAE
 from steer_plugin.worker.clamp_table import ClampTable
-from steer_plugin.worker.metrics import FeatureActivity, Histogram, OpTimer
+from steer_plugin.worker.metrics import FeatureActivity, OpTimer
 from steer_plugin.worker.recorder import FeatureRecorder
 
 logger = logging.getLogger(__name__)
