@@ -121,10 +121,6 @@ class SteerConfig:
         if self.metrics_top_n < 0:
             raise ValueError("steer.metrics_top_n must be >= 0")
 
-    @property
-    def sae_ids(self) -> tuple[str, ...]:
-        return tuple(s.id for s in self.saes)
-
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "SteerConfig":
         raw = dict(raw or {})
