@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature-activity metrics on every n-th step (0: off)")
     p.add_argument("--metrics-watch", default="", help="comma-separated feature ids always exported")
     p.add_argument("--metrics-top-n", type=int, default=SteerConfig.metrics_top_n)
+    p.add_argument("--graph-columns", type=int, default=SteerConfig.graph_columns,
+                   help="under CUDA graphs: distinct clamped features per SAE a step keeps on the graph path")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM eager mode (default: vLLM's compiled mode)")
     p.add_argument("--no-plugin", action="store_true", help="vanilla vLLM (STEER_PLUGIN_DISABLE=1), for comparisons")
     p.add_argument("--kv-cache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE on CPU")
@@ -76,7 +78,7 @@ def vllm_argv(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
         steer = SteerConfig(saes=sae_sources(args.sae, args.layer), max_clamps=args.max_clamps,
                             metrics_sample_every=args.metrics_sample_every,
                             metrics_watch=tuple(int(i) for i in args.metrics_watch.split(",") if i.strip()),
-                            metrics_top_n=args.metrics_top_n)
+                            metrics_top_n=args.metrics_top_n, graph_columns=args.graph_columns)
         argv += ["--additional-config", json.dumps({"steer": steer.to_dict()})]
     return argv + passthrough
 

@@ -97,12 +97,20 @@ class SteerConfig:
     """Most clamps one request may carry, over all SAEs; the width of each clamp table."""
     metrics_sample_every: int = 16
     """Feature-activity metrics encode every n-th forward step (0: feature metrics off). Each sampled
-    step encodes every token of the step through the whole SAE; on every step that costs several
-    per cent of throughput (see benchmarks/results/README.md), on every 16th a fraction of one."""
+    step encodes its tokens (up to 256) through the whole SAE; on every step that costs several per
+    cent of throughput (see benchmarks/results/README.md), on every 16th a fraction of one."""
     metrics_watch: tuple[int, ...] = ()
     """Features (of every SAE) whose activity counter is always exported."""
     metrics_top_n: int = 20
     """Also export each SAE's n most frequently active features (bounded label cardinality)."""
+    graph_columns: int = 512
+    """Under CUDA graphs: how many distinct clamped features of one SAE a step can carry on the graph
+    path, which encodes and decodes every token through that many features (cost ~ graph_columns·d_in
+    per token, whether or not anything is steered). A step clamping more runs without CUDA graphs."""
+    graph_path: bool | None = None
+    """Run the op as CUDA graphs need it (fixed shapes, host work between steps) whatever the device.
+    None: exactly when vLLM captures CUDA graphs. True on a CPU runs the code graphs replay, step for
+    step (how the tests cover it without a GPU)."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """Unrecognised keys, kept so the error message can name them."""
 
@@ -120,6 +128,8 @@ class SteerConfig:
             raise ValueError("steer.metrics_sample_every must be >= 0")
         if self.metrics_top_n < 0:
             raise ValueError("steer.metrics_top_n must be >= 0")
+        if not 1 <= self.graph_columns <= 65536:
+            raise ValueError(f"steer.graph_columns must be in [1, 65536], got {self.graph_columns}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "SteerConfig":

@@ -264,18 +264,36 @@ class SAE:
         """Whether a feature's activation depends on its own pre-activation only (not TopK)."""
         return self.cfg.architecture != "topk"
 
-    def encode_columns(self, x: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, Normalization]:
-        """x: [tokens, d_in], columns: [U] feature ids -> (their activations [tokens, U], normalisation).
-        Equal to `encode(x)[0][:, columns]` for per-feature architectures, at U/d_sae of the cost."""
+    def slice(self, columns: torch.Tensor, out: "FeatureSlice | None" = None) -> "FeatureSlice":
+        """The encoder columns and decoder rows of `columns` [U] (feature ids), gathered into `out`'s
+        buffers when given (the CUDA-graph path keeps one slice of fixed capacity)."""
         if not self.per_feature:
             raise ValueError("TopK activations depend on every feature: encode all of them")
+        if out is None:
+            return FeatureSlice(self.W_enc.index_select(1, columns), self.b_enc.index_select(0, columns),
+                                None if self.threshold is None else self.threshold.index_select(0, columns),
+                                self.W_dec.index_select(0, columns))
+        torch.index_select(self.W_enc, 1, columns, out=out.W_enc)
+        torch.index_select(self.b_enc, 0, columns, out=out.b_enc)
+        torch.index_select(self.W_dec, 0, columns, out=out.W_dec)
+        if self.threshold is not None:
+            torch.index_select(self.threshold, 0, columns, out=out.threshold)
+        return out
+
+    def encode_slice(self, x: torch.Tensor, part: "FeatureSlice") -> tuple[torch.Tensor, Normalization]:
+        """x: [tokens, d_in] -> (activations of the slice's features [tokens, U], normalisation). Equal
+        to `encode(x)[0][:, columns]` for per-feature architectures, at U/d_sae of the cost."""
         x_in, norm = self.normalize(x)
         if self.cfg.apply_b_dec_to_input:
             x_in = x_in - self.b_dec
-        pre = torch.addmm(self.b_enc.index_select(0, columns), x_in, self.W_enc.index_select(1, columns))  # [tokens, U]
-        if self.cfg.architecture == "standard":
+        pre = torch.addmm(part.b_enc, x_in, part.W_enc)  # [tokens, U]
+        if part.threshold is None:
             return torch.relu(pre), norm
-        return pre * (pre > self.threshold.index_select(0, columns)), norm
+        return pre * (pre > part.threshold), norm
+
+    def encode_columns(self, x: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, Normalization]:
+        """x: [tokens, d_in], columns: [U] feature ids -> (their activations [tokens, U], normalisation)."""
+        return self.encode_slice(x, self.slice(columns))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, Normalization]:
         """x: [tokens, d_in] residual stream -> (f [tokens, d_sae], normalisation to undo on decode)."""
@@ -285,6 +303,24 @@ class SAE:
     def decode(self, f: torch.Tensor, norm: Normalization) -> torch.Tensor:
         """f: [tokens, d_sae] -> reconstruction [tokens, d_in] in residual-stream units."""
         return torch.addmm(self.b_dec, f, self.W_dec) * norm.scale + norm.shift
+
+
+class FeatureSlice(NamedTuple):
+    """Some features of a per-feature SAE (ReLU, JumpReLU), U of them: W_enc [d_in, U], b_enc [U],
+    threshold [U] (None for ReLU), W_dec [U, d_in]."""
+
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    threshold: torch.Tensor | None
+    W_dec: torch.Tensor
+
+    @classmethod
+    def empty(cls, sae: "SAE", size: int) -> "FeatureSlice":
+        """A slice of `size` features' room, zero-filled (a buffer for `SAE.slice(..., out=)`)."""
+        d_in, device = sae.cfg.d_in, sae.W_enc.device
+        return cls(torch.zeros(d_in, size, device=device), torch.zeros(size, device=device),
+                   None if sae.threshold is None else torch.zeros(size, device=device),
+                   torch.zeros(size, d_in, device=device))
 
 
 def _layout_error(path: Path, missing: str) -> SAEFileError:

@@ -13,6 +13,9 @@ Hooks, by the process that needs them (`install(roles_of_this_load())`):
         VllmConfig.compute_hash              salted, so a compiled graph without the op is never reused
         Worker.load_model                    install the op once weights are loaded, before compile
         GPUModelRunner._prepare_inputs       the per-step token layout, before every forward
+        GPUModelRunner._determine_batch_execution_and_padding   a step the op's graph path cannot
+                                             serve runs without CUDA graphs
+        GPUModelRunner._model_forward        after every forward: metrics and recordings
         Worker.execute_model, sample_tokens  requests whose steering failed ride on the step's output
         Worker.steer_pop_features            RPC target for recorded features (collective_rpc)
     engine (the EngineCore process)
@@ -151,7 +154,7 @@ def _install_frontend() -> None:
             limits = limits_for(SteerConfig.from_vllm(self.vllm_config))
             setattr(self, _LIMITS_ATTR, limits)
         try:
-            admitted = admission.admit(request_id, extra, limits, runs_graph_safe(self.vllm_config))
+            admitted = admission.admit(request_id, extra, limits)
         except admission.AdmissionError as e:
             raise validation_error(str(e), e.field) from None
         request = original_process(self, request_id, prompt, params, *args, **kwargs)
@@ -180,9 +183,11 @@ def _install_frontend() -> None:
 
 # ---------------------------------------------------------------------------------------------- worker
 
-def runs_graph_safe(vllm_config) -> bool:
+def runs_graph_safe(vllm_config, forced: bool | None = None) -> bool:
     """Whether the op runs under CUDA graphs, whose replays skip Python: then it must not branch on
-    host state, and the host-side features (metrics by feature, inspection) are off."""
+    host state but in steps run without graphs. forced: `SteerConfig.graph_path` (None: decide)."""
+    if forced is not None:
+        return forced
     compilation = vllm_config.compilation_config
     return (vllm_config.device_config.device_type == "cuda"
             and str(compilation.cudagraph_mode) not in ("NONE", "CUDAGraphMode.NONE"))
@@ -222,7 +227,7 @@ def _decoder_layers(model, num_layers: int) -> torch.nn.ModuleList:
                        "(no ModuleList of that length); this model cannot be steered")
 
 
-def _model_site(runner, vllm_config) -> ModelSite:
+def _model_site(runner, vllm_config, graph_path: bool | None) -> ModelSite:
     from vllm.distributed import get_pp_group, get_tp_group
     from vllm.model_executor.models.utils import PPMissingLayer
 
@@ -232,7 +237,7 @@ def _model_site(runner, vllm_config) -> ModelSite:
                      device=next(model.parameters()).device,
                      hidden_size=vllm_config.model_config.get_hidden_size(),
                      max_num_tokens=runner.max_num_tokens, max_num_reqs=runner.max_num_reqs,
-                     graph_safe=runs_graph_safe(vllm_config), compile_mode=str(vllm_config.compilation_config.mode),
+                     graph_safe=runs_graph_safe(vllm_config, graph_path), compile_mode=str(vllm_config.compilation_config.mode),
                      reports_outputs=get_pp_group().is_last_rank, exports_metrics=get_tp_group().rank_in_group == 0)
 
 
@@ -279,7 +284,8 @@ def _install_worker() -> None:
             # The V2 runner never calls _prepare_inputs: steering would be silently skipped.
             raise RuntimeError(f"steer_plugin supports vLLM's V1 model runner only, got {type(runner).__module__}; "
                                "set VLLM_USE_V2_MODEL_RUNNER=0")
-        state = attach(_model_site(runner, self.vllm_config), SteerConfig.from_vllm(self.vllm_config))
+        cfg = SteerConfig.from_vllm(self.vllm_config)
+        state = attach(_model_site(runner, self.vllm_config, cfg.graph_path), cfg)
         setattr(runner, _STATE_ATTR, state)
 
     original_prepare = GPUModelRunner._prepare_inputs
@@ -293,6 +299,32 @@ def _install_worker() -> None:
         if state is not None:
             state.on_step(_step_layout(self, num_scheduled_tokens))
         return original_prepare(self, scheduler_output, num_scheduled_tokens)
+
+    original_dispatch = GPUModelRunner._determine_batch_execution_and_padding
+
+    # Mirrors GPUModelRunner._determine_batch_execution_and_padding (v1/worker/gpu_model_runner.py),
+    # called by execute_model right after _prepare_inputs; its force_eager (vLLM's own switch) makes
+    # the step run without CUDA graphs, so the op's host path runs when its graph path cannot serve
+    # the step (more distinct clamped features than the graph slice holds, or a steered TopK SAE).
+    @wraps(original_dispatch)
+    def _determine_batch_execution_and_padding(self, *args, **kwargs):
+        state = getattr(self, _STATE_ATTR, None)
+        if state is not None and state.needs_eager_step:
+            kwargs["force_eager"] = True
+        return original_dispatch(self, *args, **kwargs)
+
+    original_forward = GPUModelRunner._model_forward
+
+    # Mirrors GPUModelRunner._model_forward (same file; inherited by CPUModelRunner): the forward of
+    # a scheduled step (warm-up, profiling and capture use _dummy_run instead), graph replay
+    # included. Feature metrics and recordings are read from the op's snapshot once it returns.
+    @wraps(original_forward)
+    def _model_forward(self, *args, **kwargs):
+        output = original_forward(self, *args, **kwargs)
+        state = getattr(self, _STATE_ATTR, None)
+        if state is not None:
+            state.after_forward()
+        return output
 
     def with_failures(original):
         # Mirrors Worker.execute_model / Worker.sample_tokens (v1/worker/gpu_worker.py): whichever
@@ -316,6 +348,8 @@ def _install_worker() -> None:
     Worker.execute_model = with_failures(Worker.execute_model)
     Worker.sample_tokens = with_failures(Worker.sample_tokens)
     GPUModelRunner._prepare_inputs = _prepare_inputs
+    GPUModelRunner._determine_batch_execution_and_padding = _determine_batch_execution_and_padding
+    GPUModelRunner._model_forward = _model_forward
     Worker.steer_pop_features = steer_pop_features
 
 

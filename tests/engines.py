@@ -17,9 +17,9 @@ MODEL = str(default_model_dir())
 
 @contextlib.contextmanager
 def offline_llm(saes: Path | list[dict] | None, enforce_eager: bool = True, plugin: bool = True, model: str = MODEL,
-                dtype: str = "float32", max_model_len: int = 2048, **kwargs):
+                dtype: str = "float32", max_model_len: int = 2048, steer: dict | None = None, **kwargs):
     """An in-process `vllm.LLM` (its engine core and worker are child processes). saes: one SAE
-    folder, or the `steer.saes` entries ({"path", "id", "layer"})."""
+    folder, or the `steer.saes` entries ({"path", "id", "layer"}); steer: more `steer` settings."""
     from vllm import LLM
 
     previous = os.environ.get("STEER_PLUGIN_DISABLE")
@@ -27,7 +27,7 @@ def offline_llm(saes: Path | list[dict] | None, enforce_eager: bool = True, plug
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if isinstance(saes, Path):
         saes = [{"path": str(saes)}]
-    extra = {"additional_config": {"steer": {"saes": saes}}} if plugin and saes else {}
+    extra = {"additional_config": {"steer": {"saes": saes, **(steer or {})}}} if plugin and saes else {}
     llm = LLM(model=model, dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_model_len,
               seed=0, **extra, **kwargs)
     try:

@@ -36,14 +36,17 @@ def sae_dir(tmp_path_factory):
                      layer=LAYER)
 
 
-def check_steering(model_dir, sae_dir, dtype: str, tolerance: float) -> None:
+def check_steering(model_dir, sae_dir, dtype: str, tolerance: float, also=None, **engine) -> None:
+    """also(llm, plain): more checks on the same engine."""
     ids = PROMPTS[1]
     recording = FeatureRecording(key=new_recording_key(), sae="sae", top_k=TOP_K, scope="prompt")
-    with offline_llm(sae_dir, model=str(model_dir), dtype=dtype, max_model_len=512) as llm:
+    with offline_llm(sae_dir, model=str(model_dir), dtype=dtype, max_model_len=512, **engine) as llm:
         plain = generate_ids(llm, PROMPTS)
         assert generate_ids(llm, PROMPTS, IDENTITY) == plain
         assert generate_ids(llm, PROMPTS, STRONG) != plain
         record = recorded(llm, [ids], MODERATE, recording)
+        if also is not None:
+            also(llm, plain)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     x = stream_after(model_dir, LAYER, ids, torch_dtype)  # [T, d] transformers' stream, float32
     sae = SAE.load(sae_dir)
@@ -67,3 +70,17 @@ def test_half_precision_models_are_steered_in_float32(dtype, sae_dir, tiny_model
     the change back; transformers runs the same weights in the same dtype (their kernels differ from
     vLLM's, hence the wider tolerance)."""
     check_steering(tiny_model("llama"), sae_dir, dtype, 6e-2)
+
+
+def test_graph_path_in_a_compiled_cpu_engine(sae_dir, tiny_model):
+    """The op's CUDA-graph path (`steer.graph_path` forced on: the code graphs capture and replay,
+    step for step), in a compiled engine on the CPU: exact as above, feature recording included. A
+    step with more clamped features than the graph slice holds goes to the host path (on a GPU, a
+    step without graphs) and replies exactly as the graph path does."""
+    wide = STRONG + [{"feature": f, "value": 1.0, "mode": "scale"} for f in (20, 21, 22, 23)]  # 5 > 4 features
+
+    def host_path_agrees(llm, plain):
+        assert generate_ids(llm, PROMPTS, wide) == generate_ids(llm, PROMPTS, STRONG)
+
+    check_steering(tiny_model("llama"), sae_dir, "float32", 2e-3, also=host_path_agrees, enforce_eager=False,
+                   steer={"graph_path": True, "graph_columns": 4})

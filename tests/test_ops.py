@@ -14,6 +14,18 @@ from steer_plugin.worker.step_layout import StepLayout
 D_IN, D_SAE = 32, 64
 
 
+def _install(key: str, sae, table, graph_safe: bool, **kwargs) -> LayerSteer:
+    op = LayerSteer(sae, table, graph_safe=graph_safe, **kwargs)
+    register_sae(key, op)
+    return op
+
+
+def _step(table: ClampTable, op: LayerSteer, layout: StepLayout) -> None:
+    """What the worker does before each forward: fill the table, then let the op plan the step."""
+    table.fill(layout)
+    op.prepare(layout.num_tokens)
+
+
 def _batch(seed: int):
     """Four requests: prefill of a fresh prompt, decode, a chunk crossing prompt->generated, unsteered."""
     rng = np.random.default_rng(seed)
@@ -39,10 +51,12 @@ def test_op_matches_reference(arch, normalize, graph_safe):
     limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)
     table = ClampTable(limits, "sae", max_tokens=32, max_reqs=8, device=torch.device("cpu"))
     req_ids, num_sched, num_computed, num_prompt, raw = _batch(0)
-    table.fill(StepLayout(req_ids, num_sched, num_computed, num_prompt,
-               lambda rid: {"feature_clamps": raw[rid]} if raw[rid] else None))
     key = f"test-{arch}-{normalize}-{graph_safe}"
-    register_sae(key, LayerSteer(sae, table, graph_safe=graph_safe))
+    op = _install(key, sae, table, graph_safe)
+    _step(table, op, StepLayout(req_ids, num_sched, num_computed, num_prompt,
+                                lambda rid: {"feature_clamps": raw[rid]} if raw[rid] else None))
+    # the graph path serves per-feature SAEs; a steered TopK step goes to the host path
+    assert op.host_step == (not graph_safe or arch == "topk")
 
     T = int(num_sched.sum())
     torch.manual_seed(1)
@@ -68,8 +82,8 @@ def test_identity_clamps_change_nothing_but_rounding():
     limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)
     table = ClampTable(limits, "sae", max_tokens=16, max_reqs=4, device=torch.device("cpu"))
     clamps = [{"feature": 2, "value": 1.0, "mode": "scale"}, {"feature": 5, "value": 0.0, "mode": "add"}]
-    table.fill(StepLayout(["r"], np.array([6]), np.array([0]), np.array([6]), lambda _: {"feature_clamps": clamps}))
-    register_sae("identity", LayerSteer(sae, table, graph_safe=False))
+    _step(table, _install("identity", sae, table, False),
+          StepLayout(["r"], np.array([6]), np.array([0]), np.array([6]), lambda _: {"feature_clamps": clamps}))
     hidden, residual = torch.randn(6, D_IN), torch.randn(6, D_IN)
     assert torch.equal(torch.ops.steer_plugin.steer(hidden, residual, "identity"), hidden)
 
@@ -79,7 +93,7 @@ def test_op_under_torch_compile_follows_table_changes():
     sae = make_sae("topk", d_in=D_IN, d_sae=D_SAE, k=8)
     limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)
     table = ClampTable(limits, "sae", max_tokens=16, max_reqs=4, device=torch.device("cpu"))
-    register_sae("compiled", LayerSteer(sae, table, graph_safe=True))
+    op = _install("compiled", sae, table, True)
 
     @torch.compile(fullgraph=True, dynamic=False)
     def layer(h, r):
@@ -87,12 +101,12 @@ def test_op_under_torch_compile_follows_table_changes():
         return torch.ops.steer_plugin.steer(h, r, "compiled") + 0.0
 
     hidden, residual = torch.randn(4, D_IN), torch.randn(4, D_IN)
-    table.fill(StepLayout(["r1"], np.array([4]), np.array([0]), np.array([4]), lambda _: None))
+    _step(table, op, StepLayout(["r1"], np.array([4]), np.array([0]), np.array([4]), lambda _: None))
     assert torch.equal(layer(hidden, residual), hidden)
-    table.fill(StepLayout(["r2"], np.array([4]), np.array([0]), np.array([4]),
-               lambda _: {"feature_clamps": [{"feature": 3, "value": 50.0}]}))
+    _step(table, op, StepLayout(["r2"], np.array([4]), np.array([0]), np.array([4]),
+                                lambda _: {"feature_clamps": [{"feature": 3, "value": 50.0}]}))
     assert not torch.allclose(layer(hidden, residual), hidden)
-    table.fill(StepLayout(["r3"], np.array([4]), np.array([0]), np.array([4]), lambda _: None))
+    _step(table, op, StepLayout(["r3"], np.array([4]), np.array([0]), np.array([4]), lambda _: None))
     assert torch.equal(layer(hidden, residual), hidden)
 
 
@@ -106,10 +120,10 @@ def test_half_precision_stream_is_steered_in_float32(dtype, graph_safe):
     limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)
     table = ClampTable(limits, "sae", max_tokens=16, max_reqs=4, device=torch.device("cpu"))
     clamps = {"s": [{"feature": 3, "value": 5.0}], "i": [{"feature": 2, "value": 1.0, "mode": "scale"}], "u": None}
-    table.fill(StepLayout(["s", "i", "u"], np.array([3, 2, 2]), np.array([0, 0, 0]), np.array([3, 2, 2]),
-                          lambda rid: {"feature_clamps": clamps[rid]} if clamps[rid] else None))
     key = f"half-{dtype}-{graph_safe}"
-    register_sae(key, LayerSteer(sae, table, graph_safe=graph_safe))
+    _step(table, _install(key, sae, table, graph_safe),
+          StepLayout(["s", "i", "u"], np.array([3, 2, 2]), np.array([0, 0, 0]), np.array([3, 2, 2]),
+                     lambda rid: {"feature_clamps": clamps[rid]} if clamps[rid] else None))
     hidden, residual = (torch.randn(7, D_IN) * 2).to(dtype), (torch.randn(7, D_IN) * 2).to(dtype)
     out = torch.ops.steer_plugin.steer(hidden, residual, key)
     assert out.dtype == dtype and torch.equal(out[3:], hidden[3:])
@@ -130,11 +144,87 @@ def test_layers_that_return_one_tensor_and_batched_streams():
     limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)
     table = ClampTable(limits, "sae", max_tokens=16, max_reqs=4, device=torch.device("cpu"))
     clamps = [{"feature": 3, "value": 5.0}]
-    table.fill(StepLayout(["r"], np.array([5]), np.array([0]), np.array([5]), lambda _: {"feature_clamps": clamps}))
-    register_sae("single", LayerSteer(sae, table, graph_safe=False))
+    _step(table, _install("single", sae, table, False),
+          StepLayout(["r"], np.array([5]), np.array([0]), np.array([5]), lambda _: {"feature_clamps": clamps}))
     stream = torch.randn(5, D_IN)
     expected = reference_steer(sae, stream, torch.zeros_like(stream), [parse_clamps(clamps, limits)] * 5,
                                list(range(5)), [5] * 5)
     for shape in ((5, D_IN), (1, 5, D_IN)):
         layer = SteeredLayer(nn.Identity(), ("single",))
         torch.testing.assert_close(layer(stream.reshape(shape)), expected.reshape(shape), rtol=1e-5, atol=1e-5)
+
+
+def _one_request(features: list[int], n: int = 3, rid: str = "r") -> StepLayout:
+    clamps = [{"feature": f, "value": 20.0 + f} for f in features]
+    return StepLayout([rid], np.array([n]), np.array([0]), np.array([n]), lambda _: {"feature_clamps": clamps})
+
+
+def _expected_one(sae, limits, hidden, residual, features):
+    plan = parse_clamps([{"feature": f, "value": 20.0 + f} for f in features], limits)
+    n = hidden.shape[0]
+    return reference_steer(sae, hidden, residual, [plan] * n, list(range(n)), [n] * n)
+
+
+def test_graph_path_slice_follows_changing_clamp_sets_and_overflows_to_the_host_path():
+    """The graph path's fixed slice is reloaded when the clamped features change (and only then);
+    a step clamping more features than it holds is sent to the host path, with the same result."""
+    sae = make_sae("jumprelu", d_in=D_IN, d_sae=D_SAE)
+    limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)
+    table = ClampTable(limits, "sae", max_tokens=16, max_reqs=4, device=torch.device("cpu"))
+    op = _install("slice", sae, table, True, graph_columns=2)
+    hidden, residual = torch.randn(3, D_IN) * 3, torch.randn(3, D_IN) * 3
+    for features, host in (([5, 9], False), ([9, 5], False), ([1, 40], False), ([5], False), ([2, 7, 11], True)):
+        _step(table, op, _one_request(features, rid=f"r{features}"))
+        assert op.host_step == host
+        if not host:
+            assert op.columns.ids.tolist() == sorted(features)
+        out = torch.ops.steer_plugin.steer(hidden, residual, "slice")
+        torch.testing.assert_close(out, _expected_one(sae, limits, hidden, residual, features), rtol=1e-4, atol=1e-4)
+        op.after_forward()
+        assert not table.failed
+
+
+def test_a_host_step_replayed_as_a_graph_fails_its_requests():
+    """If vLLM replayed a graph for a step that needed the host path (the op's Python never ran),
+    the steered requests fail instead of being answered unsteered."""
+    sae = make_sae("topk", d_in=D_IN, d_sae=D_SAE, k=8)
+    limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)
+    table = ClampTable(limits, "sae", max_tokens=16, max_reqs=4, device=torch.device("cpu"))
+    op = _install("replayed", sae, table, True)
+    _step(table, op, _one_request([3], rid="steered"))
+    assert op.host_step
+    op.after_forward()  # no forward ran the op's Python
+    assert table.drain_failed() == ["steered"]
+
+
+@pytest.mark.parametrize("graph_safe", [False, True])
+def test_metrics_and_recording_read_the_steered_stream_after_the_forward(graph_safe):
+    """Feature metrics and recordings come from the op's snapshot of the stream it returns, read
+    after the forward: on the graph path (every step) as on the host path (steps that need it)."""
+    import json
+
+    from steer_plugin.spec import RECORD_FIELD
+    from steer_plugin.worker.metrics import FeatureActivity
+    from steer_plugin.worker.recorder import FeatureRecorder
+
+    sae = make_sae("jumprelu", d_in=D_IN, d_sae=D_SAE)
+    limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)
+    table = ClampTable(limits, "sae", max_tokens=16, max_reqs=4, device=torch.device("cpu"))
+    activity = FeatureActivity(f"snap-{graph_safe}", D_SAE, sample_every=1, watch=(), top_n=0)
+    recorder = FeatureRecorder("sae")
+    op = _install(f"snap-{graph_safe}", sae, table, graph_safe, activity=activity, recorder=recorder)
+    key = f"snapshot-key-{graph_safe}"
+    extra = {"feature_clamps": [{"feature": 6, "value": 30.0}],
+             RECORD_FIELD: json.dumps({"key": key, "sae": "sae", "top_k": 3, "scope": "prompt"})}
+    layout = StepLayout(["r"], np.array([4]), np.array([0]), np.array([4]), lambda _: extra)
+    table.fill(layout)
+    recorder.fill(layout)
+    op.prepare(layout.num_tokens)
+    hidden, residual = torch.randn(4, D_IN) * 3, torch.randn(4, D_IN) * 3
+    out = torch.ops.steer_plugin.steer(hidden, residual, f"snap-{graph_safe}")
+    op.after_forward()
+    f, _ = sae.encode(out + residual)
+    assert f[:, 6].min() > 0  # the recorded stream is the steered one
+    record = recorder.pop(key)
+    np.testing.assert_allclose(record["values"], f.topk(3).values.numpy(), rtol=1e-4, atol=1e-5)
+    assert activity.fired.sum() == int((f > 0).sum())

@@ -74,7 +74,7 @@ class Admitted:
         return cache_salt(client_salt, self.plan, prompt_len, self.recording.key if prompt_recording else None)
 
 
-def admit(request_id: str, extra_args: dict | None, limits: Limits, graph_safe: bool) -> Admitted:
+def admit(request_id: str, extra_args: dict | None, limits: Limits) -> Admitted:
     """Validate one request's `extra_args` (a refusal is counted here, an admission by `Admitted.count`)."""
     extra = extra_args or {}
     try:
@@ -85,9 +85,6 @@ def admit(request_id: str, extra_args: dict | None, limits: Limits, graph_safe: 
                 raise RecordingError(f"{RECORD_FIELD}: an internal field the server sets; clients cannot send it "
                                      "(use return_features or /v1/features/inspect)")
             limits.index(recording.sae, f"{RECORD_FIELD}.sae", RecordingError)
-            if graph_safe:
-                raise RecordingError(f"{RECORD_FIELD}: feature inspection runs on the host and is off under CUDA "
-                                     "graphs; start the server with --enforce-eager to use it")
     except (ClampError, RecordingError) as e:
         message = clip(str(e), ERROR_CHARS)  # it may quote client input (an unknown key, say)
         logger.info("action=rejected req=%s reason=%s", request_id, message)

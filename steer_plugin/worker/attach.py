@@ -35,6 +35,7 @@ class _Installed:
 
     table: ClampTable
     recorder: FeatureRecorder
+    op: LayerSteer
 
 
 class WorkerSteering:
@@ -57,6 +58,17 @@ class WorkerSteering:
             raise
         for sae in self.saes:
             sae.recorder.fill(layout)
+            sae.op.prepare(layout.num_tokens)
+
+    @property
+    def needs_eager_step(self) -> bool:
+        """The step must run without CUDA graphs: the graph path of some SAE cannot serve it."""
+        return any(sae.op.host_step and sae.op.graph_safe for sae in self.saes)
+
+    def after_forward(self) -> None:
+        """After each forward: feature metrics and recordings from the ops' snapshots."""
+        for sae in self.saes:
+            sae.op.after_forward()
 
     def take_failed(self) -> list[str]:
         """Requests that failed in the steps since the last call, to be finished with an error."""
@@ -113,16 +125,17 @@ def _install_one(site, cfg: SteerConfig, limits: Limits, source: SAESource, sae:
                        device=site.device, on_new_plan=on_new_plan, on_step=steered.inc if steered else None,
                        check_plan=check_plan)
     recorder = FeatureRecorder(source.id, limits.saes[source.id].max_activation)
-    register_sae(source.id, LayerSteer(sae, table, graph_safe=site.graph_safe, activity=activity, recorder=recorder,
-                                       fault_feature=faults.get("apply"),
-                                       timer=metrics.OP_SECONDS.labels(sae=source.id) if exporting else None))
+    op = LayerSteer(sae, table, graph_safe=site.graph_safe, activity=activity, recorder=recorder,
+                    fault_feature=faults.get("apply"), graph_columns=cfg.graph_columns,
+                    timer=metrics.OP_SECONDS.labels(sae=source.id) if exporting else None)
+    register_sae(source.id, op)
     if exporting:
         metrics.SAE_INFO.labels(sae=source.id, layer=str(layer), d_sae=str(sae.cfg.d_sae),
                                 architecture=sae.cfg.architecture).set(1)
     logger.info("action=installed sae=%s layer=%d path=%s arch=%s d_sae=%d device=%s graph_safe=%s compile_mode=%s",
                 source.id, layer, source.path, sae.cfg.architecture, sae.cfg.d_sae, site.device, site.graph_safe,
                 site.compile_mode)
-    return _Installed(table, recorder)
+    return _Installed(table, recorder, op)
 
 
 def attach(site, cfg: SteerConfig) -> WorkerSteering | None:

@@ -19,11 +19,14 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from steer_plugin.spec import ClampPlan
+from steer_plugin.worker.host_copy import HostCopy
 
 MAX_CLAMPED_EXPORTED = 256
 """Clamped features get a series of their own, up to this many (then only watch-list and top-N)."""
 TOP_N_SLOTS_FACTOR = 4
 """Top-N membership changes as traffic changes; at most this many times N features join that way."""
+MAX_SAMPLED_TOKENS = 256
+"""Most tokens of one sampled step encoded for feature metrics."""
 MODE_NAMES = ("set", "add", "scale")
 
 CLAMPS_APPLIED = Counter("steer_clamps_applied", "Clamps of admitted requests taken into the clamp table, by mode",
@@ -66,7 +69,8 @@ def record_new_plan(sae: str, plan: ClampPlan) -> None:
 
 
 class FeatureActivity:
-    """Worker-side feature metrics of one SAE, computed on every `sample_every`-th forward step."""
+    """Worker-side feature metrics of one SAE, computed after every `sample_every`-th forward step from
+    the stream the op left in its snapshot (see `ops.LayerSteer`), so the same under CUDA graphs."""
 
     def __init__(self, sae: str, d_sae: int, sample_every: int, watch: tuple[int, ...], top_n: int):
         self.sae = sae
@@ -83,6 +87,7 @@ class FeatureActivity:
         self.num_clamped_pinned = 0
         self.num_top_pinned = 0
         self._step = 0
+        self._pending: list[HostCopy] = []  # sampled steps whose results are on their way to the host
 
     def pin_clamped(self, plan: ClampPlan) -> None:
         for feature in plan.feature:
@@ -99,14 +104,29 @@ class FeatureActivity:
 
     @torch.no_grad()
     def observe(self, sae, x: torch.Tensor) -> None:
-        """x: [T, d_in] residual stream of every token of this step."""
-        f, norm = sae.encode(x)  # [T, d_sae]
+        """x: [T, d_in] residual stream of this step's tokens (at most MAX_SAMPLED_TOKENS, evenly spaced,
+        are encoded: a long prefill chunk through a wide SAE would otherwise need [T, d_sae] of memory).
+        The results reach the counters once their copy to the host has landed (at once on a CPU)."""
+        if x.shape[0] > MAX_SAMPLED_TOKENS:
+            x = x[torch.linspace(0, x.shape[0] - 1, MAX_SAMPLED_TOKENS, device=x.device).long()]
+        f, norm = sae.encode(x)  # [n, d_sae]
         active = f > 0
-        err = (x - sae.decode(f, norm)).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-12)  # [T]
-        self.fired += active.sum(0).cpu().numpy()
-        observe_many(self._l0, active.sum(-1).cpu().numpy())
-        observe_many(self._error, err.cpu().numpy())
-        self._sampled.inc(x.shape[0])
+        err = (x - sae.decode(f, norm)).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-12)  # [n]
+        self._pending.append(HostCopy(active.sum(0), active.sum(-1), err))
+        self.export()
+
+    def export(self, wait: bool = False) -> None:
+        """Move the sampled steps whose results are on the host into the Prometheus series."""
+        while self._pending and (wait or self._pending[0].ready()):
+            fired, l0, err = self._pending.pop(0).get()
+            self._export(fired, l0, err)
+
+    def _export(self, fired: np.ndarray, l0: np.ndarray, err: np.ndarray) -> None:
+        """fired: [d_sae] active-token counts of one sampled step; l0, err: [n] per sampled token."""
+        self.fired += fired
+        observe_many(self._l0, l0)
+        observe_many(self._error, err)
+        self._sampled.inc(len(l0))
         if self.top_n and self.num_top_pinned < TOP_N_SLOTS_FACTOR * self.top_n:
             top = np.argpartition(-self.fired, self.top_n - 1)[: self.top_n]
             joining = top[~self.pinned[top]][: TOP_N_SLOTS_FACTOR * self.top_n - self.num_top_pinned]
@@ -119,8 +139,8 @@ class FeatureActivity:
 
 
 class OpTimer:
-    """Host wall time of the op into `histogram` (CPU and eager only: under CUDA graphs Python does
-    not run). histogram None: not measured."""
+    """Host wall time of the op into `histogram` (steps the op runs eagerly: a replayed CUDA graph
+    runs no Python). histogram None: not measured."""
 
     def __init__(self, histogram: Histogram | None):
         self.histogram = histogram

@@ -2,8 +2,9 @@
 
 `torch.ops.steer_plugin.steer(hidden, residual, sae_key) -> hidden'` is a registered custom op
 with a fake (meta) implementation, so torch.compile keeps it as one opaque call instead of
-tracing (and freezing) Python, and CUDA graphs capture its kernels. It reads only persistent
-buffers (the SAE weights and the `ClampTable`), looked up by `sae_key` (one per loaded SAE).
+tracing (and freezing) Python, and CUDA graphs capture its kernels. It reads and writes only
+persistent buffers (the SAE weights, the `ClampTable`, `GraphColumns`, the stream snapshot), looked
+up by `sae_key` (one per loaded SAE).
 
 Precision: the SAE math runs in float32 whatever the model's dtype; for a bfloat16 or float16 model
 the stream is read into float32 and only the change is cast back (a zero change stays zero, so
@@ -29,105 +30,156 @@ from torch import nn
 
 from steer_plugin.sae import SAE
 from steer_plugin.worker.clamp_table import ClampTable
+from steer_plugin.worker.graph_columns import GraphColumns
 from steer_plugin.worker.metrics import FeatureActivity, OpTimer
 from steer_plugin.worker.recorder import FeatureRecorder
 
 logger = logging.getLogger(__name__)
 
 
-def clamp_delta(sae: SAE, x: torch.Tensor, rows: torch.Tensor, feature: torch.Tensor, mul: torch.Tensor,
-                add: torch.Tensor, columns: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """x: [S, d_in] residual stream; rows: [S] clamp-table rows (>= 0);
-    feature/mul/add: [R, K] table -> delta [S, d_in] = decode(f') - decode(f).
-    Padding entries (feature d_sae, mul 1, add 0) yield a zero change, so they may point anywhere.
-
-    columns = (columns [U], compact [R, K]): the features the step clamps, and the table's features
-    as positions in `columns` (padding: U). The host knows them on the eager path, so only U decoder
-    rows are multiplied instead of all d_sae, and for SAEs whose activation is per feature (ReLU,
-    JumpReLU) only U encoder columns: about U·d_in work per steered token instead of d_sae·d_in
-    (U is usually a handful). TopK needs every pre-activation to know which k survive. Without
-    `columns` (graph-safe path) encode and decode are dense: fixed shapes, no host sync."""
-    if columns is None:
-        f, norm = sae.encode(x)  # [S, d_sae]
-        idx = feature[rows].clamp_max(f.shape[1] - 1)  # [S, K]
-        change = f.gather(1, idx) * (mul[rows] - 1.0) + add[rows]  # f' - f at the clamped features
-        df = torch.zeros_like(f).scatter_add_(1, idx, change)  # [S, d_sae]
-        return (df @ sae.W_dec) * norm.scale
-    columns, compact = columns
-    if sae.per_feature:
-        f_cols, norm = sae.encode_columns(x, columns)  # [S, U]
-    else:
-        f, norm = sae.encode(x)  # [S, d_sae]
-        f_cols = f.index_select(1, columns)  # [S, U]
-    slot = compact[rows]  # [S, K] positions in columns; padding U
+def clamp_delta(f_cols: torch.Tensor, scale: torch.Tensor, W_dec_rows: torch.Tensor, slot: torch.Tensor,
+                mul: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    """decode(f') - decode(f) from the activations of U features only:
+    f_cols [S, U] activations of those features; scale [S, 1] (or []) the SAE's output scale;
+    W_dec_rows [U, d_in] their decoder rows; slot/mul/add [S, K] each token's clamps, as positions in
+    the U features (padding: U, with mul 1 and add 0: no change) -> delta [S, d_in]."""
     f_slot = torch.cat([f_cols, f_cols.new_zeros(f_cols.shape[0], 1)], dim=1).gather(1, slot)  # [S, K]
-    change = f_slot * (mul[rows] - 1.0) + add[rows]  # f' - f at the clamped features
-    df = change.new_zeros(x.shape[0], len(columns) + 1).scatter_add_(1, slot, change)[:, :-1]  # [S, U]
-    return (df @ sae.W_dec.index_select(0, columns)) * norm.scale  # [S, d_in]
+    change = f_slot * (mul - 1.0) + add  # f' - f at the clamped features
+    df = change.new_zeros(f_cols.shape[0], f_cols.shape[1] + 1).scatter_add_(1, slot, change)[:, :-1]  # [S, U]
+    return (df @ W_dec_rows) * scale
 
 
 class LayerSteer:
-    """State of the op at one layer: SAE, clamp table, and how the op may run."""
+    """The op at one SAE's layer: its SAE, clamp table and metrics, and the per-step decisions.
+
+    Two paths compute the same thing:
+    - host path (eager: CPU, --enforce-eager, or a GPU step run without graphs): steered tokens only,
+      through the U features the step clamps (ReLU, JumpReLU; TopK encodes every feature of the
+      steered tokens); nothing at all for a step without steered tokens.
+    - graph path (what CUDA graphs capture and replay, Python-free): every token through the
+      fixed-capacity slice of `GraphColumns`; tokens without a clamp row keep their values.
+      `prepare` sends a step the graph path cannot serve (more clamped features than the slice holds,
+      or a TopK SAE with a steered token) to the host path, and vLLM runs it without graphs
+      (`vllm_seam`: force_eager).
+    Either path leaves the stream the model continues with in `snapshot` when the step needs it
+    (under graphs: always, a [T, d_in] copy), and `after_forward` reads feature metrics and
+    recordings from there, outside the forward and the same way in every mode.
+    """
 
     def __init__(self, sae: SAE, table: ClampTable, graph_safe: bool, activity: FeatureActivity | None = None,
                  recorder: FeatureRecorder | None = None, fault_feature: int | None = None,
-                 timer: Histogram | None = None):
+                 timer: Histogram | None = None, graph_columns: int = 512):
         self.sae = sae
-        self.timer = timer
-        """Where the op's host wall time goes (None: not measured, e.g. on tensor-parallel ranks but the first)."""
-        self.fault_feature = fault_feature
-        """Testing aid (config.FAULT_ENV): applying a clamp of this feature raises."""
         self.table = table
         self.graph_safe = graph_safe
-        """True under CUDA graphs: replays skip Python, so the op must not branch on host state
-        and always computes over all tokens. False (CPU, eager): skip or subset on the host."""
-        self.activity = None if graph_safe else activity
-        """Host-side feature metrics; off under CUDA graphs, whose replays run no Python."""
-        self.recorder = None if graph_safe else recorder
-        """Feature inspection (per-token top-k of requests that ask); host-side, so eager only."""
+        """The op may be captured in CUDA graphs: outside host-path steps it must not branch on host state."""
+        self.activity = activity
+        """Feature metrics (None: not exported on this rank)."""
+        self.recorder = recorder
+        """Feature inspection: the per-token top-k of requests that ask."""
+        self.fault_feature = fault_feature
+        """Testing aid (config.FAULT_ENV): applying a clamp of this feature raises."""
+        self.timer = timer
+        """Where the op's host wall time goes (None: not measured, e.g. on tensor-parallel ranks but the first)."""
+        max_tokens = table.tok_row.shape[0]
+        self.snapshot = torch.zeros(max_tokens, sae.cfg.d_in, device=sae.W_enc.device)
+        """[max_tokens, d_in] float32: the stream after the op, for metrics and recordings."""
+        self.columns = (GraphColumns(sae, graph_columns, *table.feature.shape)
+                        if graph_safe and sae.per_feature else None)
+        self.host_step = not graph_safe
+        """This step runs the host path (set by `prepare`)."""
+        self._snapshot_due = False
+        self._observe = False
+        self._num_tokens = 0
+        self._ran_host = False
 
+    # ---- between steps (host) -----------------------------------------------------------------
+    def prepare(self, num_tokens: int) -> None:
+        """Before the forward, after the table and the recorder were filled for the step."""
+        t = self.table
+        self._num_tokens = num_tokens
+        self._observe = self.activity is not None and self.activity.due()
+        self._snapshot_due = self._observe or (self.recorder is not None and self.recorder.num_tokens > 0)
+        self._ran_host = False
+        columns = t.columns.numpy()
+        if not self.graph_safe:
+            self.host_step = True
+        elif t.num_steered_tokens == 0:
+            self.host_step = False
+        else:
+            self.host_step = self.columns is None or not self.columns.fits(columns)
+            if not self.host_step:
+                self.columns.load(columns, t.compact.numpy())
+
+    def after_forward(self) -> None:
+        """After the forward: check the step was steered as planned, then metrics and recordings."""
+        if self.host_step and not self._ran_host and self.table.num_steered_tokens:
+            # vLLM replayed a graph for a step the graph path cannot serve: never answer unsteered
+            logger.error("action=failed reqs=%s reason=graph_replayed_for_host_step", ",".join(self.table.step_steered))
+            self.table.fail_step()
+        if self.activity is not None:
+            self.activity.export()
+        stream = self.snapshot[: self._num_tokens]
+        if self._observe:
+            self.activity.observe(self.sae, stream)
+        if self.recorder is not None and self.recorder.num_tokens > 0:
+            self.recorder.record(self.sae, stream)
+
+    # ---- in the forward ---------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """hidden, residual: [T, d_in] (residual None: hidden is the whole stream) -> hidden' [T, d_in]."""
-        if self.graph_safe:  # replays run no Python: nothing to catch, time or observe
-            return self._steer(hidden, residual)
+        if not self.host_step:  # captured, or replayed without Python: fixed shapes, no branching
+            out = self._steer_graph(hidden, residual)
+            self.snapshot[: hidden.shape[0]].copy_(_stream(out, residual))
+            return out
+        self._ran_host = True
         with OpTimer(self.timer):
             out = self._apply(hidden, residual)
-            observe = self.activity is not None and self.activity.due()
-            record = self.recorder is not None and self.recorder.num_tokens > 0
-            if observe or record:
-                stream = _stream(out, residual)  # what the model continues with, clamps included
-                if observe:
-                    self.activity.observe(self.sae, stream)
-                if record:
-                    self.recorder.record(self.sae, stream)
+            if self._snapshot_due:
+                self.snapshot[: hidden.shape[0]].copy_(_stream(out, residual))
             return out
 
     def _apply(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """The eager path: a failure fails the requests steered in this step (the scheduler finishes
+        """The host path: a failure fails the requests steered in this step (the scheduler finishes
         them with an error and drops this step's tokens), not the step."""
         try:
             if self.fault_feature is not None and bool((self.table.columns == self.fault_feature).any()):
                 raise RuntimeError(f"injected fault: applying a clamp of feature {self.fault_feature}")
-            return self._steer(hidden, residual)
+            return self._steer_host(hidden, residual)
         except Exception:
             logger.exception("action=failed reqs=%s reason=op_failed", ",".join(self.table.step_steered))
             self.table.fail_step()
             return hidden.clone()
 
-    def _steer(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def _steer_host(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         t = self.table
-        if self.graph_safe:
-            rows = t.tok_row[: hidden.shape[0]]  # [T]; -1 also for CUDA-graph padding
-            delta = clamp_delta(self.sae, _stream(hidden, residual), rows.clamp_min(0).long(), t.feature, t.mul, t.add)
-            return torch.where((rows >= 0).unsqueeze(-1), hidden + delta.to(hidden.dtype), hidden)
         if t.num_steered_tokens == 0:
             return hidden.clone()
-        idx = t.steered_tokens.to(hidden.device, non_blocking=True)  # [S]
+        device = hidden.device
+        idx = t.steered_tokens.to(device, non_blocking=True)  # [S]
         x = _stream(hidden.index_select(0, idx), None if residual is None else residual.index_select(0, idx))
-        rows = t.tok_row.index_select(0, idx).long()
-        columns = (t.columns.to(hidden.device, non_blocking=True), t.compact.to(hidden.device, non_blocking=True))
-        delta = clamp_delta(self.sae, x, rows, t.feature, t.mul, t.add, columns)  # [S, d_in] float32
+        rows = t.tok_row.index_select(0, idx).long()  # [S]
+        columns = t.columns.to(device, non_blocking=True)  # [U]
+        if self.sae.per_feature:
+            part = self.sae.slice(columns)
+            f_cols, norm = self.sae.encode_slice(x, part)  # [S, U]
+            W_dec_rows = part.W_dec
+        else:  # TopK: which k survive depends on every pre-activation
+            f, norm = self.sae.encode(x)  # [S, d_sae]
+            f_cols, W_dec_rows = f.index_select(1, columns), self.sae.W_dec.index_select(0, columns)
+        slot = t.compact.to(device, non_blocking=True)[rows]  # [S, K] positions in columns; padding U
+        delta = clamp_delta(f_cols, norm.scale, W_dec_rows, slot, t.mul[rows], t.add[rows])  # [S, d_in] float32
         return hidden.index_add(0, idx, delta.to(hidden.dtype))
+
+    def _steer_graph(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if self.columns is None:  # TopK: steps that steer run on the host path
+            return hidden.clone()
+        t, c = self.table, self.columns
+        rows = t.tok_row[: hidden.shape[0]]  # [T]; -1: unsteered, and CUDA-graph padding
+        r = rows.clamp_min(0).long()
+        f_cols, norm = self.sae.encode_slice(_stream(hidden, residual), c.part)  # [T, C]
+        delta = clamp_delta(f_cols, norm.scale, c.part.W_dec, c.slot[r], t.mul[r], t.add[r])  # [T, d_in]
+        return torch.where((rows >= 0).unsqueeze(-1), hidden + delta.to(hidden.dtype), hidden)
 
 
 def _stream(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

@@ -1,15 +1,16 @@
 """Worker side of feature inspection: which tokens of a step to read, and what was read, by key.
 
 A request whose `extra_args` carry `steer_record_features` (see `spec.FeatureRecording`) has its
-SAE features read by the steering op at the SAE layer, from the stream the model continues with
-(after steering, so a steered request shows its clamps). Per position the top-k (id, activation)
+SAE features read after the forward step from the op's snapshot of the stream at the SAE layer, the
+stream the model continues with (after steering, so a steered request shows its clamps); the same
+with and without CUDA graphs. Per position the top-k (id, activation)
 pairs are kept, plus the per-feature sum over positions, until the API process fetches them with
 `collective_rpc("steer_pop_features", key)` (see vllm_seam) once the request has finished. Nothing here runs for
 steps without such a request.
 
 Records are kept on the host because they are read on the host anyway; reading them costs
 device-to-host copies of [tokens, k] and [requests, d_sae] per step that has a recording request,
-never one per token.
+never one per token, and never waits for the GPU before the request is fetched (`host_copy`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from steer_plugin.sae import SAE
 from steer_plugin.spec import RECORD_FIELD, FeatureRecording, parse_recording
+from steer_plugin.worker.host_copy import HostCopy
 from steer_plugin.worker.step_layout import StepLayout
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ class FeatureRecorder:
         self._target_of = _NO_TOKENS  # [N] index into _targets of each token to read
         self._summed = torch.zeros(0, dtype=torch.bool)  # [N] whether a token counts towards the sums
         self._top_k = 0
+        self._pending: list[tuple[list, HostCopy]] = []  # recorded steps on their way to the host
 
     @property
     def num_tokens(self) -> int:
@@ -122,20 +125,28 @@ class FeatureRecorder:
         return record
 
     def record(self, sae: SAE, stream: torch.Tensor) -> None:
-        """stream: [T, d_in], the step's residual stream at the SAE layer."""
+        """stream: [T, d_in], the step's residual stream at the SAE layer (the op's snapshot)."""
         device = stream.device
         f, _ = sae.encode(stream.index_select(0, self.tokens.to(device)))  # [N, d_sae]
         values, ids = f.topk(self._top_k, dim=-1)  # [N, top_k]
         summed = (f * self._summed.to(device, f.dtype).unsqueeze(1)).double()  # [N, d_sae]
         totals = summed.new_zeros(len(self._targets), f.shape[1]).index_add_(0, self._target_of.to(device), summed)
-        values, ids, totals = values.float().cpu().numpy(), ids.cpu().numpy(), totals.cpu().numpy()
-        for (record, start, end, positions), total in zip(self._targets, totals):
-            record.positions.append(positions)
-            record.ids.append(ids[start:end, : record.top_k])
-            record.values.append(values[start:end, : record.top_k])
-            record.total = total if record.total is None else record.total + total
+        self._pending.append((self._targets, HostCopy(values.float(), ids, totals)))
+        self._land(wait=False)
+
+    def _land(self, wait: bool) -> None:
+        """File the recorded steps whose results are on the host (all of them if `wait`)."""
+        while self._pending and (wait or self._pending[0][1].ready()):
+            targets, copy = self._pending.pop(0)
+            values, ids, totals = copy.get()
+            for (record, start, end, positions), total in zip(targets, totals):
+                record.positions.append(positions)
+                record.ids.append(ids[start:end, : record.top_k])
+                record.values.append(values[start:end, : record.top_k])
+                record.total = total if record.total is None else record.total + total
 
     def pop(self, key: str) -> dict | None:
         """The records of one request as plain lists, or None if this rank has none."""
+        self._land(wait=True)
         record = self._store.pop(key, None)
         return None if record is None else {"sae": self.sae, **record.as_dict(self.max_activation)}
