@@ -59,7 +59,7 @@ def check_steering(model_dir, sae_dir, dtype: str, tolerance: float, also=None, 
                                atol=tolerance)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a != "llama"])  # llama: the graph-path test below
 def test_architecture_is_steered_exactly(arch, sae_dir, tiny_model):
     check_steering(tiny_model(arch), sae_dir, "float32", 2e-3)
 
@@ -74,7 +74,8 @@ def test_half_precision_models_are_steered_in_float32(dtype, sae_dir, tiny_model
 
 def test_graph_path_in_a_compiled_cpu_engine(sae_dir, tiny_model):
     """The op's CUDA-graph path (`steer.graph_path` forced on: the code graphs capture and replay,
-    step for step), in a compiled engine on the CPU: exact as above, feature recording included. A
+    step for step), in a compiled Llama engine on the CPU: exact as above, feature recording included
+    (the host path is held to the same checks by every other architecture and dtype). A
     step with more clamped features than the graph slice holds goes to the host path (on a GPU, a
     step without graphs) and replies exactly as the graph path does."""
     wide = STRONG + [{"feature": f, "value": 1.0, "mode": "scale"} for f in (20, 21, 22, 23)]  # 5 > 4 features
