@@ -90,7 +90,7 @@ def clamps_for(workload: str, i: int, d_sae: int, unit: str) -> list[dict] | Non
 
 
 async def one_request(client, prompt: str, clamps, features: bool, max_tokens: int):
-    extra = {"ignore_eos": True, **({"feature_clamps": clamps} if clamps else {}),
+    extra = {"ignore_eos": True, "return_token_ids": True, **({"feature_clamps": clamps} if clamps else {}),
              **({"return_features": 4} if features else {})}
     start = time.perf_counter()
     stamps = []
@@ -99,10 +99,15 @@ async def one_request(client, prompt: str, clamps, features: bool, max_tokens: i
         model=SERVED_NAME, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
         stream=True, stream_options={"include_usage": True}, extra_body=extra)
     async for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            stamps.append(time.perf_counter())
+        if chunk.choices:
+            # one stamp per token (vLLM's return_token_ids): tokens that decode to no text yet, such as
+            # the first bytes of a UTF-8 character from a random-weight model, still count
+            ids = getattr(chunk.choices[0], "token_ids", None)
+            stamps += [time.perf_counter()] * (len(ids) if ids is not None else int(bool(chunk.choices[0].delta.content)))
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
+    if not stamps:
+        raise RuntimeError(f"a request streamed no tokens ({tokens} in its usage)")
     return start, stamps, tokens
 
 

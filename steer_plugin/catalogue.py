@@ -4,6 +4,8 @@
 frequency, top tokens with counts, top contexts with the token marked «like this») is loaded once.
 A query is matched word by word against, in order of weight:
     top tokens    the share of the feature's top-token counts that are a query word    × 3
+    promoted      the share of the tokens its decoder row promotes that are a query word × 2
+                  (`output_tokens`, where the catalogue has them: what steering with it says)
     label         the share of query words found in the label                          × 1
     contexts      the share of top contexts whose marked token is a query word         × 1
     around        the share of top contexts with a query word anywhere in them          × 0.5
@@ -49,6 +51,7 @@ class _Index:
     label_words: frozenset[str]
     context_share: dict[str, float]  # stemmed word -> share of contexts marking it
     around_share: dict[str, float]  # stemmed word -> share of contexts containing it
+    output_share: dict[str, float]  # stemmed word -> share of the promoted tokens
 
 
 def _index(entry: dict) -> _Index:
@@ -66,7 +69,12 @@ def _index(entry: dict) -> _Index:
             context_share[w] = context_share.get(w, 0.0) + 1 / len(contexts)
         for w in _words(c["text"]):
             around_share[w] = around_share.get(w, 0.0) + 1 / len(contexts)
-    return _Index(token_share, frozenset(_words(entry.get("label", ""))), context_share, around_share)
+    promoted = entry.get("output_tokens", [])
+    output_share: dict[str, float] = {}
+    for t in promoted:
+        for w in _words(t["token"]):
+            output_share[w] = output_share.get(w, 0.0) + 1 / len(promoted)
+    return _Index(token_share, frozenset(_words(entry.get("label", ""))), context_share, around_share, output_share)
 
 
 class FeatureCatalogue:
@@ -101,7 +109,8 @@ class FeatureCatalogue:
         label = len(query_words & ix.label_words) / len(query_words)
         contexts = sum(ix.context_share.get(w, 0.0) for w in query_words)
         around = sum(ix.around_share.get(w, 0.0) for w in query_words)
-        return 3 * tokens + label + contexts + 0.5 * around
+        promoted = sum(ix.output_share.get(w, 0.0) for w in query_words)
+        return 3 * tokens + 2 * promoted + label + contexts + 0.5 * around
 
     def search(self, query: str, limit: int, offset: int = 0) -> tuple[list[tuple[dict, float]], int]:
         """(entry, score) of the best matches, best first, and how many features match at all."""

@@ -61,3 +61,24 @@ def test_shipped_catalogue_and_stats_match_the_sae(shipped):
     live = [e for e in catalogue if e["max_activation"] > 0]
     assert all(e["label"] and e["top_tokens"] and e["top_contexts"] for e in live)
     assert sum(f.stat().st_size for f in DEFAULT_SAE_DIR.iterdir()) < 30e6
+
+
+def test_catalogued_output_tokens_are_what_the_decoder_row_does_to_the_logits(shipped):
+    """A push along a feature's decoder row at the final norm's input (with the rest of the stream
+    orthogonal to it, so the norm's scale does not move to first order) raises most the logits of
+    the tokens the catalogue lists as its output side."""
+    from steer_plugin.training.capture import load_hf_model
+
+    model, tokenizer = load_hf_model(str(default_model_dir()))
+    catalogue = json.loads((DEFAULT_SAE_DIR / CATALOGUE_FILENAME).read_text())
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for feature in (4137, 0, 1000, 3000):
+            v = shipped.W_dec[feature]
+            x = torch.randn(v.shape[0]) * 3
+            x -= (x @ v) / (v @ v) * v
+            eps = 1e-3 * x.norm() / v.norm()
+            logits = lambda h: model.lm_head(model.model.norm(h[None, None]))[0, 0]  # noqa: E731
+            pushed = (logits(x + eps * v) - logits(x)).topk(10).indices.tolist()
+            listed = [t["token"] for t in catalogue[feature]["output_tokens"]]
+            assert len(set(tokenizer.decode([t]) for t in pushed) & set(listed)) >= 9, (feature, listed)

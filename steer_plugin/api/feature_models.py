@@ -16,6 +16,12 @@ class TokenCount(BaseModel):
     count: int
 
 
+class TokenLogit(BaseModel):
+    token: str
+    logit: float
+    """Logit change per unit of the feature's activation, before the final norm's per-token scale."""
+
+
 class Context(BaseModel):
     text: str
     """A corpus snippet, the activating token marked «like this»."""
@@ -31,6 +37,9 @@ class FeatureSummary(BaseModel):
     frequency: float
     """Fraction of corpus tokens on which the feature is active."""
     top_tokens: list[TokenCount]
+    """Input side: the tokens it fires on most, with counts."""
+    output_tokens: list[TokenLogit] = []
+    """Output side: the tokens its decoder row promotes most (through the final norm and unembedding)."""
     examples: list[Context]
     score: float | None = None
     """Search relevance (search results only)."""

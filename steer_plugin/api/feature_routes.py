@@ -99,7 +99,8 @@ class FeatureService:
     @staticmethod
     def summary(entry: dict, score: float | None = None) -> FeatureSummary:
         return FeatureSummary(**{k: entry[k] for k in ("id", "label", "max_activation", "frequency")},
-                              top_tokens=entry["top_tokens"], examples=entry["top_contexts"][:2], score=score)
+                              top_tokens=entry["top_tokens"], output_tokens=entry.get("output_tokens", []),
+                              examples=entry["top_contexts"][:2], score=score)
 
     def search(self, q: str | None, limit: int, offset: int, sae: str | None = None) -> FeatureList:
         served = self._sae(sae)

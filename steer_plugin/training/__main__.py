@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from steer_plugin.config import default_model_dir
 from steer_plugin.sae import CATALOGUE_FILENAME, SAE, STATS_FILENAME
 from steer_plugin.training.capture import capture, load_hf_model
-from steer_plugin.training.catalogue import build_catalogue, feature_statistics
+from steer_plugin.training.catalogue import add_output_side, build_catalogue, feature_statistics
 from steer_plugin.training.corpus import build_corpus
 from steer_plugin.training.evaluate import loss_increase, reconstruction_metrics
 from steer_plugin.training.topk_trainer import TrainConfig, train_topk
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     stats, top_vals, top_rows = timed("stats", feature_statistics, sae, cap)
     save_file({k: v.contiguous() for k, v in stats.items()}, str(out / STATS_FILENAME))
     catalogue = timed("catalogue", build_catalogue, tokenizer, cap, stats, top_vals, top_rows)
+    timed("output_side", add_output_side, catalogue, sae, model, tokenizer)
     (out / CATALOGUE_FILENAME).write_text(json.dumps(catalogue, ensure_ascii=False, indent=0))
 
     dead_corpus = float((stats["frequency"] == 0).float().mean())

@@ -1,5 +1,6 @@
-"""Per-feature statistics (max, frequency, mean) and the feature catalogue (top tokens, contexts,
-an automatic label), computed in one pass of the SAE over the captured corpus."""
+"""Per-feature statistics (max, frequency, mean) and the feature catalogue: the input side (top
+tokens, contexts, an automatic label), computed in one pass of the SAE over the captured corpus,
+and the output side (the tokens each decoder row promotes), computed from the model's weights."""
 
 from __future__ import annotations
 
@@ -67,4 +68,30 @@ def build_catalogue(tokenizer, cap: Capture, stats: dict, top_vals: torch.Tensor
             "mean_activation": round(float(stats["mean_activation"][feature]), 4),
             "top_tokens": top_tokens, "top_contexts": examples,
         })
+    return entries
+
+
+@torch.inference_mode()
+def promoted_tokens(sae: SAE, model, tokenizer, top: int = 10, chunk: int = 512) -> list[list[dict]]:
+    """Output side of every feature: the tokens its decoder row promotes most. A change of the
+    stream by a·W_dec[i] at the SAE's layer reaches the logits, directly, as
+    a · W_U (γ ⊙ W_dec[i]) / rms(x) through the final RMSNorm (weight γ) and the unembedding W_U;
+    rms(x) is a positive per-token scale, so the ranking is that of W_U (γ ⊙ W_dec[i])
+    (the direct path only: later layers also react, which the steerability sweep measures)."""
+    W_U = model.get_output_embeddings().weight.float()  # [vocab, d_in]
+    gamma = model.model.norm.weight.float()  # [d_in]
+    out = []
+    for start in tqdm(range(0, sae.cfg.d_sae, chunk), desc="output tokens", unit="chunk"):
+        logits = (sae.W_dec[start:start + chunk] * gamma) @ W_U.T  # [chunk, vocab]
+        values, ids = logits.topk(top, dim=-1)
+        for row_values, row_ids in zip(values.tolist(), ids.tolist()):
+            out.append([{"token": _token_text(tokenizer, t), "logit": round(v, 3)}
+                        for v, t in zip(row_values, row_ids)])
+    return out
+
+
+def add_output_side(entries: list[dict], sae: SAE, model, tokenizer, top: int = 10) -> list[dict]:
+    """Catalogue entries (one per feature, in order) with their `output_tokens`."""
+    for entry, tokens in zip(entries, promoted_tokens(sae, model, tokenizer, top), strict=True):
+        entry["output_tokens"] = tokens
     return entries

@@ -124,6 +124,8 @@ class LayerSteer:
             self.activity.observe(self.sae, stream)
         if self.recorder is not None and self.recorder.num_tokens > 0:
             self.recorder.record(self.sae, stream)
+        # between steps (warm-up, capture, data-parallel dummy runs) the graph path is the default
+        self.host_step = not self.graph_safe
 
     # ---- in the forward ---------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

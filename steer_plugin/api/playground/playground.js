@@ -116,7 +116,10 @@ async function openCard(id) {
   const facts = el("dl", {},
     el("dt", {}, "Max activation"), el("dd", {}, entry.max_activation.toFixed(3)),
     el("dt", {}, "Frequency"), el("dd", {}, `${(100 * entry.frequency).toFixed(3)} %`),
-    el("dt", {}, "Top tokens"), el("dd", {}, tops));
+    el("dt", {}, "Fires on"), el("dd", {}, tops));
+  if (entry.output_tokens && entry.output_tokens.length) {
+    facts.append(el("dt", {}, "Promotes"), el("dd", {}, entry.output_tokens.map((t) => t.token).join(", ")));
+  }
   if (entry.recommended_strength !== undefined && entry.recommended_strength !== null) {
     facts.append(el("dt", {}, "Recommended strength"), el("dd", {}, `${entry.recommended_strength} × max`));
   }

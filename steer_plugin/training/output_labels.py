@@ -1,0 +1,40 @@
+"""Add the output side (the tokens each feature's decoder row promotes) to an SAE's catalogue.
+
+    python -m steer_plugin.training.output_labels --sae sae_weights/NAME [--model-dir DIR]
+
+Rewrites `feature_catalogue.json` in place with an `output_tokens` list per feature
+(see `catalogue.promoted_tokens`); the input-side fields stay as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from steer_plugin.config import default_model_dir
+from steer_plugin.sae import CATALOGUE_FILENAME, SAE
+from steer_plugin.training.capture import load_hf_model
+from steer_plugin.training.catalogue import add_output_side
+
+
+def add_output_tokens(sae_dir: Path, model_dir: str, top: int = 10) -> list[dict]:
+    path = sae_dir / CATALOGUE_FILENAME
+    entries = json.loads(path.read_text())
+    model, tokenizer = load_hf_model(model_dir)
+    add_output_side(entries, SAE.load(sae_dir), model, tokenizer, top)
+    path.write_text(json.dumps(entries, ensure_ascii=False, indent=0))
+    return entries
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sae", type=Path, required=True)
+    p.add_argument("--model-dir", default=str(default_model_dir()))
+    p.add_argument("--top", type=int, default=10)
+    args = p.parse_args(argv)
+    add_output_tokens(args.sae, args.model_dir, args.top)
+
+
+if __name__ == "__main__":
+    main()
