@@ -4,6 +4,7 @@ through vLLM and resumes from what it already wrote."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -21,6 +22,7 @@ def test_plans_are_deterministic_varied_and_partly_multi_turn():
 
 @pytest.mark.slow
 def test_generation_writes_chats_and_resumes(tmp_path):
+    before = os.environ.get("STEER_PLUGIN_DISABLE")
     plans = plan_conversations(6, seed=0)
     path = generate(tmp_path, plans[:4], MODEL, batch=3, max_tokens=8)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
@@ -34,3 +36,4 @@ def test_generation_writes_chats_and_resumes(tmp_path):
     assert done_ids(tmp_path / CHATS_FILE) == {0, 1, 2, 3}
     generate(tmp_path, plans, MODEL, batch=3, max_tokens=8)
     assert done_ids(tmp_path / CHATS_FILE) == set(range(6))
+    assert os.environ.get("STEER_PLUGIN_DISABLE") == before  # later servers of this process keep the plugin

@@ -117,8 +117,6 @@ def _drop_cut_line(path: Path) -> None:
 def generate(out: Path, plans: list[ChatPlan], model_dir: str, batch: int = 256, max_tokens: int = 384,
              seed: int = 0) -> Path:
     """Answer the plans not yet in out/chats.jsonl with the model (plugin off), batch by batch."""
-    os.environ["STEER_PLUGIN_DISABLE"] = "1"  # the unsteered model's replies
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     from vllm import LLM, SamplingParams
 
     out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +125,17 @@ def generate(out: Path, plans: list[ChatPlan], model_dir: str, batch: int = 256,
     todo = [p for p in plans if p.id not in done_ids(path)]
     if not todo:
         return path
-    llm = LLM(model=model_dir, dtype="float32", max_model_len=2048, seed=seed)
+    saved = {name: os.environ.get(name) for name in ("STEER_PLUGIN_DISABLE", "VLLM_CPU_KVCACHE_SPACE")}
+    os.environ["STEER_PLUGIN_DISABLE"] = "1"  # the unsteered model's replies (the engine's processes inherit it)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    try:
+        llm = LLM(model=model_dir, dtype="float32", max_model_len=2048, seed=seed)
+    finally:  # the caller's environment as it was (a test process starts servers after this)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     try:
         with path.open("a") as sink, tqdm(total=len(todo), desc="chat replies", unit="conv") as bar:
             for start in range(0, len(todo), batch):
