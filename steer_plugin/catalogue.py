@@ -4,14 +4,21 @@
 frequency, top tokens with counts, top contexts with the token marked «like this») is loaded once.
 A query is matched word by word against, in order of weight:
     top tokens    the share of the feature's top-token counts that are a query word    × 3
-    promoted      the share of the tokens its decoder row promotes that are a query word × 2
-                  (`output_tokens`, where the catalogue has them: what steering with it says)
+    steered       the share of the probability its clamp gains that goes to a query word × 2
+                  (`steered_tokens`, where the catalogue has them: what steering with it says)
+    promoted      the share of the tokens its decoder row promotes that are a query word × 1
+                  (`output_tokens`: the direct path only, a weaker signal at middle layers)
     label         the share of query words found in the label                          × 1
     contexts      the share of top contexts whose marked token is a query word         × 1
     around        the share of top contexts with a query word anywhere in them          × 0.5
 Words are compared lower-cased with a plural `s`/`es` removed, so "dogs" finds "dog"; common
 function words ("the", "of", ...) are dropped from queries that have other words.
+
+Steerable features first: among the matches scoring at least half the best match, those with a
+measured `recommended_strength` (the strength sweep found a fluent strength at which replies show
+the feature) rank above those without, so the top hit is one a user can clamp.
 """
+
 
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ from pathlib import Path
 
 from steer_plugin.sae import CATALOGUE_FILENAME, SAEFileError
 
+STEERABLE_WITHIN = 0.5
+"""A steerable match outranks an unmeasured one when it scores at least this share of the best."""
 _WORD = re.compile(r"[a-z0-9]+")
 _MARKED = re.compile(r"«(.*?)»")
 _STOPWORDS = frozenset("a an and are as at be by for from in into is it of on or that the this to was with "
@@ -52,6 +61,8 @@ class _Index:
     context_share: dict[str, float]  # stemmed word -> share of contexts marking it
     around_share: dict[str, float]  # stemmed word -> share of contexts containing it
     output_share: dict[str, float]  # stemmed word -> share of the promoted tokens
+    steered_share: dict[str, float]  # stemmed word -> share of the probability the clamp gains
+    steerable: bool
 
 
 def _index(entry: dict) -> _Index:
@@ -74,7 +85,14 @@ def _index(entry: dict) -> _Index:
     for t in promoted:
         for w in _words(t["token"]):
             output_share[w] = output_share.get(w, 0.0) + 1 / len(promoted)
-    return _Index(token_share, frozenset(_words(entry.get("label", ""))), context_share, around_share, output_share)
+    steered = entry.get("steered_tokens", [])
+    gained = sum(t["gain"] for t in steered) or 1.0
+    steered_share: dict[str, float] = {}
+    for t in steered:
+        for w in _words(t["token"]):
+            steered_share[w] = steered_share.get(w, 0.0) + t["gain"] / gained
+    return _Index(token_share, frozenset(_words(entry.get("label", ""))), context_share, around_share, output_share,
+                  steered_share, bool(entry.get("recommended_strength")))
 
 
 class FeatureCatalogue:
@@ -110,7 +128,8 @@ class FeatureCatalogue:
         contexts = sum(ix.context_share.get(w, 0.0) for w in query_words)
         around = sum(ix.around_share.get(w, 0.0) for w in query_words)
         promoted = sum(ix.output_share.get(w, 0.0) for w in query_words)
-        return 3 * tokens + 2 * promoted + label + contexts + 0.5 * around
+        steered = sum(ix.steered_share.get(w, 0.0) for w in query_words)
+        return 3 * tokens + 2 * steered + promoted + label + contexts + 0.5 * around
 
     def search(self, query: str, limit: int, offset: int = 0) -> tuple[list[tuple[dict, float]], int]:
         """(entry, score) of the best matches, best first, and how many features match at all."""
@@ -118,6 +137,8 @@ class FeatureCatalogue:
         if not words:
             return [], 0
         scored = [(s, i) for i in range(len(self.entries)) if (s := self.score(i, words)) > 0]
+        best = max((s for s, _ in scored), default=0.0)
         # Ties (common for single-token features) go to the more frequent, better-attested feature.
-        scored.sort(key=lambda si: (-si[0], -self.entries[si[1]].get("frequency", 0.0), si[1]))
+        scored.sort(key=lambda si: (not (self._index[si[1]].steerable and si[0] >= STEERABLE_WITHIN * best),
+                                    -si[0], -self.entries[si[1]].get("frequency", 0.0), si[1]))
         return [(self.entries[i], round(s, 4)) for s, i in scored[offset: offset + limit]], len(scored)

@@ -22,6 +22,23 @@ class TokenLogit(BaseModel):
     """Logit change per unit of the feature's activation, before the final norm's per-token scale."""
 
 
+class TokenGain(BaseModel):
+    token: str
+    gain: float
+    """Next-token probability gained, on average over neutral reply prefixes, when the feature is clamped."""
+
+
+class SweepCell(BaseModel):
+    concept_rate: float
+    """Share of replies containing one of the feature's words."""
+    median_ppl: float
+    """Median perplexity of the replies under the unsteered model."""
+    distinct_trigrams: float
+    """Mean share of distinct word trigrams per reply (1: no repetition)."""
+    answers: float
+    """Share of replies likelier after their own question than after another (still answering)."""
+
+
 class Context(BaseModel):
     text: str
     """A corpus snippet, the activating token marked «like this»."""
@@ -39,7 +56,16 @@ class FeatureSummary(BaseModel):
     top_tokens: list[TokenCount]
     """Input side: the tokens it fires on most, with counts."""
     output_tokens: list[TokenLogit] = []
-    """Output side: the tokens its decoder row promotes most (through the final norm and unembedding)."""
+    """Output side, direct path: the tokens its decoder row promotes most (final norm and unembedding)."""
+    steered_tokens: list[TokenGain] = []
+    """Output side, measured: the tokens whose probability rises most when the feature is clamped."""
+    output_score: float | None = None
+    """Arad et al.'s output score: how strongly clamping it raises the tokens its decoder row promotes."""
+    steered_mass: float | None = None
+    """Probability its clamp moves onto its steered tokens, consistently across prefixes (steerability)."""
+    recommended_strength: float | None = None
+    """Clamp value (× max, mode set) the strength sweep found most effective while fluent; None: not
+    measured, or no strength both fluent and effective."""
     examples: list[Context]
     score: float | None = None
     """Search relevance (search results only)."""
@@ -51,6 +77,8 @@ class FeatureDetail(FeatureSummary):
     mean_activation: float
     """Mean activation over the tokens where the feature is active."""
     top_contexts: list[Context]
+    sweep: dict[str, SweepCell] | None = None
+    """The strength sweep behind recommended_strength: per strength (× max), what the replies did."""
 
 
 class FeatureList(BaseModel):

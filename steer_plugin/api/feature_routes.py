@@ -98,9 +98,11 @@ class FeatureService:
 
     @staticmethod
     def summary(entry: dict, score: float | None = None) -> FeatureSummary:
+        measured = {k: entry[k] for k in ("output_tokens", "steered_tokens", "output_score", "steered_mass",
+                                          "recommended_strength") if entry.get(k) is not None}
         return FeatureSummary(**{k: entry[k] for k in ("id", "label", "max_activation", "frequency")},
-                              top_tokens=entry["top_tokens"], output_tokens=entry.get("output_tokens", []),
-                              examples=entry["top_contexts"][:2], score=score)
+                              top_tokens=entry["top_tokens"], **measured, examples=entry["top_contexts"][:2],
+                              score=score)
 
     def search(self, q: str | None, limit: int, offset: int, sae: str | None = None) -> FeatureList:
         served = self._sae(sae)
@@ -120,7 +122,8 @@ class FeatureService:
             raise HTTPException(404, f"feature {feature} does not exist: SAE {served.source.id} has features "
                                      f"0..{served.cfg.d_sae - 1}")
         return FeatureDetail(**self.summary(entry).model_dump(exclude={"score"}), sae=served.source.id,
-                             mean_activation=entry["mean_activation"], top_contexts=entry["top_contexts"])
+                             mean_activation=entry["mean_activation"], top_contexts=entry["top_contexts"],
+                             sweep=entry.get("sweep"))
 
     @staticmethod
     def _active(served: _ServedSAE, ids: list[int], values: list[float]) -> list[ActiveFeature]:

@@ -1,7 +1,11 @@
 """python -m steer_plugin.training --out sae_weights/NAME [--tiny]
 
-Reproducible from --seed: corpus -> residual capture at --layer (forward stopped there) -> TopK SAE
--> held-out evaluation -> feature statistics and catalogue, written in SAELens format.
+Reproducible from --seed: corpus (per source, with held-out splits) -> residual capture at --layer
+(forward stopped there) -> TopK or BatchTopK SAE -> per-source held-out evaluation -> feature
+statistics and catalogue (input side, output side, output score), written in SAELens format.
+Then, with the engine: python -m steer_plugin.training.strengths (recommended strengths) and
+python -m steer_plugin.training.efficacy (efficacy, the user's journey, the comparison). The capture and the training checkpoint live
+in --work, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -17,11 +21,17 @@ from safetensors.torch import save_file
 
 from steer_plugin.config import default_model_dir
 from steer_plugin.sae import CATALOGUE_FILENAME, SAE, STATS_FILENAME
-from steer_plugin.training.capture import capture, load_hf_model
+from steer_plugin.training.capture import Capture, cached_capture, load_hf_model
 from steer_plugin.training.catalogue import add_output_side, build_catalogue, feature_statistics
+from steer_plugin.training.chat_corpus import CHATS_FILE
 from steer_plugin.training.corpus import build_corpus
-from steer_plugin.training.evaluate import loss_increase, reconstruction_metrics
-from steer_plugin.training.topk_trainer import TrainConfig, train_topk
+from steer_plugin.training.evaluate import evaluation_markdown, loss_increase, reconstruction_metrics
+from steer_plugin.training.output_score import score_features
+from steer_plugin.training.trainer import TrainConfig, train_sae
+
+CACHE = Path.home() / ".cache" / "steer_plugin"
+HELDOUT_CHATS = "heldout_chats.jsonl"
+"""The held-out chat documents, written next to the SAE (the test of the shipped SAE re-evaluates on them)."""
 
 
 @dataclass(frozen=True)
@@ -30,22 +40,38 @@ class PipelineConfig:
 
     out: str = "sae_weights/smollm2-135m-instruct-l15"
     """Output directory (SAELens format plus stats, catalogue and evaluation)."""
+    work: str = str(CACHE / "training")
+    """Directory of the capture and the training checkpoint (resume point; several GB)."""
+    chats: str = str(CACHE / "corpus" / CHATS_FILE)
+    """The generated chat corpus (python -m steer_plugin.training.chat_corpus)."""
     model_dir: str = str(default_model_dir())
     """Hugging Face directory of the model (python -m steer_plugin.prepare_model)."""
     layer: int = 15
     """Decoder layer whose output is captured: the middle of SmolLM2-135M's 30 layers."""
-    ctx: int = 128
+    ctx: int = 512
     """Tokens per document (longer documents are truncated)."""
     capture_batch: int = 8
     """Documents per capture forward."""
-    max_wiki_docs: int = 0
-    """Cap on Wikipedia leads (0: all 10,033)."""
-    max_wordnet_docs: int = 2500
-    """WordNet gloss documents (12 glosses each)."""
-    heldout_docs: int = 300
-    """Documents kept out of training for evaluation."""
+    chat_docs: int = 1100
+    """Training documents from the chat corpus (caps below likewise; 0 leaves a source out)."""
+    wiki_docs: int = 700
+    """Training documents of Wikipedia leads."""
+    wordnet_docs: int = 80
+    """Training documents of WordNet glosses."""
+    legal_docs: int = 260
+    """Training documents of licence text."""
+    code_docs: int = 260
+    """Training documents of Python standard-library source."""
+    technical_docs: int = 260
+    """Training documents of the Python documentation."""
+    heldout_docs: int = 40
+    """Held-out documents per source for evaluation."""
+    loss_docs: int = 20
+    """Held-out documents per source for the next-token loss (two full forwards each)."""
     seed: int = 0
     """Seed of the corpus shuffle and of training."""
+    capture_only: bool = False
+    """Stop after the captures (they stay in --work for the run that trains)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,7 +80,10 @@ def _parser() -> argparse.ArgumentParser:
         for f in fields(cls):
             if f.name == "seed" and cls is TrainConfig:
                 continue
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+            if isinstance(f.default, bool):
+                parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true")
+            else:
+                parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (tests)")
     return parser
 
@@ -63,14 +92,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = vars(_parser().parse_args(argv))
     tiny = args.pop("tiny")
     if tiny:
-        args.update(max_wiki_docs=60, max_wordnet_docs=10, heldout_docs=10, ctx=48, d_sae=256, k=8,
-                    batch_size=256, epochs=1, dead_after_tokens=10_000)
+        args.update(chat_docs=0, wiki_docs=40, wordnet_docs=4, legal_docs=6, code_docs=6, technical_docs=0,
+                    heldout_docs=4, loss_docs=2, ctx=64, d_sae=256, k=8, batch_size=256, epochs=1,
+                    dead_after_tokens=10_000, checkpoint_every=2)
     pipe = PipelineConfig(**{f.name: args[f.name] for f in fields(PipelineConfig)})
     train_cfg = TrainConfig(**{f.name: args[f.name] for f in fields(TrainConfig) if f.name != "seed"},
                             seed=pipe.seed)
     torch.manual_seed(pipe.seed)
-    out = Path(pipe.out)
+    out, work = Path(pipe.out), Path(pipe.work)
     out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
     def timed(name, fn, *a, **kw):
@@ -80,44 +111,57 @@ def main(argv: list[str] | None = None) -> dict:
         return result
 
     model, tokenizer = load_hf_model(pipe.model_dir)
-    docs = build_corpus(tokenizer, pipe.seed, pipe.max_wordnet_docs, Path.home() / ".cache" / "steer_plugin",
-                        max_wiki_docs=pipe.max_wiki_docs or None)
-    held, train_docs = docs[:pipe.heldout_docs], docs[pipe.heldout_docs:]
-    cap = timed("capture_train", capture, model, tokenizer, train_docs, pipe.layer, pipe.ctx, pipe.capture_batch)
-    held_cap = timed("capture_heldout", capture, model, tokenizer, held, pipe.layer, pipe.ctx,
-                     pipe.capture_batch, desc="capture held-out")
+    caps = {s: getattr(pipe, f"{s}_docs") for s in ("chat", "wiki", "wordnet", "legal", "code", "technical")}
+    train_docs, held_docs = timed("corpus", build_corpus, tokenizer, caps, CACHE, Path(pipe.chats), pipe.seed,
+                                  pipe.heldout_docs)
+    def capture_of(name: str, docs) -> Capture:
+        """Captured per source and split, each kept in --work while its documents and settings stay."""
+        key = json.dumps([pipe.model_dir, pipe.layer, pipe.ctx, [d.id for d in docs]])
+        return cached_capture(work / f"capture-{name}.pt", key, model, tokenizer, [d.text for d in docs],
+                              pipe.layer, pipe.ctx, pipe.capture_batch, desc=f"capture {name}")
+
+    sources = [s for s, docs in train_docs.items() if docs]
+    cap = timed("capture_train", lambda: Capture.concat([capture_of(f"train-{s}", train_docs[s]) for s in sources]))
+    held = timed("capture_heldout", lambda: {s: capture_of(f"heldout-{s}", docs) for s, docs in held_docs.items()
+                                             if docs})
+    if pipe.capture_only:
+        return {"captured": sources, "heldout": list(held)}
+    if held_docs.get("chat"):  # generated text cannot be rebuilt from packages: ship what was held out
+        (out / HELDOUT_CHATS).write_text("".join(json.dumps({"id": d.id, "text": d.text}, ensure_ascii=False) + "\n"
+                                                 for d in held_docs["chat"]))
     hook_name = f"blocks.{pipe.layer}.hook_resid_post"
-    sae = timed("train", train_topk, cap.acts, train_cfg, hook_name, "SmolLM2-135M-Instruct")
+    sae = timed("train", train_sae, cap.acts, train_cfg, hook_name, "SmolLM2-135M-Instruct",
+                work / "train-checkpoint.pt")
     sae.save(out, dtype=torch.float16)
     sae = SAE.load(out)  # evaluate exactly what ships (float16 on disk)
-    recon = timed("eval_reconstruction", reconstruction_metrics, sae, held_cap.acts)
-    ce = timed("eval_loss", loss_increase, model, sae, held_cap.tokens, pipe.layer)
+    per_source = {}
+    for source, held_cap in held.items():
+        per_source[source] = {
+            **timed(f"eval_reconstruction_{source}", reconstruction_metrics, sae, held_cap.acts),
+            "loss": timed(f"eval_loss_{source}", loss_increase, model, sae, held_cap.tokens[:pipe.loss_docs],
+                          pipe.layer),
+            "documents": len(held_cap.tokens),
+        }
     stats, top_vals, top_rows = timed("stats", feature_statistics, sae, cap)
     save_file({k: v.contiguous() for k, v in stats.items()}, str(out / STATS_FILENAME))
     catalogue = timed("catalogue", build_catalogue, tokenizer, cap, stats, top_vals, top_rows)
     timed("output_side", add_output_side, catalogue, sae, model, tokenizer)
+    scores = timed("output_score", score_features, sae, stats["max_activation"], model, tokenizer)
+    for entry, scored in zip(catalogue, scores, strict=True):
+        entry.update(scored)
     (out / CATALOGUE_FILENAME).write_text(json.dumps(catalogue, ensure_ascii=False, indent=0))
 
-    dead_corpus = float((stats["frequency"] == 0).float().mean())
+    train_sources = {s: len(docs) for s, docs in train_docs.items() if docs}
     report = {
         "date": time.strftime("%Y-%m-%d"), "pipeline": asdict(pipe), "train": asdict(train_cfg),
-        "train_tokens": int(cap.acts.shape[0]), "heldout": recon, "loss": ce,
-        "dead_fraction_train_corpus": dead_corpus, "wall_seconds": timings,
-        "machine": f"{torch.get_num_threads()} torch threads",
+        "architecture": sae.cfg.architecture, "train_tokens": int(cap.acts.shape[0]),
+        "train_documents": train_sources, "heldout": per_source,
+        "dead_fraction_train_corpus": float((stats["frequency"] == 0).float().mean()),
+        "wall_seconds": timings, "machine": f"{torch.get_num_threads()} torch threads",
     }
     (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "evaluation.md").write_text(
-        f"# SAE evaluation ({report['date']})\n\n"
-        f"TopK SAE, {train_cfg.d_sae} latents, k={train_cfg.k}, on `{hook_name}` of SmolLM2-135M-Instruct, "
-        f"trained on {report['train_tokens']:,} tokens.\n\n"
-        "| metric (held-out) | value |\n|---|---|\n"
-        f"| FVU | {recon['fvu']:.4f} |\n| mean L0 | {recon['l0']:.1f} |\n"
-        f"| dead latents (held-out, {recon['tokens']:,} tokens) | {recon['dead_fraction']:.2%} |\n"
-        f"| dead latents (whole training corpus) | {dead_corpus:.2%} |\n"
-        f"| next-token CE clean → spliced | {ce['ce_clean']:.4f} → {ce['ce_spliced']:.4f} "
-        f"(+{ce['ce_increase']:.4f} nats) |\n\n"
-        f"Wall time (seconds) per step: {json.dumps(timings)}\n")
-    print(json.dumps(report))
+    (out / "evaluation.md").write_text(evaluation_markdown(report))
+    print(json.dumps({k: v for k, v in report.items() if k != "pipeline"}))
     return report
 
 

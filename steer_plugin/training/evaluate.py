@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from tqdm import tqdm
 
@@ -68,3 +70,53 @@ def loss_increase(model, sae: SAE, token_lists: list[list[int]], layer: int, bat
         handle.remove()
     clean, spliced = sums["clean"] / count, sums["spliced"] / count
     return {"ce_clean": clean, "ce_spliced": spliced, "ce_increase": spliced - clean, "tokens": count}
+
+
+def evaluation_markdown(report: dict) -> str:
+    """The evaluation report of a pipeline run (see training/__main__.py) as a Markdown page."""
+    train = report["train"]
+    lines = [f"# SAE evaluation ({report['date']})", "",
+             f"{train['activation']} SAE (saved as `{report['architecture']}`), {train['d_sae']:,} latents, "
+             f"k = {train['k']}, on layer {report['pipeline']['layer']} of SmolLM2-135M-Instruct, trained on "
+             f"{report['train_tokens']:,} tokens ({', '.join(f'{s} {n}' for s, n in report['train_documents'].items())}"
+             " documents). Held-out documents of each source, position 0 left out:", "",
+             "| source | documents | tokens | FVU | mean L0 | dead (held-out) | next-token loss clean → spliced |",
+             "|---|---|---|---|---|---|---|"]
+    for source, r in report["heldout"].items():
+        loss = r["loss"]
+        lines.append(f"| {source} | {r['documents']} | {r['tokens']:,} | {r['fvu']:.3f} | {r['l0']:.1f} | "
+                     f"{r['dead_fraction']:.1%} | {loss['ce_clean']:.3f} → {loss['ce_spliced']:.3f} "
+                     f"(+{loss['ce_increase']:.3f}) |")
+    lines += ["", f"Dead latents over the whole training corpus: {report['dead_fraction_train_corpus']:.2%}.", "",
+              f"Wall time (seconds) per step: {json.dumps(report['wall_seconds'])}", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """python -m steer_plugin.training.evaluate --sae DIR [--work DIR]: any SAE of the same layer on the
+    held-out captures a pipeline run left in --work (per source: FVU, L0, dead, next-token loss)."""
+    import argparse
+    from pathlib import Path
+
+    from steer_plugin.config import default_model_dir
+    from steer_plugin.training.capture import Capture, load_hf_model
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--sae", type=Path, required=True)
+    p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "steer_plugin" / "training")
+    p.add_argument("--loss-docs", type=int, default=20)
+    args = p.parse_args(argv)
+    sae = SAE.load(args.sae)
+    model, _ = load_hf_model(str(default_model_dir()))
+    report = {}
+    for path in sorted(args.work.glob("capture-heldout-*.pt")):
+        cap = Capture(**torch.load(path, weights_only=False)["capture"])
+        report[path.stem.removeprefix("capture-heldout-")] = {
+            **reconstruction_metrics(sae, cap.acts),
+            "loss": loss_increase(model, sae, cap.tokens[:args.loss_docs], sae.cfg.layer)}
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,6 @@
 """Code, technical and legal text from installed packages, cut into documents of 256-512 tokens.
 
-Sources (nothing downloaded but Debian's python3.11-doc, fetched with `apt-get download` like
-wordnet-base in `corpus.py`):
+Sources (nothing downloaded but Debian's python3.11-doc, fetched with `apt-get download`):
 - legal: the licences in /usr/share/common-licenses (GPL, LGPL, Apache-2.0, MPL, Artistic, BSD,
   CC0, GFDL) and every installed package's /usr/share/doc/*/copyright, paragraphs deduplicated
   (the same licence text recurs in hundreds of them). Licence texts are verbatim-copy licensed.
@@ -94,22 +93,32 @@ def python_sources() -> list[tuple[str, str]]:
     return out
 
 
-def python_docs(cache_dir: Path) -> list[tuple[str, str]]:
-    """(name, text) of the Python documentation's .rst sources; [] where apt-get cannot fetch them."""
-    root = cache_dir / "python3.11-doc"
+def debian_package(name: str, cache_dir: Path) -> Path | None:
+    """The files of Debian package `name`, fetched with `apt-get download` and unpacked once into
+    cache_dir/name (the root of its file tree); None where apt-get cannot fetch it."""
+    root = cache_dir / name
     if not root.exists():
         if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-            return []
+            return None
         with tempfile.TemporaryDirectory() as tmp:
-            fetched = subprocess.run(["apt-get", "download", "python3.11-doc"], cwd=tmp, capture_output=True)
-            debs = list(Path(tmp).glob("python3.11-doc*.deb"))
+            fetched = subprocess.run(["apt-get", "download", name], cwd=tmp, capture_output=True)
+            debs = list(Path(tmp).glob(f"{name}_*.deb"))
             if fetched.returncode != 0 or not debs:
-                return []
-            subprocess.run(["dpkg-deb", "-x", str(debs[0]), tmp], check=True)
-            sources = Path(tmp) / "usr/share/doc/python3.11/html/_sources"
-            shutil.copytree(sources, root)
-    return [(f"python-doc/{p.relative_to(root).as_posix()}", p.read_text(errors="replace"))
-            for p in sorted(root.rglob("*.txt"))]
+                return None
+            subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(Path(tmp) / "root")], check=True)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(Path(tmp) / "root"), str(root))
+    return root
+
+
+def python_docs(cache_dir: Path) -> list[tuple[str, str]]:
+    """(name, text) of the Python documentation's .rst sources; [] where apt-get cannot fetch them."""
+    root = debian_package("python3.11-doc", cache_dir)
+    if root is None:
+        return []
+    sources = root / "usr/share/doc/python3.11/html/_sources"
+    return [(f"python-doc/{p.relative_to(sources).as_posix()}", p.read_text(errors="replace"))
+            for p in sorted(sources.rglob("*.txt"))]
 
 
 def documents(tokenizer, source: str, files: list[tuple[str, str]]) -> list[Document]:

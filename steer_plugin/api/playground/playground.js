@@ -117,6 +117,9 @@ async function openCard(id) {
     el("dt", {}, "Max activation"), el("dd", {}, entry.max_activation.toFixed(3)),
     el("dt", {}, "Frequency"), el("dd", {}, `${(100 * entry.frequency).toFixed(3)} %`),
     el("dt", {}, "Fires on"), el("dd", {}, tops));
+  if (entry.steered_tokens && entry.steered_tokens.length) {
+    facts.append(el("dt", {}, "Clamping it says"), el("dd", {}, entry.steered_tokens.map((t) => t.token).join(", ")));
+  }
   if (entry.output_tokens && entry.output_tokens.length) {
     facts.append(el("dt", {}, "Promotes"), el("dd", {}, entry.output_tokens.map((t) => t.token).join(", ")));
   }

@@ -1,0 +1,145 @@
+"""Steered replies and how they are judged: shared by the strength sweep, the efficacy run and the
+comparison with prompting and steering vectors.
+
+Replies come from the real engine: an offline `vllm.LLM` with the plugin, greedy, each request with
+its own clamps. Each reply is judged by
+- `mentions`: does it name the concept (a keyword, or its plural, as a whole word);
+- `distinct_trigrams`: the share of its word trigrams that are distinct (1.0: no repetition;
+  steered small models loop: "the perfect meal, the perfect meal, ...");
+- `perplexity` under the unsteered model given the question: fluency as the model itself sees it;
+- `answers`: whether the reply still answers the question, by pointwise mutual information: its mean
+  per-token log-likelihood under the unsteered model given its own question minus that given another
+  prompt of the set. An answer is more likely after its question than after an unrelated one; a reply
+  that ignores the question (talks only of the concept) is not, so the share with PMI > 0 measures
+  how often steering kept the answer on the question. No judge model is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_WORDS = re.compile(r"[a-z']+")
+
+
+def count_mentions(text: str, keywords: list[str]) -> int:
+    """How often the text names a keyword (or its plural) as a whole word."""
+    return len(re.findall(r"\b(?:" + "|".join(map(re.escape, keywords)) + r")(?:s|es)?\b", text.lower()))
+
+
+def mentions(text: str, keywords: list[str]) -> bool:
+    return count_mentions(text, keywords) > 0
+
+
+def distinct_trigrams(text: str) -> float:
+    words = _WORDS.findall(text.lower())
+    grams = list(zip(words, words[1:], words[2:]))
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request: a user turn, the clamps it carries (None: unsteered), and optionally an
+    instruction appended to the user turn (prompting instead of steering; the reply is judged
+    against the plain question)."""
+
+    prompt: str
+    clamps: tuple[tuple[str, int, float, str], ...] | None = None  # (sae id, feature, value, unit)
+    instruction: str | None = None
+
+    def messages(self, question: str | None = None) -> list[dict]:
+        """The conversation sent (question None) or the one a reply is judged in (the plain question)."""
+        if question is not None:
+            return [{"role": "user", "content": question}]
+        return [{"role": "user", "content": f"{self.prompt} {self.instruction}" if self.instruction else self.prompt}]
+
+
+@dataclass
+class Judged:
+    """A reply and its measures (see the module docstring)."""
+
+    text: str
+    perplexity: float
+    pmi: float
+    trigrams: float
+
+
+class Bench:
+    """One engine (the model and the given SAEs, plugin on) that answers and judges jobs."""
+
+    def __init__(self, model_dir: str, saes: list[dict], max_tokens: int = 40, cache: Path | None = None):
+        from vllm import LLM
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # else vLLM reserves most of host memory on CPU
+        self.llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+                       additional_config={"steer": {"saes": saes}})
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_tokens = max_tokens
+        self.cache_path = cache
+        self._cache: dict[str, Judged] = {}
+        if cache is not None and cache.exists():
+            self._cache = {k: Judged(**v) for k, v in json.loads(cache.read_text()).items()}
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def _key(self, job: Job) -> str:
+        return json.dumps([job.prompt, job.clamps, job.instruction, self.max_tokens])
+
+    def run(self, jobs: list[Job], control: dict[str, str]) -> list[Judged]:
+        """Answers and judges the jobs not already in the cache (kept on disk: the long part of a run).
+        control: for each prompt, the other prompt its reply's PMI is measured against."""
+        from vllm import SamplingParams
+
+        todo = list({self._key(j): j for j in jobs if self._key(j) not in self._cache}.values())
+        if todo:
+            params = [SamplingParams(temperature=0, max_tokens=self.max_tokens, extra_args=None if not j.clamps else
+                                     {"feature_clamps": json.dumps([{"sae": s, "feature": f, "value": v, "unit": u}
+                                                                    for s, f, v, u in j.clamps])}) for j in todo]
+            replies = [o.outputs[0].text for o in self.llm.chat([j.messages() for j in todo], params, use_tqdm=True)]
+            own = self._loglik([j.messages(j.prompt) for j in todo], replies)
+            other = self._loglik([j.messages(control[j.prompt]) for j in todo], replies)
+            for job, reply, (nll, n), (other_nll, _) in zip(todo, replies, own, other):
+                self._cache[self._key(job)] = Judged(reply, math.exp(nll / n), (other_nll - nll) / n,
+                                                     distinct_trigrams(reply))
+            if self.cache_path is not None:
+                self.cache_path.write_text(json.dumps({k: vars(v) for k, v in self._cache.items()}))
+        return [self._cache[self._key(j)] for j in jobs]
+
+    def _loglik(self, conversations: list[list[dict]], replies: list[str]) -> list[tuple[float, int]]:
+        """(negative log-likelihood, tokens) of each reply after its conversation, unsteered."""
+        from vllm import SamplingParams
+
+        prompts, spans = [], []
+        for conv, reply in zip(conversations, replies):
+            prefix = self.tokenizer(self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True),
+                                    add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(reply, add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id]
+            prompts.append({"prompt_token_ids": prefix + ids})
+            spans.append((len(prefix), len(ids)))
+        outs = self.llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0),
+                                 use_tqdm=True)
+        result = []
+        for out, (start, length) in zip(outs, spans):
+            ids = out.prompt_token_ids
+            result.append((-sum(out.prompt_logprobs[i][ids[i]].logprob for i in range(start, start + length)), length))
+        return result
+
+
+def summarise(judged: list[Judged], keywords: list[str]) -> dict:
+    """Concept rate, fluency and on-question figures of a cell of replies."""
+    return {"concept_rate": sum(mentions(j.text, keywords) for j in judged) / len(judged),
+            "median_ppl": median([j.perplexity for j in judged]),
+            "distinct_trigrams": sum(j.trigrams for j in judged) / len(judged),
+            "answers": sum(j.pmi > 0 for j in judged) / len(judged),
+            "example": judged[0].text}

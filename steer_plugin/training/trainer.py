@@ -1,0 +1,169 @@
+"""TopK and BatchTopK SAE training (Gao et al. 2024; Bussmann et al. 2024, "BatchTopK SAEs").
+
+TopK keeps the k largest pre-activations of each token. BatchTopK keeps the k·B largest of a batch
+of B tokens (so a token may use more or fewer than k latents) and, at inference, is a JumpReLU with
+one threshold: the value that keeps k latents per token on average, calibrated on training tokens
+after training. It is saved as a SAELens `jumprelu` SAE, whose activation is per feature: steering
+then needs only the clamped features' encoder columns, not a full encode.
+
+Inputs are scaled by one scalar so the mean squared norm is d_in; the scale is folded into the
+saved weights (normalize_activations="none"). An AuxK loss (k_aux latents among the dead ones
+reconstruct the residual error) keeps latents alive. Training saves a checkpoint every
+`checkpoint_every` steps and resumes from it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from steer_plugin.sae import SAE, SAEConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one SAE training run."""
+
+    activation: str = "batchtopk"
+    """`topk` (saved as SAELens topk) or `batchtopk` (saved as jumprelu with its inference threshold)."""
+    d_sae: int = 8192
+    """Number of latents."""
+    k: int = 32
+    """Active latents per token (on average over a batch for batchtopk)."""
+    lr: float = 4e-4
+    """Adam learning rate; decays linearly to 0 over the last 20% of steps."""
+    batch_size: int = 4096
+    """Tokens per optimiser step."""
+    epochs: int = 2
+    """Passes over the captured activations."""
+    k_aux: int = 256
+    """Latents used by the AuxK loss."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK loss (the paper's value)."""
+    dead_after_tokens: int = 200_000
+    """A latent that has not fired for this many tokens counts as dead for AuxK."""
+    checkpoint_every: int = 100
+    """Optimiser steps between checkpoints."""
+    seed: int = 0
+    """Seed of initialisation and batch order."""
+
+
+def _topk(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """pre: [B, d_sae] -> relu of each row's k largest, zeros elsewhere."""
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
+
+
+def _batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """pre: [B, d_sae] -> relu of the k·B largest entries of the whole batch, zeros elsewhere."""
+    flat = pre.flatten()
+    values, indices = flat.topk(k * pre.shape[0], sorted=False)
+    return torch.zeros_like(flat).scatter_(0, indices, torch.relu(values)).view_as(pre)
+
+
+@torch.no_grad()
+def calibrate_threshold(pre_fn, acts: torch.Tensor, k: int, tokens: int = 65_536, chunk: int = 4096) -> float:
+    """The one JumpReLU threshold that keeps k latents per token on average over `tokens` training
+    tokens: the (k·N)-th largest pre-activation (BatchTopK at inference over a very large batch)."""
+    kept = []
+    step = max(1, acts.shape[0] // tokens)
+    sample = acts[::step][:tokens]
+    for start in range(0, sample.shape[0], chunk):
+        pre = pre_fn(sample[start:start + chunk])  # [chunk, d_sae]
+        kept.append(pre.flatten().topk(k * pre.shape[0]).values)  # the batch's k·chunk largest
+    values = torch.cat(kept)
+    return float(values.topk(k * sample.shape[0]).values[-1])
+
+
+def train_sae(acts: torch.Tensor, cfg: TrainConfig, hook_name: str, model_name: str,
+              checkpoint: Path | None = None) -> SAE:
+    """acts: [N, d_in] float32 (or float16) residual stream -> trained SAE (scale folded in)."""
+    if cfg.activation not in ("topk", "batchtopk"):
+        raise ValueError(f"activation must be topk or batchtopk, not {cfg.activation!r}")
+    activate = _topk if cfg.activation == "topk" else _batch_topk
+    gen = torch.Generator().manual_seed(cfg.seed)
+    d_in = acts.shape[1]
+    sample = acts[:100_000].float()
+    scale = math.sqrt(d_in / sample.pow(2).sum(-1).mean().item())
+
+    W_dec = torch.randn(cfg.d_sae, d_in, generator=gen)
+    W_dec /= W_dec.norm(dim=-1, keepdim=True)
+    W_dec = torch.nn.Parameter(W_dec)
+    W_enc = torch.nn.Parameter(W_dec.detach().t().clone())
+    b_enc = torch.nn.Parameter(torch.zeros(cfg.d_sae))
+    b_dec = torch.nn.Parameter(sample.mean(0) * scale)
+    params = [W_enc, b_enc, W_dec, b_dec]
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999))
+    steps_per_epoch = acts.shape[0] // cfg.batch_size
+    total = steps_per_epoch * cfg.epochs
+    decay_from = int(total * 0.8)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 1.0 if s < decay_from else max(0.0, (total - s) / max(1, total - decay_from)))
+    since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
+    done = 0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=True)
+        if state["cfg"] != asdict(cfg) or state["n"] != acts.shape[0]:
+            raise ValueError(f"{checkpoint} is from another run ({state['cfg']}, {state['n']} tokens): remove it")
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"]):
+                p.copy_(saved)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        since_fired, done, scale = state["since_fired"], state["step"], state["scale"]
+
+    def save_checkpoint(step: int) -> None:
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save({"cfg": asdict(cfg), "n": acts.shape[0], "params": [p.detach() for p in params],
+                    "opt": opt.state_dict(), "sched": sched.state_dict(), "since_fired": since_fired,
+                    "step": step, "scale": scale}, tmp)
+        tmp.replace(checkpoint)
+
+    bar = tqdm(total=total, initial=done, desc=f"train {cfg.activation} SAE", unit="step")
+    for step in range(done, total):
+        epoch, index = divmod(step, steps_per_epoch)
+        if index == 0 or step == done:  # each epoch's order follows from the seed alone, so a resume sees the same
+            order = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        rows = order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
+        x = acts[rows].float() * scale  # [B, d_in]
+        pre = (x - b_dec) @ W_enc + b_enc  # [B, d_sae]
+        f = activate(pre, cfg.k)
+        err = x - (f @ W_dec + b_dec)
+        mse = err.pow(2).sum() / (x - x.mean(0)).pow(2).sum()  # FVU of this batch
+
+        since_fired = torch.where((f > 0).any(0), 0, since_fired + x.shape[0])
+        dead = since_fired > cfg.dead_after_tokens
+        loss = mse
+        if dead.any():
+            aux_f = _topk(pre.masked_fill(~dead, float("-inf")), min(cfg.k_aux, int(dead.sum()))).nan_to_num(0.0)
+            target = err.detach()
+            aux = (target - aux_f @ W_dec).pow(2).sum() / target.pow(2).sum().clamp_min(1e-8)
+            loss = loss + cfg.aux_coef * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        bar.set_postfix(fvu=f"{mse.item():.3f}", dead=int(dead.sum()))
+        bar.update()
+        if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(step + 1)
+    bar.close()
+
+    with torch.no_grad():  # fold the input scale: pre = (s·x − b)W + c  ==  (x − b/s)(sW) + c
+        weights = {"W_enc": W_enc * scale, "b_enc": b_enc.clone(),
+                   "W_dec": W_dec / scale, "b_dec": b_dec / scale}
+        if cfg.activation == "batchtopk":
+            theta = calibrate_threshold(lambda x: (x.float() - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"],
+                                        acts, cfg.k)
+            weights["threshold"] = torch.full((cfg.d_sae,), theta)
+    architecture = "topk" if cfg.activation == "topk" else "jumprelu"
+    sae_cfg = SAEConfig(architecture=architecture, d_in=d_in, d_sae=cfg.d_sae,
+                        k=cfg.k if architecture == "topk" else None, hook_name=hook_name,
+                        model_name=model_name, apply_b_dec_to_input=True)
+    return SAE(sae_cfg, {n: t.detach().contiguous() for n, t in weights.items()})

@@ -1,0 +1,53 @@
+"""How steered replies are judged, how a strength is recommended, and how search ranks steerable
+features: the pure pieces (the engine-driven run is in test_steering_sweep.py)."""
+
+from __future__ import annotations
+
+from steer_plugin.catalogue import FeatureCatalogue
+from steer_plugin.training.steering_eval import count_mentions, distinct_trigrams, mentions, median
+from steer_plugin.training.strengths import control_prompts, feature_words, recommend
+
+
+def test_mentions_are_whole_words_with_plurals():
+    assert mentions("I love my Dogs.", ["dog"]) and count_mentions("a dog, two dogs", ["dog"]) == 2
+    assert not mentions("the dogma", ["dog"]) and mentions("beaches", ["beach"])
+
+
+def test_distinct_trigrams_falls_when_a_reply_loops():
+    assert distinct_trigrams("the quick brown fox jumps over the lazy dog") == 1.0
+    looped = distinct_trigrams("the perfect meal, " * 10)
+    assert looped < 0.2 and distinct_trigrams("hi") == 1.0
+    assert median([3, 1, 2]) == 2 and median([1, 2, 3, 4]) == 2.5
+
+
+def _cell(rate, ppl, trigrams=1.0):
+    return {"concept_rate": rate, "median_ppl": ppl, "distinct_trigrams": trigrams}
+
+
+def test_recommended_strength_is_the_most_effective_fluent_one():
+    cells = {2.0: _cell(0.3, 3.0), 3.0: _cell(0.8, 5.0), 4.0: _cell(0.8, 6.0), 6.0: _cell(1.0, 20.0)}
+    assert recommend(cells, baseline_ppl=2.5) == 3.0  # 6 is more effective but not fluent; 3 ties 4 and is lower
+    assert recommend({3.0: _cell(1.0, 4.0, trigrams=0.5)}, 2.5) is None  # loops
+    assert recommend({3.0: _cell(0.2, 4.0)}, 2.5) is None  # fluent but shows the feature too rarely
+
+
+def test_feature_words_come_from_what_the_clamp_promotes_and_what_the_feature_fires_on():
+    entry = {"steered_tokens": [{"token": " dogs", "gain": 0.2}, {"token": " a", "gain": 0.1}],
+             "top_tokens": [{"token": "puppy", "count": 3}, {"token": "'s", "count": 1}]}
+    assert feature_words(entry) == ["dog", "puppy"]
+    assert control_prompts(("a", "b", "c")) == {"a": "b", "b": "c", "c": "a"}
+
+
+def test_search_ranks_a_steerable_match_first_when_it_matches_nearly_as_well():
+    def entry(i, tokens, strength=None, steered=()):
+        return {"id": i, "label": " / ".join(tokens), "frequency": 0.01, "recommended_strength": strength,
+                "top_tokens": [{"token": t, "count": 1} for t in tokens],
+                "steered_tokens": [{"token": t, "gain": 0.1} for t in steered], "top_contexts": []}
+
+    catalogue = FeatureCatalogue([
+        entry(0, ["dog"]),  # the best input-side match, never steered anything
+        entry(1, ["dog", "cat"], strength=3.0, steered=["dog"]),  # steerable, matches well
+        entry(2, ["dog", "cat", "fish", "cow", "pig", "hen", "ram"], strength=2.0),  # steerable, weak match
+    ])
+    ranked = [e["id"] for e, _ in catalogue.search("dogs", 3)[0]]
+    assert ranked == [1, 0, 2]

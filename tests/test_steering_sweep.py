@@ -1,0 +1,52 @@
+"""The strength sweep and the judging of replies through the real engine (plugin on), with a
+difference-of-means vector served as a second SAE beside the default one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engines import MODEL
+from steer_plugin.config import DEFAULT_SAE_DIR
+from steer_plugin.training import strengths
+from steer_plugin.training.diff_means import write_vector_sae
+from steer_plugin.training.steering_eval import Bench, Job
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    from steer_plugin.sae import SAE
+
+    sae = SAE.load(DEFAULT_SAE_DIR)
+    vec_dir = tmp_path_factory.mktemp("vec") / "diffmean"
+    write_vector_sae(sae.W_dec[:2] * 40.0, ["first", "second"], sae.cfg.hook_name, vec_dir)
+    b = Bench(MODEL, [{"path": str(DEFAULT_SAE_DIR), "id": "sae"}, {"path": str(vec_dir), "id": "diffmean"}],
+              max_tokens=12, cache=tmp_path_factory.mktemp("cache") / "replies.json")
+    yield b
+    b.close()
+
+
+def test_sweep_writes_a_measured_strength_per_feature(bench):
+    entries = json.loads((DEFAULT_SAE_DIR / "feature_catalogue.json").read_text())
+    feature = max(entries, key=lambda e: e["max_activation"])["id"]
+    report = strengths.sweep(bench, "sae", entries, [feature], strengths=(1.5, 30.0))
+    cell = entries[feature]["sweep"]
+    assert set(cell) == {"1.5", "30"} and report["features"] == 1
+    assert cell["30"]["median_ppl"] > cell["1.5"]["median_ppl"]  # 30× max wrecks the reply
+    assert entries[feature]["recommended_strength"] in (None, 1.5)  # never the wrecked strength
+
+
+def test_replies_are_judged_and_a_vector_clamp_changes_them(bench):
+    prompts = ["What is your favourite book?", "How was your day?"]
+    control = {prompts[0]: prompts[1], prompts[1]: prompts[0]}
+    plain, added = bench.run([Job(prompts[0]), Job(prompts[0], (("diffmean", 0, 1.0, "max"),))], control)
+    assert plain.text != added.text
+    assert plain.perplexity > 1 and torch.isfinite(torch.tensor(plain.pmi)) and 0 < plain.trigrams <= 1
+    assert plain.pmi > 0  # an unsteered answer is likelier after its own question
+    prompted = bench.run([Job(prompts[0], instruction="Mention cats in your answer.")], control)[0]
+    assert prompted.text != plain.text
+    assert bench.run([Job(prompts[0])], control)[0] is not None  # served from the cache

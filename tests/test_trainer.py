@@ -1,0 +1,60 @@
+"""SAE training pieces: BatchTopK's inference threshold, and resuming from a checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steer_plugin.training import trainer
+from steer_plugin.training.trainer import TrainConfig, train_sae
+
+
+def _acts(n: int = 6144, d: int = 32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    dictionary = torch.randn(128, d, generator=gen)
+    codes = torch.rand(n, 128, generator=gen) * (torch.rand(n, 128, generator=gen) < 0.05)
+    return codes @ dictionary + 0.05 * torch.randn(n, d, generator=gen)
+
+
+CFG = TrainConfig(d_sae=96, k=6, lr=3e-3, batch_size=512, epochs=4, checkpoint_every=4, dead_after_tokens=2048)
+
+
+def test_batchtopk_saves_a_jumprelu_whose_threshold_keeps_k_per_token_on_average():
+    acts = _acts()
+    sae = train_sae(acts, CFG, "blocks.3.hook_resid_post", "synthetic")
+    assert sae.cfg.architecture == "jumprelu" and sae.per_feature
+    assert torch.all(sae.threshold == sae.threshold[0])  # one threshold, as BatchTopK calibrates it
+    f, norm = sae.encode(acts)
+    assert abs((f > 0).sum(-1).float().mean().item() - CFG.k) < 0.3
+    fvu = (acts - sae.decode(f, norm)).pow(2).sum() / (acts - acts.mean(0)).pow(2).sum()
+    assert fvu < 0.6
+
+
+def test_topk_saves_a_topk_sae():
+    sae = train_sae(_acts(), TrainConfig(**{**CFG.__dict__, "activation": "topk", "epochs": 1}), "blocks.3.hook_resid_post",
+                    "synthetic")
+    assert sae.cfg.architecture == "topk" and sae.cfg.k == CFG.k
+    assert ((sae.encode(_acts()[:100])[0] > 0).sum(-1) <= CFG.k).all()
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch):
+    acts = _acts()
+    whole = train_sae(acts, CFG, "blocks.3.hook_resid_post", "synthetic", tmp_path / "whole.pt")
+
+    class Interrupted(trainer.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            if self.n == 10:  # after the checkpoint at step 8, two steps lost
+                raise KeyboardInterrupt
+
+    checkpoint = tmp_path / "cut.pt"
+    monkeypatch.setattr(trainer, "tqdm", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(acts, CFG, "blocks.3.hook_resid_post", "synthetic", checkpoint)
+    assert torch.load(checkpoint, weights_only=True)["step"] == 8
+    monkeypatch.undo()
+    resumed = train_sae(acts, CFG, "blocks.3.hook_resid_post", "synthetic", checkpoint)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
+        torch.testing.assert_close(getattr(resumed, name), getattr(whole, name), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="another run"):
+        train_sae(acts[:5000], CFG, "blocks.3.hook_resid_post", "synthetic", checkpoint)
