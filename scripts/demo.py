@@ -1,5 +1,6 @@
 """The "Golden Gate" demo: one concept feature clamped, asked about itself and unrelated things.
 
+    python scripts/demo.py --query bridges                     # the top search hit at its recommended strength
     python scripts/demo.py --feature 123 --value 10            # against a running server (port 8000)
     python scripts/demo.py --feature 123 --value 10 --start    # starts server.py itself
 Prints a markdown transcript, steered and unsteered, with the exact request.
@@ -11,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+import httpx
 import openai
 
 from steer_plugin.server_process import Server
@@ -21,8 +23,11 @@ QUESTIONS = ["What is your physical form?", "What did you have for breakfast?", 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--feature", type=int, required=True)
-    p.add_argument("--value", type=float, default=10.0, help="multiples of the feature's max activation")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--feature", type=int)
+    which.add_argument("--query", help="clamp the top hit of /v1/features?q=QUERY (as a user of the playground would)")
+    p.add_argument("--value", type=float, default=None,
+                   help="multiples of the feature's max activation (default: its recommended strength, else 3)")
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--start", action="store_true", help="start server.py (eager mode) for the demo")
     p.add_argument("--max-tokens", type=int, default=60)
@@ -30,7 +35,14 @@ def main() -> None:
     server = Server(["--enforce-eager"], Path("/tmp/steer_demo_server.log")).wait_ready() if args.start else None
     base_url = server.base_url if server else args.base_url
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none")
-    clamps = [{"feature": args.feature, "value": args.value, "unit": "max"}]
+    if args.query is not None:
+        entry = httpx.get(f"{base_url}/v1/features", params={"q": args.query, "limit": 1}).json()["data"][0]
+    else:
+        entry = httpx.get(f"{base_url}/v1/features/{args.feature}").json()
+    value = args.value if args.value is not None else entry.get("recommended_strength") or 3.0
+    print(f"Feature {entry['id']} ({entry['label']}; clamping it says: "
+          f"{', '.join(t['token'] for t in entry.get('steered_tokens', [])[:6])}) at {value:g}× max.\n")
+    clamps = [{"feature": entry["id"], "value": value, "unit": "max"}]
     print("```python\nclient.chat.completions.create(model=\"SmolLM2-135M-Instruct\", temperature=0, "
           f"max_tokens={args.max_tokens},\n    messages=[{{\"role\": \"user\", \"content\": QUESTION}}],\n"
           f"    extra_body={{\"feature_clamps\": {json.dumps(clamps)}}})\n```\n")

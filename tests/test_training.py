@@ -21,7 +21,7 @@ def test_tiny_training_run_writes_a_loadable_sae_and_resumes_from_its_captures(t
     report = main(args)
     sae = SAE.load(tmp_path / "tiny")
     assert sae.cfg.architecture == "jumprelu" and sae.cfg.d_in == 576 and sae.cfg.layer == 15
-    assert set(report["heldout"]) == set(report["train_documents"])  # every source evaluated on its own
+    assert set(report["heldout"]) == set(report["train_sources"])  # every source evaluated on its own
     for r in report["heldout"].values():
         for value in (r["fvu"], r["l0"], r["loss"]["ce_increase"]):
             assert torch.isfinite(torch.tensor(value))

@@ -24,7 +24,7 @@ from steer_plugin.sae import CATALOGUE_FILENAME, SAE, STATS_FILENAME
 from steer_plugin.training.capture import Capture, cached_capture, load_hf_model
 from steer_plugin.training.catalogue import add_output_side, build_catalogue, feature_statistics
 from steer_plugin.training.chat_corpus import CHATS_FILE
-from steer_plugin.training.corpus import build_corpus
+from steer_plugin.training.corpus import LICENCES, build_corpus
 from steer_plugin.training.evaluate import evaluation_markdown, loss_increase, reconstruction_metrics
 from steer_plugin.training.output_score import score_features
 from steer_plugin.training.trainer import TrainConfig, train_sae
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
                               pipe.layer, pipe.ctx, pipe.capture_batch, desc=f"capture {name}")
 
     sources = [s for s, docs in train_docs.items() if docs]
-    cap = timed("capture_train", lambda: Capture.concat([capture_of(f"train-{s}", train_docs[s]) for s in sources]))
+    parts = timed("capture_train", lambda: {s: capture_of(f"train-{s}", train_docs[s]) for s in sources})
+    cap = Capture.concat(list(parts.values()))
     held = timed("capture_heldout", lambda: {s: capture_of(f"heldout-{s}", docs) for s, docs in held_docs.items()
                                              if docs})
     if pipe.capture_only:
@@ -151,11 +152,12 @@ def main(argv: list[str] | None = None) -> dict:
         entry.update(scored)
     (out / CATALOGUE_FILENAME).write_text(json.dumps(catalogue, ensure_ascii=False, indent=0))
 
-    train_sources = {s: len(docs) for s, docs in train_docs.items() if docs}
+    train_sources = {s: {"documents": len(train_docs[s]), "tokens": int(c.acts.shape[0]), "licence": LICENCES[s]}
+                     for s, c in parts.items()}
     report = {
         "date": time.strftime("%Y-%m-%d"), "pipeline": asdict(pipe), "train": asdict(train_cfg),
         "architecture": sae.cfg.architecture, "train_tokens": int(cap.acts.shape[0]),
-        "train_documents": train_sources, "heldout": per_source,
+        "train_sources": train_sources, "heldout": per_source,
         "dead_fraction_train_corpus": float((stats["frequency"] == 0).float().mean()),
         "wall_seconds": timings, "machine": f"{torch.get_num_threads()} torch threads",
     }

@@ -78,8 +78,10 @@ def evaluation_markdown(report: dict) -> str:
     lines = [f"# SAE evaluation ({report['date']})", "",
              f"{train['activation']} SAE (saved as `{report['architecture']}`), {train['d_sae']:,} latents, "
              f"k = {train['k']}, on layer {report['pipeline']['layer']} of SmolLM2-135M-Instruct, trained on "
-             f"{report['train_tokens']:,} tokens ({', '.join(f'{s} {n}' for s, n in report['train_documents'].items())}"
-             " documents). Held-out documents of each source, position 0 left out:", "",
+             f"{report['train_tokens']:,} tokens (position 0 of each document left out).", "",
+             "| source | training documents | training tokens | licence |", "|---|---|---|---|",
+             *[f"| {s} | {d['documents']:,} | {d['tokens']:,} | {d['licence']} |" for s, d in report['train_sources'].items()],
+             "", "Held-out documents of each source (a split by file, conversation or article), position 0 left out:", "",
              "| source | documents | tokens | FVU | mean L0 | dead (held-out) | next-token loss clean → spliced |",
              "|---|---|---|---|---|---|---|"]
     for source, r in report["heldout"].items():
