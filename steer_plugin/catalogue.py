@@ -33,8 +33,9 @@ STEERABLE_WITHIN = 0.5
 """A steerable match outranks an unmeasured one when it scores at least this share of the best."""
 _WORD = re.compile(r"[a-z0-9]+")
 _MARKED = re.compile(r"«(.*?)»")
-_STOPWORDS = frozenset("a an and are as at be by for from in into is it of on or that the this to was with "
+STOPWORDS = frozenset("a an and are as at be by for from in into is it of on or that the this to was with "
                        "about me make talk".split())
+"""Function words dropped from queries (and from the words a steered reply is checked for)."""
 
 
 def singular(word: str) -> str:
@@ -51,7 +52,7 @@ def _words(text: str) -> set[str]:
 
 def _query_words(query: str) -> set[str]:
     words = _words(query)
-    return words - _STOPWORDS or words
+    return words - STOPWORDS or words
 
 
 @dataclass(frozen=True)

@@ -69,21 +69,31 @@ def _capture(key, hidden, residual):
     return graph, static_out
 
 
-def test_cuda_graph_replay_follows_table_contents():
-    sae, limits, table, op = _setup("gpu-graph")
+def _captured(key):
+    """An op set up under `key`, its inputs, and a CUDA graph of it captured on an unsteered step."""
+    sae, limits, table, op = _setup(key)
     hidden = torch.randn(T, D_IN, device="cuda") * 3
     residual = torch.randn(T, D_IN, device="cuda") * 3
     _step(table, op, None, None, 0)
-    graph, static_out = _capture("gpu-graph", hidden, residual)
+    graph, static_out = _capture(key, hidden, residual)
+    return sae, limits, table, op, hidden, residual, graph, static_out
+
+
+def _replay(graph, op):
+    graph.replay()
+    op.after_forward()
+    torch.cuda.synchronize()
+
+
+def test_cuda_graph_replay_follows_table_contents():
+    sae, limits, table, op, hidden, residual, graph, static_out = _captured("gpu-graph")
     cases = [(None, None), ([{"feature": 3, "value": 40.0}], None),
              (None, [{"feature": 9, "value": 2.0, "mode": "scale"}, {"feature": 1, "value": 30.0, "mode": "add"}]),
              ([{"feature": 700, "value": 10.0}], [{"feature": 3, "value": 5.0}]), (None, None)]
     for step, (a, b) in enumerate(cases, start=1):
         _step(table, op, a, b, step)
         assert not op.host_step  # the graph path serves all of them
-        graph.replay()
-        op.after_forward()
-        torch.cuda.synchronize()
+        _replay(graph, op)
         torch.testing.assert_close(static_out.cpu(), _expected(sae, limits, hidden, residual, a, b),
                                    rtol=1e-3, atol=1e-3)
         assert torch.equal(static_out[REAL:], hidden[REAL:])  # padding rows
@@ -94,18 +104,12 @@ def test_cuda_graph_replay_follows_table_contents():
 
 def test_metrics_and_recording_under_a_cuda_graph():
     """Metrics and recordings are read after each replay from the snapshot the graph writes."""
-    sae, limits, table, op = _setup("gpu-observe")
-    hidden = torch.randn(T, D_IN, device="cuda") * 3
-    residual = torch.randn(T, D_IN, device="cuda") * 3
-    _step(table, op, None, None, 0)
-    graph, static_out = _capture("gpu-observe", hidden, residual)
+    sae, _, table, op, _, residual, graph, static_out = _captured("gpu-observe")
     clamps = [{"feature": 11, "value": 25.0}]
     sampled = []
     for step in (1, 2):
         _step(table, op, clamps, None, step, record_key="gpu-record-key", computed=5 + 3 * (step - 1))
-        graph.replay()
-        op.after_forward()
-        torch.cuda.synchronize()
+        _replay(graph, op)
         sampled.append((static_out[:REAL].float() + residual[:REAL]).cpu())
     op.activity.export(wait=True)
     record = op.recorder.pop("gpu-record-key")

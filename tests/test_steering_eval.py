@@ -35,6 +35,7 @@ def test_feature_words_come_from_what_the_clamp_promotes_and_what_the_feature_fi
     entry = {"steered_tokens": [{"token": " dogs", "gain": 0.2}, {"token": " a", "gain": 0.1}],
              "top_tokens": [{"token": "puppy", "count": 3}, {"token": "'s", "count": 1}]}
     assert feature_words(entry) == ["dog", "puppy"]
+    assert feature_words(entry, unsteered={"dog"}) == ["puppy"]  # said unsteered anyway: no evidence
     assert control_prompts(("a", "b", "c")) == {"a": "b", "b": "c", "c": "a"}
 
 

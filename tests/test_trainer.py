@@ -58,3 +58,13 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_
         torch.testing.assert_close(getattr(resumed, name), getattr(whole, name), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="another run"):
         train_sae(acts[:5000], CFG, "blocks.3.hook_resid_post", "synthetic", checkpoint)
+
+
+def test_threshold_calibration_is_exact_when_one_chunk_holds_most_of_the_large_values():
+    from steer_plugin.training.trainer import calibrate_threshold
+
+    gen = torch.Generator().manual_seed(0)
+    acts = torch.randn(64, 50, generator=gen)
+    acts[:8] += 5.0  # the first chunk of 8 fires far more than its share
+    theta = calibrate_threshold(lambda a: a, acts, k=3, tokens=64, chunk=8)
+    assert (acts > theta).sum().item() == 3 * 64 - 1  # the (k·N)-th largest: k·N − 1 lie strictly above

@@ -62,7 +62,8 @@ class FeatureSummary(BaseModel):
     output_score: float | None = None
     """Arad et al.'s output score: how strongly clamping it raises the tokens its decoder row promotes."""
     steered_mass: float | None = None
-    """Probability its clamp moves onto its steered tokens, consistently across prefixes (steerability)."""
+    """Probability its clamp moves onto its steered tokens, consistently across prefixes (consistency of
+    the push; a wrecking clamp scores high too: recommended_strength is the measured steerability)."""
     recommended_strength: float | None = None
     """Clamp value (× max, mode set) the strength sweep found most effective while fluent; None: not
     measured, or no strength both fluent and effective."""

@@ -34,14 +34,10 @@ from steer_plugin.training.steering_eval import Bench, Job, median, summarise
 from steer_plugin.training.strengths import STRENGTHS, TUNING_PROMPTS, control_prompts, recommend
 
 NEUTRAL_PROMPTS = (
-    "Tell me about your weekend.", "What is your favourite book?", "How was your day?",
-    "What should I do this evening?", "Tell me a short story.", "What do you like to do for fun?",
-    "Describe your ideal holiday.", "What is something interesting you learned recently?",
-    "Give me some advice for tomorrow.", "What are you thinking about right now?",
-    "Describe a place you would like to visit.", "What makes you happy?", "Write a few sentences about anything.",
-    "What is the best gift you could receive?", "Tell me about a memorable day.", "What would you cook for a friend?",
-    "How would you spend a million dollars?", "What is your favourite season and why?",
-    "Tell me something about yourself.", "What did you dream about last night?",
+    "Tell me about your weekend.", "What is your favourite book?", "What should I do this evening?",
+    "Tell me a short story.", "Describe your ideal holiday.", "What is something interesting you learned recently?",
+    "Give me some advice for tomorrow.", "What makes you happy?", "What would you cook for a friend?",
+    "What is your favourite season and why?",
 )
 CONCEPTS = {  # concept (the search query) -> keywords, singular: a plural "s"/"es" is matched too
     "dogs": ["dog", "puppy", "puppies", "canine"],
@@ -244,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sae", type=Path, required=True)
     p.add_argument("--model-dir", default=str(default_model_dir()))
-    p.add_argument("--candidates", type=int, default=2, help="steerable search hits tried per concept")
+    p.add_argument("--candidates", type=int, default=1, help="steerable search hits tried per concept")
     p.add_argument("--compare", type=Path, default=None,
                    help="the pipeline's --work folder: also compare with prompting and with difference-of-means "
                         "vectors computed from its training captures")

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--sae", type=Path, required=True)
     p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "steer_plugin" / "training")
-    p.add_argument("--loss-docs", type=int, default=20)
+    p.add_argument("--loss-docs", type=int, default=20, help="documents per source for the loss (0: skip it)")
     args = p.parse_args(argv)
     sae = SAE.load(args.sae)
     model, _ = load_hf_model(str(default_model_dir()))
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         cap = Capture(**torch.load(path, weights_only=False)["capture"])
         report[path.stem.removeprefix("capture-heldout-")] = {
             **reconstruction_metrics(sae, cap.acts),
-            "loss": loss_increase(model, sae, cap.tokens[:args.loss_docs], sae.cfg.layer)}
+            **({"loss": loss_increase(model, sae, cap.tokens[:args.loss_docs], sae.cfg.layer)} if args.loss_docs else {})}
     print(json.dumps(report, indent=1))
     return report
 

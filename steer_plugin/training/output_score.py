@@ -9,11 +9,14 @@ term kept: x' = x + (s·max_i − f_i(x))·W_dec[i]) and the next-token distribu
 - `output_score` (Arad et al.): with T the 20 tokens the decoder row promotes through the logit
   lens, (1 − min rank of T / |V|) × max probability of T, averaged over prefixes.
 - `steered_tokens` (the "TokenChange" label of Gur-Arieh et al. 2025): the tokens whose
-  probability rises most, on average over the prefixes, with that gain. Unlike the logit lens it
-  includes what the later layers make of the push.
-- `steered_mass`: the probability those tokens gain together. A feature that pushes the same words
-  whatever the prefix scores high; one that only disrupts the distribution scores low, because
-  different prefixes then gain different tokens.
+  probability rises most, on average over the prefixes and beyond the drift every feature's clamp
+  causes (the mean gain over all features), with that gain. Unlike the logit lens it includes what
+  the later layers make of the push.
+- `steered_mass`: the probability those tokens gain together: how consistently the clamp moves
+  the next token whatever the prefix. Measured on this SAE, the highest values belong to features
+  of formatting tokens with very large activations, whose clamp at 4x max takes over the
+  distribution with word fragments: consistency, not steerability. The strength sweep
+  (strengths.py), which reads real replies, is what says whether a feature steers.
 
 Only the last position is steered, so the prefix runs once per batch of features (KV cache) and
 each feature costs one token's forward.
@@ -106,6 +109,9 @@ def score_features(sae: SAE, max_act: torch.Tensor, model, tokenizer, strength: 
         bar.close()
     finally:
         handle.remove()
+    # Any push at one position moves some tokens whatever the feature (" probably", " something"):
+    # that shared drift, the mean gain over the features scored, is not what this feature says.
+    gain -= gain.mean(0, keepdim=True)
     values, tokens = gain.topk(label_top, dim=-1)  # [F, label_top]
     out = []
     for i in range(n):

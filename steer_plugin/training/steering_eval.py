@@ -77,7 +77,7 @@ class Judged:
 class Bench:
     """One engine (the model and the given SAEs, plugin on) that answers and judges jobs."""
 
-    def __init__(self, model_dir: str, saes: list[dict], max_tokens: int = 40, cache: Path | None = None):
+    def __init__(self, model_dir: str, saes: list[dict], max_tokens: int = 32, cache: Path | None = None):
         from vllm import LLM
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # else vLLM reserves most of host memory on CPU

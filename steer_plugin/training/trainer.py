@@ -68,15 +68,18 @@ def _batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
 @torch.no_grad()
 def calibrate_threshold(pre_fn, acts: torch.Tensor, k: int, tokens: int = 65_536, chunk: int = 4096) -> float:
     """The one JumpReLU threshold that keeps k latents per token on average over `tokens` training
-    tokens: the (k·N)-th largest pre-activation (BatchTopK at inference over a very large batch)."""
-    kept = []
+    tokens: the (k·N)-th largest pre-activation (BatchTopK at inference over a very large batch).
+    A running top-(k·N) is merged chunk by chunk: one chunk may hold more than its share of the
+    largest values (documents whose tokens fire many latents), so no per-chunk quota is safe."""
     step = max(1, acts.shape[0] // tokens)
     sample = acts[::step][:tokens]
+    keep = k * sample.shape[0]
+    best = torch.empty(0)
     for start in range(0, sample.shape[0], chunk):
-        pre = pre_fn(sample[start:start + chunk])  # [chunk, d_sae]
-        kept.append(pre.flatten().topk(k * pre.shape[0]).values)  # the batch's k·chunk largest
-    values = torch.cat(kept)
-    return float(values.topk(k * sample.shape[0]).values[-1])
+        pre = pre_fn(sample[start:start + chunk]).flatten()  # [chunk · d_sae]
+        merged = torch.cat([best, pre.topk(min(keep, pre.numel())).values])
+        best = merged.topk(min(keep, merged.numel())).values
+    return float(best[-1])
 
 
 def train_sae(acts: torch.Tensor, cfg: TrainConfig, hook_name: str, model_name: str,

@@ -101,12 +101,12 @@ class LayerSteer:
         self._observe = self.activity is not None and self.activity.due()
         self._snapshot_due = self._observe or (self.recorder is not None and self.recorder.num_tokens > 0)
         self._ran_host = False
-        columns = t.columns.numpy()
         if not self.graph_safe:
             self.host_step = True
         elif t.num_steered_tokens == 0:
             self.host_step = False
         else:
+            columns = t.columns.numpy()  # only a steered step on the graph path needs the step's columns
             self.host_step = self.columns is None or not self.columns.fits(columns)
             if not self.host_step:
                 self.columns.load(columns, t.compact.numpy())
