@@ -23,6 +23,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 _WORDS = re.compile(r"[a-z']+")
 
 
@@ -84,6 +87,8 @@ class Bench:
         self.llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
                        additional_config={"steer": {"saes": saes}})
         self.tokenizer = self.llm.get_tokenizer()
+        self.model_dir = model_dir
+        self._scorer = None
         self.max_tokens = max_tokens
         self.cache_path = cache
         self._cache: dict[str, Judged] = {}
@@ -116,23 +121,37 @@ class Bench:
                 self.cache_path.write_text(json.dumps({k: vars(v) for k, v in self._cache.items()}))
         return [self._cache[self._key(j)] for j in jobs]
 
-    def _loglik(self, conversations: list[list[dict]], replies: list[str]) -> list[tuple[float, int]]:
-        """(negative log-likelihood, tokens) of each reply after its conversation, unsteered."""
-        from vllm import SamplingParams
+    @torch.inference_mode()
+    def _loglik(self, conversations: list[list[dict]], replies: list[str], batch: int = 16) -> list[tuple[float, int]]:
+        """(negative log-likelihood, tokens) of each reply after its conversation, under the unsteered
+        model: transformers in this process (vLLM's prompt logprobs take a full-vocabulary log-softmax
+        at every position on its one serving thread, several times slower here)."""
+        if self._scorer is None:
+            from transformers import AutoModelForCausalLM
 
-        prompts, spans = [], []
+            self._scorer = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
+        rows = []
         for conv, reply in zip(conversations, replies):
             prefix = self.tokenizer(self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True),
                                     add_special_tokens=False)["input_ids"]
             ids = self.tokenizer(reply, add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id]
-            prompts.append({"prompt_token_ids": prefix + ids})
-            spans.append((len(prefix), len(ids)))
-        outs = self.llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0),
-                                 use_tqdm=True)
-        result = []
-        for out, (start, length) in zip(outs, spans):
-            ids = out.prompt_token_ids
-            result.append((-sum(out.prompt_logprobs[i][ids[i]].logprob for i in range(start, start + length)), length))
+            rows.append((prefix, ids))
+        result: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+        for start in tqdm(range(0, len(order), batch), desc="judge replies", unit="batch"):
+            part = order[start:start + batch]
+            width = max(len(rows[i][0]) + len(rows[i][1]) for i in part)
+            ids = torch.zeros((len(part), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, i in enumerate(part):
+                seq = rows[i][0] + rows[i][1]
+                ids[r, :len(seq)] = torch.tensor(seq)
+                mask[r, :len(seq)] = 1
+            logp = self._scorer(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+            token_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]  # [B, width-1]: log p(token t | < t)
+            for r, i in enumerate(part):
+                start_pos, n = len(rows[i][0]), len(rows[i][1])
+                result[i] = (-float(token_logp[r, start_pos - 1:start_pos - 1 + n].sum()), n)
         return result
 
 
