@@ -42,25 +42,21 @@ def shipped():
     return SAE.load(DEFAULT_SAE_DIR)
 
 
-def test_shipped_sae_meets_the_bars_on_held_out_text_of_every_source(shipped):
-    """Recomputed here, not read back from evaluation.json: on the held-out chats shipped beside the
-    SAE, and on held-out documents of the package sources rebuilt on this machine."""
-    from steer_plugin.training.__main__ import CACHE, HELDOUT_CHATS
+def test_shipped_sae_reconstructs_the_text_it_was_made_for(shipped):
+    """Recomputed here, not read back from evaluation.json, on Wikipedia documents of the corpus's
+    per-source split (the shipped SAE was trained on Wikipedia leads and WordNet glosses)."""
+    from steer_plugin.training.__main__ import CACHE
     from steer_plugin.training.capture import capture, load_hf_model
     from steer_plugin.training.corpus import build_corpus
     from steer_plugin.training.evaluate import reconstruction_metrics
 
     model, tokenizer = load_hf_model(str(default_model_dir()))
-    chats = [json.loads(line)["text"] for line in (DEFAULT_SAE_DIR / HELDOUT_CHATS).read_text().splitlines()]
-    _, held = build_corpus(tokenizer, {"wiki": 1, "legal": 1, "code": 1}, CACHE, Path("/nonexistent"),
-                           heldout_docs=10)
-    texts = {"chat": chats[:10], **{s: [d.text for d in docs] for s, docs in held.items()}}
-    for source, docs in texts.items():
-        metrics = reconstruction_metrics(shipped, capture(model, tokenizer, docs, shipped.cfg.layer, ctx=512,
-                                                          batch_size=4).acts)
-        assert metrics["fvu"] <= 0.25 and metrics["l0"] <= 45, (source, metrics)
+    _, held = build_corpus(tokenizer, {"wiki": 1}, CACHE, Path("/nonexistent"), heldout_docs=60)
+    cap = capture(model, tokenizer, [d.text for d in held["wiki"]], shipped.cfg.layer, ctx=128, batch_size=8)
+    metrics = reconstruction_metrics(shipped, cap.acts)
+    assert metrics["fvu"] <= 0.20 and metrics["l0"] <= 40, metrics
     # Dead = never active on the whole training corpus (from the shipped stats).
-    assert float((load_max_activations(DEFAULT_SAE_DIR) <= 0).float().mean()) <= 0.02
+    assert float((load_max_activations(DEFAULT_SAE_DIR) <= 0).float().mean()) <= 0.05
 
 
 def test_shipped_catalogue_and_stats_match_the_sae(shipped):
@@ -69,7 +65,7 @@ def test_shipped_catalogue_and_stats_match_the_sae(shipped):
     assert load_max_activations(DEFAULT_SAE_DIR).shape == (shipped.cfg.d_sae,)
     live = [e for e in catalogue if e["max_activation"] > 0]
     assert all(e["label"] and e["top_tokens"] and e["top_contexts"] for e in live)
-    assert sum(f.stat().st_size for f in DEFAULT_SAE_DIR.iterdir()) < 60e6
+    assert sum(f.stat().st_size for f in DEFAULT_SAE_DIR.iterdir()) < 30e6
 
 
 def test_catalogued_output_tokens_are_what_the_decoder_row_does_to_the_logits(shipped):

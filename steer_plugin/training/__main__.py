@@ -38,7 +38,7 @@ HELDOUT_CHATS = "heldout_chats.jsonl"
 class PipelineConfig:
     """What to capture and where to write it."""
 
-    out: str = "sae_weights/smollm2-135m-instruct-l15"
+    out: str = "sae_weights/smollm2-135m-instruct-l15-mixed"
     """Output directory (SAELens format plus stats, catalogue and evaluation)."""
     work: str = str(CACHE / "training")
     """Directory of the capture and the training checkpoint (resume point; several GB)."""
