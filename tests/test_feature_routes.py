@@ -57,3 +57,15 @@ async def test_search_and_detail_answer_as_before(service):
         missing = await client.get("/v1/features/999999")
     assert hits["data"][0]["id"] == 4137 and len(hits["data"]) == 3
     assert missing.status_code == 404 and "0..4607" in missing.text
+    top = hits["data"][0]  # the output side and the score from the catalogue travel with every hit
+    assert top["steered_tokens"] and top["output_tokens"] and top["output_score"] is not None
+
+
+async def test_a_swept_feature_carries_its_measured_strength(service):
+    catalogue = service._saes["smollm2-135m-instruct-l15"].catalogue
+    swept = next(e for e in catalogue.entries if e.get("recommended_strength"))
+    async with _client(service) as client:
+        detail = (await client.get(f"/v1/features/{swept['id']}")).json()
+        listed = (await client.get("/v1/features", params={"offset": swept["id"], "limit": 1})).json()["data"][0]
+    assert detail["recommended_strength"] == listed["recommended_strength"] == swept["recommended_strength"]
+    assert set(detail["sweep"]) == set(swept["sweep"]) and 0 <= detail["sweep"]["3"]["concept_rate"] <= 1
