@@ -78,6 +78,7 @@ def test_search_shows_the_feature_the_api_ranks_first(page, http):
     card = page.locator("#feature-card")
     card.wait_for(state="visible")
     assert f"Feature {first['id']}" in card.inner_text() and card.locator("mark").count() > 0
+    assert "Clamping it says" in card.inner_text()  # the measured output side beside the input side
 
 
 def test_clamp_send_compare_heatmap_and_copy(page, shots):
