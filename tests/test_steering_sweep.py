@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engines import MODEL
+from steer_plugin.catalogue import FeatureCatalogue
 from steer_plugin.config import DEFAULT_SAE_DIR
 from steer_plugin.training import strengths
 from steer_plugin.training.diff_means import write_vector_sae
@@ -32,7 +33,7 @@ def bench(tmp_path_factory):
 
 def test_sweep_writes_a_measured_strength_per_feature(bench):
     entries = json.loads((DEFAULT_SAE_DIR / "feature_catalogue.json").read_text())
-    feature = max(entries, key=lambda e: e["max_activation"])["id"]
+    feature = FeatureCatalogue(entries).search("trees", 1)[0][0][0]["id"]  # a concept feature
     report = strengths.sweep(bench, "sae", entries, [feature], strengths=(1.5, 30.0))
     cell = entries[feature]["sweep"]
     assert set(cell) == {"1.5", "30"} and report["features"] == 1
