@@ -66,13 +66,19 @@ class _Index:
     steerable: bool
 
 
+def _word_shares(tokens: list[dict], weight) -> dict[str, float]:
+    """stemmed word -> summed weight(token) of the tokens it occurs in."""
+    shares: dict[str, float] = {}
+    for t in tokens:
+        for w in _words(t["token"]):
+            shares[w] = shares.get(w, 0.0) + weight(t)
+    return shares
+
+
 def _index(entry: dict) -> _Index:
     counts = entry.get("top_tokens", [])
     total = sum(t["count"] for t in counts) or 1
-    token_share: dict[str, float] = {}
-    for t in counts:
-        for w in _words(t["token"]):
-            token_share[w] = token_share.get(w, 0.0) + t["count"] / total
+    token_share = _word_shares(counts, lambda t: t["count"] / total)
     contexts = entry.get("top_contexts", [])
     context_share: dict[str, float] = {}
     around_share: dict[str, float] = {}
@@ -82,16 +88,10 @@ def _index(entry: dict) -> _Index:
         for w in _words(c["text"]):
             around_share[w] = around_share.get(w, 0.0) + 1 / len(contexts)
     promoted = entry.get("output_tokens", [])
-    output_share: dict[str, float] = {}
-    for t in promoted:
-        for w in _words(t["token"]):
-            output_share[w] = output_share.get(w, 0.0) + 1 / len(promoted)
+    output_share = _word_shares(promoted, lambda t: 1 / len(promoted))
     steered = entry.get("steered_tokens", [])
     gained = sum(t["gain"] for t in steered) or 1.0
-    steered_share: dict[str, float] = {}
-    for t in steered:
-        for w in _words(t["token"]):
-            steered_share[w] = steered_share.get(w, 0.0) + t["gain"] / gained
+    steered_share = _word_shares(steered, lambda t: t["gain"] / gained)
     return _Index(token_share, frozenset(_words(entry.get("label", ""))), context_share, around_share, output_share,
                   steered_share, bool(entry.get("recommended_strength")))
 

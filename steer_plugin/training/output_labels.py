@@ -18,13 +18,20 @@ from steer_plugin.training.capture import load_hf_model
 from steer_plugin.training.catalogue import add_output_side
 
 
-def add_output_tokens(sae_dir: Path, model_dir: str, top: int = 10) -> list[dict]:
+def rewrite_catalogue(sae_dir: Path, model_dir: str, add) -> list[dict]:
+    """Loads the SAE, the model and the catalogue, lets add(entries, sae, model, tokenizer) fill
+    fields into the entries, and writes the catalogue back in place."""
     path = sae_dir / CATALOGUE_FILENAME
     entries = json.loads(path.read_text())
     model, tokenizer = load_hf_model(model_dir)
-    add_output_side(entries, SAE.load(sae_dir), model, tokenizer, top)
+    add(entries, SAE.load(sae_dir), model, tokenizer)
     path.write_text(json.dumps(entries, ensure_ascii=False, indent=0))
     return entries
+
+
+def add_output_tokens(sae_dir: Path, model_dir: str, top: int = 10) -> list[dict]:
+    return rewrite_catalogue(sae_dir, model_dir,
+                             lambda entries, sae, model, tok: add_output_side(entries, sae, model, tok, top))
 
 
 def main(argv: list[str] | None = None) -> None:

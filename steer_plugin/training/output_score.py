@@ -27,14 +27,13 @@ each feature costs one token's forward.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from steer_plugin.config import default_model_dir
-from steer_plugin.sae import CATALOGUE_FILENAME, SAE, load_max_activations
+from steer_plugin.sae import SAE, load_max_activations
 
 PREFIXES = (
     ("Tell me about your weekend.", "I spent most of the weekend thinking about"),
@@ -124,17 +123,14 @@ def score_features(sae: SAE, max_act: torch.Tensor, model, tokenizer, strength: 
 
 def add_output_scores(sae_dir: Path, model_dir: str, strength: float = 4.0) -> list[dict]:
     """Writes the output score fields into the SAE's catalogue (in place) and returns the entries."""
-    from steer_plugin.training.capture import load_hf_model
+    from steer_plugin.training.output_labels import rewrite_catalogue
 
-    path = sae_dir / CATALOGUE_FILENAME
-    entries = json.loads(path.read_text())
-    model, tokenizer = load_hf_model(model_dir)
-    sae = SAE.load(sae_dir)
-    for entry, scored in zip(entries, score_features(sae, load_max_activations(sae_dir), model, tokenizer, strength),
-                             strict=True):
-        entry.update(scored)
-    path.write_text(json.dumps(entries, ensure_ascii=False, indent=0))
-    return entries
+    def add(entries, sae, model, tokenizer):
+        scores = score_features(sae, load_max_activations(sae_dir), model, tokenizer, strength)
+        for entry, scored in zip(entries, scores, strict=True):
+            entry.update(scored)
+
+    return rewrite_catalogue(sae_dir, model_dir, add)
 
 
 def main(argv: list[str] | None = None) -> None:
