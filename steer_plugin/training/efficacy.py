@@ -274,16 +274,17 @@ def main(argv: list[str] | None = None) -> dict:
 def _vector_sae(work: Path, sae_dir: Path) -> Path:
     """The difference-of-means vectors of CONCEPTS, from the training captures in `work`, as an SAE folder."""
     import torch
+    from transformers import AutoTokenizer
 
-    from steer_plugin.sae import SAE
-    from steer_plugin.training.capture import Capture, load_hf_model
+    from steer_plugin.sae import load_config
+    from steer_plugin.training.capture import Capture
     from steer_plugin.training.diff_means import diff_means, write_vector_sae
 
-    _model, tokenizer = load_hf_model(str(default_model_dir()))
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir()))  # only decoding: no weights
     cap = Capture.concat([Capture(**torch.load(path, weights_only=False)["capture"])
                           for path in sorted(work.glob("capture-train-*.pt"))])
     out = work / "diffmean-sae"
-    write_vector_sae(diff_means(cap, tokenizer, CONCEPTS), list(CONCEPTS), SAE.load(sae_dir).cfg.hook_name, out)
+    write_vector_sae(diff_means(cap, tokenizer, CONCEPTS), list(CONCEPTS), load_config(sae_dir).hook_name, out)
     return out
 
 
