@@ -68,3 +68,22 @@ def test_threshold_calibration_is_exact_when_one_chunk_holds_most_of_the_large_v
     acts[:8] += 5.0  # the first chunk of 8 fires far more than its share
     theta = calibrate_threshold(lambda a: a, acts, k=3, tokens=64, chunk=8)
     assert (acts > theta).sum().item() == 3 * 64 - 1  # the (k·N)-th largest: k·N − 1 lie strictly above
+
+
+def test_continuing_from_a_saved_sae_starts_from_its_function_and_adds_latents(tmp_path):
+    acts = _acts()
+    first = train_sae(acts, TrainConfig(**{**CFG.__dict__, "activation": "topk", "epochs": 1}), "blocks.3.hook_resid_post",
+                      "synthetic")
+    first.save(tmp_path / "first")
+    wider = TrainConfig(**{**CFG.__dict__, "d_sae": 128, "epochs": 0, "init": str(tmp_path / "first")})
+    with pytest.raises(ValueError, match="cannot continue"):
+        train_sae(acts[:, :16], wider, "blocks.3.hook_resid_post", "synthetic")
+    # No steps: the continued SAE's first latents compute what the saved one did (BatchTopK's
+    # threshold is calibrated afresh, so compare pre-activations and decoder rows).
+    start = train_sae(acts, wider, "blocks.3.hook_resid_post", "synthetic")
+    torch.testing.assert_close(start.encode_pre(acts[:50])[:, :CFG.d_sae], first.encode_pre(acts[:50]),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(start.W_dec[:CFG.d_sae], first.W_dec, rtol=1e-4, atol=1e-5)
+    trained = train_sae(acts, TrainConfig(**{**wider.__dict__, "epochs": 4}), "blocks.3.hook_resid_post", "synthetic")
+    f, _ = trained.encode(acts)
+    assert (f[:, CFG.d_sae:] > 0).any(0).float().mean() > 0.5  # AuxK brought most new latents to life

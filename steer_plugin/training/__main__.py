@@ -23,15 +23,13 @@ from steer_plugin.config import default_model_dir
 from steer_plugin.sae import CATALOGUE_FILENAME, SAE, STATS_FILENAME
 from steer_plugin.training.capture import Capture, cached_capture, load_hf_model
 from steer_plugin.training.catalogue import add_output_side, build_catalogue, feature_statistics
-from steer_plugin.training.chat_corpus import CHATS_FILE
+from steer_plugin.training.chat_corpus import CHATS_DIR, CHATS_FILE
 from steer_plugin.training.corpus import LICENCES, build_corpus
 from steer_plugin.training.evaluate import evaluation_markdown, loss_increase, reconstruction_metrics
 from steer_plugin.training.output_score import score_features
 from steer_plugin.training.trainer import TrainConfig, train_sae
 
 CACHE = Path.home() / ".cache" / "steer_plugin"
-HELDOUT_CHATS = "heldout_chats.jsonl"
-"""The held-out chat documents, written next to the SAE (the test of the shipped SAE re-evaluates on them)."""
 
 
 @dataclass(frozen=True)
@@ -42,8 +40,8 @@ class PipelineConfig:
     """Output directory (SAELens format plus stats, catalogue and evaluation)."""
     work: str = str(CACHE / "training")
     """Directory of the capture and the training checkpoint (resume point; several GB)."""
-    chats: str = str(CACHE / "corpus" / CHATS_FILE)
-    """The generated chat corpus (python -m steer_plugin.training.chat_corpus)."""
+    chats: str = str(CHATS_DIR / CHATS_FILE)
+    """The generated chat corpus (python -m steer_plugin.training.chat_corpus; kept in the repository)."""
     model_dir: str = str(default_model_dir())
     """Hugging Face directory of the model (python -m steer_plugin.prepare_model)."""
     layer: int = 15
@@ -127,9 +125,6 @@ def main(argv: list[str] | None = None) -> dict:
                                              if docs})
     if pipe.capture_only:
         return {"captured": sources, "heldout": list(held)}
-    if held_docs.get("chat"):  # generated text cannot be rebuilt from packages: ship what was held out
-        (out / HELDOUT_CHATS).write_text("".join(json.dumps({"id": d.id, "text": d.text}, ensure_ascii=False) + "\n"
-                                                 for d in held_docs["chat"]))
     hook_name = f"blocks.{pipe.layer}.hook_resid_post"
     sae = timed("train", train_sae, cap.acts, train_cfg, hook_name, "SmolLM2-135M-Instruct",
                 work / "train-checkpoint.pt")

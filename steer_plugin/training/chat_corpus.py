@@ -6,26 +6,29 @@ comparisons, opinions) filled with topics from the packaged sources: Wikipedia a
 an everyday list. A quarter of the conversations get a second user turn (a follow-up about the
 first reply). Replies come from vLLM with the plugin off, sampled (temperature 0.8), in large
 batches; each batch is appended to `chats.jsonl` as it finishes, so an interrupted run resumes
-where it stopped (`--conversations` can also be raised later).
+where it stopped (`--conversations` can also be raised later). Generated text cannot be rebuilt
+from packages, so the file of record is the repository's `corpus/chats.jsonl`: raising
+`--conversations` extends it.
 
-    python -m steer_plugin.training.chat_corpus --out ~/.cache/steer_plugin/corpus --conversations 6000
+    python -m steer_plugin.training.chat_corpus --conversations 6000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from steer_plugin.config import default_model_dir
+from steer_plugin.config import REPO_ROOT, default_model_dir
 from steer_plugin.training.corpus import wiki_leads
+from steer_plugin.training.offline_engine import offline_llm
 
 CHATS_FILE = "chats.jsonl"
+CHATS_DIR = REPO_ROOT / "corpus"
 
 EVERYDAY = (
     "cooking pasta", "baking bread", "a vegetarian dinner", "coffee", "tea", "chocolate", "pizza", "breakfast",
@@ -117,7 +120,7 @@ def _drop_cut_line(path: Path) -> None:
 def generate(out: Path, plans: list[ChatPlan], model_dir: str, batch: int = 256, max_tokens: int = 384,
              seed: int = 0) -> Path:
     """Answer the plans not yet in out/chats.jsonl with the model (plugin off), batch by batch."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / CHATS_FILE
@@ -125,17 +128,8 @@ def generate(out: Path, plans: list[ChatPlan], model_dir: str, batch: int = 256,
     todo = [p for p in plans if p.id not in done_ids(path)]
     if not todo:
         return path
-    saved = {name: os.environ.get(name) for name in ("STEER_PLUGIN_DISABLE", "VLLM_CPU_KVCACHE_SPACE")}
-    os.environ["STEER_PLUGIN_DISABLE"] = "1"  # the unsteered model's replies (the engine's processes inherit it)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    try:
-        llm = LLM(model=model_dir, dtype="float32", max_model_len=2048, seed=seed, enforce_eager=True)  # as fast on CPU, no compile
-    finally:  # the caller's environment as it was (a test process starts servers after this)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    # The unsteered model (a process the plugin is already loaded into leaves unclamped tokens as they are).
+    llm = offline_llm(model_dir, plugin=False, kv_cache_gib=4, max_model_len=2048, seed=seed)
     # One sampler seeded by the engine: vLLM's CPU build fails per-request seeds when a prompt's
     # prefill is split over steps ("CPU Generator does not use offset"). The file is the corpus of record.
     sampling = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=max_tokens)
@@ -168,7 +162,7 @@ def _answer(llm, conversations: list[list[dict]], params: list) -> None:
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path.home() / ".cache" / "steer_plugin" / "corpus")
+    p.add_argument("--out", type=Path, default=CHATS_DIR)
     p.add_argument("--conversations", type=int, default=6000)
     p.add_argument("--model-dir", default=str(default_model_dir()))
     p.add_argument("--batch", type=int, default=256, help="conversations per vLLM batch (one checkpoint each)")

@@ -95,26 +95,34 @@ def top_steerable_hits(catalogue: FeatureCatalogue, query: str, n: int) -> list[
     return [e for e, _ in hits if e.get("recommended_strength")][:n]
 
 
-def _cells(bench: Bench, sae_id: str, features: list[dict], prompts, keywords_of) -> list[dict]:
-    control = control_prompts(prompts)
-    jobs = [Job(p, ((sae_id, e["id"], e["recommended_strength"], "max"),)) for e in features for p in prompts]
-    judged = bench.run(jobs, control)
-    n = len(prompts)
-    return [summarise(judged[i * n:(i + 1) * n], keywords_of(e)) for i, e in enumerate(features)]
+def _clamped(entry: dict, prompts, sae_id: str = "sae", strength: float | None = None) -> list[Job]:
+    """The prompts, each with the feature clamped (at its recommended strength unless one is given)."""
+    value = entry["recommended_strength"] if strength is None else strength
+    return [Job(p, ((sae_id, entry["id"], value, "max"),)) for p in prompts]
+
+
+def _summaries(bench: Bench, groups: list[tuple[list[Job], list[str]]], control: dict[str, str]) -> list[dict]:
+    """One summary per group of jobs (judged by the group's keywords), all answered in one engine
+    batch: the engine is many times faster on one large batch than on many small ones."""
+    judged = bench.run([job for jobs, _ in groups for job in jobs], control)
+    cells, at = [], 0
+    for jobs, keywords in groups:
+        cells.append(summarise(judged[at:at + len(jobs)], keywords))
+        at += len(jobs)
+    return cells
 
 
 def efficacy(bench: Bench, catalogue: FeatureCatalogue, candidates: int) -> dict:
     control = control_prompts(NEUTRAL_PROMPTS)
     baseline = bench.run([Job(p) for p in NEUTRAL_PROMPTS], control)
     baseline_ppl = median([j.perplexity for j in baseline])
-    rows = []
-    for concept, keywords in CONCEPTS.items():
-        features = top_steerable_hits(catalogue, concept, candidates)
-        base = summarise(baseline, keywords)
-        for entry, cell in zip(features, _cells(bench, "sae", features, NEUTRAL_PROMPTS, lambda e: keywords)):
-            rows.append({"concept": concept, "feature": entry["id"], "label": entry["label"],
-                         "strength_x_max": entry["recommended_strength"],
-                         "baseline_mention_rate": base["concept_rate"], **cell})
+    chosen = [(concept, keywords, entry) for concept, keywords in CONCEPTS.items()
+              for entry in top_steerable_hits(catalogue, concept, candidates)]
+    cells = _summaries(bench, [(_clamped(entry, NEUTRAL_PROMPTS), keywords) for _, keywords, entry in chosen], control)
+    rows = [{"concept": concept, "feature": entry["id"], "label": entry["label"],
+             "strength_x_max": entry["recommended_strength"],
+             "baseline_mention_rate": summarise(baseline, keywords)["concept_rate"], **cell}
+            for (concept, keywords, entry), cell in zip(chosen, cells)]
     meeting = [r for r in rows if r["baseline_mention_rate"] <= BASELINE_MAX and r["concept_rate"] >= STEERED_MIN
                and r["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl]
     return {"baseline_median_ppl": baseline_ppl,
@@ -128,17 +136,22 @@ def journey(bench: Bench, catalogue: FeatureCatalogue) -> dict:
     control = control_prompts(JOURNEY_QUESTIONS)
     baseline = bench.run([Job(p) for p in JOURNEY_QUESTIONS], control)
     baseline_ppl = median([j.perplexity for j in baseline])
+    tops = {}
+    for query in JOURNEY:
+        hits, _ = catalogue.search(query, 1)
+        tops[query] = hits[0][0] if hits else None
+    steerable = [q for q, top in tops.items() if top is not None and top.get("recommended_strength")]
+    cells = dict(zip(steerable, _summaries(
+        bench, [(_clamped(tops[q], JOURNEY_QUESTIONS), JOURNEY[q]) for q in steerable], control)))
     rows = []
     for query, keywords in JOURNEY.items():
-        hits, _ = catalogue.search(query, 1)
-        top = hits[0][0] if hits else None
-        if top is None or not top.get("recommended_strength"):
+        top = tops[query]
+        if query not in cells:
             rows.append({"query": query, "feature": top and top["id"], "steerable": False})
             continue
-        cell = _cells(bench, "sae", [top], JOURNEY_QUESTIONS, lambda e: keywords)[0]
         rows.append({"query": query, "feature": top["id"], "label": top["label"], "steerable": True,
                      "strength_x_max": top["recommended_strength"],
-                     "baseline_mention_rate": summarise(baseline, keywords)["concept_rate"], **cell})
+                     "baseline_mention_rate": summarise(baseline, keywords)["concept_rate"], **cells[query]})
     steered = [r for r in rows if r["steerable"] and r["concept_rate"] >= STEERED_MIN
                and r["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl]
     return {"baseline_median_ppl": baseline_ppl, "queries": len(rows), "steered": [r["query"] for r in steered],
@@ -147,36 +160,44 @@ def journey(bench: Bench, catalogue: FeatureCatalogue) -> dict:
 
 def compare(bench: Bench, catalogue: FeatureCatalogue, vectors_id: str) -> dict:
     """Per concept: SAE top hit, prompting, diff-of-means (feature i of the vector SAE = concept i)."""
-    control = control_prompts(NEUTRAL_PROMPTS)
-    tune_control = control_prompts(TUNING_PROMPTS)
-    tune_base = median([j.perplexity for j in bench.run([Job(p) for p in TUNING_PROMPTS], tune_control)])
+    control = {**control_prompts(NEUTRAL_PROMPTS), **control_prompts(TUNING_PROMPTS)}
+    tune_base = median([j.perplexity for j in bench.run([Job(p) for p in TUNING_PROMPTS], control)])
+    concepts = list(CONCEPTS.items())
+    hits = {concept: top_steerable_hits(catalogue, concept, 1) for concept, _ in concepts}
+    vectors = [{"id": i} for i in range(len(concepts))]
+    # First batch: the SAE's top hits, prompting, and the vectors at every strength on the tuning prompts.
+    groups = [(_clamped(hits[c][0], NEUTRAL_PROMPTS), k) for c, k in concepts if hits[c]]
+    groups += [([Job(p, instruction=f"Mention {c} in your answer.") for p in NEUTRAL_PROMPTS], k) for c, k in concepts]
+    groups += [(_clamped(vectors[i], TUNING_PROMPTS, vectors_id, s), k) for i, (_, k) in enumerate(concepts)
+               for s in STRENGTHS]
+    cells = iter(_summaries(bench, groups, control))
+    sae_cells = {c: next(cells) for c, _ in concepts if hits[c]}
+    prompted = {c: next(cells) for c, _ in concepts}
+    strengths = {c: recommend({s: next(cells) for s in STRENGTHS}, tune_base) for c, _ in concepts}
+    # Second batch: each vector at its tuned strength on the neutral prompts.
+    tuned = [i for i, (c, _) in enumerate(concepts) if strengths[c] is not None]
+    vector_cells = dict(zip(tuned, _summaries(
+        bench, [(_clamped(vectors[i], NEUTRAL_PROMPTS, vectors_id, strengths[concepts[i][0]]), concepts[i][1])
+                for i in tuned], control)))
     rows = []
-    for i, (concept, keywords) in enumerate(CONCEPTS.items()):
-        hits = top_steerable_hits(catalogue, concept, 1)
+    for i, (concept, _) in enumerate(concepts):
         methods: dict[str, dict] = {}
-        if hits:
-            methods["SAE clamp"] = {**_cells(bench, "sae", hits, NEUTRAL_PROMPTS, lambda e: keywords)[0],
-                                    "setting": f"feature {hits[0]['id']} at {hits[0]['recommended_strength']:g}× max"}
-        prompted = bench.run([Job(p, instruction=f"Mention {concept} in your answer.") for p in NEUTRAL_PROMPTS],
-                             control)
-        methods["prompting"] = {**summarise(prompted, keywords), "setting": f'"Mention {concept} in your answer."'}
-        n = len(TUNING_PROMPTS)
-        tuned = bench.run([Job(p, ((vectors_id, i, s, "max"),)) for s in STRENGTHS for p in TUNING_PROMPTS],
-                          tune_control)
-        strength = recommend({s: summarise(tuned[j * n:(j + 1) * n], keywords) for j, s in enumerate(STRENGTHS)},
-                             tune_base)
-        if strength is not None:
-            vec = bench.run([Job(p, ((vectors_id, i, strength, "max"),)) for p in NEUTRAL_PROMPTS], control)
-            methods["diff-of-means"] = {**summarise(vec, keywords), "setting": f"{strength:g}× the mean difference"}
+        if concept in sae_cells:
+            top = hits[concept][0]
+            methods["SAE clamp"] = {**sae_cells[concept],
+                                    "setting": f"feature {top['id']} at {top['recommended_strength']:g}× max"}
+        methods["prompting"] = {**prompted[concept], "setting": f'"Mention {concept} in your answer."'}
+        if i in vector_cells:
+            methods["diff-of-means"] = {**vector_cells[i], "setting": f"{strengths[concept]:g}× the mean difference"}
         rows.append({"concept": concept, "methods": methods})
     table = {}
     for method in ("SAE clamp", "prompting", "diff-of-means"):
-        cells = [r["methods"][method] for r in rows if method in r["methods"]]
-        table[method] = {"concepts": len(cells), "mean_concept_rate": sum(c["concept_rate"] for c in cells) / len(rows),
-                         "concepts_at_60": sum(c["concept_rate"] >= STEERED_MIN for c in cells),
-                         "median_ppl": median([c["median_ppl"] for c in cells]) if cells else None,
-                         "distinct_trigrams": sum(c["distinct_trigrams"] for c in cells) / len(cells) if cells else None,
-                         "answers": sum(c["answers"] for c in cells) / len(cells) if cells else None}
+        got = [r["methods"][method] for r in rows if method in r["methods"]]
+        table[method] = {"concepts": len(got), "mean_concept_rate": sum(c["concept_rate"] for c in got) / len(rows),
+                         "concepts_at_60": sum(c["concept_rate"] >= STEERED_MIN for c in got),
+                         "median_ppl": median([c["median_ppl"] for c in got]) if got else None,
+                         "distinct_trigrams": sum(c["distinct_trigrams"] for c in got) / len(got) if got else None,
+                         "answers": sum(c["answers"] for c in got) / len(got) if got else None}
     return {"table": table, "results": rows}
 
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from steer_plugin.training.offline_engine import offline_llm
 
 _WORDS = re.compile(r"[a-z']+")
 
@@ -81,11 +82,7 @@ class Bench:
     """One engine (the model and the given SAEs, plugin on) that answers and judges jobs."""
 
     def __init__(self, model_dir: str, saes: list[dict], max_tokens: int = 32, cache: Path | None = None):
-        from vllm import LLM
-
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # else vLLM reserves most of host memory on CPU
-        self.llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
-                       additional_config={"steer": {"saes": saes}})
+        self.llm = offline_llm(model_dir, max_model_len=1024, additional_config={"steer": {"saes": saes}})
         self.tokenizer = self.llm.get_tokenizer()
         self.model_dir = model_dir
         self._scorer = None

@@ -50,6 +50,9 @@ class TrainConfig:
     """Optimiser steps between checkpoints."""
     seed: int = 0
     """Seed of initialisation and batch order."""
+    init: str = ""
+    """An SAE folder to continue from (same d_in; any activation): its latents become the first ones,
+    the rest up to d_sae start random and are brought to life by AuxK. Empty: all random."""
 
 
 def _topk(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -82,6 +85,24 @@ def calibrate_threshold(pre_fn, acts: torch.Tensor, k: int, tokens: int = 65_536
     return float(best[-1])
 
 
+@torch.no_grad()
+def _start_from(sae: SAE, scale: float, W_enc, b_enc, W_dec, b_dec) -> None:
+    """Copy a saved SAE (raw activations) into the first latents of these parameters (inputs times
+    `scale`, unit decoder rows) so that they compute the same function: latent i of norm n_i is
+    scaled by scale·n_i, which keeps each token's ranking of these latents."""
+    m = sae.cfg.d_sae
+    if sae.cfg.d_in != W_dec.shape[1] or m > W_dec.shape[0] or sae.cfg.normalize_activations != "none":
+        raise ValueError(f"cannot continue a {sae.cfg.d_in}x{m} SAE ({sae.cfg.normalize_activations} input "
+                         f"normalisation) as {W_dec.shape[1]}x{W_dec.shape[0]}")
+    # This trainer always encodes x − b_dec; an SAE that encodes x gets the difference in its bias.
+    b_enc_old = sae.b_enc if sae.cfg.apply_b_dec_to_input else sae.b_enc + sae.b_dec @ sae.W_enc  # [m]
+    norms = sae.W_dec.norm(dim=-1)  # [m]
+    W_dec[:m] = sae.W_dec / norms[:, None]
+    W_enc[:, :m] = sae.W_enc * norms
+    b_enc[:m] = b_enc_old * norms * scale
+    b_dec.copy_(sae.b_dec * scale)
+
+
 def train_sae(acts: torch.Tensor, cfg: TrainConfig, hook_name: str, model_name: str,
               checkpoint: Path | None = None) -> SAE:
     """acts: [N, d_in] float32 (or float16) residual stream -> trained SAE (scale folded in)."""
@@ -100,6 +121,8 @@ def train_sae(acts: torch.Tensor, cfg: TrainConfig, hook_name: str, model_name: 
     b_enc = torch.nn.Parameter(torch.zeros(cfg.d_sae))
     b_dec = torch.nn.Parameter(sample.mean(0) * scale)
     params = [W_enc, b_enc, W_dec, b_dec]
+    if cfg.init:
+        _start_from(SAE.load(cfg.init), scale, W_enc, b_enc, W_dec, b_dec)
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999))
     steps_per_epoch = acts.shape[0] // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
