@@ -85,11 +85,17 @@ class Limits:
 
     def index(self, sae_id: str | None, where: str, error: type[ValueError]) -> int:
         """Position of an SAE id in configuration order (None: the first); unknown ids raise `error`."""
-        if sae_id is None:
-            return 0
-        if sae_id not in self.saes:
-            raise error(f"{where}: unknown SAE {sae_id[:64]!r}; this server has {', '.join(map(repr, self.saes))}")
-        return self.ids.index(sae_id)
+        return sae_position(self.ids, sae_id, where, error)
+
+
+def sae_position(ids: tuple[str, ...], sae_id: str | None, where: str, error) -> int:
+    """Position of an SAE id among the served ones (None: the first); an unknown one raises
+    `error(message)` with a message naming `where` and the ids that exist."""
+    if sae_id is None:
+        return 0
+    if sae_id not in ids:
+        raise error(f"{where}: unknown SAE {sae_id[:64]!r}; this server has {', '.join(map(repr, ids))}")
+    return ids.index(sae_id)
 
 
 def limits_for(cfg) -> Limits:

@@ -34,7 +34,7 @@ from steer_plugin.api.feature_models import (ActiveFeature, FeatureDetail, Featu
 from steer_plugin.catalogue import FeatureCatalogue
 from steer_plugin.config import SAESource, SteerConfig, plugin_disabled
 from steer_plugin.sae import SAEConfig, SAEFileError, load_config
-from steer_plugin.spec import RECORD_FIELD, FeatureRecording
+from steer_plugin.spec import RECORD_FIELD, FeatureRecording, sae_position
 from steer_plugin.vllm_seam import tokenizer_of, validation_error
 
 logger = logging.getLogger(__name__)
@@ -77,16 +77,9 @@ class FeatureService:
         self._saes = {source.id: _ServedSAE.load(source) for source in cfg.saes}  # configuration order
         self._token_chars: int | None = None
 
-    def sae_id(self, sae: str | None, field: str, error: type[Exception]) -> str:
-        """The id of a served SAE (None: the first); an unknown one raises `error` naming `field`."""
-        if sae is None:
-            return next(iter(self._saes))
-        if sae not in self._saes:
-            raise error(f"{field}: unknown SAE {sae[:64]!r}; this server has {', '.join(map(repr, self._saes))}")
-        return sae
-
     def _sae(self, sae: str | None) -> _ServedSAE:
-        return self._saes[self.sae_id(sae, "sae", lambda message: validation_error(message, "sae"))]
+        served = tuple(self._saes.values())
+        return served[sae_position(tuple(self._saes), sae, "sae", lambda message: validation_error(message, "sae"))]
 
     def saes(self) -> SAEList:
         return SAEList(data=[served.summary() for served in self._saes.values()])
