@@ -20,7 +20,9 @@ def _args(key, scope, top_k=4):
     return {RECORD_FIELD: json.dumps({"key": key, "sae": "sae", "top_k": top_k, "scope": scope})}
 
 
-def test_records_the_right_positions_across_chunked_steps():
+@pytest.mark.parametrize("encode_chunk", [256, 2])  # a long prompt is encoded in pieces: same record
+def test_records_the_right_positions_across_chunked_steps(encode_chunk, monkeypatch):
+    monkeypatch.setattr("steer_plugin.worker.recorder.RECORD_CHUNK", encode_chunk)
     sae = make_sae("topk", d_in=D_IN, d_sae=D_SAE, k=8)
     rec = FeatureRecorder("sae")
     extra = {"p": _args("prompt-key", "prompt"), "g": _args("gen-key-1", "generation", 2), "u": None}

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 _NO_TOKENS = torch.zeros(0, dtype=torch.long)
 TOTAL_TOP = 256
 """Features returned from the per-feature sums, ranked (see `_Record.as_dict`)."""
+RECORD_CHUNK = 256
+"""Recorded tokens encoded at a time: a long prompt's [tokens, d_sae] activations never exist at once."""
 
 
 @dataclass
@@ -127,11 +129,17 @@ class FeatureRecorder:
     def record(self, sae: SAE, stream: torch.Tensor) -> None:
         """stream: [T, d_in], the step's residual stream at the SAE layer (the op's snapshot)."""
         device = stream.device
-        f, _ = sae.encode(stream.index_select(0, self.tokens.to(device)))  # [N, d_sae]
-        values, ids = f.topk(self._top_k, dim=-1)  # [N, top_k]
-        summed = (f * self._summed.to(device, f.dtype).unsqueeze(1)).double()  # [N, d_sae]
-        totals = summed.new_zeros(len(self._targets), f.shape[1]).index_add_(0, self._target_of.to(device), summed)
-        self._pending.append((self._targets, HostCopy(values.float(), ids, totals)))
+        tokens, target_of = self.tokens.to(device), self._target_of.to(device)
+        summed = self._summed.to(device, stream.dtype).unsqueeze(1)  # [N, 1]
+        values = torch.empty(len(tokens), self._top_k, device=device)  # [N, top_k]
+        ids = torch.empty(len(tokens), self._top_k, dtype=torch.long, device=device)
+        totals = torch.zeros(len(self._targets), sae.cfg.d_sae, dtype=torch.float64, device=device)
+        for start in range(0, len(tokens), RECORD_CHUNK):  # per chunk of a long prompt, not per token
+            part = slice(start, start + RECORD_CHUNK)
+            f, _ = sae.encode(stream.index_select(0, tokens[part]))  # [chunk, d_sae]
+            values[part], ids[part] = f.topk(self._top_k, dim=-1)
+            totals.index_add_(0, target_of[part], (f * summed[part]).double())
+        self._pending.append((self._targets, HostCopy(values, ids, totals)))
         self._land(wait=False)
 
     def _land(self, wait: bool) -> None:
