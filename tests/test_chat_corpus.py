@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -34,6 +36,9 @@ def test_generation_writes_chats_and_resumes(tmp_path):
     with path.open("a") as f:
         f.write('{"id": 4, "mess')  # a line cut by an interruption
     assert done_ids(tmp_path / CHATS_FILE) == {0, 1, 2, 3}
-    generate(tmp_path, plans, MODEL, batch=3, max_tokens=8)
+    # The command resumes it, with the engine in its own process (offline_engine's own_process).
+    subprocess.run([sys.executable, "-m", "steer_plugin.training.chat_corpus", "--out", str(tmp_path),
+                    "--conversations", "6", "--batch", "3", "--max-tokens", "8", "--model-dir", MODEL],
+                   check=True, timeout=600)
     assert done_ids(tmp_path / CHATS_FILE) == set(range(6))
     assert os.environ.get("STEER_PLUGIN_DISABLE") == before  # later servers of this process keep the plugin

@@ -118,8 +118,9 @@ def _drop_cut_line(path: Path) -> None:
 
 
 def generate(out: Path, plans: list[ChatPlan], model_dir: str, batch: int = 256, max_tokens: int = 384,
-             seed: int = 0) -> Path:
-    """Answer the plans not yet in out/chats.jsonl with the model (plugin off), batch by batch."""
+             seed: int = 0, own_process: bool = False) -> Path:
+    """Answer the plans not yet in out/chats.jsonl with the model (plugin off), batch by batch
+    (`own_process`: see offline_engine)."""
     from vllm import SamplingParams
 
     out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +130,7 @@ def generate(out: Path, plans: list[ChatPlan], model_dir: str, batch: int = 256,
     if not todo:
         return path
     # The unsteered model (a process the plugin is already loaded into leaves unclamped tokens as they are).
-    llm = offline_llm(model_dir, plugin=False, kv_cache_gib=4, max_model_len=2048, seed=seed)
+    llm = offline_llm(model_dir, plugin=False, kv_cache_gib=4, own_process=own_process, max_model_len=2048, seed=seed)
     # One sampler seeded by the engine: vLLM's CPU build fails per-request seeds when a prompt's
     # prefill is split over steps ("CPU Generator does not use offset"). The file is the corpus of record.
     sampling = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=max_tokens)
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     return generate(args.out, plan_conversations(args.conversations, args.seed), args.model_dir, args.batch,
-                    args.max_tokens, args.seed)
+                    args.max_tokens, args.seed, own_process=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ On a machine without a GPU, vLLM runs the model in a worker process beside an en
 that busy-waits on it, each holding a core, and gives the model one torch thread. With the engine
 in the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) and torch on every core, the model gets
 the core the waiting process held: 267 against 145 generated tokens/s on 2 cores (96 chats of 128
-sampled tokens, SmolLM2-135M-Instruct, float32, eager; measured 2026-12-02).
+sampled tokens, SmolLM2-135M-Instruct, float32, eager; measured 2026-12-02). That mode is for a
+tool's own process (the command-line tools ask for it): the engine's set-up (thread binding, a
+distributed group) stays in the process, so a process that goes on to start other engines, a test
+session for one, keeps vLLM's separate processes.
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ def _environment(values: dict[str, str]):
                 os.environ[name] = value
 
 
-def offline_llm(model_dir: str, plugin: bool = True, kv_cache_gib: int = 2, **kwargs):
+def offline_llm(model_dir: str, plugin: bool = True, kv_cache_gib: int = 2, own_process: bool = False, **kwargs):
     """An offline `vllm.LLM` on the model, float32 and eager (as fast as compiled on CPU, no
-    compile time); `plugin=False` is vanilla vLLM; kwargs (seed, max_model_len, ...) go to `LLM`."""
+    compile time); `plugin=False` is vanilla vLLM; `own_process`: the caller's process serves no other
+    engine (see above); kwargs (seed, max_model_len, ...) go to `LLM`."""
     import torch
     from vllm import LLM
 
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))}
-    if not torch.cuda.is_available():
+    if own_process and not torch.cuda.is_available():
         env |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}
     if not plugin:
         env["STEER_PLUGIN_DISABLE"] = "1"
