@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     entries = json.loads(path.read_text())
     features = swept_features(entries, args.features, list(CONCEPTS) + list(JOURNEY), args.hits)
     bench = Bench(args.model_dir, [{"path": str(args.sae.resolve()), "id": "sae"}],
-                  cache=args.sae / ".steering_replies.json", own_process=True)
+                  cache=args.sae / ".steering_replies.json")
     try:
         report = sweep(bench, "sae", entries, features, tuple(float(s) for s in args.strengths.split(",")))
     finally:
