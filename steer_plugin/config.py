@@ -55,6 +55,11 @@ def plugin_disabled() -> bool:
     return _flag(DISABLE_ENV)
 
 
+def engine_in_process() -> bool:
+    """vLLM runs its engine core (and a single worker) in the frontend's process."""
+    return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1").strip() == "0"
+
+
 def allow_any_vllm() -> bool:
     return _flag(ALLOW_ANY_VLLM_ENV)
 

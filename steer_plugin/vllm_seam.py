@@ -88,13 +88,18 @@ output is pickled to the engine core with its instance attributes."""
 def roles_of_this_load() -> set[str]:
     """Which hooks the current `load_general_plugins` call needs, told by who called it: a process
     loads plugins once as what it is (frontend, engine core, worker), whatever its name."""
+    from steer_plugin.config import engine_in_process
+
     frame = sys._getframe(1)
     while frame is not None:
         roles = _LOADERS.get((frame.f_globals.get("__name__"), frame.f_code.co_name))
         if roles is not None:
             return set(roles)
         frame = frame.f_back
-    return {"frontend"}
+    # vLLM loads plugins once per process: with the engine in the frontend's process the engine
+    # core's and worker's loads never reach the plugin, so the first load installs their hooks too
+    # (else clamps would be silently ignored there).
+    return {"frontend", "engine", "worker"} if engine_in_process() else {"frontend"}
 
 
 def install(roles: set[str]) -> None:

@@ -190,3 +190,19 @@ def test_hook_resid_pre_reads_the_stream_of_the_layer_before(tmp_path):
     assert outputs["pre16"] == outputs["post"]
     plain, strong, identity = outputs["pre0"]
     assert identity == plain and strong != plain
+
+
+def test_an_engine_in_the_callers_process_steers(random_sae_dir):
+    """VLLM_ENABLE_V1_MULTIPROCESSING=0: vLLM loads plugins once, as the frontend; the worker's hooks
+    must be installed then too, or clamps would be ignored in silence."""
+    script = (f"import json, os\nfrom vllm import LLM, SamplingParams\nif __name__ == '__main__':\n"
+              f"    llm = LLM(model={MODEL!r}, dtype='float32', enforce_eager=True, max_model_len=512,"
+              f" additional_config={{'steer': {{'saes': [{{'path': {str(random_sae_dir)!r}}}]}}}})\n"
+              f"    ps = [SamplingParams(temperature=0, max_tokens=8, extra_args=e) for e in"
+              f" (None, {{'feature_clamps': json.dumps({STRONG!r})}})]\n"
+              f"    a, b = [o.outputs[0].token_ids for o in llm.generate([{PROMPTS[0]!r}] * 2, ps)]\n"
+              f"    print('STEERED' if list(a) != list(b) else 'UNSTEERED', flush=True)\n    os._exit(0)\n")
+    env = {**__import__("os").environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=600,
+                            env=env)
+    assert "STEERED" in result.stdout.split(), result.stdout[-2000:] + result.stderr[-2000:]

@@ -7,9 +7,9 @@ the core the waiting process held: 267 against 145 generated tokens/s on 2 cores
 sampled tokens, SmolLM2-135M-Instruct, float32, eager; measured 2026-12-02). That mode is for a
 tool's own process and for vanilla vLLM only (the chat corpus asks for it): the engine's set-up
 (thread binding, a distributed group) stays in the process, so a process that goes on to start
-other engines, a test session for one, keeps vLLM's separate processes; and the plugin's clamps
-were not applied by an in-process engine (measured 2026-12-02: every clamped reply of a strength
-sweep equal to the unsteered one), so steered runs keep the separate processes too.
+other engines, a test session for one, keeps vLLM's separate processes. Steered runs keep the separate
+processes as well until an in-process sweep has been measured again: before the seam installed the
+worker's hooks at vLLM's single in-process plugin load, clamps there were ignored (2026-12-02).
 """
 
 from __future__ import annotations
