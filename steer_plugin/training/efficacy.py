@@ -119,10 +119,10 @@ def efficacy(bench: Bench, catalogue: FeatureCatalogue, candidates: int) -> dict
     chosen = [(concept, keywords, entry) for concept, keywords in CONCEPTS.items()
               for entry in top_steerable_hits(catalogue, concept, candidates)]
     cells = _summaries(bench, [(_clamped(entry, NEUTRAL_PROMPTS), keywords) for _, keywords, entry in chosen], control)
+    base_rate = {concept: summarise(baseline, keywords)["concept_rate"] for concept, keywords in CONCEPTS.items()}
     rows = [{"concept": concept, "feature": entry["id"], "label": entry["label"],
-             "strength_x_max": entry["recommended_strength"],
-             "baseline_mention_rate": summarise(baseline, keywords)["concept_rate"], **cell}
-            for (concept, keywords, entry), cell in zip(chosen, cells)]
+             "strength_x_max": entry["recommended_strength"], "baseline_mention_rate": base_rate[concept], **cell}
+            for (concept, _, entry), cell in zip(chosen, cells)]
     meeting = [r for r in rows if r["baseline_mention_rate"] <= BASELINE_MAX and r["concept_rate"] >= STEERED_MIN
                and r["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl]
     return {"baseline_median_ppl": baseline_ppl,
