@@ -41,7 +41,8 @@ def offline_llm(model_dir: str, plugin: bool = True, kv_cache_gib: int = 2, own_
     from vllm import LLM
 
     if own_process and plugin:
-        raise ValueError("own_process runs vanilla vLLM only: an in-process engine does not apply the plugin's clamps")
+        raise ValueError("own_process runs vanilla vLLM only: steered runs in-process are not measured yet "
+                         "(see this module's docstring)")
 
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))}
     if own_process and not torch.cuda.is_available():
