@@ -87,3 +87,43 @@ def test_continuing_from_a_saved_sae_starts_from_its_function_and_adds_latents(t
     trained = train_sae(acts, TrainConfig(**{**wider.__dict__, "epochs": 4}), "blocks.3.hook_resid_post", "synthetic")
     f, _ = trained.encode(acts)
     assert (f[:, CFG.d_sae:] > 0).any(0).float().mean() > 0.5  # AuxK brought most new latents to life
+
+
+@pytest.mark.parametrize("select", ["topk", "batchtopk"])
+def test_sparse_step_has_the_gradients_of_the_dense_formulation(select):
+    """The trainer's backward touches only active entries; it must equal autograd through the dense
+    [B, d_sae] codes (ReLU of the selected pre-activations, zeros elsewhere)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 16, generator=gen, dtype=torch.float64)
+    params = [torch.randn(shape, generator=gen, dtype=torch.float64)
+              for shape in ((16,), (16, 64), (64,), (64, 16))]  # b_dec, W_enc, b_enc, W_dec
+
+    def grads(sparse: bool) -> list[torch.Tensor]:
+        b_dec, W_enc, b_enc, W_dec = [p.clone().requires_grad_() for p in params]
+        pre = (x - b_dec) @ W_enc + b_enc
+        active = (trainer._topk if select == "topk" else trainer._batch_topk)(pre.detach(), 5)
+        if sparse:
+            f = trainer._ActivePre.apply(b_dec, W_enc, b_enc, x, pre.detach(), active)
+            recon = trainer._SparseDecode.apply(f, W_dec, active)
+        else:
+            mask = torch.zeros_like(pre, dtype=torch.bool)
+            mask[active.rows, active.cols] = True
+            recon = torch.where(mask, torch.relu(pre), 0.0) @ W_dec
+        (x - recon - b_dec).pow(2).sum().backward()
+        return [b_dec.grad, W_enc.grad, b_enc.grad, W_dec.grad]
+
+    for sparse_grad, dense_grad in zip(grads(True), grads(False)):
+        torch.testing.assert_close(sparse_grad, dense_grad)
+
+
+def test_batch_topk_keeps_the_k_b_largest_of_the_batch_even_when_one_row_holds_most_of_them():
+    gen = torch.Generator().manual_seed(4)
+    pre = torch.randn(32, 200, generator=gen)
+    pre[3] += 10.0  # row 3 holds more of the batch's largest entries than its 8k candidates
+    active = trainer._batch_topk(pre, 4)
+    kept = torch.zeros_like(pre, dtype=torch.bool)
+    kept[active.rows, active.cols] = True
+    expected = torch.zeros_like(kept).flatten()
+    expected[pre.flatten().topk(4 * 32).indices] = True
+    assert torch.equal(kept, expected.view_as(pre) & (pre > 0))
+    assert torch.equal(active.rows, active.rows.sort().values)

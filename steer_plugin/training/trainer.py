@@ -15,6 +15,7 @@ reconstruct the residual error) keeps latents alive. Training saves a checkpoint
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,17 +56,97 @@ class TrainConfig:
     the rest up to d_sae start random and are brought to life by AuxK. Empty: all random."""
 
 
-def _topk(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """pre: [B, d_sae] -> relu of each row's k largest, zeros elsewhere."""
-    values, indices = pre.topk(k, dim=-1, sorted=False)
-    return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")  # used as documented
 
 
-def _batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """pre: [B, d_sae] -> relu of the k·B largest entries of the whole batch, zeros elsewhere."""
-    flat = pre.flatten()
-    values, indices = flat.topk(k * pre.shape[0], sorted=False)
-    return torch.zeros_like(flat).scatter_(0, indices, torch.relu(values)).view_as(pre)
+class _Active:
+    """The active entries (rows[i], cols[i]) of a [B, d_sae] code matrix, sorted by row, as sparse
+    CSR matrices: codes [B, d_sae] and their transpose [d_sae, B]. Training touches only these
+    entries after the one dense encode of a step (sparse products are ~10x cheaper than dense ones)."""
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]):
+        self.rows, self.cols, self.shape = rows, cols, shape
+        self._by_col = torch.argsort(cols * shape[0] + rows)  # order of the transpose's entries
+
+    @staticmethod
+    def _csr(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        crow = torch.zeros(shape[0] + 1, dtype=torch.long)
+        crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
+        return torch.sparse_csr_tensor(crow, cols, vals, shape)
+
+    def matrix(self, vals: torch.Tensor) -> torch.Tensor:
+        """vals: [nnz] -> CSR [B, d_sae]."""
+        return self._csr(self.rows, self.cols, vals, self.shape)
+
+    def transposed(self, vals: torch.Tensor) -> torch.Tensor:
+        """vals: [nnz] -> CSR [d_sae, B]."""
+        i = self._by_col
+        return self._csr(self.cols[i], self.rows[i], vals[i], self.shape[::-1])
+
+
+def _sorted_active(pre: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> _Active:
+    """Flat indices of kept pre-activations (only the positive ones stay active) -> _Active."""
+    flat = flat[values > 0].sort().values
+    return _Active(flat // pre.shape[1], flat % pre.shape[1], tuple(pre.shape))
+
+
+def _topk(pre: torch.Tensor, k: int) -> _Active:
+    """pre: [B, d_sae] -> each row's k largest entries (those that are positive)."""
+    values, cols = pre.topk(k, dim=-1, sorted=False)  # [B, k]
+    flat = cols + torch.arange(pre.shape[0])[:, None] * pre.shape[1]
+    return _sorted_active(pre, flat.flatten(), values.flatten())
+
+
+def _batch_topk(pre: torch.Tensor, k: int) -> _Active:
+    """pre: [B, d_sae] -> the k·B largest entries of the whole batch (those that are positive).
+    Drawn from each row's 8k largest (a full-batch top-k is several times slower), unless some row
+    could hold more of them than that, where the whole batch is ranked."""
+    width = min(pre.shape[1], 8 * k)
+    row_values, row_cols = pre.topk(width, dim=-1, sorted=False)  # [B, width]
+    values, at = row_values.flatten().topk(k * pre.shape[0], sorted=False)
+    if width < pre.shape[1] and bool((row_values.min(-1).values >= values.min()).any()):
+        values, flat = pre.flatten().topk(k * pre.shape[0], sorted=False)
+        return _sorted_active(pre, flat, values)
+    flat = (row_cols + torch.arange(pre.shape[0])[:, None] * pre.shape[1]).flatten()[at]
+    return _sorted_active(pre, flat, values)
+
+
+class _ActivePre(torch.autograd.Function):
+    """The pre-activations (x − b_dec)·W_enc[:, col] + b_enc[col] of the active entries, read from
+    the dense no-grad encode of the step, with gradients for b_dec, W_enc and b_enc through those
+    entries only (a dense backward through [B, d_sae] would cost as much as the encode)."""
+
+    @staticmethod
+    def forward(ctx, b_dec, W_enc, b_enc, x, pre, active):  # pre: [B, d_sae] computed without grad
+        ctx.save_for_backward(x, b_dec, W_enc)
+        ctx.active = active
+        return pre[active.rows, active.cols]
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: [nnz]
+        x, b_dec, W_enc = ctx.saved_tensors
+        active = ctx.active
+        grad_b_enc = grad.new_zeros(W_enc.shape[1]).index_add_(0, active.cols, grad)
+        grad_W_enc = (active.transposed(grad) @ (x - b_dec)).t()  # [d_in, d_sae]
+        return -(W_enc @ grad_b_enc), grad_W_enc, grad_b_enc, None, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """[B, d_in] = F @ W_dec for codes F given by their active entries' values, with gradients for
+    the values and W_dec through those entries only."""
+
+    @staticmethod
+    def forward(ctx, vals, W_dec, active):  # vals: [nnz], W_dec: [d_sae, d_in]
+        ctx.save_for_backward(vals, W_dec)
+        ctx.active = active
+        return active.matrix(vals) @ W_dec
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: [B, d_in]
+        vals, W_dec = ctx.saved_tensors
+        active = ctx.active
+        grad_vals = torch.sparse.sampled_addmm(active.matrix(vals), grad, W_dec.t(), beta=0.0).values()
+        return grad_vals, active.transposed(vals) @ grad, None
 
 
 @torch.no_grad()
@@ -156,18 +237,27 @@ def train_sae(acts: torch.Tensor, cfg: TrainConfig, hook_name: str, model_name: 
             order = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         rows = order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
         x = acts[rows].float() * scale  # [B, d_in]
-        pre = (x - b_dec) @ W_enc + b_enc  # [B, d_sae]
-        f = activate(pre, cfg.k)
-        err = x - (f @ W_dec + b_dec)
+        with torch.no_grad():  # the one dense product of a step; the rest touches active entries only
+            pre = (x - b_dec) @ W_enc + b_enc  # [B, d_sae]
+            active = activate(pre, cfg.k)
+        f = _ActivePre.apply(b_dec, W_enc, b_enc, x, pre, active)  # [nnz], all > 0
+        err = x - (_SparseDecode.apply(f, W_dec, active) + b_dec)
         mse = err.pow(2).sum() / (x - x.mean(0)).pow(2).sum()  # FVU of this batch
 
-        since_fired = torch.where((f > 0).any(0), 0, since_fired + x.shape[0])
+        fired = torch.zeros(cfg.d_sae, dtype=torch.bool)
+        fired[active.cols] = True
+        since_fired = torch.where(fired, 0, since_fired + x.shape[0])
         dead = since_fired > cfg.dead_after_tokens
         loss = mse
         if dead.any():
-            aux_f = _topk(pre.masked_fill(~dead, float("-inf")), min(cfg.k_aux, int(dead.sum()))).nan_to_num(0.0)
+            with torch.no_grad():
+                dead_cols = dead.nonzero()[:, 0]  # ascending, so the entries stay sorted
+                among_dead = _topk(pre[:, dead_cols], min(cfg.k_aux, dead_cols.numel()))
+                aux_active = _Active(among_dead.rows, dead_cols[among_dead.cols], tuple(pre.shape))
+            aux_f = _ActivePre.apply(b_dec, W_enc, b_enc, x, pre, aux_active)
             target = err.detach()
-            aux = (target - aux_f @ W_dec).pow(2).sum() / target.pow(2).sum().clamp_min(1e-8)
+            aux = (target - _SparseDecode.apply(aux_f, W_dec, aux_active)).pow(2).sum() \
+                / target.pow(2).sum().clamp_min(1e-8)
             loss = loss + cfg.aux_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
