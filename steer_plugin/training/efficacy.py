@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compare is not None:
         saes.append({"path": str(_vector_sae(args.compare, sae_dir)), "id": "diffmean"})
     started = time.time()
-    bench = Bench(args.model_dir, saes, cache=sae_dir / ".steering_replies.json")
+    bench = Bench(args.model_dir, saes, cache=sae_dir / ".steering_replies.json", own_process=True)
     try:
         report = {"date": time.strftime("%Y-%m-%d"), "max_tokens": bench.max_tokens,
                   "efficacy": efficacy(bench, catalogue, args.candidates), "journey": journey(bench, catalogue)}

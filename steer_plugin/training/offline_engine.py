@@ -5,11 +5,11 @@ that busy-waits on it, each holding a core, and gives the model one torch thread
 in the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) and torch on every core, the model gets
 the core the waiting process held: 267 against 145 generated tokens/s on 2 cores (96 chats of 128
 sampled tokens, SmolLM2-135M-Instruct, float32, eager; measured 2026-12-02). That mode is for a
-tool's own process and for vanilla vLLM only (the chat corpus asks for it): the engine's set-up
-(thread binding, a distributed group) stays in the process, so a process that goes on to start
-other engines, a test session for one, keeps vLLM's separate processes. Steered runs keep the separate
-processes as well until an in-process sweep has been measured again: before the seam installed the
-worker's hooks at vLLM's single in-process plugin load, clamps there were ignored (2026-12-02).
+tool's own process (the chat corpus, the strength sweep, the efficacy run ask for it): the engine's
+set-up (thread binding, a distributed group) stays in the process, so a process that goes on to
+start other engines, a test session for one, keeps vLLM's separate processes. Steered replies are
+the same either way: 196 of 196 greedy replies (6 features × 4 strengths × 2 token scopes × 4
+prompts, and 4 unsteered) were identical in-process and with separate processes (2026-12-02).
 """
 
 from __future__ import annotations
@@ -39,10 +39,6 @@ def offline_llm(model_dir: str, plugin: bool = True, kv_cache_gib: int = 2, own_
     engine (see above); kwargs (seed, max_model_len, ...) go to `LLM`."""
     import torch
     from vllm import LLM
-
-    if own_process and plugin:
-        raise ValueError("own_process runs vanilla vLLM only: steered runs in-process are not measured yet "
-                         "(see this module's docstring)")
 
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))}
     if own_process and not torch.cuda.is_available():

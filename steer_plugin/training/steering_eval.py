@@ -81,8 +81,11 @@ class Judged:
 class Bench:
     """One engine (the model and the given SAEs, plugin on) that answers and judges jobs."""
 
-    def __init__(self, model_dir: str, saes: list[dict], max_tokens: int = 32, cache: Path | None = None):
-        self.llm = offline_llm(model_dir, max_model_len=1024, additional_config={"steer": {"saes": saes}})
+    def __init__(self, model_dir: str, saes: list[dict], max_tokens: int = 32, cache: Path | None = None,
+                 own_process: bool = False):
+        """own_process: the calling process starts no other engine (see offline_engine)."""
+        self.llm = offline_llm(model_dir, own_process=own_process, max_model_len=1024,
+                               additional_config={"steer": {"saes": saes}})
         self.tokenizer = self.llm.get_tokenizer()
         self.model_dir = model_dir
         self._scorer = None

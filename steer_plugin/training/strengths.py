@@ -33,7 +33,10 @@ TUNING_PROMPTS = (
     "Describe your perfect afternoon.",
 )
 """Prompts the strengths are tuned on (kept apart from efficacy.NEUTRAL_PROMPTS and the journey's)."""
-STRENGTHS = (2.0, 3.0, 5.0)
+STRENGTHS = (1.0, 1.25, 1.5, 2.0, 3.0)
+"""Clamp strengths swept (× max, `set`): replies of the 135M default model stay fluent up to about
+1.5× and break down past 3× (measured 2026-12-02; a grid of 2/3/5× found a fluent effective strength
+for 3 of 37 features)."""
 MAX_PPL_RATIO = 3.0
 MIN_TRIGRAMS = 0.8
 MIN_RATE = 0.5
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     entries = json.loads(path.read_text())
     features = swept_features(entries, args.features, list(CONCEPTS) + list(JOURNEY), args.hits)
     bench = Bench(args.model_dir, [{"path": str(args.sae.resolve()), "id": "sae"}],
-                  cache=args.sae / ".steering_replies.json")
+                  cache=args.sae / ".steering_replies.json", own_process=True)
     try:
         report = sweep(bench, "sae", entries, features, tuple(float(s) for s in args.strengths.split(",")))
     finally:
