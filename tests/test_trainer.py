@@ -84,6 +84,8 @@ def test_continuing_from_a_saved_sae_starts_from_its_function_and_adds_latents(t
     torch.testing.assert_close(start.encode_pre(acts[:50])[:, :CFG.d_sae], first.encode_pre(acts[:50]),
                                rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(start.W_dec[:CFG.d_sae], first.W_dec, rtol=1e-4, atol=1e-5)
+    top = start.encode_pre(acts).topk(CFG.k, dim=-1).indices  # the new latents do not take the saved ones' place
+    assert (top < CFG.d_sae).float().mean() > 0.99
     trained = train_sae(acts, TrainConfig(**{**wider.__dict__, "epochs": 4}), "blocks.3.hook_resid_post", "synthetic")
     f, _ = trained.encode(acts)
     assert (f[:, CFG.d_sae:] > 0).any(0).float().mean() > 0.5  # AuxK brought most new latents to life
