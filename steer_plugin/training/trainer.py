@@ -68,21 +68,26 @@ class _Active:
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]):
         self.rows, self.cols, self.shape = rows, cols, shape
         self._by_col = torch.argsort(cols * shape[0] + rows)  # order of the transpose's entries
+        # A step builds each orientation up to twice (forward and backward): its structure once here.
+        self._crow = self._crow_of(rows, shape[0])
+        self._t_cols = rows[self._by_col]
+        self._t_crow = self._crow_of(cols[self._by_col], shape[1])
 
     @staticmethod
-    def _csr(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        crow = torch.zeros(shape[0] + 1, dtype=torch.long)
-        crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
-        return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)  # sorted by construction
+    def _crow_of(sorted_rows: torch.Tensor, n: int) -> torch.Tensor:
+        crow = torch.zeros(n + 1, dtype=torch.long)
+        crow[1:] = torch.bincount(sorted_rows, minlength=n).cumsum(0)
+        return crow
 
     def matrix(self, vals: torch.Tensor) -> torch.Tensor:
         """vals: [nnz] -> CSR [B, d_sae]."""
-        return self._csr(self.rows, self.cols, vals, self.shape)
+        return torch.sparse_csr_tensor(self._crow, self.cols, vals, self.shape,
+                                       check_invariants=False)  # sorted by construction
 
     def transposed(self, vals: torch.Tensor) -> torch.Tensor:
         """vals: [nnz] -> CSR [d_sae, B]."""
-        i = self._by_col
-        return self._csr(self.cols[i], self.rows[i], vals[i], self.shape[::-1])
+        return torch.sparse_csr_tensor(self._t_crow, self._t_cols, vals[self._by_col], self.shape[::-1],
+                                       check_invariants=False)
 
 
 def _sorted_active(pre: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> _Active:
