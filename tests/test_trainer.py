@@ -129,3 +129,22 @@ def test_batch_topk_keeps_the_k_b_largest_of_the_batch_even_when_one_row_holds_m
     expected[pre.flatten().topk(4 * 32).indices] = True
     assert torch.equal(kept, expected.view_as(pre) & (pre > 0))
     assert torch.equal(active.rows, active.rows.sort().values)
+
+
+def test_resampling_gives_dead_latents_the_directions_the_sae_misses(tmp_path):
+    acts = _acts()
+    first = train_sae(acts, TrainConfig(**{**CFG.__dict__, "d_sae": 32, "epochs": 1}), "blocks.3.hook_resid_post",
+                      "synthetic")
+    first.save(tmp_path / "first")
+
+    def continued(resample_every: int) -> tuple[float, float]:
+        cfg = TrainConfig(**{**CFG.__dict__, "d_sae": 160, "epochs": 8, "init": str(tmp_path / "first"),
+                             "resample_every": resample_every})
+        sae = train_sae(acts, cfg, "blocks.3.hook_resid_post", "synthetic")
+        f, norm = sae.encode(acts)
+        fvu = (acts - sae.decode(f, norm)).pow(2).sum() / (acts - acts.mean(0)).pow(2).sum()
+        return float((f == 0).all(0).float().mean()), float(fvu)
+
+    (dead_without, fvu_without), (dead_with, fvu_with) = continued(0), continued(8)
+    assert dead_with == 0.0 and dead_without > 0.0
+    assert fvu_with < fvu_without - 0.02
