@@ -42,7 +42,7 @@ def main() -> None:
     value = args.value if args.value is not None else entry.get("recommended_strength") or 3.0
     print(f"Feature {entry['id']} ({entry['label']}; clamping it says: "
           f"{', '.join(t['token'] for t in entry.get('steered_tokens', [])[:6])}) at {value:g}× max.\n")
-    clamps = [{"feature": entry["id"], "value": value, "unit": "max"}]
+    clamps = [{"feature": entry["id"], "value": value, "unit": "max", "tokens": entry.get("recommended_tokens") or "all"}]
     print("```python\nclient.chat.completions.create(model=\"SmolLM2-135M-Instruct\", temperature=0, "
           f"max_tokens={args.max_tokens},\n    messages=[{{\"role\": \"user\", \"content\": QUESTION}}],\n"
           f"    extra_body={{\"feature_clamps\": {json.dumps(clamps)}}})\n```\n")

@@ -68,4 +68,6 @@ async def test_a_swept_feature_carries_its_measured_strength(service):
         detail = (await client.get(f"/v1/features/{swept['id']}")).json()
         listed = (await client.get("/v1/features", params={"offset": swept["id"], "limit": 1})).json()["data"][0]
     assert detail["recommended_strength"] == listed["recommended_strength"] == swept["recommended_strength"]
-    assert set(detail["sweep"]) == set(swept["sweep"]) and 0 <= detail["sweep"]["3"]["concept_rate"] <= 1
+    assert detail["recommended_tokens"] == swept["recommended_tokens"] in ("all", "generated")
+    assert detail["sweep"].keys() == swept["sweep"].keys() == {"all", "generated"}
+    assert 0 <= detail["sweep"]["generated"]["3"]["concept_rate"] <= 1

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from steer_plugin.catalogue import FeatureCatalogue
 from steer_plugin.training.steering_eval import count_mentions, distinct_trigrams, mentions, median
-from steer_plugin.training.strengths import control_prompts, feature_words, recommend
+from steer_plugin.training.efficacy import control_prompts
+from steer_plugin.training.strengths import drift_words, feature_words, recommend
 
 
 def test_mentions_are_whole_words_with_plurals():
@@ -26,17 +27,29 @@ def _cell(rate, ppl, trigrams=1.0):
 
 def test_recommended_strength_is_the_most_effective_fluent_one():
     cells = {2.0: _cell(0.3, 3.0), 3.0: _cell(0.8, 5.0), 4.0: _cell(0.8, 6.0), 6.0: _cell(1.0, 20.0)}
-    assert recommend(cells, baseline_ppl=2.5) == 3.0  # 6 is more effective but not fluent; 3 ties 4 and is lower
+    assert recommend(cells, baseline_ppl=2.5) == 3.0  # 6 is more effective but not fluent; 3 ties 4, more fluent
+    scoped = {(1.5, "all"): _cell(0.75, 5.0), (1.5, "generated"): _cell(0.75, 3.0), (2.0, "all"): _cell(0.5, 4.0)}
+    assert recommend(scoped, 2.5) == (1.5, "generated")
     assert recommend({3.0: _cell(1.0, 4.0, trigrams=0.5)}, 2.5) is None  # loops
     assert recommend({3.0: _cell(0.2, 4.0)}, 2.5) is None  # fluent but shows the feature too rarely
+    assert recommend({2.0: _cell(0.2, None), 3.0: _cell(0.6, 4.0)}, 2.5) == 3.0  # unjudged: never recommended
 
 
 def test_feature_words_come_from_what_the_clamp_promotes_and_what_the_feature_fires_on():
     entry = {"steered_tokens": [{"token": " dogs", "gain": 0.2}, {"token": " a", "gain": 0.1}],
              "top_tokens": [{"token": "puppy", "count": 3}, {"token": "'s", "count": 1}]}
     assert feature_words(entry) == ["dog", "puppy"]
-    assert feature_words(entry, unsteered={"dog"}) == ["puppy"]  # said unsteered anyway: no evidence
+    assert feature_words(entry, ignore={"dog"}) == ["puppy"]  # said unsteered anyway: no evidence
     assert control_prompts(("a", "b", "c")) == {"a": "b", "b": "c", "c": "a"}
+
+
+def test_drift_words_are_those_many_clamps_push_towards():
+    def entry(*steered):
+        return {"steered_tokens": [{"token": t, "gain": 0.1} for t in steered]}
+
+    entries = [entry(" probably", " " + "ab"[i % 2] * (3 + i)) for i in range(60)] + [entry(" dogs")] * 2 + [entry()] * 140
+    assert drift_words(entries) == {"probably"}  # in 60 of 202 entries; "dog" in 2 (< 1 % would be < 2.02)
+    assert "probably" not in feature_words(entries[0], drift_words(entries))
 
 
 def test_search_ranks_a_steerable_match_first_when_it_matches_nearly_as_well():

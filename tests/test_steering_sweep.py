@@ -13,7 +13,7 @@ from steer_plugin.catalogue import FeatureCatalogue
 from steer_plugin.config import DEFAULT_SAE_DIR
 from steer_plugin.training import strengths
 from steer_plugin.training.diff_means import write_vector_sae
-from steer_plugin.training.steering_eval import Bench, Job
+from steer_plugin.training.steering_eval import Bench, Job, median
 
 pytestmark = pytest.mark.slow
 
@@ -35,16 +35,27 @@ def test_sweep_writes_a_measured_strength_per_feature(bench):
     entries = json.loads((DEFAULT_SAE_DIR / "feature_catalogue.json").read_text())
     feature = FeatureCatalogue(entries).search("trees", 1)[0][0][0]["id"]  # a concept feature
     report = strengths.sweep(bench, "sae", entries, [feature], strengths=(1.5, 30.0))
-    cell = entries[feature]["sweep"]
-    assert set(cell) == {"1.5", "30"} and report["features"] == 1
-    assert cell["30"]["median_ppl"] > cell["1.5"]["median_ppl"]  # 30× max wrecks the reply
+    swept = entries[feature]["sweep"]
+    assert set(swept) == {"all", "generated"} and report["features"] == 1
+    for cells in swept.values():
+        assert set(cells) == {"1.5", "30"}
+        for c in cells.values():  # perplexity judged exactly where the replies could earn a recommendation
+            assert (c["median_ppl"] is None) == (c["concept_rate"] < strengths.MIN_RATE)
     assert entries[feature]["recommended_strength"] in (None, 1.5)  # never the wrecked strength
+    assert entries[feature]["recommended_tokens"] in ((None,) if entries[feature]["recommended_strength"] is None
+                                                      else ("all", "generated"))
+    wrecked = bench.run([Job(p, (("sae", feature, 30.0, "max"),)) for p in strengths.TUNING_PROMPTS])
+    fine = bench.run([Job(p, (("sae", feature, 1.5, "max"),)) for p in strengths.TUNING_PROMPTS])
+    assert median([j.perplexity for j in wrecked]) > median([j.perplexity for j in fine])
 
 
 def test_replies_are_judged_and_a_vector_clamp_changes_them(bench):
     prompts = ["What is your favourite book?", "How was your day?"]
     control = {prompts[0]: prompts[1], prompts[1]: prompts[0]}
+    unjudged = bench.run([Job(prompts[0])], fluency=False)[0]
+    assert unjudged.perplexity is None and unjudged.pmi is None  # answered, not yet scored
     plain, added = bench.run([Job(prompts[0]), Job(prompts[0], (("diffmean", 0, 1.0, "max"),))], control)
+    assert plain is unjudged and plain.perplexity is not None  # the same reply, now judged
     assert plain.text != added.text
     assert plain.perplexity > 1 and torch.isfinite(torch.tensor(plain.pmi)) and 0 < plain.trigrams <= 1
     assert plain.pmi > 0  # an unsteered answer is likelier after its own question

@@ -31,12 +31,11 @@ class TokenGain(BaseModel):
 class SweepCell(BaseModel):
     concept_rate: float
     """Share of replies containing one of the feature's words."""
-    median_ppl: float
-    """Median perplexity of the replies under the unsteered model."""
+    median_ppl: float | None
+    """Median perplexity of the replies under the unsteered model; None: not judged (fewer than half
+    the replies showed the feature, so this strength could not be recommended anyway)."""
     distinct_trigrams: float
     """Mean share of distinct word trigrams per reply (1: no repetition)."""
-    answers: float
-    """Share of replies likelier after their own question than after another (still answering)."""
 
 
 class Context(BaseModel):
@@ -67,6 +66,8 @@ class FeatureSummary(BaseModel):
     recommended_strength: float | None = None
     """Clamp value (× max, mode set) the strength sweep found most effective while fluent; None: not
     measured, or no strength both fluent and effective."""
+    recommended_tokens: Literal["all", "generated"] | None = None
+    """The clamp's `tokens` scope at that strength (the sweep tries both)."""
     examples: list[Context]
     score: float | None = None
     """Search relevance (search results only)."""
@@ -78,8 +79,8 @@ class FeatureDetail(FeatureSummary):
     mean_activation: float
     """Mean activation over the tokens where the feature is active."""
     top_contexts: list[Context]
-    sweep: dict[str, SweepCell] | None = None
-    """The strength sweep behind recommended_strength: per strength (× max), what the replies did."""
+    sweep: dict[str, dict[str, SweepCell]] | None = None
+    """The sweep behind the recommendation: per token scope and strength (× max), what the replies did."""
 
 
 class FeatureList(BaseModel):

@@ -3,19 +3,19 @@
     python -m steer_plugin.training.efficacy --sae sae_weights/NAME [--work DIR]
 
 Run after the strength sweep (strengths.py), which writes each steerable feature's recommended
-strength into the catalogue. Three parts, all through the real vLLM engine with the plugin, greedy,
+strength and token scope into the catalogue. Three parts, all through the real vLLM engine with the plugin, greedy,
 on prompts the sweep never saw:
 
 - **Efficacy**: for each concept (a keyword list a reader recognises), the top `--candidates`
   search hits (`/v1/features?q=`, steerable features first) that have a recommended strength are
-  clamped at it on `NEUTRAL_PROMPTS`. A feature meets the bar when its concept goes from <= 10 %
+  clamped at it (on its recommended scope) on `NEUTRAL_PROMPTS`. A feature meets the bar when its concept goes from <= 10 %
   of unsteered replies to >= 60 % with median reply perplexity (under the unsteered model) at most
   3× that of unsteered replies.
 - **The user's journey**: for everyday words a person would search for (`JOURNEY`), the top search
   hit at its recommended strength, on ordinary questions (`JOURNEY_QUESTIONS`).
 - **Side by side** (`--compare`): per concept, that top hit against prompting (the question plus
   "Mention {concept} in your answer.") and a difference-of-means vector at the same layer
-  (diff_means.py, strength tuned on the sweep's prompts by the sweep's rule); concept rate,
+  (diff_means.py, strength and scope tuned on the sweep's prompts by the sweep's rule); concept rate,
   fluency and whether the reply still answers the question (steering_eval.py).
 
 Writes efficacy.json/.md (and comparison.json/.md) next to the SAE.
@@ -31,7 +31,7 @@ from pathlib import Path
 from steer_plugin.catalogue import FeatureCatalogue
 from steer_plugin.config import default_model_dir
 from steer_plugin.training.steering_eval import Bench, Job, median, summarise
-from steer_plugin.training.strengths import STRENGTHS, TUNING_PROMPTS, control_prompts, recommend
+from steer_plugin.training.strengths import SCOPES, STRENGTHS, TUNING_PROMPTS, recommend, swept_cells
 
 NEUTRAL_PROMPTS = (
     "Tell me about your weekend.", "What is your favourite book?", "What should I do this evening?",
@@ -89,16 +89,22 @@ STEERED_MIN = 0.60
 MAX_PPL_RATIO = 3.0
 
 
+def control_prompts(prompts: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Each prompt's PMI control: the next prompt of the list."""
+    return {p: prompts[(i + 1) % len(prompts)] for i, p in enumerate(prompts)}
+
+
 def top_steerable_hits(catalogue: FeatureCatalogue, query: str, n: int) -> list[dict]:
     """The first n search hits for the query that have a recommended strength."""
     hits, _ = catalogue.search(query, 20)
     return [e for e, _ in hits if e.get("recommended_strength")][:n]
 
 
-def _clamped(entry: dict, prompts, sae_id: str = "sae", strength: float | None = None) -> list[Job]:
-    """The prompts, each with the feature clamped (at its recommended strength unless one is given)."""
-    value = entry["recommended_strength"] if strength is None else strength
-    return [Job(p, ((sae_id, entry["id"], value, "max"),)) for p in prompts]
+def _clamped(entry: dict, prompts, sae_id: str = "sae", setting: tuple[float, str] | None = None) -> list[Job]:
+    """The prompts, each with the feature clamped at a (strength, token scope): its recommended one
+    unless one is given."""
+    strength, tokens = setting or (entry["recommended_strength"], entry.get("recommended_tokens") or "all")
+    return [Job(p, ((sae_id, entry["id"], strength, "max"),), tokens=tokens) for p in prompts]
 
 
 def _summaries(bench: Bench, groups: list[tuple[list[Job], list[str]]], control: dict[str, str]) -> list[dict]:
@@ -121,7 +127,8 @@ def efficacy(bench: Bench, catalogue: FeatureCatalogue, candidates: int) -> dict
     cells = _summaries(bench, [(_clamped(entry, NEUTRAL_PROMPTS), keywords) for _, keywords, entry in chosen], control)
     base_rate = {concept: summarise(baseline, keywords)["concept_rate"] for concept, keywords in CONCEPTS.items()}
     rows = [{"concept": concept, "feature": entry["id"], "label": entry["label"],
-             "strength_x_max": entry["recommended_strength"], "baseline_mention_rate": base_rate[concept], **cell}
+             "strength_x_max": entry["recommended_strength"], "tokens": entry.get("recommended_tokens") or "all",
+             "baseline_mention_rate": base_rate[concept], **cell}
             for (concept, _, entry), cell in zip(chosen, cells)]
     meeting = [r for r in rows if r["baseline_mention_rate"] <= BASELINE_MAX and r["concept_rate"] >= STEERED_MIN
                and r["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl]
@@ -150,7 +157,7 @@ def journey(bench: Bench, catalogue: FeatureCatalogue) -> dict:
             rows.append({"query": query, "feature": top and top["id"], "steerable": False})
             continue
         rows.append({"query": query, "feature": top["id"], "label": top["label"], "steerable": True,
-                     "strength_x_max": top["recommended_strength"],
+                     "strength_x_max": top["recommended_strength"], "tokens": top.get("recommended_tokens") or "all",
                      "baseline_mention_rate": summarise(baseline, keywords)["concept_rate"], **cells[query]})
     steered = [r for r in rows if r["steerable"] and r["concept_rate"] >= STEERED_MIN
                and r["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl]
@@ -160,24 +167,25 @@ def journey(bench: Bench, catalogue: FeatureCatalogue) -> dict:
 
 def compare(bench: Bench, catalogue: FeatureCatalogue, vectors_id: str) -> dict:
     """Per concept: SAE top hit, prompting, diff-of-means (feature i of the vector SAE = concept i)."""
-    control = {**control_prompts(NEUTRAL_PROMPTS), **control_prompts(TUNING_PROMPTS)}
-    tune_base = median([j.perplexity for j in bench.run([Job(p) for p in TUNING_PROMPTS], control)])
+    control = control_prompts(NEUTRAL_PROMPTS)
+    tune_base = median([j.perplexity for j in bench.run([Job(p) for p in TUNING_PROMPTS])])
     concepts = list(CONCEPTS.items())
     hits = {concept: top_steerable_hits(catalogue, concept, 1) for concept, _ in concepts}
     vectors = [{"id": i} for i in range(len(concepts))]
-    # First batch: the SAE's top hits, prompting, and the vectors at every strength on the tuning prompts.
+    # The SAE's top hits and prompting on the neutral prompts; the vectors at every strength on the
+    # tuning prompts, tuned by the sweep's rule; then each vector at its tuned strength.
     groups = [(_clamped(hits[c][0], NEUTRAL_PROMPTS), k) for c, k in concepts if hits[c]]
     groups += [([Job(p, instruction=f"Mention {c} in your answer.") for p in NEUTRAL_PROMPTS], k) for c, k in concepts]
-    groups += [(_clamped(vectors[i], TUNING_PROMPTS, vectors_id, s), k) for i, (_, k) in enumerate(concepts)
-               for s in STRENGTHS]
     cells = iter(_summaries(bench, groups, control))
     sae_cells = {c: next(cells) for c, _ in concepts if hits[c]}
     prompted = {c: next(cells) for c, _ in concepts}
-    strengths = {c: recommend({s: next(cells) for s in STRENGTHS}, tune_base) for c, _ in concepts}
-    # Second batch: each vector at its tuned strength on the neutral prompts.
-    tuned = [i for i, (c, _) in enumerate(concepts) if strengths[c] is not None]
+    grid = [(s, t) for s in STRENGTHS for t in SCOPES]
+    tuning = swept_cells(bench, {(i, *st): (_clamped(vectors[i], TUNING_PROMPTS, vectors_id, st), k)
+                                 for i, (_, k) in enumerate(concepts) for st in grid})
+    settings = {c: recommend({st: tuning[i, *st] for st in grid}, tune_base) for i, (c, _) in enumerate(concepts)}
+    tuned = [i for i, (c, _) in enumerate(concepts) if settings[c] is not None]
     vector_cells = dict(zip(tuned, _summaries(
-        bench, [(_clamped(vectors[i], NEUTRAL_PROMPTS, vectors_id, strengths[concepts[i][0]]), concepts[i][1])
+        bench, [(_clamped(vectors[i], NEUTRAL_PROMPTS, vectors_id, settings[concepts[i][0]]), concepts[i][1])
                 for i in tuned], control)))
     rows = []
     for i, (concept, _) in enumerate(concepts):
@@ -185,10 +193,12 @@ def compare(bench: Bench, catalogue: FeatureCatalogue, vectors_id: str) -> dict:
         if concept in sae_cells:
             top = hits[concept][0]
             methods["SAE clamp"] = {**sae_cells[concept],
-                                    "setting": f"feature {top['id']} at {top['recommended_strength']:g}× max"}
+                                    "setting": f"feature {top['id']} at {top['recommended_strength']:g}× max, "
+                                               f"{top.get('recommended_tokens') or 'all'} tokens"}
         methods["prompting"] = {**prompted[concept], "setting": f'"Mention {concept} in your answer."'}
         if i in vector_cells:
-            methods["diff-of-means"] = {**vector_cells[i], "setting": f"{strengths[concept]:g}× the mean difference"}
+            strength, tokens = settings[concept]
+            methods["diff-of-means"] = {**vector_cells[i], "setting": f"{strength:g}× the mean difference, {tokens} tokens"}
         rows.append({"concept": concept, "methods": methods})
     table = {}
     for method in ("SAE clamp", "prompting", "diff-of-means"):
@@ -211,24 +221,24 @@ def _efficacy_markdown(report: dict) -> str:
              f"**{len(e['features_meeting_bar'])} features over {len(e['concepts_meeting_bar'])} concepts** take "
              f"their concept from ≤ 10 % to ≥ 60 % of replies with median perplexity ≤ 3× unsteered: "
              + ", ".join(e["concepts_meeting_bar"]) + ".", "",
-             "| concept | feature | label | × max | unsteered | steered | median ppl | distinct trigrams | answers |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| concept | feature | label | × max | tokens | unsteered | steered | median ppl | distinct trigrams | answers |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in e["results"]:
-        lines.append(f"| {r['concept']} | {r['feature']} | {r['label']} | {r['strength_x_max']:g} | "
+        lines.append(f"| {r['concept']} | {r['feature']} | {r['label']} | {r['strength_x_max']:g} | {r['tokens']} | "
                      f"{r['baseline_mention_rate']:.0%} | {r['concept_rate']:.0%} | {r['median_ppl']:.2f} | "
                      f"{r['distinct_trigrams']:.2f} | {r['answers']:.0%} |")
     lines += ["", "## The user's journey", "",
               f"Search a word, clamp the top hit at its recommended strength, ask {len(JOURNEY_QUESTIONS)} ordinary "
               f"questions: **{len(j['steered'])} of {j['queries']}** queries reach ≥ 60 % of replies with median "
               f"perplexity ≤ 3× unsteered ({j['baseline_median_ppl']:.2f}).", "",
-              "| query | top hit | label | × max | unsteered | steered | median ppl | distinct trigrams | example |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| query | top hit | label | × max | tokens | unsteered | steered | median ppl | distinct trigrams | example |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in j["results"]:
         if not r["steerable"]:
-            lines.append(f"| {r['query']} | {r['feature']} | (no recommended strength) | | | | | | |")
+            lines.append(f"| {r['query']} | {r['feature']} | (no recommended strength) | | | | | | | |")
             continue
         example = r["example"].replace("\n", " ").replace("|", "/")[:160]
-        lines.append(f"| {r['query']} | {r['feature']} | {r['label']} | {r['strength_x_max']:g} | "
+        lines.append(f"| {r['query']} | {r['feature']} | {r['label']} | {r['strength_x_max']:g} | {r['tokens']} | "
                      f"{r['baseline_mention_rate']:.0%} | {r['concept_rate']:.0%} | {r['median_ppl']:.2f} | "
                      f"{r['distinct_trigrams']:.2f} | {example} |")
     return "\n".join(lines) + "\n"

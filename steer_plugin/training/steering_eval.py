@@ -53,13 +53,15 @@ def median(values: list[float]) -> float:
 
 @dataclass(frozen=True)
 class Job:
-    """One request: a user turn, the clamps it carries (None: unsteered), and optionally an
-    instruction appended to the user turn (prompting instead of steering; the reply is judged
-    against the plain question)."""
+    """One request: a user turn, the clamps it carries (None: unsteered) and the positions they act
+    on, and optionally an instruction appended to the user turn (prompting instead of steering; the
+    reply is judged against the plain question)."""
 
     prompt: str
     clamps: tuple[tuple[str, int, float, str], ...] | None = None  # (sae id, feature, value, unit)
     instruction: str | None = None
+    tokens: str = "all"
+    """The clamps' `tokens` scope: all, prompt or generated."""
 
     def messages(self, question: str | None = None) -> list[dict]:
         """The conversation sent (question None) or the one a reply is judged in (the plain question)."""
@@ -70,18 +72,23 @@ class Job:
 
 @dataclass
 class Judged:
-    """A reply and its measures (see the module docstring)."""
+    """A reply and its measures (see the module docstring); None: not judged yet (`Bench.run`)."""
 
     text: str
-    perplexity: float
-    pmi: float
+    perplexity: float | None
+    pmi: float | None
     trigrams: float
+
+
+REPLY_TOKENS = 64
+"""Tokens per reply: two or three sentences, long enough for a steered reply to turn to its concept
+after answering (AxBench generates 128; 32 cut most replies mid-sentence)."""
 
 
 class Bench:
     """One engine (the model and the given SAEs, plugin on) that answers and judges jobs."""
 
-    def __init__(self, model_dir: str, saes: list[dict], max_tokens: int = 32, cache: Path | None = None,
+    def __init__(self, model_dir: str, saes: list[dict], max_tokens: int = REPLY_TOKENS, cache: Path | None = None,
                  own_process: bool = False):
         """own_process: the calling process starts no other engine (see offline_engine)."""
         self.llm = offline_llm(model_dir, own_process=own_process, max_model_len=1024,
@@ -99,26 +106,37 @@ class Bench:
         self.llm.llm_engine.engine_core.shutdown()
 
     def _key(self, job: Job) -> str:
-        return json.dumps([job.prompt, job.clamps, job.instruction, self.max_tokens])
+        return json.dumps([job.prompt, job.clamps, job.instruction, job.tokens, self.max_tokens])
 
-    def run(self, jobs: list[Job], control: dict[str, str]) -> list[Judged]:
-        """Answers and judges the jobs not already in the cache (kept on disk: the long part of a run).
-        control: for each prompt, the other prompt its reply's PMI is measured against."""
+    def run(self, jobs: list[Job], control: dict[str, str] | None = None, fluency: bool = True) -> list[Judged]:
+        """Answers the jobs not already answered and judges what is asked and not yet judged (all kept
+        in the cache on disk: the long part of a run). fluency: also perplexity; control: also PMI,
+        for each prompt against the other prompt given (the scorer's passes cost more than the replies,
+        so a sweep judges only the replies it needs)."""
         from vllm import SamplingParams
 
-        todo = list({self._key(j): j for j in jobs if self._key(j) not in self._cache}.values())
+        unique = list({self._key(j): j for j in jobs}.values())
+        todo = [j for j in unique if self._key(j) not in self._cache]
         if todo:
             params = [SamplingParams(temperature=0, max_tokens=self.max_tokens, extra_args=None if not j.clamps else
-                                     {"feature_clamps": json.dumps([{"sae": s, "feature": f, "value": v, "unit": u}
-                                                                    for s, f, v, u in j.clamps])}) for j in todo]
+                                     {"feature_clamps": json.dumps([{"sae": s, "feature": f, "value": v, "unit": u,
+                                                                     "tokens": j.tokens} for s, f, v, u in j.clamps])})
+                      for j in todo]
             replies = [o.outputs[0].text for o in self.llm.chat([j.messages() for j in todo], params, use_tqdm=True)]
-            own = self._loglik([j.messages(j.prompt) for j in todo], replies)
-            other = self._loglik([j.messages(control[j.prompt]) for j in todo], replies)
-            for job, reply, (nll, n), (other_nll, _) in zip(todo, replies, own, other):
-                self._cache[self._key(job)] = Judged(reply, math.exp(nll / n), (other_nll - nll) / n,
-                                                     distinct_trigrams(reply))
-            if self.cache_path is not None:
-                self.cache_path.write_text(json.dumps({k: vars(v) for k, v in self._cache.items()}))
+            for job, reply in zip(todo, replies):
+                self._cache[self._key(job)] = Judged(reply, None, None, distinct_trigrams(reply))
+        cached = [self._cache[self._key(j)] for j in unique]
+        unscored = [(j, c) for j, c in zip(unique, cached) if (fluency or control) and c.perplexity is None]
+        for (_, c), (nll, n) in zip(unscored, self._loglik([j.messages(j.prompt) for j, _ in unscored],
+                                                           [c.text for _, c in unscored])):
+            c.perplexity = math.exp(nll / n)
+        if control is not None:
+            no_pmi = [(j, c) for j, c in zip(unique, cached) if c.pmi is None]
+            for (_, c), (other_nll, n) in zip(no_pmi, self._loglik([j.messages(control[j.prompt]) for j, _ in no_pmi],
+                                                                   [c.text for _, c in no_pmi])):
+                c.pmi = other_nll / n - math.log(c.perplexity)
+        if self.cache_path is not None and (todo or unscored or control is not None):
+            self.cache_path.write_text(json.dumps({k: vars(v) for k, v in self._cache.items()}))
         return [self._cache[self._key(j)] for j in jobs]
 
     @torch.inference_mode()
@@ -126,6 +144,8 @@ class Bench:
         """(negative log-likelihood, tokens) of each reply after its conversation, under the unsteered
         model: transformers in this process (vLLM's prompt logprobs take a full-vocabulary log-softmax
         at every position on its one serving thread, several times slower here)."""
+        if not replies:
+            return []
         if self._scorer is None:
             from transformers import AutoModelForCausalLM
 
@@ -156,9 +176,11 @@ class Bench:
 
 
 def summarise(judged: list[Judged], keywords: list[str]) -> dict:
-    """Concept rate, fluency and on-question figures of a cell of replies."""
+    """Concept rate, fluency and on-question figures of a cell of replies (None where not judged)."""
+    ppl = [j.perplexity for j in judged]
+    pmi = [j.pmi for j in judged]
     return {"concept_rate": sum(mentions(j.text, keywords) for j in judged) / len(judged),
-            "median_ppl": median([j.perplexity for j in judged]),
+            "median_ppl": None if None in ppl else median(ppl),
             "distinct_trigrams": sum(j.trigrams for j in judged) / len(judged),
-            "answers": sum(j.pmi > 0 for j in judged) / len(judged),
+            "answers": None if None in pmi else sum(p > 0 for p in pmi) / len(judged),
             "example": judged[0].text}

@@ -4,16 +4,18 @@
 
 Swept: the `--features` features with the highest `steered_mass` (see output_score.py), and the top
 search hits of the concepts in efficacy.py (what users look for). Each is clamped (`set`, unit max)
-at every strength of `--strengths` on the tuning prompts below, which the efficacy and comparison
+at every strength of `--strengths` and on every token scope of `SCOPES`, on the tuning prompts below, which the efficacy and comparison
 runs never use. A reply shows the feature when it contains one of the feature's words: the words
 its clamp promotes (`steered_tokens`) and the words it fires on (`top_tokens`), less function
-words and words the unsteered replies to the same prompts contain.
+words, words the unsteered replies to the same prompts contain, and clamp drift (`drift_words`).
 
-The recommended strength is, among the strengths whose replies stay fluent (median perplexity
-under the unsteered model at most 3× that of unsteered replies, and at least 80 % distinct word
-trigrams), the one at which most replies show the feature (the lowest of equals); none where no
-strength is fluent or none shows it in at least half the replies. Written into the catalogue per
-feature: `recommended_strength` and `sweep` (per strength: rate, median perplexity, distinct trigrams).
+The recommended setting is, among the strengths and scopes whose replies stay fluent (median
+perplexity under the unsteered model at most 3× that of unsteered replies, and at least 80 % distinct
+word trigrams), the one at which most replies show the feature (the more fluent of equals); none
+where nothing is fluent or nothing shows it in at least half the replies. Written into the catalogue
+per feature: `recommended_strength`, `recommended_tokens` and `sweep` (per scope and strength: rate,
+median perplexity, distinct trigrams; the perplexity is judged only where at least half the replies
+show the feature, null elsewhere).
 """
 
 from __future__ import annotations
@@ -30,43 +32,60 @@ from steer_plugin.training.steering_eval import Bench, Job, median, summarise
 
 TUNING_PROMPTS = (
     "What are you up to today?", "Write two sentences about anything you like.", "What is on your mind?",
-    "Describe your perfect afternoon.",
+    "Describe your perfect afternoon.", "Tell me something about yourself.", "What did you do last summer?",
+    "Give me an idea for a fun day out.", "What is a good way to relax?",
 )
 """Prompts the strengths are tuned on (kept apart from efficacy.NEUTRAL_PROMPTS and the journey's)."""
 STRENGTHS = (1.0, 1.25, 1.5, 2.0, 3.0)
 """Clamp strengths swept (× max, `set`): replies of the 135M default model stay fluent up to about
 1.5× and break down past 3× (measured 2026-12-02; a grid of 2/3/5× found a fluent effective strength
 for 3 of 37 features)."""
+SCOPES = ("all", "generated")
+"""Token scopes swept: clamping only the positions that produce the reply leaves the question as the
+model read it, which keeps replies more fluent (lower perplexity at every strength measured) and
+changes how often they show the feature (up for some features, down for others)."""
 MAX_PPL_RATIO = 3.0
 MIN_TRIGRAMS = 0.8
 MIN_RATE = 0.5
+DRIFT_SHARE = 0.01
+"""A word among the steered tokens of at least this share of features is clamp drift, not a feature's
+own ("something", "probably", "exploring", "music": whatever a clamp pushes the 135M model towards)."""
 
 
 def _words(text: str) -> set[str]:
     return {singular(w) for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 3}
 
 
-def feature_words(entry: dict, unsteered: set[str] = frozenset(), steered: int = 5, fired: int = 3) -> list[str]:
+def _steered_words(entry: dict, steered: int = 5) -> set[str]:
+    return set().union(*(_words(t["token"]) for t in entry.get("steered_tokens", [])[:steered]))
+
+
+def drift_words(entries: list[dict]) -> set[str]:
+    """The words many features' clamps push towards (see DRIFT_SHARE)."""
+    counts: dict[str, int] = {}
+    for entry in entries:
+        for word in _steered_words(entry):
+            counts[word] = counts.get(word, 0) + 1
+    return {w for w, n in counts.items() if n >= DRIFT_SHARE * len(entries)}
+
+
+def feature_words(entry: dict, ignore: set[str] = frozenset(), fired: int = 3) -> list[str]:
     """The words a reply steered by this feature is expected to contain (lower case, singular): from
-    what its clamp promotes and what it fires on, less function words and less the words unsteered
-    replies use anyway (`unsteered`), which would show nothing about the feature."""
-    tokens = [t["token"] for t in entry.get("steered_tokens", [])[:steered]]
-    tokens += [t["token"] for t in entry.get("top_tokens", [])[:fired]]
-    return sorted(set().union(*map(_words, tokens)) - STOPWORDS - unsteered) if tokens else []
+    what its clamp promotes and what it fires on, less function words and the words in `ignore`
+    (those unsteered replies use anyway and clamp drift), which would show nothing about the feature."""
+    words = _steered_words(entry).union(*(_words(t["token"]) for t in entry.get("top_tokens", [])[:fired]))
+    return sorted(words - STOPWORDS - ignore)
 
 
-def control_prompts(prompts: tuple[str, ...] | list[str]) -> dict[str, str]:
-    """Each prompt's PMI control: the next prompt of the list."""
-    return {p: prompts[(i + 1) % len(prompts)] for i, p in enumerate(prompts)}
-
-
-def recommend(cells: dict[float, dict], baseline_ppl: float) -> float | None:
-    fluent = [(s, c) for s, c in sorted(cells.items())
-              if c["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl and c["distinct_trigrams"] >= MIN_TRIGRAMS]
+def recommend(cells: dict, baseline_ppl: float):
+    """The key (a strength, or a strength and a scope) of the cell that shows the feature most among
+    the fluent ones, the more fluent of equals; None where none is fluent and shows it often enough."""
+    fluent = [(key, c) for key, c in cells.items() if c["median_ppl"] is not None
+              and c["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl and c["distinct_trigrams"] >= MIN_TRIGRAMS]
     if not fluent:
         return None
-    strength, cell = max(fluent, key=lambda sc: (sc[1]["concept_rate"], -sc[0]))
-    return strength if cell["concept_rate"] >= MIN_RATE else None
+    key, cell = max(fluent, key=lambda kc: (kc[1]["concept_rate"], -kc[1]["median_ppl"]))
+    return key if cell["concept_rate"] >= MIN_RATE else None
 
 
 def swept_features(entries: list[dict], top: int, queries: list[str], hits: int = 1) -> list[int]:
@@ -79,31 +98,40 @@ def swept_features(entries: list[dict], top: int, queries: list[str], hits: int 
 
 
 def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
-          strengths: tuple[float, ...] = STRENGTHS) -> dict:
-    """Runs the sweep and writes `recommended_strength` and `sweep` into the entries."""
-    control = control_prompts(TUNING_PROMPTS)
-    baseline = bench.run([Job(p) for p in TUNING_PROMPTS], control)
+          strengths: tuple[float, ...] = STRENGTHS, scopes: tuple[str, ...] = SCOPES) -> dict:
+    """Runs the sweep and writes `recommended_strength`, `recommended_tokens` and `sweep` into the
+    entries. Perplexity is judged only in cells where enough replies show the feature to be recommended."""
+    baseline = bench.run([Job(p) for p in TUNING_PROMPTS])
     baseline_ppl = median([j.perplexity for j in baseline])
-    said_anyway = set().union(*(_words(j.text) for j in baseline))
-    words = {f: feature_words(entries[f], said_anyway) for f in features}
+    ignore = set().union(*(_words(j.text) for j in baseline)) | drift_words(entries)
+    words = {f: feature_words(entries[f], ignore) for f in features}
     for f in features:
         if not words[f]:  # nothing to look for in a reply: not measurable
-            entries[f].update(sweep=None, recommended_strength=None)
+            entries[f].update(sweep=None, sweep_words=[], recommended_strength=None, recommended_tokens=None)
     measured = [f for f in features if words[f]]
-    jobs = [Job(p, ((sae_id, f, s, "max"),)) for f in measured for s in strengths for p in TUNING_PROMPTS]
-    judged = bench.run(jobs, control)
-    n = len(TUNING_PROMPTS)
-    for i, feature in enumerate(measured):
-        cells = {}
-        for j, strength in enumerate(strengths):
-            start = (i * len(strengths) + j) * n
-            cells[strength] = summarise(judged[start:start + n], words[feature])
-        entries[feature]["sweep"] = {f"{s:g}": {k: round(v, 3) for k, v in c.items() if k != "example"}
-                                     for s, c in cells.items()}
+    summaries = swept_cells(bench, {(f, s, t): ([Job(p, ((sae_id, f, s, "max"),), tokens=t) for p in TUNING_PROMPTS],
+                                                words[f]) for f in measured for s in strengths for t in scopes})
+    for feature in measured:
+        summary = {(s, t): summaries[feature, s, t] for s in strengths for t in scopes}
+        entries[feature]["sweep"] = {t: {f"{s:g}": {k: v if v is None else round(v, 3)
+                                                    for k, v in summary[s, t].items() if k not in ("example", "answers")}
+                                         for s in strengths} for t in scopes}
         entries[feature]["sweep_words"] = words[feature]
-        entries[feature]["recommended_strength"] = recommend(cells, baseline_ppl)
+        strength, tokens = recommend(summary, baseline_ppl) or (None, None)
+        entries[feature].update(recommended_strength=strength, recommended_tokens=tokens)
     return {"baseline_median_ppl": baseline_ppl, "features": len(features),
             "recommended": sum(entries[f]["recommended_strength"] is not None for f in features)}
+
+
+def swept_cells(bench: Bench, cells: dict) -> dict:
+    """key -> summary of each cell (key -> (jobs, the words its replies are checked for)), all answered
+    in one engine batch; perplexity is judged only in cells where at least MIN_RATE of the replies show
+    their words (no other cell can be recommended), the scorer's passes costing more than the replies."""
+    replies = iter(bench.run([j for jobs, _ in cells.values() for j in jobs], fluency=False))
+    summary = {key: summarise([next(replies) for _ in jobs], words) for key, (jobs, words) in cells.items()}
+    shown = [key for key, s in summary.items() if s["concept_rate"] >= MIN_RATE]
+    judged = iter(bench.run([j for key in shown for j in cells[key][0]]))
+    return summary | {key: summarise([next(judged) for _ in cells[key][0]], cells[key][1]) for key in shown}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -114,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model-dir", default=str(default_model_dir()))
     p.add_argument("--features", type=int, default=0, help="also the N features of highest steered_mass")
     p.add_argument("--strengths", default=",".join(f"{s:g}" for s in STRENGTHS))
+    p.add_argument("--scopes", default=",".join(SCOPES))
     p.add_argument("--hits", type=int, default=1, help="top search hits swept per concept and journey query")
     args = p.parse_args(argv)
     path = args.sae / CATALOGUE_FILENAME
@@ -122,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     bench = Bench(args.model_dir, [{"path": str(args.sae.resolve()), "id": "sae"}],
                   cache=args.sae / ".steering_replies.json", own_process=True)
     try:
-        report = sweep(bench, "sae", entries, features, tuple(float(s) for s in args.strengths.split(",")))
+        report = sweep(bench, "sae", entries, features, tuple(float(s) for s in args.strengths.split(",")),
+                       tuple(args.scopes.split(",")))
     finally:
         bench.close()
     path.write_text(json.dumps(entries, ensure_ascii=False, indent=0))

@@ -124,7 +124,8 @@ async function openCard(id) {
     facts.append(el("dt", {}, "Promotes"), el("dd", {}, entry.output_tokens.map((t) => t.token).join(", ")));
   }
   if (entry.recommended_strength !== undefined && entry.recommended_strength !== null) {
-    facts.append(el("dt", {}, "Recommended strength"), el("dd", {}, `${entry.recommended_strength} × max`));
+    const scope = entry.recommended_tokens && entry.recommended_tokens !== "all" ? `, ${entry.recommended_tokens} tokens` : "";
+    facts.append(el("dt", {}, "Recommended strength"), el("dd", {}, `${entry.recommended_strength} × max${scope}`));
   }
   card.replaceChildren(el("h3", {id: "card-title"}, `Feature ${entry.id}: ${entry.label}`), facts,
     el("h4", {}, "Where it fires"), ...entry.top_contexts.map((c) => context(c.text)),
@@ -140,8 +141,9 @@ async function addClamp(id) {
   if (!state.clamps.some((c) => c.feature === id && c.sae === state.sae)) {
     const entry = state.details.get(`${state.sae}:${id}`) || (await request(`v1/features/${id}?${saeQuery()}`)).body;
     const strength = entry && entry.recommended_strength ? entry.recommended_strength : 3;
+    const tokens = entry && entry.recommended_tokens ? entry.recommended_tokens : "all";
     state.clamps.push({sae: state.sae, feature: id, label: entry && entry.label ? entry.label : "", strength,
-                       mode: "set", tokens: "all"});
+                       mode: "set", tokens});
   }
   if (!$("heat-feature").value) $("heat-feature").value = id;
   renderClamps();
