@@ -130,12 +130,12 @@ class Bench:
         for (_, c), (nll, n) in zip(unscored, self._loglik([j.messages(j.prompt) for j, _ in unscored],
                                                            [c.text for _, c in unscored])):
             c.perplexity = math.exp(nll / n)
-        if control is not None:
-            no_pmi = [(j, c) for j, c in zip(unique, cached) if c.pmi is None]
+        no_pmi = [(j, c) for j, c in zip(unique, cached) if c.pmi is None] if control is not None else []
+        if no_pmi:
             for (_, c), (other_nll, n) in zip(no_pmi, self._loglik([j.messages(control[j.prompt]) for j, _ in no_pmi],
                                                                    [c.text for _, c in no_pmi])):
                 c.pmi = other_nll / n - math.log(c.perplexity)
-        if self.cache_path is not None and (todo or unscored or control is not None):
+        if self.cache_path is not None and (todo or unscored or no_pmi):
             self.cache_path.write_text(json.dumps({k: vars(v) for k, v in self._cache.items()}))
         return [self._cache[self._key(j)] for j in jobs]
 
