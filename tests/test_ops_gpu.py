@@ -25,7 +25,7 @@ REAL = 6  # two requests of 3 tokens; the last 2 of T are CUDA-graph padding
 
 def _setup(key, architecture="jumprelu"):
     sae = make_sae(architecture, d_in=D_IN, d_sae=D_SAE, k=32).to("cuda")
-    limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)
+    limits = Limits.one(d_sae=D_SAE, max_clamps=5, max_activation=None)
     table = ClampTable(limits, "sae", max_tokens=64, max_reqs=8, device=torch.device("cuda"))
     activity = FeatureActivity(key, D_SAE, sample_every=1, watch=(), top_n=0)
     recorder = FeatureRecorder("sae")
