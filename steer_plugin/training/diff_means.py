@@ -27,6 +27,13 @@ def diff_means(cap: Capture, tokenizer, concepts: dict[str, list[str]], min_hits
     doc = torch.from_numpy(cap.doc).long()  # [N]
     per_doc_sum = torch.zeros(len(texts), cap.acts.shape[1], dtype=torch.float64).index_add_(0, doc, cap.acts.double())
     per_doc_n = torch.bincount(doc, minlength=len(texts)).double()  # [docs]
+    return diff_of_sums(per_doc_sum, per_doc_n, texts, concepts, min_hits)
+
+
+def diff_of_sums(per_doc_sum: torch.Tensor, per_doc_n: torch.Tensor, texts: list[str],
+                 concepts: dict[str, list[str]], min_hits: int = 2) -> torch.Tensor:
+    """per_doc_sum [docs, d_in] float64: each document's summed activations over per_doc_n [docs] tokens
+    -> [concepts, d_in] float32: per concept, the mean over positive documents' tokens − the rest's."""
     vectors = []
     for keywords in concepts.values():
         positive = torch.tensor([count_mentions(t, keywords) >= min_hits for t in texts])

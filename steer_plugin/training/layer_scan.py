@@ -1,0 +1,188 @@
+"""Which layer of the model takes steering best: difference-of-means vectors at several layers, each
+added at doses relative to that layer's residual-stream norm, judged as the strength sweep judges.
+
+    python -m steer_plugin.training.layer_scan --out docs/layer-scan [--layers 3,6,9] [--doses 0.25,0.5]
+
+Why: an SAE's layer bounds what clamping its features can do. If no single direction at a layer
+makes the model talk about a concept fluently, no feature of an SAE there will; the layer where the
+mean difference itself steers best is where the next SAE should read.
+
+- Vectors: for each concept of `efficacy.CONCEPTS` with at least `--min-docs` conversations of the
+  chat corpus naming it twice (in the first `--ctx` tokens), the mean stream over those documents'
+  tokens minus the mean over the other sampled documents (`diff_means.diff_of_sums`), at the output
+  of each layer; position 0 (the attention sink) left out. Up to `--docs-per-concept` positive
+  documents per concept and as many others are read, with transformers, the forward stopped after
+  the deepest layer scanned.
+- Dose: the vector scaled to α × the median norm of that layer's stream, added at every position
+  (each layer's vectors are served by the plugin as an SAE there: `diff_means.write_vector_sae`,
+  clamped with `unit: absolute`), so doses compare across layers whose norms differ 50-fold.
+- Judged like the strength sweep (strengths.py) on its tuning prompts: share of replies naming the
+  concept, median perplexity under the unsteered model (only where at least half name it), distinct
+  word trigrams. A cell steers fluently when the rate is >= 60 %, perplexity <= 3× unsteered and
+  trigrams >= 0.8.
+
+Writes results.json and results.md to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from steer_plugin.config import default_model_dir
+from steer_plugin.training.capture import load_hf_model
+from steer_plugin.training.chat_corpus import CHATS_FILE
+from steer_plugin.training.diff_means import diff_of_sums, write_vector_sae
+from steer_plugin.training.efficacy import CONCEPTS
+from steer_plugin.training.steering_eval import Bench, Job, count_mentions, median, summarise
+from steer_plugin.training.strengths import MAX_PPL_RATIO, MIN_TRIGRAMS, TUNING_PROMPTS, swept_cells
+
+BAR = 0.6
+"""Concept rate a fluent cell must reach to count (the efficacy bar)."""
+
+
+def sample_documents(tokenizer, chats: Path, concepts: dict[str, list[str]], ctx: int, min_docs: int,
+                     per_concept: int, seed: int = 0) -> tuple[list[list[int]], list[str], dict[str, list[str]]]:
+    """(token ids, texts) of the documents read, and the concepts with enough positive documents among them."""
+    rng = random.Random(seed)
+    token_lists, texts = [], []
+    for line in chats.read_text().splitlines():
+        ids = tokenizer(tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False),
+                        add_special_tokens=False)["input_ids"][:ctx]
+        token_lists.append(ids)
+        texts.append(tokenizer.decode(ids))
+    chosen: set[int] = set()
+    kept = {}
+    for concept, keywords in concepts.items():
+        positive = [i for i, t in enumerate(texts) if count_mentions(t, keywords) >= 2]
+        if len(positive) >= min_docs:
+            kept[concept] = keywords
+            chosen.update(rng.sample(positive, min(per_concept, len(positive))))
+    others = [i for i in range(len(texts)) if i not in chosen]
+    chosen.update(rng.sample(others, min(len(chosen), len(others))))
+    order = sorted(chosen)
+    return [token_lists[i] for i in order], [texts[i] for i in order], kept
+
+
+@torch.inference_mode()
+def layer_sums(model, token_lists: list[list[int]], layers: list[int], batch_size: int = 8):
+    """Per layer: ([docs, d] float64 summed stream, [docs] token counts, median token norm), position 0
+    left out. The forward stops one layer after the deepest asked for (the last hidden state transformers
+    returns is after the final norm)."""
+    depth = max(layers) + 2
+    model.model.layers = model.model.layers[:depth]  # the scan's own copy of the model
+    d = model.config.hidden_size
+    sums = {L: torch.zeros(len(token_lists), d, dtype=torch.float64) for L in layers}
+    norms: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
+    counts = torch.tensor([len(t) - 1 for t in token_lists], dtype=torch.float64)  # [docs]
+    order = np.argsort([len(t) for t in token_lists], kind="stable")
+    for start in tqdm(range(0, len(order), batch_size), desc="layer streams", unit="batch"):
+        part = order[start:start + batch_size]
+        width = max(len(token_lists[i]) for i in part)
+        ids = torch.zeros((len(part), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(part):
+            ids[r, :len(token_lists[i])] = torch.tensor(token_lists[i])
+            mask[r, :len(token_lists[i])] = 1
+        hidden = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        keep = mask.bool().clone()
+        keep[:, 0] = False  # position 0: the attention sink
+        for L in layers:
+            h = hidden[L + 1]  # [B, width, d]: the output of layer L (hidden_states[0] is the embeddings)
+            sums[L][torch.as_tensor(part)] = (h * keep[..., None]).double().sum(1)
+            norms[L].append(h[keep].norm(dim=-1))
+    return {L: (sums[L], counts, float(torch.cat(norms[L]).median())) for L in layers}
+
+
+def scan(model_dir: str, chats: Path, out: Path, layers: list[int], doses: list[float], ctx: int, min_docs: int,
+         per_concept: int) -> dict:
+    started = time.time()
+    model, tokenizer = load_hf_model(model_dir)
+    token_lists, texts, concepts = sample_documents(tokenizer, chats, CONCEPTS, ctx, min_docs, per_concept)
+    streams = layer_sums(model, token_lists, layers)
+    del model
+    saes, norm = [], {}
+    for L, (sums, counts, median_norm) in streams.items():
+        vectors = diff_of_sums(sums, counts, texts, concepts)
+        write_vector_sae(vectors, list(concepts), f"blocks.{L}.hook_resid_post", out / "vectors" / f"L{L}")
+        saes.append({"path": str((out / "vectors" / f"L{L}").resolve()), "id": f"L{L}"})
+        norm[L] = median_norm
+    bench = Bench(model_dir, saes, cache=out / ".replies.json", own_process=True)
+    try:
+        baseline = bench.run([Job(p) for p in TUNING_PROMPTS])
+        baseline_ppl = median([j.perplexity for j in baseline])
+        cells = {(c, L, a): ([Job(p, ((f"L{L}", i, a * norm[L], "absolute"),)) for p in TUNING_PROMPTS], keywords)
+                 for i, (c, keywords) in enumerate(concepts.items()) for L in layers for a in doses}
+        summaries = swept_cells(bench, cells)
+    finally:
+        bench.close()
+    rows = [{"concept": c, "layer": L, "dose": a, **{k: v for k, v in s.items() if k != "answers"},
+             "fluent_at_bar": _fluent(s, baseline_ppl) and s["concept_rate"] >= BAR}
+            for (c, L, a), s in summaries.items()]
+    report = {"layers": layers, "doses": doses, "median_norm": norm, "concepts": list(concepts),
+              "documents": len(texts), "tokens": int(sum(len(t) for t in token_lists)), "ctx": ctx,
+              "baseline_median_ppl": baseline_ppl,
+              "baseline_rate": {c: summarise(baseline, k)["concept_rate"] for c, k in concepts.items()},
+              "rows": rows, "seconds": round(time.time() - started)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    (out / "results.md").write_text(markdown(report))
+    return report
+
+
+def _fluent(cell: dict, baseline_ppl: float) -> bool:
+    return (cell["median_ppl"] is not None and cell["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl
+            and cell["distinct_trigrams"] >= MIN_TRIGRAMS)
+
+
+def markdown(report: dict) -> str:
+    rows, concepts = report["rows"], report["concepts"]
+    lines = [f"# Steering by layer: difference-of-means vectors ({time.strftime('%Y-%m-%d')})", "",
+             f"{len(concepts)} concepts ({', '.join(concepts)}), vectors from {report['documents']} chat documents "
+             f"({report['tokens']:,} tokens, first {report['ctx']} of each); {len(TUNING_PROMPTS)} tuning prompts, "
+             f"greedy, all positions. Dose: × the layer's median stream norm. Unsteered median perplexity "
+             f"{report['baseline_median_ppl']:.2f}. A cell counts when the concept is in ≥ {BAR:.0%} of replies "
+             f"with median perplexity ≤ {MAX_PPL_RATIO:g}× unsteered and distinct trigrams ≥ {MIN_TRIGRAMS}.", "",
+             "| layer | median norm | dose | mean concept rate | concepts at the bar | mean distinct trigrams |",
+             "|---|---|---|---|---|---|"]
+    for L in report["layers"]:
+        for a in report["doses"]:
+            cells = [r for r in rows if r["layer"] == L and r["dose"] == a]
+            lines.append(f"| {L} | {report['median_norm'][L]:.0f} | {a:g} | "
+                         f"{sum(r['concept_rate'] for r in cells) / len(cells):.0%} | "
+                         f"{sum(r['fluent_at_bar'] for r in cells)} | "
+                         f"{sum(r['distinct_trigrams'] for r in cells) / len(cells):.2f} |")
+    lines += ["", "Per concept, the layers and doses at the bar:", ""]
+    for c in concepts:
+        hits = [f"L{r['layer']}×{r['dose']:g} ({r['concept_rate']:.0%}, ppl {r['median_ppl']:.1f})"
+                for r in rows if r["concept"] == c and r["fluent_at_bar"]]
+        lines.append(f"- {c} (unsteered {report['baseline_rate'][c]:.0%}): {', '.join(hits) or 'none'}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model-dir", default=str(default_model_dir()))
+    p.add_argument("--chats", type=Path, default=Path("corpus") / CHATS_FILE)
+    p.add_argument("--layers", default="3,6,9,12,15,18,21")
+    p.add_argument("--doses", default="0.125,0.25,0.375,0.5,0.75")
+    p.add_argument("--ctx", type=int, default=256)
+    p.add_argument("--min-docs", type=int, default=35, help="positive documents a concept needs to be scanned")
+    p.add_argument("--docs-per-concept", type=int, default=40)
+    args = p.parse_args(argv)
+    report = scan(args.model_dir, args.chats, args.out, [int(x) for x in args.layers.split(",")],
+                  [float(x) for x in args.doses.split(",")], args.ctx, args.min_docs, args.docs_per_concept)
+    print(report["seconds"], "s")
+    return report
+
+
+if __name__ == "__main__":
+    main()
