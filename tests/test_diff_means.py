@@ -41,3 +41,22 @@ def test_vector_is_the_mean_over_concept_documents_minus_the_rest(tokenizer, tmp
     assert sae.cfg.architecture == "jumprelu" and not f.any()  # never fires: a clamp only adds
     torch.testing.assert_close(load_max_activations(tmp_path / "vec"), vectors.norm(dim=-1))
     torch.testing.assert_close(sae.W_dec * vectors.norm(dim=-1)[:, None], vectors)
+
+
+def test_layer_scan_reads_the_stream_the_capture_reads():
+    """The scan's per-document sums at several layers (one forward, padded batches) equal the training
+    capture's activations at each layer summed per document, position 0 left out in both."""
+    from steer_plugin.training.capture import capture, load_hf_model
+    from steer_plugin.training.layer_scan import layer_sums
+
+    model, tok = load_hf_model(MODEL)
+    docs = ["The sea is big and blue, and ships sail on it every day.", "Music is the art of arranging sounds."]
+    reference = {layer: capture(model, tok, docs, layer, 64, 2) for layer in (3, 15)}
+    streams = layer_sums(model, [tok(d, add_special_tokens=False)["input_ids"] for d in docs], [3, 15], batch_size=2)
+    for layer, cap in reference.items():
+        summed = torch.zeros(2, cap.acts.shape[1], dtype=torch.float64).index_add_(
+            0, torch.from_numpy(cap.doc).long(), cap.acts.double())
+        sums, counts, median_norm = streams[layer]
+        torch.testing.assert_close(sums, summed)
+        assert counts.tolist() == np.bincount(cap.doc).tolist()
+        assert median_norm == pytest.approx(float(cap.acts.norm(dim=-1).median()))

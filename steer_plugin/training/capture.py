@@ -44,27 +44,27 @@ def load_hf_model(model_dir: str):
     return model, tokenizer
 
 
-@torch.inference_mode()
-def capture(model, tokenizer, docs: list[str], layer: int, ctx: int, batch_size: int,
-            desc: str = "capture") -> Capture:
-    token_lists = [tokenizer(d, add_special_tokens=False)["input_ids"][:ctx] for d in docs]
-    token_lists = [t for t in token_lists if len(t) >= 2]
+def streams(model, token_lists: list[list[int]], layers: list[int], batch_size: int, pad_id: int = 0):
+    """Yields (document indices, mask [batch, width], {layer: its output stream [batch, width, d_model]})
+    per batch of documents of similar length (right-padded), the forward stopped after the deepest of
+    `layers`."""
+    caught: dict[int, torch.Tensor] = {}
+    deepest = max(layers)
+
+    def hook_for(layer: int):
+        def hook(_module, _inputs, output):
+            caught[layer] = output[0] if isinstance(output, tuple) else output
+            if layer == deepest:
+                raise _StopForward
+        return hook
+
+    handles = [model.model.layers[layer].register_forward_hook(hook_for(layer)) for layer in layers]
     order = np.argsort([len(t) for t in token_lists], kind="stable")  # similar lengths share a batch
-    caught: list[torch.Tensor] = []
-
-    def hook(_module, _inputs, output):
-        caught.append(output[0] if isinstance(output, tuple) else output)
-        raise _StopForward
-
-    handle = model.model.layers[layer].register_forward_hook(hook)
-    acts, docs_idx, pos_idx = [], [], []
-    total = sum(len(t) - 1 for t in token_lists)
-    bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True)
     try:
         for start in range(0, len(order), batch_size):
             batch = [int(i) for i in order[start:start + batch_size]]
             width = max(len(token_lists[i]) for i in batch)
-            ids = torch.full((len(batch), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, i in enumerate(batch):
                 ids[row, : len(token_lists[i])] = torch.tensor(token_lists[i])
@@ -74,7 +74,21 @@ def capture(model, tokenizer, docs: list[str], layer: int, ctx: int, batch_size:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
             except _StopForward:
                 pass
-            resid = caught[0]  # [batch, width, d_model]
+            yield batch, mask, dict(caught)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def capture(model, tokenizer, docs: list[str], layer: int, ctx: int, batch_size: int,
+            desc: str = "capture") -> Capture:
+    token_lists = [tokenizer(d, add_special_tokens=False)["input_ids"][:ctx] for d in docs]
+    token_lists = [t for t in token_lists if len(t) >= 2]
+    acts, docs_idx, pos_idx = [], [], []
+    with tqdm(total=sum(len(t) - 1 for t in token_lists), desc=desc, unit="tok", unit_scale=True) as bar:
+        for batch, _, caught in streams(model, token_lists, [layer], batch_size, tokenizer.pad_token_id or 0):
+            resid = caught[layer]  # [batch, width, d_model]
             for row, i in enumerate(batch):
                 n = len(token_lists[i])
                 # Position 0 is an attention sink with a far larger norm: left out of training.
@@ -82,9 +96,6 @@ def capture(model, tokenizer, docs: list[str], layer: int, ctx: int, batch_size:
                 docs_idx.append(np.full(n - 1, i, dtype=np.int32))
                 pos_idx.append(np.arange(1, n, dtype=np.int32))
                 bar.update(n - 1)
-    finally:
-        handle.remove()
-        bar.close()
     return Capture(torch.cat(acts), np.concatenate(docs_idx), np.concatenate(pos_idx), token_lists)
 
 

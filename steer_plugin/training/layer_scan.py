@@ -12,7 +12,7 @@ mean difference itself steers best is where the next SAE should read.
   tokens minus the mean over the other sampled documents (`diff_means.diff_of_sums`), at the output
   of each layer; position 0 (the attention sink) left out. Up to `--docs-per-concept` positive
   documents per concept and as many others are read, with transformers, the forward stopped after
-  the deepest layer scanned.
+  the deepest layer scanned (`capture.streams`).
 - Dose: the vector scaled to α × the median norm of that layer's stream, added at every position
   (each layer's vectors are served by the plugin as an SAE there: `diff_means.write_vector_sae`,
   clamped with `unit: absolute`), so doses compare across layers whose norms differ 50-fold.
@@ -32,12 +32,11 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from steer_plugin.config import default_model_dir
-from steer_plugin.training.capture import load_hf_model
+from steer_plugin.training.capture import load_hf_model, streams
 from steer_plugin.training.chat_corpus import CHATS_FILE
 from steer_plugin.training.diff_means import diff_of_sums, write_vector_sae
 from steer_plugin.training.efficacy import CONCEPTS
@@ -74,30 +73,19 @@ def sample_documents(tokenizer, chats: Path, concepts: dict[str, list[str]], ctx
 @torch.inference_mode()
 def layer_sums(model, token_lists: list[list[int]], layers: list[int], batch_size: int = 8):
     """Per layer: ([docs, d] float64 summed stream, [docs] token counts, median token norm), position 0
-    left out. The forward stops one layer after the deepest asked for (the last hidden state transformers
-    returns is after the final norm)."""
-    depth = max(layers) + 2
-    model.model.layers = model.model.layers[:depth]  # the scan's own copy of the model
+    (the attention sink) left out."""
     d = model.config.hidden_size
     sums = {L: torch.zeros(len(token_lists), d, dtype=torch.float64) for L in layers}
     norms: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
     counts = torch.tensor([len(t) - 1 for t in token_lists], dtype=torch.float64)  # [docs]
-    order = np.argsort([len(t) for t in token_lists], kind="stable")
-    for start in tqdm(range(0, len(order), batch_size), desc="layer streams", unit="batch"):
-        part = order[start:start + batch_size]
-        width = max(len(token_lists[i]) for i in part)
-        ids = torch.zeros((len(part), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(part):
-            ids[r, :len(token_lists[i])] = torch.tensor(token_lists[i])
-            mask[r, :len(token_lists[i])] = 1
-        hidden = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        keep = mask.bool().clone()
-        keep[:, 0] = False  # position 0: the attention sink
+    batches = streams(model, token_lists, layers, batch_size)
+    for batch, mask, caught in tqdm(batches, desc="layer streams", unit="batch",
+                                    total=-(-len(token_lists) // batch_size)):
+        keep = mask.bool()
+        keep[:, 0] = False
         for L in layers:
-            h = hidden[L + 1]  # [B, width, d]: the output of layer L (hidden_states[0] is the embeddings)
-            sums[L][torch.as_tensor(part)] = (h * keep[..., None]).double().sum(1)
-            norms[L].append(h[keep].norm(dim=-1))
+            sums[L][torch.tensor(batch)] = (caught[L] * keep[..., None]).double().sum(1)
+            norms[L].append(caught[L][keep].norm(dim=-1))
     return {L: (sums[L], counts, float(torch.cat(norms[L]).median())) for L in layers}
 
 
