@@ -24,7 +24,7 @@ def bench(tmp_path_factory):
 
     sae = SAE.load(DEFAULT_SAE_DIR)
     vec_dir = tmp_path_factory.mktemp("vec") / "diffmean"
-    write_vector_sae(sae.W_dec[:2] * 40.0, ["first", "second"], sae.cfg.hook_name, vec_dir)
+    write_vector_sae(sae.W_dec[:2], ["first", "second"], sae.cfg.hook_name, 40.0, vec_dir)
     b = Bench(MODEL, [{"path": str(DEFAULT_SAE_DIR), "id": "sae"}, {"path": str(vec_dir), "id": "diffmean"}],
               max_tokens=12, cache=tmp_path_factory.mktemp("cache") / "replies.json")
     yield b

@@ -1,59 +1,123 @@
-"""Difference-of-means steering vectors at the SAE's layer, served through the plugin as an SAE.
+"""Difference-of-means steering vectors, served through the plugin as an SAE.
 
-For a concept (keywords), the vector is the mean residual stream over the tokens of training
-documents that mention the concept at least twice, minus the mean over the other documents (the
-DiffMean baseline of AxBench). The vectors are written as a SAELens `jumprelu` SAE whose features
-never fire (zero encoder, threshold 1) and whose decoder rows are the unit vectors; `max_activation`
-is each vector's norm. A clamp `{"sae": "diffmean", "feature": i, "value": s, "unit": "max"}` then
-adds exactly s × the mean difference to the stream at every position, on the plugin's own path.
+For a concept (keywords), the vector at a layer is the mean residual stream over the tokens of chat
+documents (the model's own conversations, `corpus/chats.jsonl`) that name the concept at least
+twice, minus the mean over the other documents read (AxBench's DiffMean baseline); position 0, the
+attention sink, is left out.
+
+The vectors are written as a SAELens `jumprelu` SAE whose features never fire (zero encoder,
+threshold 1) and whose decoder rows are the unit directions; every feature's `max_activation` is the
+layer's median stream norm. A clamp `{"sae": "diffmean", "feature": i, "value": s, "unit": "max"}`
+then adds the direction with norm s × that median norm at every position it acts on, on the
+plugin's own path. Doses in units of the stream's norm compare across concepts and layers; the mean
+differences themselves are far shorter than the stream and differ several-fold between concepts
+(measured 2026-12-04 with layer_scan.py: the effective doses at layer 15 were 0.125–0.375).
 """
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from steer_plugin.sae import CATALOGUE_FILENAME, SAE, STATS_FILENAME, SAEConfig
-from steer_plugin.training.capture import Capture
+from steer_plugin.training.capture import load_hf_model, streams
 from steer_plugin.training.steering_eval import count_mentions
 
+DOSES = (0.125, 0.25, 0.375, 0.5)
+"""Doses a vector is tuned over (× the layer's median stream norm): past 0.5 replies loop at every
+layer measured (distinct trigrams 0.4–0.7)."""
+MIN_HITS = 2
+"""Mentions that make a document positive for a concept."""
+
+
+def sample_documents(tokenizer, chats: Path, concepts: dict[str, list[str]], ctx: int, min_docs: int,
+                     per_concept: int, seed: int = 0) -> tuple[list[list[int]], list[str], dict[str, list[str]]]:
+    """(token ids, texts) of the documents to read (up to `per_concept` positive documents per concept
+    and as many others), and the concepts with at least `min_docs` positive documents."""
+    rng = random.Random(seed)
+    token_lists, texts = [], []
+    for line in chats.read_text().splitlines():
+        ids = tokenizer(tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False),
+                        add_special_tokens=False)["input_ids"][:ctx]
+        token_lists.append(ids)
+        texts.append(tokenizer.decode(ids))
+    chosen: set[int] = set()
+    kept = {}
+    for concept, keywords in concepts.items():
+        positive = [i for i, t in enumerate(texts) if count_mentions(t, keywords) >= MIN_HITS]
+        if len(positive) >= min_docs:
+            kept[concept] = keywords
+            chosen.update(rng.sample(positive, min(per_concept, len(positive))))
+    others = [i for i in range(len(texts)) if i not in chosen]
+    chosen.update(rng.sample(others, min(len(chosen), len(others))))
+    order = sorted(chosen)
+    return [token_lists[i] for i in order], [texts[i] for i in order], kept
+
+
 @torch.inference_mode()
-def diff_means(cap: Capture, tokenizer, concepts: dict[str, list[str]], min_hits: int = 2) -> torch.Tensor:
-    """[concepts, d_in]: per concept, mean over positive documents' tokens − mean over the rest."""
-    texts = [tokenizer.decode(t) for t in cap.tokens]
-    doc = torch.from_numpy(cap.doc).long()  # [N]
-    per_doc_sum = torch.zeros(len(texts), cap.acts.shape[1], dtype=torch.float64).index_add_(0, doc, cap.acts.double())
-    per_doc_n = torch.bincount(doc, minlength=len(texts)).double()  # [docs]
-    return diff_of_sums(per_doc_sum, per_doc_n, texts, concepts, min_hits)
+def stream_sums(model, token_lists: list[list[int]], layers: list[int], batch_size: int = 8):
+    """Per layer: ([docs, d] float64 summed stream, [docs] token counts, median token norm), position 0
+    left out."""
+    d = model.config.hidden_size
+    sums = {L: torch.zeros(len(token_lists), d, dtype=torch.float64) for L in layers}
+    norms: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
+    counts = torch.tensor([len(t) - 1 for t in token_lists], dtype=torch.float64)  # [docs]
+    batches = streams(model, token_lists, layers, batch_size)
+    for batch, mask, caught in tqdm(batches, desc="layer streams", unit="batch",
+                                    total=-(-len(token_lists) // batch_size)):
+        keep = mask.bool()
+        keep[:, 0] = False
+        for L in layers:
+            sums[L][torch.tensor(batch)] = (caught[L] * keep[..., None]).double().sum(1)
+            norms[L].append(caught[L][keep].norm(dim=-1))
+    return {L: (sums[L], counts, float(torch.cat(norms[L]).median())) for L in layers}
 
 
 def diff_of_sums(per_doc_sum: torch.Tensor, per_doc_n: torch.Tensor, texts: list[str],
-                 concepts: dict[str, list[str]], min_hits: int = 2) -> torch.Tensor:
+                 concepts: dict[str, list[str]]) -> torch.Tensor:
     """per_doc_sum [docs, d_in] float64: each document's summed activations over per_doc_n [docs] tokens
     -> [concepts, d_in] float32: per concept, the mean over positive documents' tokens − the rest's."""
     vectors = []
     for keywords in concepts.values():
-        positive = torch.tensor([count_mentions(t, keywords) >= min_hits for t in texts])
+        positive = torch.tensor([count_mentions(t, keywords) >= MIN_HITS for t in texts])
         if not positive.any():
-            raise ValueError(f"no training document mentions {keywords} {min_hits} times")
+            raise ValueError(f"no document mentions {keywords} {MIN_HITS} times")
         pos = per_doc_sum[positive].sum(0) / per_doc_n[positive].sum()
         neg = per_doc_sum[~positive].sum(0) / per_doc_n[~positive].sum()
         vectors.append((pos - neg).float())
     return torch.stack(vectors)
 
 
-def write_vector_sae(vectors: torch.Tensor, labels: list[str], hook_name: str, out: Path) -> None:
-    """vectors: [n, d_in] -> an SAE folder that adds them (see the module docstring)."""
+def write_vector_sae(vectors: torch.Tensor, labels: list[str], hook_name: str, unit: float, out: Path) -> None:
+    """vectors: [n, d_in] -> an SAE folder that adds their directions, `unit` (every feature's max
+    activation) the norm added by a clamp of value 1 in unit max (see the module docstring)."""
     n, d_in = vectors.shape
-    norms = vectors.norm(dim=-1)
     cfg = SAEConfig(architecture="jumprelu", d_in=d_in, d_sae=n, hook_name=hook_name, model_name="diff-means")
-    SAE(cfg, {"W_enc": torch.zeros(d_in, n), "b_enc": torch.zeros(n), "W_dec": vectors / norms[:, None],
-              "b_dec": torch.zeros(d_in), "threshold": torch.ones(n)}).save(out)
-    save_file({"max_activation": norms.contiguous(), "frequency": torch.zeros(n), "mean_activation": torch.zeros(n)},
+    SAE(cfg, {"W_enc": torch.zeros(d_in, n), "b_enc": torch.zeros(n),
+              "W_dec": vectors / vectors.norm(dim=-1, keepdim=True), "b_dec": torch.zeros(d_in),
+              "threshold": torch.ones(n)}).save(out)
+    save_file({"max_activation": torch.full((n,), unit), "frequency": torch.zeros(n), "mean_activation": torch.zeros(n)},
               str(out / STATS_FILENAME))
     (out / CATALOGUE_FILENAME).write_text(json.dumps(
-        [{"id": i, "label": label, "max_activation": float(norms[i]), "frequency": 0.0, "mean_activation": 0.0,
+        [{"id": i, "label": label, "max_activation": unit, "frequency": 0.0, "mean_activation": 0.0,
           "top_tokens": [], "top_contexts": []} for i, label in enumerate(labels)], ensure_ascii=False))
+
+
+def chat_vector_saes(model_dir: str, chats: Path, concepts: dict[str, list[str]], layers: list[int], out: Path,
+                     ctx: int = 256, min_docs: int = 3, per_concept: int = 40) -> tuple[dict[str, list[str]], dict]:
+    """The vectors of the concepts with at least `min_docs` positive chat documents, at each layer, as
+    SAE folders `out/L{layer}`; returns those concepts and what was read (documents, tokens, norms)."""
+    model, tokenizer = load_hf_model(model_dir)
+    token_lists, texts, kept = sample_documents(tokenizer, chats, concepts, ctx, min_docs, per_concept)
+    norms = {}
+    for layer, (sums, counts, median_norm) in stream_sums(model, token_lists, layers).items():
+        write_vector_sae(diff_of_sums(sums, counts, texts, kept), list(kept), f"blocks.{layer}.hook_resid_post",
+                         median_norm, out / f"L{layer}")
+        norms[layer] = median_norm
+    return kept, {"documents": len(texts), "tokens": sum(len(t) for t in token_lists), "ctx": ctx,
+                  "median_norm": norms}

@@ -14,8 +14,8 @@ on prompts the sweep never saw:
 - **The user's journey**: for everyday words a person would search for (`JOURNEY`), the top search
   hit at its recommended strength, on ordinary questions (`JOURNEY_QUESTIONS`).
 - **Side by side** (`--compare`): per concept, that top hit against prompting (the question plus
-  "Mention {concept} in your answer.") and a difference-of-means vector at the same layer
-  (diff_means.py, strength and scope tuned on the sweep's prompts by the sweep's rule); concept rate,
+  "Mention {concept} in your answer.") and a difference-of-means vector at the same layer from the
+  chat corpus (diff_means.py; dose and scope tuned on the sweep's prompts by the sweep's rule); concept rate,
   fluency and whether the reply still answers the question (steering_eval.py).
 
 Writes efficacy.json/.md (and comparison.json/.md) next to the SAE.
@@ -31,7 +31,9 @@ from pathlib import Path
 from steer_plugin.catalogue import FeatureCatalogue
 from steer_plugin.config import default_model_dir
 from steer_plugin.training.steering_eval import Bench, Job, median, summarise
-from steer_plugin.training.strengths import SCOPES, STRENGTHS, TUNING_PROMPTS, recommend, swept_cells
+from steer_plugin.training.chat_corpus import CHATS_DIR, CHATS_FILE
+from steer_plugin.training.diff_means import DOSES
+from steer_plugin.training.strengths import SCOPES, TUNING_PROMPTS, recommend, swept_cells
 
 NEUTRAL_PROMPTS = (
     "Tell me about your weekend.", "What is your favourite book?", "What should I do this evening?",
@@ -165,30 +167,30 @@ def journey(bench: Bench, catalogue: FeatureCatalogue) -> dict:
             "results": rows}
 
 
-def compare(bench: Bench, catalogue: FeatureCatalogue, vectors_id: str) -> dict:
-    """Per concept: SAE top hit, prompting, diff-of-means (feature i of the vector SAE = concept i)."""
+def compare(bench: Bench, catalogue: FeatureCatalogue, vectors_id: str, vector_concepts: list[str]) -> dict:
+    """Per concept: SAE top hit, prompting, diff-of-means (feature i of the vector SAE = vector_concepts[i])."""
     control = control_prompts(NEUTRAL_PROMPTS)
     tune_base = median([j.perplexity for j in bench.run([Job(p) for p in TUNING_PROMPTS])])
     concepts = list(CONCEPTS.items())
     hits = {concept: top_steerable_hits(catalogue, concept, 1) for concept, _ in concepts}
-    vectors = [{"id": i} for i in range(len(concepts))]
-    # The SAE's top hits and prompting on the neutral prompts; the vectors at every strength on the
-    # tuning prompts, tuned by the sweep's rule; then each vector at its tuned strength.
+    vectors = {c: {"id": i} for i, c in enumerate(vector_concepts)}
+    # The SAE's top hits and prompting on the neutral prompts; the vectors at every dose on the
+    # tuning prompts, tuned by the sweep's rule; then each vector at its tuned dose.
     groups = [(_clamped(hits[c][0], NEUTRAL_PROMPTS), k) for c, k in concepts if hits[c]]
     groups += [([Job(p, instruction=f"Mention {c} in your answer.") for p in NEUTRAL_PROMPTS], k) for c, k in concepts]
     cells = iter(_summaries(bench, groups, control))
     sae_cells = {c: next(cells) for c, _ in concepts if hits[c]}
     prompted = {c: next(cells) for c, _ in concepts}
-    grid = [(s, t) for s in STRENGTHS for t in SCOPES]
-    tuning = swept_cells(bench, {(i, *st): (_clamped(vectors[i], TUNING_PROMPTS, vectors_id, st), k)
-                                 for i, (_, k) in enumerate(concepts) for st in grid})
-    settings = {c: recommend({st: tuning[i, *st] for st in grid}, tune_base) for i, (c, _) in enumerate(concepts)}
-    tuned = [i for i, (c, _) in enumerate(concepts) if settings[c] is not None]
+    grid = [(dose, t) for dose in DOSES for t in SCOPES]
+    tuning = swept_cells(bench, {(c, *st): (_clamped(vectors[c], TUNING_PROMPTS, vectors_id, st), CONCEPTS[c])
+                                 for c in vectors for st in grid})
+    settings = {c: recommend({st: tuning[c, *st] for st in grid}, tune_base) for c in vectors}
+    tuned = [c for c in vectors if settings[c] is not None]
     vector_cells = dict(zip(tuned, _summaries(
-        bench, [(_clamped(vectors[i], NEUTRAL_PROMPTS, vectors_id, settings[concepts[i][0]]), concepts[i][1])
-                for i in tuned], control)))
+        bench, [(_clamped(vectors[c], NEUTRAL_PROMPTS, vectors_id, settings[c]), CONCEPTS[c]) for c in tuned],
+        control)))
     rows = []
-    for i, (concept, _) in enumerate(concepts):
+    for concept, _ in concepts:
         methods: dict[str, dict] = {}
         if concept in sae_cells:
             top = hits[concept][0]
@@ -196,9 +198,10 @@ def compare(bench: Bench, catalogue: FeatureCatalogue, vectors_id: str) -> dict:
                                     "setting": f"feature {top['id']} at {top['recommended_strength']:g}× max, "
                                                f"{top.get('recommended_tokens') or 'all'} tokens"}
         methods["prompting"] = {**prompted[concept], "setting": f'"Mention {concept} in your answer."'}
-        if i in vector_cells:
+        if concept in vector_cells:
             strength, tokens = settings[concept]
-            methods["diff-of-means"] = {**vector_cells[i], "setting": f"{strength:g}× the mean difference, {tokens} tokens"}
+            methods["diff-of-means"] = {**vector_cells[concept],
+                                        "setting": f"{strength:g}× the stream's median norm, {tokens} tokens"}
         rows.append({"concept": concept, "methods": methods})
     table = {}
     for method in ("SAE clamp", "prompting", "diff-of-means"):
@@ -272,15 +275,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sae", type=Path, required=True)
     p.add_argument("--model-dir", default=str(default_model_dir()))
     p.add_argument("--candidates", type=int, default=1, help="steerable search hits tried per concept")
-    p.add_argument("--compare", type=Path, default=None,
-                   help="the pipeline's --work folder: also compare with prompting and with difference-of-means "
-                        "vectors computed from its training captures")
+    p.add_argument("--compare", action="store_true",
+                   help="also compare with prompting and with difference-of-means vectors from the chat corpus")
+    p.add_argument("--chats", type=Path, default=CHATS_DIR / CHATS_FILE)
     args = p.parse_args(argv)
     sae_dir = args.sae.resolve()
     catalogue = FeatureCatalogue.load(sae_dir)
     saes = [{"path": str(sae_dir), "id": "sae"}]
-    if args.compare is not None:
-        saes.append({"path": str(_vector_sae(args.compare, sae_dir)), "id": "diffmean"})
+    if args.compare:
+        vector_dir, vector_concepts = _vector_sae(args.model_dir, args.chats, sae_dir)
+        saes.append({"path": str(vector_dir), "id": "diffmean"})
     started = time.time()
     bench = Bench(args.model_dir, saes, cache=sae_dir / ".steering_replies.json", own_process=True)
     try:
@@ -288,8 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
                   "efficacy": efficacy(bench, catalogue, args.candidates), "journey": journey(bench, catalogue)}
         (sae_dir / "efficacy.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
         (sae_dir / "efficacy.md").write_text(_efficacy_markdown(report))
-        if args.compare is not None:
-            report["comparison"] = compare(bench, catalogue, "diffmean")
+        if args.compare:
+            report["comparison"] = compare(bench, catalogue, "diffmean", vector_concepts)
             (sae_dir / "comparison.json").write_text(json.dumps(
                 {"date": report["date"], **report["comparison"]}, indent=1, ensure_ascii=False) + "\n")
             (sae_dir / "comparison.md").write_text(_comparison_markdown(report))
@@ -302,21 +306,16 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def _vector_sae(work: Path, sae_dir: Path) -> Path:
-    """The difference-of-means vectors of CONCEPTS, from the training captures in `work`, as an SAE folder."""
-    import torch
-    from transformers import AutoTokenizer
-
+def _vector_sae(model_dir: str, chats: Path, sae_dir: Path) -> tuple[Path, list[str]]:
+    """The difference-of-means vectors at the SAE's layer, from the chat corpus, as an SAE folder, and
+    the concepts of its features in order (those of CONCEPTS with enough positive documents)."""
     from steer_plugin.sae import load_config
-    from steer_plugin.training.capture import Capture
-    from steer_plugin.training.diff_means import diff_means, write_vector_sae
+    from steer_plugin.training.diff_means import chat_vector_saes
 
-    tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir()))  # only decoding: no weights
-    cap = Capture.concat([Capture(**torch.load(path, weights_only=False)["capture"])
-                          for path in sorted(work.glob("capture-train-*.pt"))])
-    out = work / "diffmean-sae"
-    write_vector_sae(diff_means(cap, tokenizer, CONCEPTS), list(CONCEPTS), load_config(sae_dir).hook_name, out)
-    return out
+    layer = load_config(sae_dir).layer
+    out = Path.home() / ".cache" / "steer_plugin" / f"diffmean-{sae_dir.name}"
+    concepts, _ = chat_vector_saes(model_dir, chats, CONCEPTS, [layer], out)
+    return out / f"L{layer}", list(concepts)
 
 
 if __name__ == "__main__":

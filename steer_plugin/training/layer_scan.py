@@ -8,14 +8,12 @@ makes the model talk about a concept fluently, no feature of an SAE there will; 
 mean difference itself steers best is where the next SAE should read.
 
 - Vectors: for each concept of `efficacy.CONCEPTS` with at least `--min-docs` conversations of the
-  chat corpus naming it twice (in the first `--ctx` tokens), the mean stream over those documents'
-  tokens minus the mean over the other sampled documents (`diff_means.diff_of_sums`), at the output
-  of each layer; position 0 (the attention sink) left out. Up to `--docs-per-concept` positive
-  documents per concept and as many others are read, with transformers, the forward stopped after
-  the deepest layer scanned (`capture.streams`).
-- Dose: the vector scaled to α × the median norm of that layer's stream, added at every position
-  (each layer's vectors are served by the plugin as an SAE there: `diff_means.write_vector_sae`,
-  clamped with `unit: absolute`), so doses compare across layers whose norms differ 50-fold.
+  chat corpus naming it twice (in the first `--ctx` tokens), the difference of means at the output
+  of each layer (`diff_means.chat_vector_saes`: up to `--docs-per-concept` positive documents per
+  concept and as many others, one transformers forward stopped after the deepest layer scanned).
+- Dose: α × the median norm of that layer's stream, added at every position (each layer's vectors
+  are served by the plugin as an SAE there whose unit is that norm), so doses compare across layers
+  whose norms differ several-fold.
 - Judged like the strength sweep (strengths.py) on its tuning prompts: share of replies naming the
   concept, median perplexity under the unsteered model (only where at least half name it), distinct
   word trigrams. A cell steers fluently when the rate is >= 60 %, perplexity <= 3× unsteered and
@@ -28,94 +26,38 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 from steer_plugin.config import default_model_dir
-from steer_plugin.training.capture import load_hf_model, streams
 from steer_plugin.training.chat_corpus import CHATS_FILE
-from steer_plugin.training.diff_means import diff_of_sums, write_vector_sae
+from steer_plugin.training.diff_means import chat_vector_saes
 from steer_plugin.training.efficacy import CONCEPTS
-from steer_plugin.training.steering_eval import Bench, Job, count_mentions, median, summarise
-from steer_plugin.training.strengths import MAX_PPL_RATIO, MIN_TRIGRAMS, TUNING_PROMPTS, swept_cells
+from steer_plugin.training.steering_eval import Bench, Job, median, summarise
+from steer_plugin.training.strengths import MAX_PPL_RATIO, MIN_TRIGRAMS, TUNING_PROMPTS, fluent, swept_cells
 
 BAR = 0.6
 """Concept rate a fluent cell must reach to count (the efficacy bar)."""
 
 
-def sample_documents(tokenizer, chats: Path, concepts: dict[str, list[str]], ctx: int, min_docs: int,
-                     per_concept: int, seed: int = 0) -> tuple[list[list[int]], list[str], dict[str, list[str]]]:
-    """(token ids, texts) of the documents read, and the concepts with enough positive documents among them."""
-    rng = random.Random(seed)
-    token_lists, texts = [], []
-    for line in chats.read_text().splitlines():
-        ids = tokenizer(tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False),
-                        add_special_tokens=False)["input_ids"][:ctx]
-        token_lists.append(ids)
-        texts.append(tokenizer.decode(ids))
-    chosen: set[int] = set()
-    kept = {}
-    for concept, keywords in concepts.items():
-        positive = [i for i, t in enumerate(texts) if count_mentions(t, keywords) >= 2]
-        if len(positive) >= min_docs:
-            kept[concept] = keywords
-            chosen.update(rng.sample(positive, min(per_concept, len(positive))))
-    others = [i for i in range(len(texts)) if i not in chosen]
-    chosen.update(rng.sample(others, min(len(chosen), len(others))))
-    order = sorted(chosen)
-    return [token_lists[i] for i in order], [texts[i] for i in order], kept
-
-
-@torch.inference_mode()
-def layer_sums(model, token_lists: list[list[int]], layers: list[int], batch_size: int = 8):
-    """Per layer: ([docs, d] float64 summed stream, [docs] token counts, median token norm), position 0
-    (the attention sink) left out."""
-    d = model.config.hidden_size
-    sums = {L: torch.zeros(len(token_lists), d, dtype=torch.float64) for L in layers}
-    norms: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
-    counts = torch.tensor([len(t) - 1 for t in token_lists], dtype=torch.float64)  # [docs]
-    batches = streams(model, token_lists, layers, batch_size)
-    for batch, mask, caught in tqdm(batches, desc="layer streams", unit="batch",
-                                    total=-(-len(token_lists) // batch_size)):
-        keep = mask.bool()
-        keep[:, 0] = False
-        for L in layers:
-            sums[L][torch.tensor(batch)] = (caught[L] * keep[..., None]).double().sum(1)
-            norms[L].append(caught[L][keep].norm(dim=-1))
-    return {L: (sums[L], counts, float(torch.cat(norms[L]).median())) for L in layers}
-
-
 def scan(model_dir: str, chats: Path, out: Path, layers: list[int], doses: list[float], ctx: int, min_docs: int,
          per_concept: int) -> dict:
     started = time.time()
-    model, tokenizer = load_hf_model(model_dir)
-    token_lists, texts, concepts = sample_documents(tokenizer, chats, CONCEPTS, ctx, min_docs, per_concept)
-    streams = layer_sums(model, token_lists, layers)
-    del model
-    saes, norm = [], {}
-    for L, (sums, counts, median_norm) in streams.items():
-        vectors = diff_of_sums(sums, counts, texts, concepts)
-        write_vector_sae(vectors, list(concepts), f"blocks.{L}.hook_resid_post", out / "vectors" / f"L{L}")
-        saes.append({"path": str((out / "vectors" / f"L{L}").resolve()), "id": f"L{L}"})
-        norm[L] = median_norm
+    concepts, read = chat_vector_saes(model_dir, chats, CONCEPTS, layers, out / "vectors", ctx, min_docs, per_concept)
+    saes = [{"path": str((out / "vectors" / f"L{L}").resolve()), "id": f"L{L}"} for L in layers]
     bench = Bench(model_dir, saes, cache=out / ".replies.json", own_process=True)
     try:
         baseline = bench.run([Job(p) for p in TUNING_PROMPTS])
         baseline_ppl = median([j.perplexity for j in baseline])
-        cells = {(c, L, a): ([Job(p, ((f"L{L}", i, a * norm[L], "absolute"),)) for p in TUNING_PROMPTS], keywords)
+        cells = {(c, L, a): ([Job(p, ((f"L{L}", i, a, "max"),)) for p in TUNING_PROMPTS], keywords)
                  for i, (c, keywords) in enumerate(concepts.items()) for L in layers for a in doses}
         summaries = swept_cells(bench, cells)
     finally:
         bench.close()
     rows = [{"concept": c, "layer": L, "dose": a, **{k: v for k, v in s.items() if k != "answers"},
-             "fluent_at_bar": _fluent(s, baseline_ppl) and s["concept_rate"] >= BAR}
+             "fluent_at_bar": fluent(s, baseline_ppl) and s["concept_rate"] >= BAR}
             for (c, L, a), s in summaries.items()]
-    report = {"layers": layers, "doses": doses, "median_norm": norm, "concepts": list(concepts),
-              "documents": len(texts), "tokens": int(sum(len(t) for t in token_lists)), "ctx": ctx,
+    report = {"layers": layers, "doses": doses, "concepts": list(concepts), **read,
               "baseline_median_ppl": baseline_ppl,
               "baseline_rate": {c: summarise(baseline, k)["concept_rate"] for c, k in concepts.items()},
               "rows": rows, "seconds": round(time.time() - started)}
@@ -123,11 +65,6 @@ def scan(model_dir: str, chats: Path, out: Path, layers: list[int], doses: list[
     (out / "results.json").write_text(json.dumps(report, indent=1))
     (out / "results.md").write_text(markdown(report))
     return report
-
-
-def _fluent(cell: dict, baseline_ppl: float) -> bool:
-    return (cell["median_ppl"] is not None and cell["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl
-            and cell["distinct_trigrams"] >= MIN_TRIGRAMS)
 
 
 def markdown(report: dict) -> str:

@@ -77,14 +77,20 @@ def feature_words(entry: dict, ignore: set[str] = frozenset(), fired: int = 3) -
     return sorted(words - STOPWORDS - ignore)
 
 
+def fluent(cell: dict, baseline_ppl: float) -> bool:
+    """A cell's replies stay fluent: judged, median perplexity at most MAX_PPL_RATIO × unsteered, and
+    at least MIN_TRIGRAMS distinct word trigrams."""
+    return (cell["median_ppl"] is not None and cell["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl
+            and cell["distinct_trigrams"] >= MIN_TRIGRAMS)
+
+
 def recommend(cells: dict, baseline_ppl: float):
     """The key (a strength, or a strength and a scope) of the cell that shows the feature most among
     the fluent ones, the more fluent of equals; None where none is fluent and shows it often enough."""
-    fluent = [(key, c) for key, c in cells.items() if c["median_ppl"] is not None
-              and c["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl and c["distinct_trigrams"] >= MIN_TRIGRAMS]
-    if not fluent:
+    candidates = [(key, c) for key, c in cells.items() if fluent(c, baseline_ppl)]
+    if not candidates:
         return None
-    key, cell = max(fluent, key=lambda kc: (kc[1]["concept_rate"], -kc[1]["median_ppl"]))
+    key, cell = max(candidates, key=lambda kc: (kc[1]["concept_rate"], -kc[1]["median_ppl"]))
     return key if cell["concept_rate"] >= MIN_RATE else None
 
 
