@@ -9,7 +9,7 @@ import torch
 
 from engines import MODEL
 from steer_plugin.sae import SAE, load_max_activations
-from steer_plugin.training.diff_means import diff_of_sums, stream_sums, write_vector_sae
+from steer_plugin.training.diff_means import alignment, diff_of_sums, stream_sums, write_vector_sae
 
 
 def test_vector_is_the_mean_over_concept_documents_minus_the_rest(tmp_path):
@@ -50,3 +50,14 @@ def test_stream_sums_read_the_stream_the_training_capture_reads():
         torch.testing.assert_close(sums, summed)
         assert counts.tolist() == np.bincount(cap.doc).tolist()
         assert median_norm == pytest.approx(float(cap.acts.norm(dim=-1).median()))
+
+
+def test_alignment_finds_the_feature_a_vector_points_along(tmp_path):
+    from sae_factory import make_sae
+
+    sae = make_sae("jumprelu", d_in=16, d_sae=32)
+    vectors = torch.stack([sae.W_dec[7] * 3.0, sae.W_dec[20] + 0.1 * sae.W_dec[3]])
+    write_vector_sae(vectors, ["seven", "twenty"], "blocks.15.hook_resid_post", 1.0, tmp_path / "vec")
+    cosines = alignment(sae, SAE.load(tmp_path / "vec"))
+    assert cosines.shape == (2, 32) and cosines.argmax(dim=1).tolist() == [7, 20]
+    assert float(cosines[0, 7]) == pytest.approx(1.0, abs=1e-5) and float(cosines.abs().max()) <= 1 + 1e-5

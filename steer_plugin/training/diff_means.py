@@ -121,3 +121,12 @@ def chat_vector_saes(model_dir: str, chats: Path, concepts: dict[str, list[str]]
         norms[layer] = median_norm
     return kept, {"documents": len(texts), "tokens": sum(len(t) for t in token_lists), "ctx": ctx,
                   "median_norm": norms}
+
+
+def alignment(sae: SAE, vectors: SAE) -> torch.Tensor:
+    """[vectors, d_sae]: the cosine between each vector's direction and each feature's decoder row. A
+    clamp moves the stream along its decoder row only; the part of the move off a concept's direction
+    (sqrt(1 - cos^2) of it) changes the reply without bringing the concept, so a feature steers to a
+    concept fluently only where this is high (docs/layer-scan-2026-12-04.md)."""
+    rows = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)  # [d_sae, d_in]
+    return vectors.W_dec @ rows.T  # vector SAE rows are unit directions

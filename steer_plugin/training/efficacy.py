@@ -30,9 +30,10 @@ from pathlib import Path
 
 from steer_plugin.catalogue import FeatureCatalogue
 from steer_plugin.config import default_model_dir
-from steer_plugin.training.steering_eval import Bench, Job, median, summarise
+from steer_plugin.sae import SAE, load_config
 from steer_plugin.training.chat_corpus import CHATS_DIR, CHATS_FILE
-from steer_plugin.training.diff_means import DOSES
+from steer_plugin.training.diff_means import DOSES, alignment, chat_vector_saes
+from steer_plugin.training.steering_eval import Bench, Job, median, summarise
 from steer_plugin.training.strengths import SCOPES, TUNING_PROMPTS, recommend, swept_cells
 
 NEUTRAL_PROMPTS = (
@@ -214,6 +215,20 @@ def compare(bench: Bench, catalogue: FeatureCatalogue, vectors_id: str, vector_c
     return {"table": table, "results": rows}
 
 
+def concept_alignment(catalogue: FeatureCatalogue, cosines, vector_concepts: list[str]) -> list[dict]:
+    """Per concept with a vector: how well the top search hit and the best-aligned feature point along
+    the concept's mean difference (cosines [vectors, d_sae], diff_means.alignment)."""
+    rows = []
+    for i, concept in enumerate(vector_concepts):
+        hits, _ = catalogue.search(concept, 1)
+        best = int(cosines[i].argmax())
+        rows.append({"concept": concept, "top_hit": hits[0][0]["id"] if hits else None,
+                     "top_hit_cos": round(float(cosines[i, hits[0][0]["id"]]), 3) if hits else None,
+                     "best_feature": best, "best_label": catalogue.entries[best]["label"],
+                     "best_cos": round(float(cosines[i, best]), 3)})
+    return rows
+
+
 def _efficacy_markdown(report: dict) -> str:
     e, j = report["efficacy"], report["journey"]
     lines = [f"# Steering efficacy ({report['date']})", "",
@@ -267,6 +282,14 @@ def _comparison_markdown(report: dict) -> str:
         for method, m in r["methods"].items():
             lines.append(f"| {r['concept']} | {method} | {m['setting']} | {m['concept_rate']:.0%} | "
                          f"{m['median_ppl']:.2f} | {m['distinct_trigrams']:.2f} | {m['answers']:.0%} |")
+    lines += ["", "## Why a feature steers or not: its direction",
+              "", "Cosine between each concept's difference of means (the vector above) and a feature's decoder row: "
+              "a clamp moves the stream along that row, and what it moves off the concept's direction changes the "
+              "reply without bringing the concept (docs/layer-scan-2026-12-04.md).", "",
+              "| concept | top search hit | its cosine | best-aligned feature | label | cosine |", "|---|---|---|---|---|---|"]
+    for r in c.get("alignment", []):
+        lines.append(f"| {r['concept']} | {r['top_hit']} | {r['top_hit_cos']} | {r['best_feature']} | "
+                     f"{r['best_label']} | {r['best_cos']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -294,6 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
         (sae_dir / "efficacy.md").write_text(_efficacy_markdown(report))
         if args.compare:
             report["comparison"] = compare(bench, catalogue, "diffmean", vector_concepts)
+            report["comparison"]["alignment"] = concept_alignment(
+                catalogue, alignment(SAE.load(sae_dir), SAE.load(vector_dir)), vector_concepts)
             (sae_dir / "comparison.json").write_text(json.dumps(
                 {"date": report["date"], **report["comparison"]}, indent=1, ensure_ascii=False) + "\n")
             (sae_dir / "comparison.md").write_text(_comparison_markdown(report))
@@ -309,9 +334,6 @@ def main(argv: list[str] | None = None) -> dict:
 def _vector_sae(model_dir: str, chats: Path, sae_dir: Path) -> tuple[Path, list[str]]:
     """The difference-of-means vectors at the SAE's layer, from the chat corpus, as an SAE folder, and
     the concepts of its features in order (those of CONCEPTS with enough positive documents)."""
-    from steer_plugin.sae import load_config
-    from steer_plugin.training.diff_means import chat_vector_saes
-
     layer = load_config(sae_dir).layer
     out = Path.home() / ".cache" / "steer_plugin" / f"diffmean-{sae_dir.name}"
     concepts, _ = chat_vector_saes(model_dir, chats, CONCEPTS, [layer], out)
