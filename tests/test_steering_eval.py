@@ -65,3 +65,18 @@ def test_search_ranks_a_steerable_match_first_when_it_matches_nearly_as_well():
     ])
     ranked = [e["id"] for e, _ in catalogue.search("dogs", 3)[0]]
     assert ranked == [1, 0, 2]
+
+
+def test_concept_alignment_reports_the_top_hit_and_the_best_aligned_feature():
+    import torch
+
+    from steer_plugin.training.efficacy import concept_alignment
+
+    catalogue = FeatureCatalogue([
+        {"id": i, "label": label, "frequency": 0.01, "top_tokens": [{"token": label, "count": 1}], "top_contexts": []}
+        for i, label in enumerate(["dog", "bark", "sea"])])
+    cosines = torch.tensor([[0.2, 0.7, 0.0], [0.0, 0.1, 0.5]])  # [vectors, d_sae]
+    rows = concept_alignment(catalogue, cosines, ["dogs", "the sea"])
+    assert [(r["top_hit"], r["top_hit_cos"], r["best_feature"], r["best_cos"]) for r in rows] == [
+        (0, 0.2, 1, 0.7), (2, 0.5, 2, 0.5)]
+    assert rows[0]["best_label"] == "bark"
