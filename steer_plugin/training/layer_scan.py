@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from steer_plugin.config import default_model_dir
-from steer_plugin.training.chat_corpus import CHATS_FILE
+from steer_plugin.training.chat_corpus import CHATS_DIR, CHATS_FILE
 from steer_plugin.training.diff_means import chat_vector_saes
 from steer_plugin.training.efficacy import CONCEPTS
 from steer_plugin.training.steering_eval import Bench, Job, median, summarise
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model-dir", default=str(default_model_dir()))
-    p.add_argument("--chats", type=Path, default=Path("corpus") / CHATS_FILE)
+    p.add_argument("--chats", type=Path, default=CHATS_DIR / CHATS_FILE)
     p.add_argument("--layers", default="3,6,9,12,15,18,21")
     p.add_argument("--doses", default="0.125,0.25,0.375,0.5,0.75")
     p.add_argument("--ctx", type=int, default=256)
