@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from steer_plugin.sae import CATALOGUE_FILENAME, SAE, STATS_FILENAME, SAEConfig
 from steer_plugin.training.capture import load_hf_model, streams
+from steer_plugin.training.corpus import chat_documents
 from steer_plugin.training.steering_eval import count_mentions
 
 DOSES = (0.125, 0.25, 0.375, 0.5)
@@ -40,12 +41,9 @@ def sample_documents(tokenizer, chats: Path, concepts: dict[str, list[str]], ctx
     """(token ids, texts) of the documents to read (up to `per_concept` positive documents per concept
     and as many others), and the concepts with at least `min_docs` positive documents."""
     rng = random.Random(seed)
-    token_lists, texts = [], []
-    for line in chats.read_text().splitlines():
-        ids = tokenizer(tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False),
-                        add_special_tokens=False)["input_ids"][:ctx]
-        token_lists.append(ids)
-        texts.append(tokenizer.decode(ids))
+    token_lists = [tokenizer(d.text, add_special_tokens=False)["input_ids"][:ctx]
+                   for d in chat_documents(tokenizer, chats)]
+    texts = [tokenizer.decode(ids) for ids in token_lists]
     chosen: set[int] = set()
     kept = {}
     for concept, keywords in concepts.items():
