@@ -11,7 +11,7 @@ A query is matched word by word against, in order of weight:
     label         the share of query words found in the label                          × 1
     contexts      the share of top contexts whose marked token is a query word         × 1
     around        the share of top contexts with a query word anywhere in them          × 0.5
-Words are compared lower-cased with a plural `s`/`es` removed, so "dogs" finds "dog"; common
+Words are compared lower-cased with a plural `s`/`es`/`ies` removed, so "dogs" finds "dog"; common
 function words ("the", "of", ...) are dropped from queries that have other words.
 
 Steerable features first: among the matches scoring at least half the best match, those with a
@@ -39,20 +39,23 @@ STOPWORDS = frozenset("a an and are as at be by for from in into is it of on or 
 
 
 def singular(word: str) -> str:
-    """A lower-case word with a plural `s`/`es` removed (crude; shared with the efficacy script)."""
+    """A lower-case word with a plural `ies`/`s`/`es` removed (crude; shared with the efficacy script)."""
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
     for suffix in ("es", "s"):
         if len(word) > len(suffix) + 2 and word.endswith(suffix):
             return word[: -len(suffix)]
     return word
 
 
-def _words(text: str) -> set[str]:
+def words(text: str) -> set[str]:
     return {singular(w) for w in _WORD.findall(text.lower())}
 
 
-def _query_words(query: str) -> set[str]:
-    words = _words(query)
-    return words - STOPWORDS or words
+def query_words(query: str) -> set[str]:
+    """A query's words less function words (all of them where it has no other)."""
+    found = words(query)
+    return found - STOPWORDS or found
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ def _word_shares(tokens: list[dict], weight) -> dict[str, float]:
     """stemmed word -> summed weight(token) of the tokens it occurs in."""
     shares: dict[str, float] = {}
     for t in tokens:
-        for w in _words(t["token"]):
+        for w in words(t["token"]):
             shares[w] = shares.get(w, 0.0) + weight(t)
     return shares
 
@@ -83,16 +86,16 @@ def _index(entry: dict) -> _Index:
     context_share: dict[str, float] = {}
     around_share: dict[str, float] = {}
     for c in contexts:
-        for w in {w for marked in _MARKED.findall(c["text"]) for w in _words(marked)}:
+        for w in {w for marked in _MARKED.findall(c["text"]) for w in words(marked)}:
             context_share[w] = context_share.get(w, 0.0) + 1 / len(contexts)
-        for w in _words(c["text"]):
+        for w in words(c["text"]):
             around_share[w] = around_share.get(w, 0.0) + 1 / len(contexts)
     promoted = entry.get("output_tokens", [])
     output_share = _word_shares(promoted, lambda t: 1 / len(promoted))
     steered = entry.get("steered_tokens", [])
     gained = sum(t["gain"] for t in steered) or 1.0
     steered_share = _word_shares(steered, lambda t: t["gain"] / gained)
-    return _Index(token_share, frozenset(_words(entry.get("label", ""))), context_share, around_share, output_share,
+    return _Index(token_share, frozenset(words(entry.get("label", ""))), context_share, around_share, output_share,
                   steered_share, bool(entry.get("recommended_strength")))
 
 
@@ -122,22 +125,22 @@ class FeatureCatalogue:
     def label(self, feature: int) -> str:
         return self.entries[feature]["label"] if 0 <= feature < len(self.entries) else ""
 
-    def score(self, feature: int, query_words: set[str]) -> float:
+    def score(self, feature: int, wanted: set[str]) -> float:
         ix = self._index[feature]
-        tokens = sum(ix.token_share.get(w, 0.0) for w in query_words)
-        label = len(query_words & ix.label_words) / len(query_words)
-        contexts = sum(ix.context_share.get(w, 0.0) for w in query_words)
-        around = sum(ix.around_share.get(w, 0.0) for w in query_words)
-        promoted = sum(ix.output_share.get(w, 0.0) for w in query_words)
-        steered = sum(ix.steered_share.get(w, 0.0) for w in query_words)
+        tokens = sum(ix.token_share.get(w, 0.0) for w in wanted)
+        label = len(wanted & ix.label_words) / len(wanted)
+        contexts = sum(ix.context_share.get(w, 0.0) for w in wanted)
+        around = sum(ix.around_share.get(w, 0.0) for w in wanted)
+        promoted = sum(ix.output_share.get(w, 0.0) for w in wanted)
+        steered = sum(ix.steered_share.get(w, 0.0) for w in wanted)
         return 3 * tokens + 2 * steered + promoted + label + contexts + 0.5 * around
 
     def search(self, query: str, limit: int, offset: int = 0) -> tuple[list[tuple[dict, float]], int]:
         """(entry, score) of the best matches, best first, and how many features match at all."""
-        words = _query_words(query)
-        if not words:
+        wanted = query_words(query)
+        if not wanted:
             return [], 0
-        scored = [(s, i) for i in range(len(self.entries)) if (s := self.score(i, words)) > 0]
+        scored = [(s, i) for i in range(len(self.entries)) if (s := self.score(i, wanted)) > 0]
         best = max((s for s, _ in scored), default=0.0)
         # Ties (common for single-token features) go to the more frequent, better-attested feature.
         scored.sort(key=lambda si: (not (self._index[si[1]].steerable and si[0] >= STEERABLE_WITHIN * best),

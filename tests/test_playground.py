@@ -73,8 +73,9 @@ def test_page_loads_offline_with_no_console_errors(page, feature_server, shots):
 def test_search_shows_the_feature_the_api_ranks_first(page, http):
     first = http.get("/v1/features", params={"q": "God", "limit": 10}).json()["data"][0]
     _search(page, "God")
-    assert page.locator("#search-results li").first.get_attribute("data-feature") == str(first["id"])
-    page.locator("#search-results li").first.get_by_role("button").first.click()
+    hits = page.locator("#search-results li[data-feature]")  # concept clamps, where any match, come first
+    assert hits.first.get_attribute("data-feature") == str(first["id"])
+    hits.first.get_by_role("button").first.click()
     card = page.locator("#feature-card")
     card.wait_for(state="visible")
     assert f"Feature {first['id']}" in card.inner_text() and card.locator("mark").count() > 0
@@ -83,7 +84,7 @@ def test_search_shows_the_feature_the_api_ranks_first(page, http):
 
 def test_clamp_send_compare_heatmap_and_copy(page, shots):
     _search(page, "God")
-    page.locator("#search-results li").first.locator("button.add").click()
+    page.locator("#search-results li[data-feature]").first.locator("button.add").click()
     page.wait_for_selector(".clamp")
     assert page.locator(".clamp").count() == 1
     page.get_by_label("Prompt").fill("What is your physical form?")
@@ -114,6 +115,26 @@ def test_clamp_send_compare_heatmap_and_copy(page, shots):
     page.get_by_role("button", name="Copy as Python (openai client)").click()
     python = page.locator("#copy-output").input_value()
     assert "from openai import OpenAI" in python and "extra_body=" in python and "feature_clamps" in python
+    assert page.console_errors == []
+
+
+def test_a_concept_clamp_adds_its_features_as_one_push(page, http):
+    concept = http.get("/v1/concepts", params={"q": "dogs"}).json()["data"][0]
+    assert concept["concept"] == "dogs" and concept["feature_clamps"]
+    _search(page, "dogs")
+    page.locator("#search-results li[data-concept='dogs'] button.add-concept").click()
+    page.wait_for_selector(".clamp")
+    assert page.locator(".clamp").count() == len(concept["feature_clamps"])
+    assert "Value (absolute)" in page.locator(".clamp").first.inner_text()
+    page.get_by_role("button", name="Copy as curl").click()
+    curl = page.locator("#copy-output").input_value()
+    assert curl.count('"mode":"add"') == len(concept["feature_clamps"]) and '"unit":"absolute"' in curl
+    page.get_by_label("Prompt").fill("What should I do this weekend?")
+    page.get_by_label("Max tokens").fill("24")
+    page.get_by_role("button", name="Send").click()
+    page.wait_for_function("document.getElementById('reply-steered').textContent.length > 0 && "
+                           "!document.getElementById('send').disabled", timeout=120_000)
+    assert page.locator("#reply-steered").inner_text() != page.locator("#reply-plain").inner_text()
     assert page.console_errors == []
 
 

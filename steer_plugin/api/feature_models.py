@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from steer_plugin.spec import MAX_TOP_K
+from steer_plugin.spec import MAX_TOP_K, FeatureClamp
 
 MAX_TOP_FEATURES = 256  # worker.recorder.TOTAL_TOP
 
@@ -83,6 +83,36 @@ class FeatureDetail(FeatureSummary):
     """The sweep behind the recommendation: per token scope and strength (× max), what the replies did."""
 
 
+class ConceptFeature(BaseModel):
+    feature: int
+    label: str
+    unit_value: float
+    """Its clamp's value (mode add, unit absolute) when the concept clamp adds a vector as long as the
+    layer's median stream norm; the values at a dose are these × the dose."""
+
+
+class ConceptClamp(BaseModel):
+    """Several features clamped together (mode add) so that what they add points along a concept:
+    at this model's scale a concept's direction is spread over many token-level features."""
+
+    concept: str
+    keywords: list[str]
+    """Words that show the concept in a reply (how the strength was measured)."""
+    cosine: float
+    """Cosine between what the clamps add together and the concept's direction (the difference of mean
+    activations between the model's replies about it and about other concepts); 1: all of the push
+    goes along the concept."""
+    features: list[ConceptFeature]
+    recommended_dose: float | None
+    """Length of what the clamps add, × the layer's median stream norm, that made the most tuning replies
+    name the concept while fluent; None: no dose did both."""
+    recommended_tokens: Literal["all", "generated"] | None
+    feature_clamps: list[FeatureClamp] | None
+    """The clamps at that dose and scope, ready to send as a request's `feature_clamps`."""
+    sweep: dict[str, dict[str, SweepCell]] | None = None
+    """Per token scope and dose, what the tuning replies did."""
+
+
 class FeatureList(BaseModel):
     object: Literal["list"] = "list"
     sae: str
@@ -92,6 +122,16 @@ class FeatureList(BaseModel):
     """Features matching the query (all features without one)."""
     offset: int
     data: list[FeatureSummary]
+    concepts: list[ConceptClamp] = []
+    """Concept clamps matching the query (first page of a search only), steerable first: where one
+    exists it steers replies more reliably than any single feature (see /v1/concepts)."""
+
+
+class ConceptList(BaseModel):
+    object: Literal["list"] = "list"
+    sae: str
+    query: str | None
+    data: list[ConceptClamp]
 
 
 class Message(BaseModel):

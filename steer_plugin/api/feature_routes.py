@@ -2,6 +2,8 @@
 
     GET  /v1/features?q=dogs&limit=10     catalogue search (without q: a paged listing)
     GET  /v1/features/{id}                one feature's full catalogue entry
+    GET  /v1/concepts?q=dogs              concept clamps (several features at a measured strength,
+                                          ready to send; a search's first page carries matches too)
     POST /v1/features/inspect             which features fire on a text, per token and in total
                                           (each takes `sae`, an SAE id; default: the first SAE)
     GET  /v1/saes                         the loaded SAEs
@@ -28,10 +30,11 @@ from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 
 from steer_plugin.api import playground
 from steer_plugin.api.admission import new_recording_key
-from steer_plugin.api.feature_models import (ActiveFeature, FeatureDetail, FeatureList, FeatureSummary,
-                                             GeneratedTokenFeatures, InspectRequest, InspectResponse, RankedFeature,
+from steer_plugin.api.feature_models import (ActiveFeature, ConceptClamp, ConceptList, FeatureDetail, FeatureList,
+                                             FeatureSummary, GeneratedTokenFeatures, InspectRequest, InspectResponse, RankedFeature,
                                              SAEList, SAESummary, TokenFeatures)
 from steer_plugin.catalogue import FeatureCatalogue
+from steer_plugin.concepts import ConceptBook
 from steer_plugin.config import SAESource, SteerConfig, plugin_disabled
 from steer_plugin.sae import SAEConfig, SAEFileError, load_config
 from steer_plugin.spec import RECORD_FIELD, FeatureRecording, sae_position
@@ -43,12 +46,13 @@ MAX_LIMIT = 200
 
 @dataclass(frozen=True)
 class _ServedSAE:
-    """One loaded SAE as the feature routes see it: its configuration and catalogue."""
+    """One loaded SAE as the feature routes see it: its configuration, catalogue and concept clamps."""
 
     source: SAESource
     cfg: SAEConfig
     layer: int
     catalogue: FeatureCatalogue | None
+    concepts: ConceptBook
 
     @classmethod
     def load(cls, source: SAESource) -> "_ServedSAE":
@@ -58,7 +62,13 @@ class _ServedSAE:
         except SAEFileError as e:
             logger.warning("action=no_catalogue sae=%s reason=%s", source.id, e)
             catalogue = None
-        return cls(source, cfg, source.stream_layer(cfg), catalogue)
+        return cls(source, cfg, source.stream_layer(cfg), catalogue, ConceptBook.load(source.path))
+
+    def concept(self, entry: dict) -> ConceptClamp:
+        """A concepts.json entry, its clamps naming this SAE."""
+        clamps = entry.get("feature_clamps")
+        return ConceptClamp(**{k: entry.get(k) for k in ConceptClamp.model_fields if k != "feature_clamps"},
+                            feature_clamps=None if clamps is None else [c | {"sae": self.source.id} for c in clamps])
 
     def summary(self) -> SAESummary:
         return SAESummary(id=self.source.id, layer=self.layer, d_sae=self.cfg.d_sae, architecture=self.cfg.architecture,
@@ -105,8 +115,14 @@ class FeatureService:
             return FeatureList(sae=served.source.id, query=None, total=len(catalogue), offset=offset,
                                data=[self.summary(e) for e in entries])
         hits, total = catalogue.search(q, limit, offset)
+        concepts = [served.concept(e) for e in served.concepts.search(q)] if offset == 0 else []
         return FeatureList(sae=served.source.id, query=q, total=total, offset=offset,
-                           data=[self.summary(e, s) for e, s in hits])
+                           data=[self.summary(e, s) for e, s in hits], concepts=concepts)
+
+    def concepts(self, q: str | None, sae: str | None = None) -> ConceptList:
+        served = self._sae(sae)
+        entries = served.concepts.search(q) if q and q.strip() else served.concepts.entries
+        return ConceptList(sae=served.source.id, query=q, data=[served.concept(e) for e in entries])
 
     def detail(self, feature: int, sae: str | None = None) -> FeatureDetail:
         served = self._sae(sae)
@@ -215,6 +231,12 @@ async def search_features(request: Request,
                           offset: Annotated[int, Query(ge=0)] = 0,
                           sae: Annotated[str | None, Query(max_length=64)] = None) -> FeatureList:
     return await asyncio.to_thread(_service(request).search, q, limit, offset, sae)
+
+
+@router.get("/v1/concepts", response_model=ConceptList)
+async def list_concepts(request: Request, q: Annotated[str | None, Query(max_length=500)] = None,
+                        sae: Annotated[str | None, Query(max_length=64)] = None) -> ConceptList:
+    return _service(request).concepts(q, sae)
 
 
 @router.get("/v1/features/{feature_id}", response_model=FeatureDetail)

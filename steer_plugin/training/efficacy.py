@@ -13,12 +13,17 @@ on prompts the sweep never saw:
   3× that of unsteered replies.
 - **The user's journey**: for everyday words a person would search for (`JOURNEY`), the top search
   hit at its recommended strength, on ordinary questions (`JOURNEY_QUESTIONS`).
-- **Side by side** (`--compare`): per concept, that top hit against prompting (the question plus
-  "Mention {concept} in your answer.") and a difference-of-means vector at the same layer from the
-  chat corpus (diff_means.py; dose and scope tuned on the sweep's prompts by the sweep's rule); concept rate,
-  fluency and whether the reply still answers the question (steering_eval.py).
+- **Concept clamps** (where the SAE ships concepts.json, see concepts.py): the same bar for each
+  concept's multi-feature clamp at its recommended dose, and the journey with the concept clamp a
+  search returns first (`/v1/features?q=` carries it in `concepts`).
+- **Side by side** (`--compare`): per concept, the top feature hit and the concept clamp against
+  prompting (the question plus "Mention {concept} in your answer.") and a difference-of-means vector
+  at the same layer, the very direction the concept clamp approximates (concept_directions.safetensors;
+  dose and scope tuned on the sweep's prompts by the sweep's rule); concept rate, fluency and whether
+  the reply still answers the question (steering_eval.py).
 
-Writes efficacy.json/.md (and comparison.json/.md) next to the SAE.
+Writes efficacy.json/.md (and comparison.json/.md) next to the SAE. Run concepts.py first for the
+concept clamps and the comparison.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ import time
 from pathlib import Path
 
 from steer_plugin.catalogue import FeatureCatalogue
+from steer_plugin.concepts import ConceptBook
 from steer_plugin.config import default_model_dir
 from steer_plugin.sae import SAE, load_config
-from steer_plugin.training.chat_corpus import CHATS_DIR, CHATS_FILE
-from steer_plugin.training.diff_means import DOSES, alignment, chat_vector_saes
+from steer_plugin.training.concepts import DIRECTIONS_FILENAME, concept_jobs, load_directions
+from steer_plugin.training.diff_means import DOSES, alignment, write_vector_sae
 from steer_plugin.training.steering_eval import Bench, Job, median, summarise
 from steer_plugin.training.strengths import SCOPES, TUNING_PROMPTS, recommend, swept_cells
 
@@ -121,28 +127,55 @@ def _summaries(bench: Bench, groups: list[tuple[list[Job], list[str]]], control:
     return cells
 
 
-def efficacy(bench: Bench, catalogue: FeatureCatalogue, candidates: int) -> dict:
+def top_concept(book: ConceptBook, query: str) -> dict | None:
+    """The first concept clamp a search for the query returns, where it has a recommended dose."""
+    hits = book.search(query)
+    return hits[0] if hits and hits[0].get("recommended_dose") is not None else None
+
+
+def _concept_clamped(entry: dict, prompts) -> list[Job]:
+    return concept_jobs(entry, prompts, "sae", entry["recommended_dose"], entry["recommended_tokens"])
+
+
+def _concept_setting(entry: dict) -> dict:
+    return {"concept_clamp": entry["concept"], "features": len(entry["features"]), "cosine": entry["cosine"],
+            "dose": entry["recommended_dose"], "tokens": entry["recommended_tokens"]}
+
+
+def _at_bar(row: dict, baseline_ppl: float) -> bool:
+    return (row["baseline_mention_rate"] <= BASELINE_MAX and row["concept_rate"] >= STEERED_MIN
+            and row["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl)
+
+
+def efficacy(bench: Bench, catalogue: FeatureCatalogue, candidates: int, book: ConceptBook) -> dict:
     control = control_prompts(NEUTRAL_PROMPTS)
     baseline = bench.run([Job(p) for p in NEUTRAL_PROMPTS], control)
     baseline_ppl = median([j.perplexity for j in baseline])
     chosen = [(concept, keywords, entry) for concept, keywords in CONCEPTS.items()
               for entry in top_steerable_hits(catalogue, concept, candidates)]
-    cells = _summaries(bench, [(_clamped(entry, NEUTRAL_PROMPTS), keywords) for _, keywords, entry in chosen], control)
+    clamps = {c: e for c in CONCEPTS if (e := top_concept(book, c)) is not None}
+    cells = iter(_summaries(bench, [(_clamped(entry, NEUTRAL_PROMPTS), keywords) for _, keywords, entry in chosen]
+                            + [(_concept_clamped(e, NEUTRAL_PROMPTS), CONCEPTS[c]) for c, e in clamps.items()], control))
     base_rate = {concept: summarise(baseline, keywords)["concept_rate"] for concept, keywords in CONCEPTS.items()}
     rows = [{"concept": concept, "feature": entry["id"], "label": entry["label"],
              "strength_x_max": entry["recommended_strength"], "tokens": entry.get("recommended_tokens") or "all",
-             "baseline_mention_rate": base_rate[concept], **cell}
-            for (concept, _, entry), cell in zip(chosen, cells)]
-    meeting = [r for r in rows if r["baseline_mention_rate"] <= BASELINE_MAX and r["concept_rate"] >= STEERED_MIN
-               and r["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl]
+             "baseline_mention_rate": base_rate[concept], **next(cells)} for concept, _, entry in chosen]
+    concept_rows = [{"concept": c, **_concept_setting(e), "baseline_mention_rate": base_rate[c], **next(cells)}
+                    for c, e in clamps.items()]
+    meeting = [r for r in rows if _at_bar(r, baseline_ppl)]
     return {"baseline_median_ppl": baseline_ppl,
             "baseline_distinct_trigrams": sum(j.trigrams for j in baseline) / len(baseline),
             "baseline_answers": sum(j.pmi > 0 for j in baseline) / len(baseline),
             "features_meeting_bar": sorted({r["feature"] for r in meeting}),
-            "concepts_meeting_bar": sorted({r["concept"] for r in meeting}), "results": rows}
+            "concepts_meeting_bar": sorted({r["concept"] for r in meeting}), "results": rows,
+            "concept_clamps": {"concepts": len(CONCEPTS), "with_clamp": len(concept_rows),
+                               "meeting_bar": [r["concept"] for r in concept_rows if _at_bar(r, baseline_ppl)],
+                               "results": concept_rows}}
 
 
-def journey(bench: Bench, catalogue: FeatureCatalogue) -> dict:
+def journey(bench: Bench, catalogue: FeatureCatalogue, book: ConceptBook) -> dict:
+    """Per query: the top feature hit at its recommended strength and the top concept clamp at its
+    recommended dose (what a user who searches and clamps the first result gets)."""
     control = control_prompts(JOURNEY_QUESTIONS)
     baseline = bench.run([Job(p) for p in JOURNEY_QUESTIONS], control)
     baseline_ppl = median([j.perplexity for j in baseline])
@@ -151,36 +184,50 @@ def journey(bench: Bench, catalogue: FeatureCatalogue) -> dict:
         hits, _ = catalogue.search(query, 1)
         tops[query] = hits[0][0] if hits else None
     steerable = [q for q, top in tops.items() if top is not None and top.get("recommended_strength")]
-    cells = dict(zip(steerable, _summaries(
-        bench, [(_clamped(tops[q], JOURNEY_QUESTIONS), JOURNEY[q]) for q in steerable], control)))
-    rows = []
+    clamps = {q: e for q in JOURNEY if (e := top_concept(book, q)) is not None}
+    cells = iter(_summaries(bench, [(_clamped(tops[q], JOURNEY_QUESTIONS), JOURNEY[q]) for q in steerable]
+                            + [(_concept_clamped(e, JOURNEY_QUESTIONS), JOURNEY[q]) for q, e in clamps.items()],
+                            control))
+    feature_cells = {q: next(cells) for q in steerable}
+    rows, concept_rows = [], []
     for query, keywords in JOURNEY.items():
         top = tops[query]
-        if query not in cells:
+        base_rate = summarise(baseline, keywords)["concept_rate"]
+        if query not in feature_cells:
             rows.append({"query": query, "feature": top and top["id"], "steerable": False})
-            continue
-        rows.append({"query": query, "feature": top["id"], "label": top["label"], "steerable": True,
-                     "strength_x_max": top["recommended_strength"], "tokens": top.get("recommended_tokens") or "all",
-                     "baseline_mention_rate": summarise(baseline, keywords)["concept_rate"], **cells[query]})
-    steered = [r for r in rows if r["steerable"] and r["concept_rate"] >= STEERED_MIN
+        else:
+            rows.append({"query": query, "feature": top["id"], "label": top["label"], "steerable": True,
+                         "strength_x_max": top["recommended_strength"], "tokens": top.get("recommended_tokens") or "all",
+                         "baseline_mention_rate": base_rate, **feature_cells[query]})
+    for query, entry in clamps.items():
+        concept_rows.append({"query": query, **_concept_setting(entry), "baseline_mention_rate":
+                             summarise(baseline, JOURNEY[query])["concept_rate"], **next(cells)})
+    steered = [r["query"] for r in rows if r["steerable"] and r["concept_rate"] >= STEERED_MIN
                and r["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl]
-    return {"baseline_median_ppl": baseline_ppl, "queries": len(rows), "steered": [r["query"] for r in steered],
-            "results": rows}
+    concept_steered = [r["query"] for r in concept_rows if r["concept_rate"] >= STEERED_MIN
+                       and r["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl]
+    return {"baseline_median_ppl": baseline_ppl, "queries": len(rows), "steered": steered, "results": rows,
+            "concept_steered": concept_steered, "concept_results": concept_rows}
 
 
-def compare(bench: Bench, catalogue: FeatureCatalogue, vectors_id: str, vector_concepts: list[str]) -> dict:
-    """Per concept: SAE top hit, prompting, diff-of-means (feature i of the vector SAE = vector_concepts[i])."""
+def compare(bench: Bench, catalogue: FeatureCatalogue, book: ConceptBook, vectors_id: str,
+            vector_concepts: list[str]) -> dict:
+    """Per concept: SAE top hit, SAE concept clamp, prompting, diff-of-means (feature i of the vector
+    SAE = vector_concepts[i])."""
     control = control_prompts(NEUTRAL_PROMPTS)
     tune_base = median([j.perplexity for j in bench.run([Job(p) for p in TUNING_PROMPTS])])
     concepts = list(CONCEPTS.items())
     hits = {concept: top_steerable_hits(catalogue, concept, 1) for concept, _ in concepts}
+    clamps = {c: e for c, _ in concepts if (e := top_concept(book, c)) is not None}
     vectors = {c: {"id": i} for i, c in enumerate(vector_concepts)}
-    # The SAE's top hits and prompting on the neutral prompts; the vectors at every dose on the
-    # tuning prompts, tuned by the sweep's rule; then each vector at its tuned dose.
+    # The SAE's top hits, concept clamps and prompting on the neutral prompts; the vectors at every
+    # dose on the tuning prompts, tuned by the sweep's rule; then each vector at its tuned dose.
     groups = [(_clamped(hits[c][0], NEUTRAL_PROMPTS), k) for c, k in concepts if hits[c]]
+    groups += [(_concept_clamped(clamps[c], NEUTRAL_PROMPTS), k) for c, k in concepts if c in clamps]
     groups += [([Job(p, instruction=f"Mention {c} in your answer.") for p in NEUTRAL_PROMPTS], k) for c, k in concepts]
     cells = iter(_summaries(bench, groups, control))
     sae_cells = {c: next(cells) for c, _ in concepts if hits[c]}
+    concept_cells = {c: next(cells) for c, _ in concepts if c in clamps}
     prompted = {c: next(cells) for c, _ in concepts}
     grid = [(dose, t) for dose in DOSES for t in SCOPES]
     tuning = swept_cells(bench, {(c, *st): (_clamped(vectors[c], TUNING_PROMPTS, vectors_id, st), CONCEPTS[c])
@@ -198,6 +245,12 @@ def compare(bench: Bench, catalogue: FeatureCatalogue, vectors_id: str, vector_c
             methods["SAE clamp"] = {**sae_cells[concept],
                                     "setting": f"feature {top['id']} at {top['recommended_strength']:g}× max, "
                                                f"{top.get('recommended_tokens') or 'all'} tokens"}
+        if concept in concept_cells:
+            e = clamps[concept]
+            methods["SAE concept clamp"] = {**concept_cells[concept],
+                                            "setting": f"{len(e['features'])} features (cosine {e['cosine']:.2f}) at "
+                                                       f"{e['recommended_dose']:g}× the stream's median norm, "
+                                                       f"{e['recommended_tokens']} tokens"}
         methods["prompting"] = {**prompted[concept], "setting": f'"Mention {concept} in your answer."'}
         if concept in vector_cells:
             strength, tokens = settings[concept]
@@ -205,7 +258,7 @@ def compare(bench: Bench, catalogue: FeatureCatalogue, vectors_id: str, vector_c
                                         "setting": f"{strength:g}× the stream's median norm, {tokens} tokens"}
         rows.append({"concept": concept, "methods": methods})
     table = {}
-    for method in ("SAE clamp", "prompting", "diff-of-means"):
+    for method in ("SAE clamp", "SAE concept clamp", "prompting", "diff-of-means"):
         got = [r["methods"][method] for r in rows if method in r["methods"]]
         table[method] = {"concepts": len(got), "mean_concept_rate": sum(c["concept_rate"] for c in got) / len(rows),
                          "concepts_at_60": sum(c["concept_rate"] >= STEERED_MIN for c in got),
@@ -215,17 +268,20 @@ def compare(bench: Bench, catalogue: FeatureCatalogue, vectors_id: str, vector_c
     return {"table": table, "results": rows}
 
 
-def concept_alignment(catalogue: FeatureCatalogue, cosines, vector_concepts: list[str]) -> list[dict]:
-    """Per concept with a vector: how well the top search hit and the best-aligned feature point along
-    the concept's mean difference (cosines [vectors, d_sae], diff_means.alignment)."""
+def concept_alignment(catalogue: FeatureCatalogue, book: ConceptBook, cosines, vector_concepts: list[str]) -> list[dict]:
+    """Per concept with a vector: how well the top search hit, the best-aligned feature and the concept
+    clamp's features together point along the concept's direction (cosines [vectors, d_sae],
+    diff_means.alignment)."""
     rows = []
     for i, concept in enumerate(vector_concepts):
         hits, _ = catalogue.search(concept, 1)
         best = int(cosines[i].argmax())
+        clamp = book.search(concept)
         rows.append({"concept": concept, "top_hit": hits[0][0]["id"] if hits else None,
                      "top_hit_cos": round(float(cosines[i, hits[0][0]["id"]]), 3) if hits else None,
                      "best_feature": best, "best_label": catalogue.entries[best]["label"],
-                     "best_cos": round(float(cosines[i, best]), 3)})
+                     "best_cos": round(float(cosines[i, best]), 3),
+                     "concept_clamp_cos": clamp[0]["cosine"] if clamp else None})
     return rows
 
 
@@ -245,6 +301,17 @@ def _efficacy_markdown(report: dict) -> str:
         lines.append(f"| {r['concept']} | {r['feature']} | {r['label']} | {r['strength_x_max']:g} | {r['tokens']} | "
                      f"{r['baseline_mention_rate']:.0%} | {r['concept_rate']:.0%} | {r['median_ppl']:.2f} | "
                      f"{r['distinct_trigrams']:.2f} | {r['answers']:.0%} |")
+    k = e["concept_clamps"]
+    lines += ["", "## Concept clamps", "",
+              f"Each concept's clamp (concepts.json: several features added together along the concept's direction, "
+              f"dose tuned on other prompts) on the same prompts: **{len(k['meeting_bar'])} of {k['concepts']} "
+              f"concepts** meet the same bar" + (": " + ", ".join(k["meeting_bar"]) if k["meeting_bar"] else "") + ".",
+              "", "| concept | features | cosine | dose (× norm) | tokens | unsteered | steered | median ppl | distinct trigrams | answers |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in k["results"]:
+        lines.append(f"| {r['concept']} | {r['features']} | {r['cosine']:.2f} | {r['dose']:g} | {r['tokens']} | "
+                     f"{r['baseline_mention_rate']:.0%} | {r['concept_rate']:.0%} | {r['median_ppl']:.2f} | "
+                     f"{r['distinct_trigrams']:.2f} | {r['answers']:.0%} |")
     lines += ["", "## The user's journey", "",
               f"Search a word, clamp the top hit at its recommended strength, ask {len(JOURNEY_QUESTIONS)} ordinary "
               f"questions: **{len(j['steered'])} of {j['queries']}** queries reach ≥ 60 % of replies with median "
@@ -257,6 +324,16 @@ def _efficacy_markdown(report: dict) -> str:
             continue
         example = r["example"].replace("\n", " ").replace("|", "/")[:160]
         lines.append(f"| {r['query']} | {r['feature']} | {r['label']} | {r['strength_x_max']:g} | {r['tokens']} | "
+                     f"{r['baseline_mention_rate']:.0%} | {r['concept_rate']:.0%} | {r['median_ppl']:.2f} | "
+                     f"{r['distinct_trigrams']:.2f} | {example} |")
+    lines += ["", f"The same queries with the concept clamp the search returns first (`concepts` in the reply "
+              f"of `/v1/features?q=`, or `/v1/concepts?q=`) at its recommended dose: **{len(j['concept_steered'])} "
+              f"of {j['queries']}** reach ≥ 60 % with median perplexity ≤ 3× unsteered.", "",
+              "| query | concept clamp | features | dose (× norm) | tokens | unsteered | steered | median ppl | distinct trigrams | example |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in j["concept_results"]:
+        example = r["example"].replace("\n", " ").replace("|", "/")[:160]
+        lines.append(f"| {r['query']} | {r['concept_clamp']} | {r['features']} | {r['dose']:g} | {r['tokens']} | "
                      f"{r['baseline_mention_rate']:.0%} | {r['concept_rate']:.0%} | {r['median_ppl']:.2f} | "
                      f"{r['distinct_trigrams']:.2f} | {example} |")
     return "\n".join(lines) + "\n"
@@ -286,10 +363,11 @@ def _comparison_markdown(report: dict) -> str:
               "", "Cosine between each concept's difference of means (the vector above) and a feature's decoder row: "
               "a clamp moves the stream along that row, and what it moves off the concept's direction changes the "
               "reply without bringing the concept (docs/layer-scan-2026-12-04.md).", "",
-              "| concept | top search hit | its cosine | best-aligned feature | label | cosine |", "|---|---|---|---|---|---|"]
+              "| concept | top search hit | its cosine | best-aligned feature | label | cosine | concept clamp's features together |",
+              "|---|---|---|---|---|---|---|"]
     for r in c.get("alignment", []):
         lines.append(f"| {r['concept']} | {r['top_hit']} | {r['top_hit_cos']} | {r['best_feature']} | "
-                     f"{r['best_label']} | {r['best_cos']} |")
+                     f"{r['best_label']} | {r['best_cos']} | {r['concept_clamp_cos']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -299,26 +377,28 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model-dir", default=str(default_model_dir()))
     p.add_argument("--candidates", type=int, default=1, help="steerable search hits tried per concept")
     p.add_argument("--compare", action="store_true",
-                   help="also compare with prompting and with difference-of-means vectors from the chat corpus")
-    p.add_argument("--chats", type=Path, default=CHATS_DIR / CHATS_FILE)
+                   help="also compare with prompting and with difference-of-means vectors along the concept "
+                        "clamps' directions (needs concept_directions.safetensors from concepts.py)")
     args = p.parse_args(argv)
     sae_dir = args.sae.resolve()
     catalogue = FeatureCatalogue.load(sae_dir)
+    book = ConceptBook.load(sae_dir)
     saes = [{"path": str(sae_dir), "id": "sae"}]
     if args.compare:
-        vector_dir, vector_concepts = _vector_sae(args.model_dir, args.chats, sae_dir)
+        vector_dir, vector_concepts = _vector_sae(sae_dir)
         saes.append({"path": str(vector_dir), "id": "diffmean"})
     started = time.time()
     bench = Bench(args.model_dir, saes, cache=sae_dir / ".steering_replies.json", own_process=True)
     try:
         report = {"date": time.strftime("%Y-%m-%d"), "max_tokens": bench.max_tokens,
-                  "efficacy": efficacy(bench, catalogue, args.candidates), "journey": journey(bench, catalogue)}
+                  "efficacy": efficacy(bench, catalogue, args.candidates, book),
+                  "journey": journey(bench, catalogue, book)}
         (sae_dir / "efficacy.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
         (sae_dir / "efficacy.md").write_text(_efficacy_markdown(report))
         if args.compare:
-            report["comparison"] = compare(bench, catalogue, "diffmean", vector_concepts)
+            report["comparison"] = compare(bench, catalogue, book, "diffmean", vector_concepts)
             report["comparison"]["alignment"] = concept_alignment(
-                catalogue, alignment(SAE.load(sae_dir), SAE.load(vector_dir)), vector_concepts)
+                catalogue, book, alignment(SAE.load(sae_dir), SAE.load(vector_dir)), vector_concepts)
             (sae_dir / "comparison.json").write_text(json.dumps(
                 {"date": report["date"], **report["comparison"]}, indent=1, ensure_ascii=False) + "\n")
             (sae_dir / "comparison.md").write_text(_comparison_markdown(report))
@@ -326,18 +406,25 @@ def main(argv: list[str] | None = None) -> dict:
         bench.close()
     report["seconds"] = round(time.time() - started, 1)
     print(json.dumps({"features": report["efficacy"]["features_meeting_bar"],
-                      "concepts": report["efficacy"]["concepts_meeting_bar"], "journey": report["journey"]["steered"],
+                      "concepts": report["efficacy"]["concepts_meeting_bar"],
+                      "concept_clamps": report["efficacy"]["concept_clamps"]["meeting_bar"],
+                      "journey": report["journey"]["steered"], "journey_concepts": report["journey"]["concept_steered"],
                       "table": report.get("comparison", {}).get("table")}))
     return report
 
 
-def _vector_sae(model_dir: str, chats: Path, sae_dir: Path) -> tuple[Path, list[str]]:
-    """The difference-of-means vectors at the SAE's layer, from the chat corpus, as an SAE folder, and
-    the concepts of its features in order (those of CONCEPTS with enough positive documents)."""
-    layer = load_config(sae_dir).layer
+def _vector_sae(sae_dir: Path) -> tuple[Path, list[str]]:
+    """The concepts' directions (concept_directions.safetensors, the ones the concept clamps
+    approximate) as difference-of-means vectors at the SAE's layer, as an SAE folder, and the concepts
+    of its features in order (those of CONCEPTS)."""
+    path = sae_dir / DIRECTIONS_FILENAME
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run python -m steer_plugin.training.concepts --sae {sae_dir} first")
+    names, directions, median_norm = load_directions(path)
+    kept = [i for i, name in enumerate(names) if name in CONCEPTS]
     out = Path.home() / ".cache" / "steer_plugin" / f"diffmean-{sae_dir.name}"
-    concepts, _ = chat_vector_saes(model_dir, chats, CONCEPTS, [layer], out)
-    return out / f"L{layer}", list(concepts)
+    write_vector_sae(directions[kept], [names[i] for i in kept], load_config(sae_dir).hook_name, median_norm, out)
+    return out, [names[i] for i in kept]
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ class Job:
     reply is judged against the plain question)."""
 
     prompt: str
-    clamps: tuple[tuple[str, int, float, str], ...] | None = None  # (sae id, feature, value, unit)
+    clamps: tuple[tuple, ...] | None = None
+    """(sae id, feature, value, unit) clamps in mode `set`, or (sae id, feature, value, unit, mode)."""
     instruction: str | None = None
     tokens: str = "all"
     """The clamps' `tokens` scope: all, prompt or generated."""
@@ -120,7 +121,8 @@ class Bench:
         if todo:
             params = [SamplingParams(temperature=0, max_tokens=self.max_tokens, extra_args=None if not j.clamps else
                                      {"feature_clamps": json.dumps([{"sae": s, "feature": f, "value": v, "unit": u,
-                                                                     "tokens": j.tokens} for s, f, v, u in j.clamps])})
+                                                                     "mode": mode[0] if mode else "set",
+                                                                     "tokens": j.tokens} for s, f, v, u, *mode in j.clamps])})
                       for j in todo]
             replies = [o.outputs[0].text for o in self.llm.chat([j.messages() for j in todo], params, use_tqdm=True)]
             for job, reply in zip(todo, replies):

@@ -76,6 +76,15 @@ async function search(query) {
   const list = $("search-results");
   list.replaceChildren();
   if (!result.ok) return showError(result.body.error || result.body);
+  for (const concept of result.body.concepts || []) {
+    const usable = concept.feature_clamps !== null;
+    list.append(el("li", {class: "concept", "data-concept": concept.concept},
+      el("span", {}, `Concept "${concept.concept}": ${concept.features.length} features` +
+                     (usable ? ` at ${concept.recommended_dose} × the stream's norm` : " (no fluent strength found)")),
+      " ", el("button", {type: "button", class: "add-concept", disabled: usable ? null : "",
+                         "aria-label": `Add the concept clamp for ${concept.concept}`,
+                         onclick: () => addConcept(concept)}, "+ concept clamp")));
+  }
   for (const hit of result.body.data) {
     list.append(el("li", {"data-feature": hit.id},
       el("button", {type: "button", class: "open", onclick: () => openCard(hit.id)}, `#${hit.id} ${hit.label}`), " ",
@@ -149,6 +158,17 @@ async function addClamp(id) {
   renderClamps();
 }
 
+function addConcept(concept) {
+  // A concept clamp is several features added together (mode add, absolute values): see /v1/concepts.
+  const labels = new Map(concept.features.map((f) => [f.feature, f.label]));
+  for (const c of concept.feature_clamps) {
+    state.clamps = state.clamps.filter((k) => !(k.feature === c.feature && k.sae === c.sae));
+    state.clamps.push({sae: c.sae, feature: c.feature, label: labels.get(c.feature) || "", strength: c.value,
+                       mode: c.mode, unit: c.unit, tokens: c.tokens});
+  }
+  renderClamps();
+}
+
 function renderClamps() {
   const box = $("clamps");
   box.replaceChildren();
@@ -169,7 +189,7 @@ function renderClamps() {
     box.append(el("div", {class: "clamp", "data-feature": clamp.feature},
       el("div", {class: "title"}, `${clamp.sae ? clamp.sae + " " : ""}#${clamp.feature} ${clamp.label}`),
       el("div", {}, el("label", {for: `clamp-${i}-feature`}, "Feature"), feature),
-      el("div", {}, el("label", {for: `clamp-${i}-slider`}, "Strength (× max)"), slider),
+      el("div", {}, el("label", {for: `clamp-${i}-slider`}, clamp.unit === "absolute" ? "Value (absolute)" : "Strength (× max)"), slider),
       el("div", {}, el("label", {for: `clamp-${i}-strength`}, "Strength value"), number),
       el("div", {}, el("label", {for: `clamp-${i}-mode`}, "Mode"), mode),
       el("div", {}, el("label", {for: `clamp-${i}-tokens`}, "Tokens"), tokens),
@@ -181,7 +201,7 @@ function renderClamps() {
 
 function clampSpec() {
   return state.clamps.map((c) => ({...(c.sae ? {sae: c.sae} : {}), feature: c.feature, value: c.strength,
-                                   mode: c.mode, ...(c.mode === "scale" ? {} : {unit: "max"}), tokens: c.tokens}));
+                                   mode: c.mode, ...(c.mode === "scale" ? {} : {unit: c.unit || "max"}), tokens: c.tokens}));
 }
 
 // ---------------------------------------------------------------------------------------- compare

@@ -1,0 +1,52 @@
+"""The concept clamps shipped with an SAE, searchable by words (API process only).
+
+`concepts.json` (written by `python -m steer_plugin.training.concepts`) holds, per concept, the
+features whose clamps together add the concept's direction (`mode: add`), the strength measured to
+steer replies to it fluently, and the `feature_clamps` at that strength, ready to send. A query
+matches a concept by its name and the keywords that show it in a reply, compared as the feature
+search compares words (lower case, plural removed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from steer_plugin.catalogue import query_words, words
+from steer_plugin.sae import SAEFileError
+
+CONCEPTS_FILENAME = "concepts.json"
+
+
+class ConceptBook:
+    """An SAE's concept clamps (entries of concepts.json) and a word search over them."""
+
+    def __init__(self, entries: list[dict]):
+        self.entries = entries
+        self._names = [query_words(e["concept"]) for e in entries]
+        self._keywords = [set().union(*map(words, e["keywords"])) for e in entries]
+
+    @classmethod
+    def load(cls, sae_path: str | Path) -> "ConceptBook":
+        """The SAE's concept clamps; an empty book where it ships none."""
+        path = Path(sae_path) / CONCEPTS_FILENAME
+        if not path.is_file():
+            return cls([])
+        try:
+            entries = json.loads(path.read_text())["concepts"]
+        except (ValueError, KeyError) as e:
+            raise SAEFileError(f"steer_plugin: {path} is not a concepts file ({e})") from e
+        return cls(entries)
+
+    def search(self, query: str, steerable_only: bool = False) -> list[dict]:
+        """Entries whose name or keywords hold a query word, best first: more query words in the name,
+        then in the keywords, then those with a measured strength."""
+        wanted = query_words(query)
+        scored = []
+        for i, e in enumerate(self.entries):
+            if steerable_only and e.get("recommended_dose") is None:
+                continue
+            name, keywords = len(wanted & self._names[i]), len(wanted & self._keywords[i])
+            if name or keywords:
+                scored.append(((-name, -keywords, e.get("recommended_dose") is None, i), e))
+        return [e for _, e in sorted(scored, key=lambda se: se[0])]

@@ -1,0 +1,227 @@
+"""Concept clamps: several features of an SAE clamped together so that what they add points along a
+concept, with a strength measured on real replies. Written to `concepts.json` next to the SAE and
+served by `/v1/concepts` (steer_plugin/concepts.py).
+
+    python -m steer_plugin.training.concepts --sae sae_weights/NAME [--concept "tea:tea,teapot" ...]
+
+Why several: at SmolLM2-135M's scale an SAE latent is a token-level feature, and the direction that
+makes the model talk about a concept is spread over 10-20 of them; a one-feature clamp carries at
+most about 0.4 of it and loops before the concept shows (docs/layer-scan-2026-12-04.md).
+
+For each concept (a name and the keywords that show it in a reply):
+1. **Text about it**: the model's own replies to `WRITING_PROMPTS` about the concept, from the
+   real engine, greedy (prompts no evaluation uses).
+2. **Its direction**: the mean residual stream at the SAE's layer over those replies' tokens minus
+   the mean over the replies about the other concepts that name none of its keywords (a one-vs-rest
+   difference of means on the traffic's own kind of text, AxBench's DiffMean).
+3. **Its features**: orthogonal matching pursuit over the decoder rows: `--features` times, the row
+   best aligned with what the chosen rows do not yet explain joins them, and the weights are refit by
+   least squares. Each feature is clamped with `mode: add` (unit absolute): the clamps together add
+   exactly the weighted sum of their rows (the SAE's error term is kept), a direction a set of
+   labelled features spells out. `cosine`: how much of the direction that sum carries.
+4. **Its strength**: the sum scaled to α × the layer's median stream norm, α among `DOSES` and the
+   token scope among `SCOPES` tuned on the strength sweep's prompts by the sweep's rule
+   (strengths.recommend: the most replies naming the concept among fluent settings); concepts with
+   no fluent setting at which half the replies name it get `recommended_dose: null`.
+
+Also writes `concept_directions.safetensors` (the directions and the median norm), from which the
+comparison in efficacy.py builds its difference-of-means vectors for the same concepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from steer_plugin.concepts import CONCEPTS_FILENAME
+from steer_plugin.config import default_model_dir
+from steer_plugin.sae import SAE
+from steer_plugin.training.capture import load_hf_model, streams
+from steer_plugin.training.diff_means import DOSES
+from steer_plugin.training.steering_eval import Bench, Job, count_mentions, median
+from steer_plugin.training.strengths import SCOPES, TUNING_PROMPTS, recommend, swept_cells
+
+DIRECTIONS_FILENAME = "concept_directions.safetensors"
+WRITING_PROMPTS = (
+    "Write a short paragraph about {}.", "Tell me some interesting facts about {}.", "Describe {} to a child.",
+    "What do people love about {}?", "Write a diary entry about a day spent with {}.",
+    "Give me three tips about {}.", "Write a short poem about {}.", "What is the history of {}?",
+)
+"""Prompts whose replies are the text about a concept ({} is its name)."""
+FEATURES = 16
+"""Features per concept clamp: half the request contract's 32 clamps, leaving room for a user's own.
+On the default SAE a least-squares mix of 10-20 rows reaches cosine 0.66-0.73 with a concept's
+chat-corpus direction (docs/layer-scan-2026-12-04.md)."""
+
+
+@torch.inference_mode()
+def reply_streams(model, tokenizer, conversations: list[tuple[str, str]], layer: int, batch_size: int = 8):
+    """(user turn, reply) pairs -> ([pairs, d] float64 summed stream at the layer's output over each
+    reply's tokens, [pairs] token counts, [tokens, d] a sample of reply-token streams)."""
+    rows, starts = [], []
+    for prompt, reply in conversations:
+        prefix = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                         add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        rows.append(prefix + tokenizer(reply, add_special_tokens=False)["input_ids"])
+        starts.append(len(prefix))
+    sums = torch.zeros(len(rows), model.config.hidden_size, dtype=torch.float64)
+    counts = torch.tensor([len(r) - s for r, s in zip(rows, starts)], dtype=torch.float64)
+    sample = []
+    batches = streams(model, rows, [layer], batch_size, pad_id=tokenizer.pad_token_id or 0)
+    for batch, mask, caught in tqdm(batches, desc="reply streams", unit="batch", total=-(-len(rows) // batch_size)):
+        keep = mask.bool()
+        for r, i in enumerate(batch):
+            keep[r, :starts[i]] = False
+        sums[torch.tensor(batch)] = (caught[layer] * keep[..., None]).double().sum(1)
+        sample.append(caught[layer][keep][::8])
+    return sums, counts, torch.cat(sample)
+
+
+def one_vs_rest(sums: torch.Tensor, counts: torch.Tensor, about: list[str], replies: list[str],
+                concepts: dict[str, list[str]]) -> torch.Tensor:
+    """sums [replies, d] (float64), counts [replies]; about[r]: the concept reply r was asked about ->
+    [concepts, d] float32: per concept, the mean over its replies' tokens minus the mean over the other
+    concepts' replies that name none of its keywords (so "the ocean" is not contrasted with "the sea")."""
+    vectors = []
+    for name, keywords in concepts.items():
+        own = torch.tensor([a == name for a in about])
+        rest = torch.tensor([a != name and count_mentions(r, keywords) == 0 for a, r in zip(about, replies)])
+        vectors.append((sums[own].sum(0) / counts[own].sum() - sums[rest].sum(0) / counts[rest].sum()).float())
+    return torch.stack(vectors)
+
+
+def pursue(W_dec: torch.Tensor, direction: torch.Tensor, k: int) -> tuple[list[int], torch.Tensor, float]:
+    """Orthogonal matching pursuit. W_dec: [d_sae, d] decoder rows, direction: [d] -> (k feature ids,
+    weights [k] with sum_i w_i W_dec[i] the least-squares fit of the direction on those rows, cosine
+    of that fit with the direction)."""
+    unit_rows = W_dec / W_dec.norm(dim=-1, keepdim=True)  # [d_sae, d]
+    chosen: list[int] = []
+    residual = direction
+    weights = torch.zeros(0)
+    for _ in range(k):
+        scores = (unit_rows @ residual).abs()
+        scores[chosen] = -1.0
+        chosen.append(int(scores.argmax()))
+        rows = W_dec[chosen]  # [m, d]
+        weights = torch.linalg.lstsq(rows.T, direction[:, None]).solution[:, 0]  # [m]
+        residual = direction - weights @ rows
+    fit = weights @ W_dec[chosen]
+    return chosen, weights, float(torch.nn.functional.cosine_similarity(fit, direction, dim=0))
+
+
+def clamps_at(entry: dict, dose: float) -> list[dict]:
+    """The entry's clamps with the mix scaled to `dose` × the median stream norm (`unit_values` add a
+    mix whose norm is that median norm)."""
+    return [{"feature": f["feature"], "value": round(f["unit_value"] * dose, 5), "mode": "add", "unit": "absolute"}
+            for f in entry["features"]]
+
+
+def concept_jobs(entry: dict, prompts, sae_id: str, dose: float, tokens: str) -> list[Job]:
+    """The prompts, each with the concept clamp at a dose on a token scope (`add`, absolute)."""
+    clamps = tuple((sae_id, c["feature"], c["value"], "absolute", "add") for c in clamps_at(entry, dose))
+    return [Job(p, clamps, tokens=tokens) for p in prompts]
+
+
+def build(sae: SAE, labels: list[str], model_dir: str, bench: Bench, concepts: dict[str, list[str]], k: int,
+          directions_out: Path) -> list[dict]:
+    """The concept clamps (untuned: no recommended dose yet) and the directions file."""
+    pairs = [(template.format(name), name) for name in concepts for template in WRITING_PROMPTS]
+    replies = [j.text for j in bench.run([Job(p) for p, _ in pairs], fluency=False)]
+    model, tokenizer = load_hf_model(model_dir)
+    sums, counts, sample = reply_streams(model, tokenizer, [(p, r) for (p, _), r in zip(pairs, replies)], sae.cfg.layer)
+    directions = one_vs_rest(sums, counts, [name for _, name in pairs], replies, concepts)  # [concepts, d]
+    median_norm = float(sample.norm(dim=-1).median())
+    # The SAE adds a clamp's decoder row times its normalisation's scale (1 unless it normalises):
+    # the weights are divided by that scale so the clamps add the fit in stream units.
+    scale = float(sae.normalize(sample)[1].scale.expand(len(sample), 1).median())
+    save_file({"directions": directions, "median_norm": torch.tensor(median_norm)}, str(directions_out),
+              metadata={"concepts": json.dumps(list(concepts)), "layer": str(sae.cfg.layer)})
+    entries = []
+    for (name, keywords), direction in zip(concepts.items(), directions):
+        chosen, weights, cosine = pursue(sae.W_dec, direction, k)
+        unit = median_norm / float((weights @ sae.W_dec[chosen]).norm()) / scale
+        entries.append({"concept": name, "keywords": keywords, "cosine": round(cosine, 3),
+                        "direction_norm": round(float(direction.norm()), 3),
+                        "features": [{"feature": f, "label": labels[f], "unit_value": round(float(w) * unit, 5)}
+                                     for f, w in zip(chosen, weights)]})
+    return entries
+
+
+def tune(bench: Bench, entries: list[dict], sae_id: str, doses=DOSES, scopes=SCOPES) -> dict:
+    """Sweeps each entry over doses × scopes on the tuning prompts and writes `recommended_dose`,
+    `recommended_tokens`, `feature_clamps` (at that setting) and `sweep` into it."""
+    baseline_ppl = median([j.perplexity for j in bench.run([Job(p) for p in TUNING_PROMPTS])])
+    grid = [(a, t) for a in doses for t in scopes]
+    cells = swept_cells(bench, {(e["concept"], a, t): (concept_jobs(e, TUNING_PROMPTS, sae_id, a, t), e["keywords"])
+                                for e in entries for a, t in grid})
+    for e in entries:
+        summary = {(a, t): cells[e["concept"], a, t] for a, t in grid}
+        e["sweep"] = {t: {f"{a:g}": {k: v if v is None else round(v, 3) for k, v in summary[a, t].items()
+                                     if k not in ("example", "answers")} for a in doses} for t in scopes}
+        dose, tokens = recommend(summary, baseline_ppl) or (None, None)
+        e.update(recommended_dose=dose, recommended_tokens=tokens,
+                 feature_clamps=None if dose is None else [c | {"tokens": tokens} for c in clamps_at(e, dose)])
+    return {"baseline_median_ppl": baseline_ppl, "concepts": len(entries),
+            "recommended": sum(e["recommended_dose"] is not None for e in entries)}
+
+
+def load_directions(path: Path) -> tuple[list[str], torch.Tensor, float]:
+    """(concept names, directions [concepts, d], median stream norm) from a directions file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        names = json.loads(f.metadata()["concepts"])
+    tensors = load_file(str(path))
+    return names, tensors["directions"], float(tensors["median_norm"])
+
+
+def default_concepts() -> dict[str, list[str]]:
+    """The efficacy run's concepts and the journey's queries (one entry per name)."""
+    from steer_plugin.training.efficacy import CONCEPTS, JOURNEY
+
+    return CONCEPTS | {q: k for q, k in JOURNEY.items() if q not in CONCEPTS}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sae", type=Path, required=True)
+    p.add_argument("--model-dir", default=str(default_model_dir()))
+    p.add_argument("--features", type=int, default=FEATURES, help="features per concept clamp")
+    p.add_argument("--concept", action="append", default=[], metavar="NAME:KEYWORD,KEYWORD",
+                   help="a concept of your own (repeatable): its name and the words that show it in a reply; "
+                        "without any, the efficacy run's concepts and the journey's queries")
+    args = p.parse_args(argv)
+    concepts = {}
+    for spec in args.concept:
+        name, _, words = spec.partition(":")
+        concepts[name.strip()] = [w.strip().lower() for w in (words or name).split(",") if w.strip()]
+    if len(concepts) == 1:
+        p.error("give at least two concepts: each one's direction is contrasted with the others'")
+    concepts = concepts or default_concepts()
+    sae_dir = args.sae.resolve()
+    sae = SAE.load(sae_dir)
+    labels = [e["label"] for e in json.loads((sae_dir / "feature_catalogue.json").read_text())]
+    started = time.time()
+    bench = Bench(args.model_dir, [{"path": str(sae_dir), "id": "sae"}], cache=sae_dir / ".steering_replies.json",
+                  own_process=True)
+    try:
+        entries = build(sae, labels, args.model_dir, bench, concepts, args.features, sae_dir / DIRECTIONS_FILENAME)
+        report = tune(bench, entries, "sae")
+    finally:
+        bench.close()
+    (sae_dir / CONCEPTS_FILENAME).write_text(json.dumps(
+        {"date": time.strftime("%Y-%m-%d"), "features_per_concept": args.features, "doses": list(DOSES),
+         "tuning_prompts": list(TUNING_PROMPTS), "writing_prompts": list(WRITING_PROMPTS), **report,
+         "seconds": round(time.time() - started), "concepts": entries}, indent=1, ensure_ascii=False) + "\n")
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
