@@ -80,15 +80,20 @@ def test_concept_clamps_built_and_tuned_through_the_engine(tmp_path):
     named = {"dogs": ["dog", "puppy"], "the sea": ["sea", "ocean"], "music": ["music", "song"]}
     bench = Bench(MODEL, [{"path": str(DEFAULT_SAE_DIR), "id": "sae"}], max_tokens=16, cache=tmp_path / "replies.json")
     try:
-        entries = concepts.build(sae, labels, MODEL, bench, named, 4, tmp_path / "directions.safetensors")
+        entries, built, norm = concepts.build(sae, labels, MODEL, bench, named, 4, only={"dogs", "music"})
         report = concepts.tune(bench, entries, "sae", doses=(0.25, 2.0), scopes=("generated",))
         plain = bench.run([Job("What is on your mind?")], fluency=False)[0]
         pushed = bench.run(concepts.concept_jobs(entries[0], ["What is on your mind?"], "sae", 0.25, "generated"),
                            fluency=False)[0]
     finally:
         bench.close()
-    names, directions, median_norm = concepts.load_directions(tmp_path / "directions.safetensors")
-    assert names == list(named) and directions.shape == (3, sae.cfg.d_in) and median_norm > 10
+    path = tmp_path / "directions.safetensors"
+    concepts.save_directions(path, {"old": torch.ones(sae.cfg.d_in), "music": torch.zeros(sae.cfg.d_in)}, 1.0, 15)
+    concepts.save_directions(path, built, norm, 15)  # merged by name: music replaced, old kept
+    names, directions, median_norm = concepts.load_directions(path)
+    assert names == ["old", "music", "dogs"] and directions.shape == (3, sae.cfg.d_in) and median_norm == pytest.approx(norm) and norm > 10
+    assert [e["concept"] for e in entries] == ["dogs", "music"]  # the sea only contrasted
+    directions = [built[e["concept"]] for e in entries]
     for entry, direction in zip(entries, directions):
         ids = [f["feature"] for f in entry["features"]]
         added = torch.tensor([f["unit_value"] for f in entry["features"]]) @ sae.W_dec[ids]
@@ -96,6 +101,6 @@ def test_concept_clamps_built_and_tuned_through_the_engine(tmp_path):
         assert torch.nn.functional.cosine_similarity(added, direction, dim=0) == pytest.approx(entry["cosine"], abs=2e-3)
         assert set(entry["sweep"]) == {"generated"} and set(entry["sweep"]["generated"]) == {"0.25", "2"}
         assert entry["recommended_dose"] in (None, 0.25)  # twice the stream's norm is never fluent
-    assert report["concepts"] == 3 and pushed.text != plain.text
+    assert report["concepts"] == 2 and pushed.text != plain.text and -1 <= entries[0]["split_half"] <= 1
     (tmp_path / CONCEPTS_FILENAME).write_text(json.dumps({"concepts": entries}))
     assert ConceptBook.load(tmp_path).search("puppies")[0]["concept"] == "dogs"

@@ -74,15 +74,18 @@ async def test_a_swept_feature_carries_its_measured_strength(service):
 
 
 async def test_concept_clamps_come_with_a_search_and_on_their_own_route(service):
+    book = service._saes["smollm2-135m-instruct-l15"].concepts
+    name = next(e["concept"] for e in book.entries if e["recommended_dose"] is not None)
     async with _client(service) as client:
-        found = (await client.get("/v1/features", params={"q": "dogs", "limit": 2})).json()
-        later = (await client.get("/v1/features", params={"q": "dogs", "offset": 2})).json()
-        one = (await client.get("/v1/concepts", params={"q": "puppies"})).json()
+        found = (await client.get("/v1/features", params={"q": name, "limit": 2})).json()
+        later = (await client.get("/v1/features", params={"q": name, "offset": 2})).json()
+        one = (await client.get("/v1/concepts", params={"q": name})).json()
         listed = (await client.get("/v1/concepts")).json()
-    assert found["concepts"][0]["concept"] == "dogs" and later["concepts"] == []  # first page only
+        plural = (await client.get("/v1/concepts", params={"q": "puppies"})).json()
+    assert found["concepts"][0]["concept"] == name and later["concepts"] == []  # first page only
     assert one["data"][0] == found["concepts"][0] and one["sae"] == "smollm2-135m-instruct-l15"
-    assert len(listed["data"]) == len(service._saes["smollm2-135m-instruct-l15"].concepts.entries) >= 30
-    dogs = one["data"][0]
-    assert len(dogs["feature_clamps"]) == len(dogs["features"])
-    assert {(c["sae"], c["mode"], c["unit"], c["tokens"]) for c in dogs["feature_clamps"]} == {
-        ("smollm2-135m-instruct-l15", "add", "absolute", dogs["recommended_tokens"])}
+    assert len(listed["data"]) == len(book.entries) >= 30 and plural["data"][0]["concept"] == "dogs"
+    concept = one["data"][0]
+    assert len(concept["feature_clamps"]) == len(concept["features"])
+    assert {(c["sae"], c["mode"], c["unit"], c["tokens"]) for c in concept["feature_clamps"]} == {
+        ("smollm2-135m-instruct-l15", "add", "absolute", concept["recommended_tokens"])}

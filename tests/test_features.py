@@ -170,6 +170,26 @@ def test_from_search_to_steered_reply(http, feature_server):
     assert "god" not in replies[True] and "god" in replies[False]
 
 
+def test_from_search_to_a_concept_clamp(http, feature_server):
+    """A search carries the concept clamp; its `feature_clamps`, sent as they are, make replies name the
+    concept (the best-measured concept, on prompts of its tuning set)."""
+    from steer_plugin.training.steering_eval import mentions
+    from steer_plugin.training.strengths import TUNING_PROMPTS
+
+    listed = [c for c in http.get("/v1/concepts").json()["data"] if c["feature_clamps"]]
+    best = max(listed, key=lambda c: c["sweep"][c["recommended_tokens"]][f"{c['recommended_dose']:g}"]["concept_rate"])
+    concept = http.get("/v1/features", params={"q": best["concept"], "limit": 1}).json()["concepts"][0]
+    client = openai.OpenAI(base_url=f"{feature_server.base_url}/v1", api_key="none")
+    named = {True: 0, False: 0}
+    for prompt in TUNING_PROMPTS[:4]:
+        for steered in (True, False):
+            r = client.chat.completions.create(
+                model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": prompt}], temperature=0,
+                max_tokens=48, extra_body={"feature_clamps": concept["feature_clamps"]} if steered else None)
+            named[steered] += mentions(r.choices[0].message.content, concept["keywords"])
+    assert named[True] >= 2 and named[True] > named[False], (concept["concept"], named)
+
+
 def test_return_features_per_generated_token_steered_or_not(feature_server):
     client = openai.OpenAI(base_url=f"{feature_server.base_url}/v1", api_key="none")
 

@@ -102,6 +102,9 @@ class ConceptClamp(BaseModel):
     """Cosine between what the clamps add together and the concept's direction (the difference of mean
     activations between the model's replies about it and about other concepts); 1: all of the push
     goes along the concept."""
+    split_half: float | None = None
+    """Cosine between the directions found from two halves of the replies about the concept: near 1,
+    the direction is signal; far below, noise the clamps follow too."""
     features: list[ConceptFeature]
     recommended_dose: float | None
     """Length of what the clamps add, × the layer's median stream norm, that made the most tuning replies

@@ -2,7 +2,8 @@
 concept, with a strength measured on real replies. Written to `concepts.json` next to the SAE and
 served by `/v1/concepts` (steer_plugin/concepts.py).
 
-    python -m steer_plugin.training.concepts --sae sae_weights/NAME [--concept "tea:tea,teapot" ...]
+    python -m steer_plugin.training.concepts --sae sae_weights/NAME              # the default concepts
+    python -m steer_plugin.training.concepts --sae sae_weights/NAME --concept "tea:tea,teapot"  # add your own
 
 Why several: at SmolLM2-135M's scale an SAE latent is a token-level feature, and the direction that
 makes the model talk about a concept is spread over 10-20 of them; a one-feature clamp carries at
@@ -13,7 +14,8 @@ For each concept (a name and the keywords that show it in a reply):
    real engine, greedy (prompts no evaluation uses).
 2. **Its direction**: the mean residual stream at the SAE's layer over those replies' tokens minus
    the mean over the replies about the other concepts that name none of its keywords (a one-vs-rest
-   difference of means on the traffic's own kind of text, AxBench's DiffMean).
+   difference of means on the traffic's own kind of text, AxBench's DiffMean). `split_half`: the
+   cosine between the directions from alternate halves of the replies (how much of it is signal).
 3. **Its features**: orthogonal matching pursuit over the decoder rows: `--features` times, the row
    best aligned with what the chosen rows do not yet explain joins them, and the weights are refit by
    least squares. Each feature is clamped with `mode: add` (unit absolute): the clamps together add
@@ -25,7 +27,8 @@ For each concept (a name and the keywords that show it in a reply):
    no fluent setting at which half the replies name it get `recommended_dose: null`.
 
 Also writes `concept_directions.safetensors` (the directions and the median norm), from which the
-comparison in efficacy.py builds its difference-of-means vectors for the same concepts.
+comparison in efficacy.py builds its difference-of-means vectors for the same concepts. Concepts
+of your own (`--concept`) are contrasted with the default ones and added to both files.
 """
 
 from __future__ import annotations
@@ -52,12 +55,24 @@ WRITING_PROMPTS = (
     "Write a short paragraph about {}.", "Tell me some interesting facts about {}.", "Describe {} to a child.",
     "What do people love about {}?", "Write a diary entry about a day spent with {}.",
     "Give me three tips about {}.", "Write a short poem about {}.", "What is the history of {}?",
+    "Write a short story in which {} play a big part.", "Explain to a beginner what to know about {}.",
+    "Write a product description for a book about {}.", "What are common misconceptions about {}?",
+    "Write a letter to a friend about {}.", "Describe a picture of {}.", "Write a news report about {}.",
+    "What would a world without {} be like?", "Write a dialogue between two people talking about {}.",
+    "List some words related to {} and explain them.", "Write a travel blog entry that features {}.",
+    "Why are {} important to many people?", "Write a speech celebrating {}.", "Describe the sounds and smells of {}.",
+    "Write a riddle about {} and its answer.", "Tell me a memory someone might have of {}.",
 )
 """Prompts whose replies are the text about a concept ({} is its name)."""
-FEATURES = 16
-"""Features per concept clamp: half the request contract's 32 clamps, leaving room for a user's own.
-On the default SAE a least-squares mix of 10-20 rows reaches cosine 0.66-0.73 with a concept's
-chat-corpus direction (docs/layer-scan-2026-12-04.md)."""
+WRITING_TOKENS = 128
+"""Tokens per reply about a concept. A concept's difference of means from 8 replies of 64 tokens
+was mostly noise (cosine between the two halves' directions 0.05-0.71, median 0.48, measured
+2026-12-04); 24 replies of 128 tokens hold six times the tokens."""
+FEATURES = 32
+"""Features per concept clamp: the request contract's default limit. Matching pursuit on the
+default SAE reaches cosine 0.70-0.83 with a concept's direction at 16 features and 0.81-0.90 at 32
+(a random direction: 0.50 and 0.64); at 32, 17 of 38 concepts got a fluent dose against 13 at 16
+(2026-12-04, 8 replies of 64 tokens per concept)."""
 
 
 @torch.inference_mode()
@@ -129,28 +144,43 @@ def concept_jobs(entry: dict, prompts, sae_id: str, dose: float, tokens: str) ->
 
 
 def build(sae: SAE, labels: list[str], model_dir: str, bench: Bench, concepts: dict[str, list[str]], k: int,
-          directions_out: Path) -> list[dict]:
-    """The concept clamps (untuned: no recommended dose yet) and the directions file."""
+          only: set[str] | None = None) -> tuple[list[dict], dict[str, torch.Tensor], float]:
+    """The concept clamps of `only` (default: all the concepts; the others are the contrast), untuned
+    (no recommended dose yet), their directions by name, and the layer's median stream norm."""
     pairs = [(template.format(name), name) for name in concepts for template in WRITING_PROMPTS]
-    replies = [j.text for j in bench.run([Job(p) for p, _ in pairs], fluency=False)]
+    replies = [j.text for j in bench.run([Job(p, max_tokens=WRITING_TOKENS) for p, _ in pairs], fluency=False)]
     model, tokenizer = load_hf_model(model_dir)
     sums, counts, sample = reply_streams(model, tokenizer, [(p, r) for (p, _), r in zip(pairs, replies)], sae.cfg.layer)
-    directions = one_vs_rest(sums, counts, [name for _, name in pairs], replies, concepts)  # [concepts, d]
+    about = [name for _, name in pairs]
+    directions = one_vs_rest(sums, counts, about, replies, concepts)  # [concepts, d]
+    halves = [one_vs_rest(sums[part], counts[part], [about[i] for i in part], [replies[i] for i in part], concepts)
+              for part in (torch.arange(0, len(pairs), 2), torch.arange(1, len(pairs), 2))]
+    split_half = torch.nn.functional.cosine_similarity(*halves, dim=-1)  # [concepts]
     median_norm = float(sample.norm(dim=-1).median())
     # The SAE adds a clamp's decoder row times its normalisation's scale (1 unless it normalises):
     # the weights are divided by that scale so the clamps add the fit in stream units.
     scale = float(sae.normalize(sample)[1].scale.expand(len(sample), 1).median())
-    save_file({"directions": directions, "median_norm": torch.tensor(median_norm)}, str(directions_out),
-              metadata={"concepts": json.dumps(list(concepts)), "layer": str(sae.cfg.layer)})
-    entries = []
-    for (name, keywords), direction in zip(concepts.items(), directions):
+    entries, kept = [], {}
+    for (name, keywords), direction, agreement in zip(concepts.items(), directions, split_half):
+        if only is not None and name not in only:
+            continue
         chosen, weights, cosine = pursue(sae.W_dec, direction, k)
         unit = median_norm / float((weights @ sae.W_dec[chosen]).norm()) / scale
         entries.append({"concept": name, "keywords": keywords, "cosine": round(cosine, 3),
+                        "split_half": round(float(agreement), 3),
                         "direction_norm": round(float(direction.norm()), 3),
                         "features": [{"feature": f, "label": labels[f], "unit_value": round(float(w) * unit, 5)}
                                      for f, w in zip(chosen, weights)]})
-    return entries
+        kept[name] = direction
+    return entries, kept, median_norm
+
+
+def save_directions(path: Path, directions: dict[str, torch.Tensor], median_norm: float, layer: int) -> None:
+    """Writes the directions by name, keeping those of other concepts already in the file."""
+    merged = dict(zip(*load_directions(path)[:2])) if path.is_file() else {}
+    merged.update(directions)
+    save_file({"directions": torch.stack(list(merged.values())), "median_norm": torch.tensor(median_norm)}, str(path),
+              metadata={"concepts": json.dumps(list(merged)), "layer": str(layer)})
 
 
 def tune(bench: Bench, entries: list[dict], sae_id: str, doses=DOSES, scopes=SCOPES) -> dict:
@@ -195,33 +225,38 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--features", type=int, default=FEATURES, help="features per concept clamp")
     p.add_argument("--concept", action="append", default=[], metavar="NAME:KEYWORD,KEYWORD",
                    help="a concept of your own (repeatable): its name and the words that show it in a reply; "
-                        "without any, the efficacy run's concepts and the journey's queries")
+                        "built and added to the SAE's concepts.json (without any: the default concepts, "
+                        "those of the efficacy run and the journey, all rebuilt)")
     args = p.parse_args(argv)
-    concepts = {}
+    own = {}
     for spec in args.concept:
         name, _, words = spec.partition(":")
-        concepts[name.strip()] = [w.strip().lower() for w in (words or name).split(",") if w.strip()]
-    if len(concepts) == 1:
-        p.error("give at least two concepts: each one's direction is contrasted with the others'")
-    concepts = concepts or default_concepts()
+        own[name.strip()] = [w.strip().lower() for w in (words or name).split(",") if w.strip()]
     sae_dir = args.sae.resolve()
     sae = SAE.load(sae_dir)
     labels = [e["label"] for e in json.loads((sae_dir / "feature_catalogue.json").read_text())]
+    path = sae_dir / CONCEPTS_FILENAME
+    # Your own concepts are contrasted with the default ones too, and join the file's entries.
+    kept = [e for e in json.loads(path.read_text())["concepts"] if e["concept"] not in own] if own and path.is_file() else []
     started = time.time()
     bench = Bench(args.model_dir, [{"path": str(sae_dir), "id": "sae"}], cache=sae_dir / ".steering_replies.json",
                   own_process=True)
     try:
-        entries = build(sae, labels, args.model_dir, bench, concepts, args.features, sae_dir / DIRECTIONS_FILENAME)
+        entries, directions, median_norm = build(sae, labels, args.model_dir, bench, default_concepts() | own,
+                                                 args.features, set(own) or None)
         report = tune(bench, entries, "sae")
     finally:
         bench.close()
-    (sae_dir / CONCEPTS_FILENAME).write_text(json.dumps(
+    save_directions(sae_dir / DIRECTIONS_FILENAME, directions, median_norm, sae.cfg.layer)
+    entries = kept + entries
+    path.write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d"), "features_per_concept": args.features, "doses": list(DOSES),
-         "tuning_prompts": list(TUNING_PROMPTS), "writing_prompts": list(WRITING_PROMPTS), **report,
+         "tuning_prompts": list(TUNING_PROMPTS), "writing_prompts": list(WRITING_PROMPTS),
+         "baseline_median_ppl": report["baseline_median_ppl"], "concepts_built": len(entries),
+         "recommended": sum(e["recommended_dose"] is not None for e in entries),
          "seconds": round(time.time() - started), "concepts": entries}, indent=1, ensure_ascii=False) + "\n")
     print(json.dumps(report))
     return report
-
 
 if __name__ == "__main__":
     main()

@@ -63,6 +63,8 @@ class Job:
     instruction: str | None = None
     tokens: str = "all"
     """The clamps' `tokens` scope: all, prompt or generated."""
+    max_tokens: int | None = None
+    """Reply length; None: the bench's."""
 
     def messages(self, question: str | None = None) -> list[dict]:
         """The conversation sent (question None) or the one a reply is judged in (the plain question)."""
@@ -107,7 +109,7 @@ class Bench:
         self.llm.llm_engine.engine_core.shutdown()
 
     def _key(self, job: Job) -> str:
-        return json.dumps([job.prompt, job.clamps, job.instruction, job.tokens, self.max_tokens])
+        return json.dumps([job.prompt, job.clamps, job.instruction, job.tokens, job.max_tokens or self.max_tokens])
 
     def run(self, jobs: list[Job], control: dict[str, str] | None = None, fluency: bool = True) -> list[Judged]:
         """Answers the jobs not already answered and judges what is asked and not yet judged (all kept
@@ -119,7 +121,7 @@ class Bench:
         unique = list({self._key(j): j for j in jobs}.values())
         todo = [j for j in unique if self._key(j) not in self._cache]
         if todo:
-            params = [SamplingParams(temperature=0, max_tokens=self.max_tokens, extra_args=None if not j.clamps else
+            params = [SamplingParams(temperature=0, max_tokens=j.max_tokens or self.max_tokens, extra_args=None if not j.clamps else
                                      {"feature_clamps": json.dumps([{"sae": s, "feature": f, "value": v, "unit": u,
                                                                      "mode": mode[0] if mode else "set",
                                                                      "tokens": j.tokens} for s, f, v, u, *mode in j.clamps])})
