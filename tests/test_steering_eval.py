@@ -4,6 +4,7 @@ features: the pure pieces (the engine-driven run is in test_steering_sweep.py)."
 from __future__ import annotations
 
 from steer_plugin.catalogue import FeatureCatalogue
+from steer_plugin.concepts import ConceptBook
 from steer_plugin.training.steering_eval import count_mentions, distinct_trigrams, mentions, median
 from steer_plugin.training.efficacy import control_prompts
 from steer_plugin.training.strengths import drift_words, feature_words, recommend
@@ -76,7 +77,26 @@ def test_concept_alignment_reports_the_top_hit_and_the_best_aligned_feature():
         {"id": i, "label": label, "frequency": 0.01, "top_tokens": [{"token": label, "count": 1}], "top_contexts": []}
         for i, label in enumerate(["dog", "bark", "sea"])])
     cosines = torch.tensor([[0.2, 0.7, 0.0], [0.0, 0.1, 0.5]])  # [vectors, d_sae]
-    rows = concept_alignment(catalogue, cosines, ["dogs", "the sea"])
-    assert [(r["top_hit"], r["top_hit_cos"], r["best_feature"], r["best_cos"]) for r in rows] == [
-        (0, 0.2, 1, 0.7), (2, 0.5, 2, 0.5)]
+    book = ConceptBook([{"concept": "dogs", "keywords": ["dog"], "cosine": 0.85, "recommended_dose": 0.25}])
+    rows = concept_alignment(catalogue, book, cosines, ["dogs", "the sea"])
+    assert [(r["top_hit"], r["top_hit_cos"], r["best_feature"], r["best_cos"], r["concept_clamp_cos"])
+            for r in rows] == [(0, 0.2, 1, 0.7, 0.85), (2, 0.5, 2, 0.5, None)]
     assert rows[0]["best_label"] == "bark"
+
+
+def test_a_cached_reply_is_keyed_by_what_the_sae_files_say(tmp_path):
+    """A rebuilt SAE (new weights or max activations) must not be answered from replies cached for the
+    old one under the same clamp; its catalogue and concept clamps do not change what a clamp does."""
+    import shutil
+
+    from steer_plugin.config import DEFAULT_SAE_DIR
+    from steer_plugin.sae import STATS_FILENAME
+    from steer_plugin.training.steering_eval import fingerprint
+
+    copy = tmp_path / "sae"
+    shutil.copytree(DEFAULT_SAE_DIR, copy, ignore=shutil.ignore_patterns("feature_catalogue.json", ".*"))
+    before = fingerprint(copy)
+    (copy / "concepts.json").write_text("{}")
+    assert fingerprint(copy) == before == fingerprint(DEFAULT_SAE_DIR)
+    (copy / STATS_FILENAME).write_bytes((copy / STATS_FILENAME).read_bytes() + b" ")
+    assert fingerprint(copy) != before

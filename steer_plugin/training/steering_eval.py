@@ -16,6 +16,7 @@ its own clamps. Each reply is judged by
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from steer_plugin.sae import CFG_FILENAME, STATS_FILENAME, WEIGHTS_FILENAME
 from steer_plugin.training.offline_engine import offline_llm
 
 _WORDS = re.compile(r"[a-z']+")
@@ -88,6 +90,16 @@ REPLY_TOKENS = 64
 after answering (AxBench generates 128; 32 cut most replies mid-sentence)."""
 
 
+def fingerprint(sae_dir: Path) -> str:
+    """A digest of the files that decide what a clamp on an SAE (SAELens layout) does: configuration,
+    weights, the max activations unit "max" multiplies; not its catalogue or concept clamps."""
+    digest = hashlib.sha256()
+    for name in (CFG_FILENAME, WEIGHTS_FILENAME, STATS_FILENAME):
+        if (sae_dir / name).is_file():
+            digest.update(name.encode() + (sae_dir / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 class Bench:
     """One engine (the model and the given SAEs, plugin on) that answers and judges jobs."""
 
@@ -101,6 +113,7 @@ class Bench:
         self._scorer = None
         self.max_tokens = max_tokens
         self.cache_path = cache
+        self._fingerprints = {s["id"]: fingerprint(Path(s["path"])) for s in saes}
         self._cache: dict[str, Judged] = {}
         if cache is not None and cache.exists():
             self._cache = {k: Judged(**v) for k, v in json.loads(cache.read_text()).items()}
@@ -109,7 +122,10 @@ class Bench:
         self.llm.llm_engine.engine_core.shutdown()
 
     def _key(self, job: Job) -> str:
-        return json.dumps([job.prompt, job.clamps, job.instruction, job.tokens, job.max_tokens or self.max_tokens])
+        key = [job.prompt, job.clamps, job.instruction, job.tokens, job.max_tokens or self.max_tokens]
+        if job.clamps:  # a clamp on feature i means what that SAE's files say, which a rebuild changes
+            key.append(sorted({self._fingerprints[c[0]] for c in job.clamps}))
+        return json.dumps(key)
 
     def run(self, jobs: list[Job], control: dict[str, str] | None = None, fluency: bool = True) -> list[Judged]:
         """Answers the jobs not already answered and judges what is asked and not yet judged (all kept
