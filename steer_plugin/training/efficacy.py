@@ -189,19 +189,18 @@ def journey(bench: Bench, catalogue: FeatureCatalogue, book: ConceptBook) -> dic
                             + [(_concept_clamped(e, JOURNEY_QUESTIONS), JOURNEY[q]) for q, e in clamps.items()],
                             control))
     feature_cells = {q: next(cells) for q in steerable}
-    rows, concept_rows = [], []
-    for query, keywords in JOURNEY.items():
+    base_rate = {query: summarise(baseline, keywords)["concept_rate"] for query, keywords in JOURNEY.items()}
+    rows = []
+    for query in JOURNEY:
         top = tops[query]
-        base_rate = summarise(baseline, keywords)["concept_rate"]
         if query not in feature_cells:
             rows.append({"query": query, "feature": top and top["id"], "steerable": False})
         else:
             rows.append({"query": query, "feature": top["id"], "label": top["label"], "steerable": True,
                          "strength_x_max": top["recommended_strength"], "tokens": top.get("recommended_tokens") or "all",
-                         "baseline_mention_rate": base_rate, **feature_cells[query]})
-    for query, entry in clamps.items():
-        concept_rows.append({"query": query, **_concept_setting(entry), "baseline_mention_rate":
-                             summarise(baseline, JOURNEY[query])["concept_rate"], **next(cells)})
+                         "baseline_mention_rate": base_rate[query], **feature_cells[query]})
+    concept_rows = [{"query": q, **_concept_setting(e), "baseline_mention_rate": base_rate[q], **next(cells)}
+                    for q, e in clamps.items()]
     steered = [r["query"] for r in rows if r["steerable"] and r["concept_rate"] >= STEERED_MIN
                and r["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl]
     concept_steered = [r["query"] for r in concept_rows if r["concept_rate"] >= STEERED_MIN
