@@ -67,7 +67,8 @@ WRITING_PROMPTS = (
 WRITING_TOKENS = 128
 """Tokens per reply about a concept. A concept's difference of means from 8 replies of 64 tokens
 was mostly noise (cosine between the two halves' directions 0.05-0.71, median 0.48, measured
-2026-12-04); 24 replies of 128 tokens hold six times the tokens."""
+2026-12-04); 24 replies of 128 tokens hold six times the tokens (halves 0.44-0.78, median 0.60).
+At 256 tokens the directions got worse (median 0.53): a long reply drifts off its subject."""
 FEATURES = 32
 """Features per concept clamp: the request contract's default limit. Matching pursuit on the
 default SAE reaches cosine 0.70-0.83 with a concept's direction at 16 features and 0.81-0.90 at 32
