@@ -46,7 +46,7 @@ def test_stream_sums_read_the_stream_the_training_capture_reads():
     for layer, cap in reference.items():
         summed = torch.zeros(2, cap.acts.shape[1], dtype=torch.float64).index_add_(
             0, torch.from_numpy(cap.doc).long(), cap.acts.double())
-        sums, counts, median_norm = streams[layer]
+        sums, counts, median_norm, _ = streams[layer]
         torch.testing.assert_close(sums, summed)
         assert counts.tolist() == np.bincount(cap.doc).tolist()
         assert median_norm == pytest.approx(float(cap.acts.norm(dim=-1).median()))

@@ -40,13 +40,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from steer_plugin.concepts import CONCEPTS_FILENAME
 from steer_plugin.config import default_model_dir
 from steer_plugin.sae import SAE
-from steer_plugin.training.capture import load_hf_model, streams
-from steer_plugin.training.diff_means import DOSES
+from steer_plugin.training.capture import load_hf_model
+from steer_plugin.training.diff_means import DOSES, LayerSums, stream_sums
 from steer_plugin.training.steering_eval import Bench, Job, count_mentions, median
 from steer_plugin.training.strengths import SCOPES, TUNING_PROMPTS, recommend, swept_cells
 
@@ -76,27 +75,16 @@ default SAE reaches cosine 0.70-0.83 with a concept's direction at 16 features a
 (2026-12-04, 8 replies of 64 tokens per concept)."""
 
 
-@torch.inference_mode()
-def reply_streams(model, tokenizer, conversations: list[tuple[str, str]], layer: int, batch_size: int = 8):
-    """(user turn, reply) pairs -> ([pairs, d] float64 summed stream at the layer's output over each
-    reply's tokens, [pairs] token counts, [tokens, d] a sample of reply-token streams)."""
+def reply_streams(model, tokenizer, conversations: list[tuple[str, str]], layer: int) -> LayerSums:
+    """(user turn, reply) pairs -> the stream at the layer's output over each reply's tokens (summed
+    per pair; every 8th token kept as a sample)."""
     rows, starts = [], []
     for prompt, reply in conversations:
         prefix = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                          add_generation_prompt=True), add_special_tokens=False)["input_ids"]
         rows.append(prefix + tokenizer(reply, add_special_tokens=False)["input_ids"])
         starts.append(len(prefix))
-    sums = torch.zeros(len(rows), model.config.hidden_size, dtype=torch.float64)
-    counts = torch.tensor([len(r) - s for r, s in zip(rows, starts)], dtype=torch.float64)
-    sample = []
-    batches = streams(model, rows, [layer], batch_size, pad_id=tokenizer.pad_token_id or 0)
-    for batch, mask, caught in tqdm(batches, desc="reply streams", unit="batch", total=-(-len(rows) // batch_size)):
-        keep = mask.bool()
-        for r, i in enumerate(batch):
-            keep[r, :starts[i]] = False
-        sums[torch.tensor(batch)] = (caught[layer] * keep[..., None]).double().sum(1)
-        sample.append(caught[layer][keep][::8])
-    return sums, counts, torch.cat(sample)
+    return stream_sums(model, rows, [layer], starts=starts, sample_every=8)[layer]
 
 
 def one_vs_rest(sums: torch.Tensor, counts: torch.Tensor, about: list[str], replies: list[str],
@@ -151,13 +139,14 @@ def build(sae: SAE, labels: list[str], model_dir: str, bench: Bench, concepts: d
     pairs = [(template.format(name), name) for name in concepts for template in WRITING_PROMPTS]
     replies = [j.text for j in bench.run([Job(p, max_tokens=WRITING_TOKENS) for p, _ in pairs], fluency=False)]
     model, tokenizer = load_hf_model(model_dir)
-    sums, counts, sample = reply_streams(model, tokenizer, [(p, r) for (p, _), r in zip(pairs, replies)], sae.cfg.layer)
+    sums, counts, _, sample = reply_streams(model, tokenizer, [(p, r) for (p, _), r in zip(pairs, replies)],
+                                            sae.cfg.layer)
     about = [name for _, name in pairs]
     directions = one_vs_rest(sums, counts, about, replies, concepts)  # [concepts, d]
     halves = [one_vs_rest(sums[part], counts[part], [about[i] for i in part], [replies[i] for i in part], concepts)
               for part in (torch.arange(0, len(pairs), 2), torch.arange(1, len(pairs), 2))]
     split_half = torch.nn.functional.cosine_similarity(*halves, dim=-1)  # [concepts]
-    median_norm = float(sample.norm(dim=-1).median())
+    median_norm = float(sample.norm(dim=-1).median())  # over the sample: the unit the shipped clamps use
     # The SAE adds a clamp's decoder row times its normalisation's scale (1 unless it normalises):
     # the weights are divided by that scale so the clamps add the fit in stream units.
     scale = float(sae.normalize(sample)[1].scale.expand(len(sample), 1).median())

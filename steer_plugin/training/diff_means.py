@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -57,23 +58,40 @@ def sample_documents(tokenizer, chats: Path, concepts: dict[str, list[str]], ctx
     return [token_lists[i] for i in order], [texts[i] for i in order], kept
 
 
+class LayerSums(NamedTuple):
+    """What `stream_sums` read at one layer."""
+
+    sums: torch.Tensor  # [docs, d] float64: each document's stream summed over the positions read
+    counts: torch.Tensor  # [docs] float64: positions read per document
+    median_norm: float  # median norm of the stream over every position read
+    sample: torch.Tensor | None  # [positions / sample_every, d]: every sample_every-th position read
+
+
 @torch.inference_mode()
-def stream_sums(model, token_lists: list[list[int]], layers: list[int], batch_size: int = 8):
-    """Per layer: ([docs, d] float64 summed stream, [docs] token counts, median token norm), position 0
-    left out."""
+def stream_sums(model, token_lists: list[list[int]], layers: list[int], batch_size: int = 8,
+                starts: list[int] | None = None, sample_every: int = 0) -> dict[int, LayerSums]:
+    """Per layer, the stream read from each document's position `starts[i]` on (default 1: position
+    0, the attention sink, left out), in one forward per batch stopped after the deepest layer."""
+    starts = starts or [1] * len(token_lists)
     d = model.config.hidden_size
     sums = {L: torch.zeros(len(token_lists), d, dtype=torch.float64) for L in layers}
     norms: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
-    counts = torch.tensor([len(t) - 1 for t in token_lists], dtype=torch.float64)  # [docs]
+    sample: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
+    counts = torch.tensor([len(t) - s for t, s in zip(token_lists, starts)], dtype=torch.float64)  # [docs]
     batches = streams(model, token_lists, layers, batch_size)
     for batch, mask, caught in tqdm(batches, desc="layer streams", unit="batch",
                                     total=-(-len(token_lists) // batch_size)):
         keep = mask.bool()
-        keep[:, 0] = False
+        for row, i in enumerate(batch):
+            keep[row, :starts[i]] = False
         for L in layers:
             sums[L][torch.tensor(batch)] = (caught[L] * keep[..., None]).double().sum(1)
-            norms[L].append(caught[L][keep].norm(dim=-1))
-    return {L: (sums[L], counts, float(torch.cat(norms[L]).median())) for L in layers}
+            read = caught[L][keep]  # [positions, d]
+            norms[L].append(read.norm(dim=-1))
+            if sample_every:
+                sample[L].append(read[::sample_every])
+    return {L: LayerSums(sums[L], counts, float(torch.cat(norms[L]).median()),
+                         torch.cat(sample[L]) if sample_every else None) for L in layers}
 
 
 def diff_of_sums(per_doc_sum: torch.Tensor, per_doc_n: torch.Tensor, texts: list[str],
@@ -113,7 +131,7 @@ def chat_vector_saes(model_dir: str, chats: Path, concepts: dict[str, list[str]]
     model, tokenizer = load_hf_model(model_dir)
     token_lists, texts, kept = sample_documents(tokenizer, chats, concepts, ctx, min_docs, per_concept)
     norms = {}
-    for layer, (sums, counts, median_norm) in stream_sums(model, token_lists, layers).items():
+    for layer, (sums, counts, median_norm, _) in stream_sums(model, token_lists, layers).items():
         write_vector_sae(diff_of_sums(sums, counts, texts, kept), list(kept), f"blocks.{layer}.hook_resid_post",
                          median_norm, out / f"L{layer}")
         norms[layer] = median_norm
