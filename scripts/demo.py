@@ -82,7 +82,7 @@ def _concept(base_url: str, query: str, dose: float | None) -> tuple[list[dict],
     if dose is None:
         raise SystemExit(f"concept {entry['concept']!r} has no recommended dose: give one with --value")
     tokens = entry["recommended_tokens"] or "all"
-    clamps = [c | {"tokens": tokens} for c in clamps_at(entry, dose)]
+    clamps = clamps_at(entry, dose, tokens)
     header = (f"Concept clamp \"{entry['concept']}\": {len(clamps)} features added together (cosine {entry['cosine']:.2f} "
               f"with the concept's direction) at {dose:g}× the stream's median norm, {tokens} tokens: "
               + ", ".join(f"{f['feature']} {f['label']}" for f in entry["features"][:6]) + ", ...")

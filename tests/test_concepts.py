@@ -42,9 +42,9 @@ def test_one_vs_rest_leaves_out_replies_that_name_the_concept():
 
 def test_clamps_scale_with_the_dose_and_pass_the_request_contract():
     entry = {"features": [{"feature": 3, "label": "x", "unit_value": 2.0}, {"feature": 7, "label": "y", "unit_value": -1.0}]}
-    clamps = concepts.clamps_at(entry, 0.25)
+    clamps = concepts.clamps_at(entry, 0.25, "generated")
     assert [c["value"] for c in clamps] == [0.5, -0.25] and {c["mode"] for c in clamps} == {"add"}
-    parsed = parse_clamps(json.dumps([c | {"tokens": "generated"} for c in clamps]), Limits.one(16, 32))
+    parsed = parse_clamps(json.dumps(clamps), Limits.one(16, 32))
     assert list(parsed.feature) == [3, 7]
 
 

@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from steer_plugin.concepts import CONCEPTS_FILENAME
 from steer_plugin.config import default_model_dir
-from steer_plugin.sae import SAE
+from steer_plugin.sae import CATALOGUE_FILENAME, SAE
 from steer_plugin.training.capture import load_hf_model
 from steer_plugin.training.diff_means import DOSES, LayerSums, stream_sums
 from steer_plugin.training.steering_eval import Bench, Job, count_mentions, median
@@ -119,16 +119,16 @@ def pursue(W_dec: torch.Tensor, direction: torch.Tensor, k: int) -> tuple[list[i
     return chosen, weights, float(torch.nn.functional.cosine_similarity(fit, direction, dim=0))
 
 
-def clamps_at(entry: dict, dose: float) -> list[dict]:
-    """The entry's clamps with the mix scaled to `dose` × the median stream norm (`unit_values` add a
-    mix whose norm is that median norm)."""
-    return [{"feature": f["feature"], "value": round(f["unit_value"] * dose, 5), "mode": "add", "unit": "absolute"}
-            for f in entry["features"]]
+def clamps_at(entry: dict, dose: float, tokens: str) -> list[dict]:
+    """The entry's clamps (request form) with the mix scaled to `dose` × the median stream norm
+    (`unit_values` add a mix whose norm is that median norm), on the `tokens` scope."""
+    return [{"feature": f["feature"], "value": round(f["unit_value"] * dose, 5), "mode": "add", "unit": "absolute",
+             "tokens": tokens} for f in entry["features"]]
 
 
 def concept_jobs(entry: dict, prompts, sae_id: str, dose: float, tokens: str) -> list[Job]:
     """The prompts, each with the concept clamp at a dose on a token scope (`add`, absolute)."""
-    clamps = tuple((sae_id, c["feature"], c["value"], "absolute", "add") for c in clamps_at(entry, dose))
+    clamps = tuple((sae_id, c["feature"], c["value"], "absolute", "add") for c in clamps_at(entry, dose, tokens))
     return [Job(p, clamps, tokens=tokens) for p in prompts]
 
 
@@ -186,7 +186,7 @@ def tune(bench: Bench, entries: list[dict], sae_id: str, doses=DOSES, scopes=SCO
                                      if k not in ("example", "answers")} for a in doses} for t in scopes}
         dose, tokens = recommend(summary, baseline_ppl) or (None, None)
         e.update(recommended_dose=dose, recommended_tokens=tokens,
-                 feature_clamps=None if dose is None else [c | {"tokens": tokens} for c in clamps_at(e, dose)])
+                 feature_clamps=None if dose is None else clamps_at(e, dose, tokens))
     return {"baseline_median_ppl": baseline_ppl, "concepts": len(entries),
             "recommended": sum(e["recommended_dose"] is not None for e in entries)}
 
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         own[name.strip()] = [w.strip().lower() for w in (words or name).split(",") if w.strip()]
     sae_dir = args.sae.resolve()
     sae = SAE.load(sae_dir)
-    labels = [e["label"] for e in json.loads((sae_dir / "feature_catalogue.json").read_text())]
+    labels = [e["label"] for e in json.loads((sae_dir / CATALOGUE_FILENAME).read_text())]
     path = sae_dir / CONCEPTS_FILENAME
     # Your own concepts are contrasted with the default ones too, and join the file's entries.
     kept = [e for e in json.loads(path.read_text())["concepts"] if e["concept"] not in own] if own and path.is_file() else []

@@ -142,9 +142,14 @@ def _concept_setting(entry: dict) -> dict:
             "dose": entry["recommended_dose"], "tokens": entry["recommended_tokens"]}
 
 
+def _steers(row: dict, baseline_ppl: float) -> bool:
+    """Most replies name the concept, fluently."""
+    return row["concept_rate"] >= STEERED_MIN and row["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl
+
+
 def _at_bar(row: dict, baseline_ppl: float) -> bool:
-    return (row["baseline_mention_rate"] <= BASELINE_MAX and row["concept_rate"] >= STEERED_MIN
-            and row["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl)
+    """The efficacy bar: the concept rare unsteered, and the clamp steers to it."""
+    return row["baseline_mention_rate"] <= BASELINE_MAX and _steers(row, baseline_ppl)
 
 
 def efficacy(bench: Bench, catalogue: FeatureCatalogue, candidates: int, book: ConceptBook) -> dict:
@@ -201,10 +206,8 @@ def journey(bench: Bench, catalogue: FeatureCatalogue, book: ConceptBook) -> dic
                          "baseline_mention_rate": base_rate[query], **feature_cells[query]})
     concept_rows = [{"query": q, **_concept_setting(e), "baseline_mention_rate": base_rate[q], **next(cells)}
                     for q, e in clamps.items()]
-    steered = [r["query"] for r in rows if r["steerable"] and r["concept_rate"] >= STEERED_MIN
-               and r["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl]
-    concept_steered = [r["query"] for r in concept_rows if r["concept_rate"] >= STEERED_MIN
-                       and r["median_ppl"] <= MAX_PPL_RATIO * baseline_ppl]
+    steered = [r["query"] for r in rows if r["steerable"] and _steers(r, baseline_ppl)]
+    concept_steered = [r["query"] for r in concept_rows if _steers(r, baseline_ppl)]
     return {"baseline_median_ppl": baseline_ppl, "queries": len(rows), "steered": steered, "results": rows,
             "concept_steered": concept_steered, "concept_results": concept_rows}
 
