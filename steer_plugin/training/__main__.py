@@ -113,10 +113,11 @@ def main(argv: list[str] | None = None) -> dict:
     train_docs, held_docs = timed("corpus", build_corpus, tokenizer, caps, CACHE, Path(pipe.chats), pipe.seed,
                                   pipe.heldout_docs)
     def capture_of(name: str, docs) -> Capture:
-        """Captured per source and split, each kept in --work while its documents and settings stay."""
+        """Captured per source and split, each kept in --work while its documents and settings stay; attention
+        sinks left out (capture.SINK_NORM)."""
         key = json.dumps([pipe.model_dir, pipe.layer, pipe.ctx, [d.id for d in docs]])
         return cached_capture(work / f"capture-{name}.pt", key, model, tokenizer, [d.text for d in docs],
-                              pipe.layer, pipe.ctx, pipe.capture_batch, desc=f"capture {name}")
+                              pipe.layer, pipe.ctx, pipe.capture_batch, desc=f"capture {name}").without_sinks()
 
     sources = [s for s, docs in train_docs.items() if docs]
     parts = timed("capture_train", lambda: {s: capture_of(f"train-{s}", train_docs[s]) for s in sources})

@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from steer_plugin.sae import SAE
+from steer_plugin.training.capture import is_sink
 
 
 @torch.inference_mode()
@@ -32,17 +33,21 @@ def reconstruction_metrics(sae: SAE, acts: torch.Tensor, chunk: int = 8192) -> d
 @torch.inference_mode()
 def loss_increase(model, sae: SAE, token_lists: list[list[int]], layer: int, batch_size: int = 8) -> dict:
     """Next-token cross-entropy with layer `layer`'s output replaced by the SAE reconstruction
-    (positions >= 1; position 0 is the attention sink the SAE was not trained on) vs clean."""
+    (positions >= 1 that are not attention sinks: position 0 and the rare others, capture.SINK_NORM,
+    were left out of training) vs clean."""
     splice = {"on": False}
 
     def hook(_module, _inputs, output):
         if not splice["on"]:
             return None
         hidden = output[0] if isinstance(output, tuple) else output  # [B, T, d]
-        flat = hidden[:, 1:].reshape(-1, hidden.shape[-1])
-        f, norm = sae.encode(flat)
+        flat = hidden[:, 1:].reshape(-1, hidden.shape[-1])  # [B·(T−1), d]
+        keep = ~is_sink(flat)
+        f, norm = sae.encode(flat[keep])
+        flat = flat.clone()
+        flat[keep] = sae.decode(f, norm)
         hidden = hidden.clone()
-        hidden[:, 1:] = sae.decode(f, norm).reshape(hidden.shape[0], -1, hidden.shape[-1])
+        hidden[:, 1:] = flat.reshape(hidden.shape[0], -1, hidden.shape[-1])
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     handle = model.model.layers[layer].register_forward_hook(hook)
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, _ = load_hf_model(str(default_model_dir()))
     report = {}
     for path in sorted(args.work.glob("capture-heldout-*.pt")):
-        cap = Capture(**torch.load(path, weights_only=False)["capture"])
+        cap = Capture(**torch.load(path, weights_only=False)["capture"]).without_sinks()
         report[path.stem.removeprefix("capture-heldout-")] = {
             **reconstruction_metrics(sae, cap.acts),
             **({"loss": loss_increase(model, sae, cap.tokens[:args.loss_docs], sae.cfg.layer)} if args.loss_docs else {})}
