@@ -39,12 +39,15 @@ STOPWORDS = frozenset("a an and are as at be by for from in into is it of on or 
 
 
 def singular(word: str) -> str:
-    """A lower-case word with a plural `ies`/`s`/`es` removed (crude; shared with the efficacy script)."""
+    """A lower-case word with a plural ending removed (crude; shared with the strength sweep): `ies` ->
+    `y`; `es` only after ss, x, z, ch, sh (boxes, churches, classes); otherwise `s`, so that trees,
+    horses and places meet tree, horse and place (stripping `es` there made "tre" of trees)."""
     if len(word) > 4 and word.endswith("ies"):
         return word[:-3] + "y"
-    for suffix in ("es", "s"):
-        if len(word) > len(suffix) + 2 and word.endswith(suffix):
-            return word[: -len(suffix)]
+    if len(word) > 4 and word.endswith(("sses", "xes", "zes", "ches", "shes")):
+        return word[:-2]
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
     return word
 
 

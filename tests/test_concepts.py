@@ -11,6 +11,7 @@ import torch
 from engines import MODEL
 from steer_plugin.concepts import CONCEPTS_FILENAME, ConceptBook
 from steer_plugin.config import DEFAULT_SAE_DIR
+from steer_plugin.sae import load_config
 from steer_plugin.spec import Limits, parse_clamps
 from steer_plugin.training import concepts
 
@@ -67,7 +68,7 @@ def test_the_shipped_concept_clamps_are_ready_to_send():
     for e in steerable:
         clamps = e["feature_clamps"]
         assert len(clamps) == len(e["features"]) <= 32 and {c["tokens"] for c in clamps} == {e["recommended_tokens"]}
-        parse_clamps(json.dumps(clamps), Limits.one(4608, 32))
+        parse_clamps(json.dumps(clamps), Limits.one(load_config(DEFAULT_SAE_DIR).d_sae, 32))
 
 
 @pytest.mark.slow

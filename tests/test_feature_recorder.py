@@ -9,6 +9,7 @@ import torch
 from sae_factory import make_sae
 from steer_plugin.catalogue import FeatureCatalogue
 from steer_plugin.config import DEFAULT_SAE_DIR
+from steer_plugin.sae import load_config
 from steer_plugin.worker.recorder import FeatureRecorder
 from steer_plugin.spec import RECORD_FIELD, RecordingError, parse_recording
 from steer_plugin.worker.step_layout import StepLayout
@@ -75,10 +76,19 @@ def test_recording_requests_are_validated(raw, where):
 
 def test_catalogue_search_on_the_shipped_sae():
     catalogue = FeatureCatalogue.load(DEFAULT_SAE_DIR)
-    assert len(catalogue) == 4608
+    assert len(catalogue) == load_config(DEFAULT_SAE_DIR).d_sae
     hits, total = catalogue.search("God", limit=3)
     assert hits[0][0]["id"] == 4137 and total >= 3
     assert catalogue.search("make it talk about trees", 1)[0][0][0]["id"] == catalogue.search("tree", 1)[0][0][0]["id"]
     assert catalogue.search("", 5) == ([], 0)
     assert [e["id"] for e, _ in catalogue.search("sea", 10, offset=2)[0]] == \
         [e["id"] for e, _ in catalogue.search("sea", 12)[0]][2:]
+
+
+@pytest.mark.parametrize("plural, single", [("trees", "tree"), ("horses", "horse"), ("boxes", "box"),
+                                            ("churches", "church"), ("classes", "class"), ("puppies", "puppy"),
+                                            ("cats", "cat"), ("glass", "glass")])
+def test_a_plural_and_its_singular_are_one_search_word(plural, single):
+    from steer_plugin.catalogue import singular
+
+    assert singular(plural) == singular(single) == single

@@ -11,7 +11,8 @@ import pytest
 from fastapi import FastAPI
 
 from steer_plugin.api.feature_routes import FeatureService, router
-from steer_plugin.config import SteerConfig
+from steer_plugin.config import DEFAULT_SAE_DIR, SteerConfig
+from steer_plugin.sae import load_config
 
 pytestmark = pytest.mark.anyio
 
@@ -56,7 +57,7 @@ async def test_search_and_detail_answer_as_before(service):
         hits = (await client.get("/v1/features", params={"q": "God", "limit": 3})).json()
         missing = await client.get("/v1/features/999999")
     assert hits["data"][0]["id"] == 4137 and len(hits["data"]) == 3
-    assert missing.status_code == 404 and "0..4607" in missing.text
+    assert missing.status_code == 404 and f"0..{load_config(DEFAULT_SAE_DIR).d_sae - 1}" in missing.text
     top = hits["data"][0]  # the output side and the score from the catalogue travel with every hit
     assert top["steered_tokens"] and top["output_tokens"] and top["output_score"] is not None
 

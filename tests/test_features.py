@@ -56,7 +56,7 @@ def test_feature_detail_and_unknown_feature(http):
 
 def test_inspect_finds_the_concept_feature_on_its_tokens(http):
     body = inspect(http, text=GOD_TEXT, top_k=5, top_features=10)
-    assert GOD in [f["id"] for f in body["top_features"]], body["top_features"]  # top 10 of 4608
+    assert GOD in [f["id"] for f in body["top_features"]], body["top_features"]  # top 10 of all the SAE's features
     god_tokens = [t for t in body["tokens"] if t["token"].strip() == "God"]
     assert len(god_tokens) == 2
     for t in god_tokens:

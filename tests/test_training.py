@@ -65,8 +65,12 @@ def test_shipped_catalogue_and_stats_match_the_sae(shipped):
     assert load_max_activations(DEFAULT_SAE_DIR).shape == (shipped.cfg.d_sae,)
     live = [e for e in catalogue if e["max_activation"] > 0]
     assert all(e["label"] and e["top_tokens"] and e["top_contexts"] for e in live)
+    # A feature that took an attention sink for itself has a max activation tens of times the others'.
+    maxes = load_max_activations(DEFAULT_SAE_DIR)
+    live_maxes = maxes[maxes > 0]
+    assert float((live_maxes > 10 * live_maxes.median()).float().mean()) <= 0.002
     shipped_files = [f for f in DEFAULT_SAE_DIR.iterdir() if not f.name.startswith(".")]  # dotfiles: local caches
-    assert sum(f.stat().st_size for f in shipped_files) < 30e6
+    assert sum(f.stat().st_size for f in shipped_files) < 60e6
 
 
 def test_catalogued_output_tokens_are_what_the_decoder_row_does_to_the_logits(shipped):
