@@ -21,7 +21,7 @@ class _StopForward(Exception):
 SINK_NORM = 10.0
 """A token whose stream norm exceeds this multiple of the median is an attention sink, left out of
 training, statistics and evaluation like position 0 (the op keeps its error term, so steering is
-unaffected). At layer 15 of SmolLM2-135M the second position of some documents (about 1 in 60,000
+unaffected). At layer 15 of SmolLM2-135M the second position of some documents (1 in 20,000-65,000
 tokens of Wikipedia leads and Python source) is one, at about 100× the median norm; kept, each took a
 batch's squared error for itself (batch FVU up to 9), and error-weighted resampling aimed thousands
 of latents at them (3,159 of 12,288 features with a max activation above 10, labelled "\\n")."""
