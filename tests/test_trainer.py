@@ -148,3 +148,29 @@ def test_resampling_gives_dead_latents_the_directions_the_sae_misses(tmp_path):
     (dead_without, fvu_without), (dead_with, fvu_with) = continued(0), continued(8)
     assert dead_with == 0.0 and dead_without > 0.0
     assert fvu_with < fvu_without - 0.02
+
+
+def test_continuing_from_an_sae_with_copied_latents_starts_the_copies_afresh(tmp_path):
+    acts = _acts()
+    first = train_sae(acts, TrainConfig(**{**CFG.__dict__, "activation": "topk", "epochs": 1}), "blocks.3.hook_resid_post",
+                      "synthetic")
+    first.W_enc[:, 5], first.b_enc[5], first.W_dec[5] = first.W_enc[:, 0], first.b_enc[0], first.W_dec[0]
+    first.save(tmp_path / "first")
+    start = train_sae(acts, TrainConfig(**{**CFG.__dict__, "epochs": 0, "init": str(tmp_path / "first")}),
+                      "blocks.3.hook_resid_post", "synthetic")
+    assert trainer._duplicates(first.W_dec).nonzero()[:, 0].tolist() == [5]
+    assert not trainer._duplicates(start.W_dec).any()
+    pre = start.encode_pre(acts[:200])
+    torch.testing.assert_close(pre[:, :5], first.encode_pre(acts[:200])[:, :5], rtol=1e-4, atol=1e-4)
+    assert pre[:, 5].abs().max() < 0.1 * pre[:, 0].abs().max()  # silent, like a new latent
+
+
+def test_resampling_more_dead_latents_than_a_batch_has_tokens_makes_no_copies(tmp_path):
+    acts = _acts()
+    first = train_sae(acts, TrainConfig(**{**CFG.__dict__, "d_sae": 32, "epochs": 1}), "blocks.3.hook_resid_post",
+                      "synthetic")
+    first.save(tmp_path / "first")
+    cfg = TrainConfig(**{**CFG.__dict__, "d_sae": 1200, "epochs": 1, "resample_every": 2,
+                         "init": str(tmp_path / "first")})  # 1,168 new latents, dead, against 512-token batches
+    wide = train_sae(acts, cfg, "blocks.3.hook_resid_post", "synthetic")
+    assert not trainer._duplicates(wide.W_dec).any()

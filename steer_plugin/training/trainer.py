@@ -11,7 +11,8 @@ saved weights (normalize_activations="none"). An AuxK loss (k_aux latents among 
 reconstruct the residual error) keeps latents alive, and dead latents are resampled (Bricken et
 al. 2023, "Towards Monosemanticity"): each becomes the direction of the residual error of a token
 drawn with probability ∝ its squared error, scaled to fire on that token as an ordinary latent
-does. Without it a 4,608 → 12,288 continuation ended with 40 % of its latents dead. Training saves a checkpoint every
+does; each token gives at most one latent (drawn with replacement, a 4,608 → 12,288 continuation
+made 1,774 copies of other latents). Without resampling that continuation ended with 40 % of its latents dead. Training saves a checkpoint every
 `checkpoint_every` steps and resumes from it.
 """
 
@@ -180,6 +181,20 @@ def calibrate_threshold(pre_fn, acts: torch.Tensor, k: int, tokens: int = 65_536
     return float(best[-1])
 
 
+def _duplicates(W_dec: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """[d_sae] bool: latents whose decoder row (W_dec: [d_sae, d_in]) points along an earlier one's
+    (cosine > 0.999): copies that fire together and, trained alike, never part."""
+    unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    n = W_dec.shape[0]
+    dup = torch.zeros(n, dtype=torch.bool)
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        cos = unit[start:end] @ unit[:end].T  # [end - start, end]
+        earlier = torch.arange(end)[None, :] < torch.arange(start, end)[:, None]
+        dup[start:end] = ((cos > 0.999) & earlier).any(-1)
+    return dup
+
+
 @torch.no_grad()
 def _start_from(sae: SAE, scale: float, W_enc, b_enc, W_dec, b_dec) -> None:
     """Copy a saved SAE (raw activations) into the first latents of these parameters (inputs times
@@ -187,7 +202,9 @@ def _start_from(sae: SAE, scale: float, W_enc, b_enc, W_dec, b_dec) -> None:
     scaled by scale·n_i, which keeps each token's ranking of these latents. The new latents' encoder
     columns shrink 100-fold: at unit scale their random pre-activations (up to about 4) outrank the
     saved latents and replace them in the top k (a 4,608 → 12,288 continuation trained at batch FVU 0.6), so
-    they start silent, count as dead, and AuxK trains them."""
+    they start silent, count as dead, and AuxK trains them. A saved latent that duplicates an earlier
+    one (see _duplicates; resampling with replacement made 3,105 of them in a 12,288-latent SAE of
+    2026-12-04) starts as a new latent instead."""
     m = sae.cfg.d_sae
     if sae.cfg.d_in != W_dec.shape[1] or m > W_dec.shape[0] or sae.cfg.normalize_activations != "none":
         raise ValueError(f"cannot continue a {sae.cfg.d_in}x{m} SAE ({sae.cfg.normalize_activations} input "
@@ -195,21 +212,28 @@ def _start_from(sae: SAE, scale: float, W_enc, b_enc, W_dec, b_dec) -> None:
     # This trainer always encodes x − b_dec; an SAE that encodes x gets the difference in its bias.
     b_enc_old = sae.b_enc if sae.cfg.apply_b_dec_to_input else sae.b_enc + sae.b_dec @ sae.W_enc  # [m]
     norms = sae.W_dec.norm(dim=-1)  # [m]
-    W_dec[:m] = sae.W_dec / norms[:, None]
-    W_enc[:, :m] = sae.W_enc * norms
-    W_enc[:, m:] *= 0.01
-    b_enc[:m] = b_enc_old * norms * scale
+    kept = (~_duplicates(sae.W_dec)).nonzero()[:, 0]  # [m'] saved latents taken over
+    fresh = torch.ones(W_dec.shape[0], dtype=torch.bool)
+    fresh[kept] = False
+    W_dec[kept] = sae.W_dec[kept] / norms[kept, None]
+    W_enc[:, kept] = sae.W_enc[:, kept] * norms[kept]
+    W_enc[:, fresh] *= 0.01
+    b_enc[kept] = b_enc_old[kept] * norms[kept] * scale
     b_dec.copy_(sae.b_dec * scale)
 
 
 @torch.no_grad()
 def _resample(dead: torch.Tensor, err: torch.Tensor, vals: torch.Tensor,
-              params: list[torch.nn.Parameter], opt: torch.optim.Adam, gen: torch.Generator) -> None:
-    """Gives each dead latent (dead: [m] indices) the direction of the residual error of a token of
-    this batch (err: [B, d_in]) drawn ∝ its squared error, and an encoder column along it that
-    gives that token the batch's median active value (vals: [nnz]); its Adam moments restart."""
+              params: list[torch.nn.Parameter], opt: torch.optim.Adam, gen: torch.Generator) -> torch.Tensor:
+    """Gives dead latents (dead: [m] indices) the direction of the residual error of a token of this
+    batch (err: [B, d_in]) drawn ∝ its squared error, each token at most once (two latents from one
+    token would be copies that never part; the ones left over wait for the next resampling), and an
+    encoder column along it that gives that token the batch's median active value (vals: [nnz]);
+    their Adam moments restart. Returns the latents resampled."""
     W_enc, b_enc, W_dec, b_dec = params
-    src = torch.multinomial(err.pow(2).sum(-1), dead.numel(), replacement=True, generator=gen)  # [m]
+    weight = err.pow(2).sum(-1)  # [B]
+    dead = dead[:int((weight > 0).sum())]
+    src = torch.multinomial(weight, dead.numel(), replacement=False, generator=gen)  # [m]
     size = err[src].norm(dim=-1, keepdim=True).clamp_min(1e-8)  # [m, 1]
     W_dec[dead] = err[src] / size
     # The error is about orthogonal to the reconstruction, so the source token projects about `size`
@@ -220,6 +244,7 @@ def _resample(dead: torch.Tensor, err: torch.Tensor, vals: torch.Tensor,
         for moment in ("exp_avg", "exp_avg_sq"):
             if moment in opt.state[p]:
                 opt.state[p][moment][index] = 0.0
+    return dead
 
 
 def train_sae(acts: torch.Tensor, cfg: TrainConfig, hook_name: str, model_name: str,
@@ -306,9 +331,9 @@ def train_sae(acts: torch.Tensor, cfg: TrainConfig, hook_name: str, model_name: 
             W_dec /= W_dec.norm(dim=-1, keepdim=True)
         if cfg.resample_every and (step + 1) % cfg.resample_every == 0 and step < resample_until and dead.any():
             dead_cols = dead.nonzero()[:, 0]
-            _resample(dead_cols, err.detach(), f.detach(), params, opt,
-                      torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
-            since_fired[dead_cols] = 0
+            resampled = _resample(dead_cols, err.detach(), f.detach(), params, opt,
+                                  torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+            since_fired[resampled] = 0
         bar.set_postfix(fvu=f"{mse.item():.3f}", dead=int(dead.sum()))
         bar.update()
         if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0:
