@@ -158,8 +158,8 @@ def test_continuing_from_an_sae_with_copied_latents_starts_the_copies_afresh(tmp
     first.save(tmp_path / "first")
     start = train_sae(acts, TrainConfig(**{**CFG.__dict__, "epochs": 0, "init": str(tmp_path / "first")}),
                       "blocks.3.hook_resid_post", "synthetic")
-    assert trainer._duplicates(first.W_dec).nonzero()[:, 0].tolist() == [5]
-    assert not trainer._duplicates(start.W_dec).any()
+    assert trainer.duplicate_latents(first.W_dec).nonzero()[:, 0].tolist() == [5]
+    assert not trainer.duplicate_latents(start.W_dec).any()
     pre = start.encode_pre(acts[:200])
     torch.testing.assert_close(pre[:, :5], first.encode_pre(acts[:200])[:, :5], rtol=1e-4, atol=1e-4)
     assert pre[:, 5].abs().max() < 0.1 * pre[:, 0].abs().max()  # silent, like a new latent
@@ -173,4 +173,4 @@ def test_resampling_more_dead_latents_than_a_batch_has_tokens_makes_no_copies(tm
     cfg = TrainConfig(**{**CFG.__dict__, "d_sae": 1200, "epochs": 1, "resample_every": 2,
                          "init": str(tmp_path / "first")})  # 1,168 new latents, dead, against 512-token batches
     wide = train_sae(acts, cfg, "blocks.3.hook_resid_post", "synthetic")
-    assert not trainer._duplicates(wide.W_dec).any()
+    assert not trainer.duplicate_latents(wide.W_dec).any()

@@ -59,6 +59,12 @@ def test_shipped_sae_reconstructs_the_text_it_was_made_for(shipped):
     assert float((load_max_activations(DEFAULT_SAE_DIR) <= 0).float().mean()) <= 0.05
 
 
+def test_shipped_sae_has_no_copied_latents(shipped):
+    from steer_plugin.training.trainer import duplicate_latents
+
+    assert int(duplicate_latents(shipped.W_dec).sum()) == 0
+
+
 def test_shipped_catalogue_and_stats_match_the_sae(shipped):
     catalogue = json.loads((DEFAULT_SAE_DIR / CATALOGUE_FILENAME).read_text())
     assert [e["id"] for e in catalogue] == list(range(shipped.cfg.d_sae))

@@ -181,7 +181,7 @@ def calibrate_threshold(pre_fn, acts: torch.Tensor, k: int, tokens: int = 65_536
     return float(best[-1])
 
 
-def _duplicates(W_dec: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def duplicate_latents(W_dec: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """[d_sae] bool: latents whose decoder row (W_dec: [d_sae, d_in]) points along an earlier one's
     (cosine > 0.999): copies that fire together and, trained alike, never part."""
     unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
@@ -203,7 +203,7 @@ def _start_from(sae: SAE, scale: float, W_enc, b_enc, W_dec, b_dec) -> None:
     columns shrink 100-fold: at unit scale their random pre-activations (up to about 4) outrank the
     saved latents and replace them in the top k (a 4,608 → 12,288 continuation trained at batch FVU 0.6), so
     they start silent, count as dead, and AuxK trains them. A saved latent that duplicates an earlier
-    one (see _duplicates; resampling with replacement made 3,105 of them in a 12,288-latent SAE of
+    one (see duplicate_latents; resampling with replacement made 3,105 of them in a 12,288-latent SAE of
     2026-12-04) starts as a new latent instead."""
     m = sae.cfg.d_sae
     if sae.cfg.d_in != W_dec.shape[1] or m > W_dec.shape[0] or sae.cfg.normalize_activations != "none":
@@ -212,7 +212,7 @@ def _start_from(sae: SAE, scale: float, W_enc, b_enc, W_dec, b_dec) -> None:
     # This trainer always encodes x − b_dec; an SAE that encodes x gets the difference in its bias.
     b_enc_old = sae.b_enc if sae.cfg.apply_b_dec_to_input else sae.b_enc + sae.b_dec @ sae.W_enc  # [m]
     norms = sae.W_dec.norm(dim=-1)  # [m]
-    kept = (~_duplicates(sae.W_dec)).nonzero()[:, 0]  # [m'] saved latents taken over
+    kept = (~duplicate_latents(sae.W_dec)).nonzero()[:, 0]  # [m'] saved latents taken over
     fresh = torch.ones(W_dec.shape[0], dtype=torch.bool)
     fresh[kept] = False
     W_dec[kept] = sae.W_dec[kept] / norms[kept, None]
