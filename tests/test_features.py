@@ -16,7 +16,7 @@ from steer_plugin.sae import SAE
 
 pytestmark = pytest.mark.slow
 
-GOD = 4137  # shipped catalogue: label "God / god", the README demo feature
+GOD = 4137  # shipped catalogue: label "God", the README demo feature
 GOD_TEXT = "Every evening she prayed to God, and she believed that God listened to her."
 
 
