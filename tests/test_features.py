@@ -162,7 +162,7 @@ def test_from_search_to_steered_reply(http, feature_server):
     feature = http.get("/v1/features", params={"q": "god", "limit": 1}).json()["data"][0]["id"]
     client = openai.OpenAI(base_url=f"{feature_server.base_url}/v1", api_key="none")
     replies = {}
-    for clamps in (None, [{"feature": feature, "value": 5, "unit": "max"}]):
+    for clamps in (None, [{"feature": feature, "value": 2, "unit": "max"}]):
         r = client.chat.completions.create(
             model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "What is your physical form?"}],
             temperature=0, max_tokens=40, extra_body={"feature_clamps": clamps} if clamps else None)
