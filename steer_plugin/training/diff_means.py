@@ -34,7 +34,8 @@ DOSES = (0.125, 0.1875, 0.25, 0.3125, 0.375, 0.5)
 """Doses a vector is tuned over (× the layer's median stream norm): past 0.5 replies loop at every
 layer measured (distinct trigrams 0.4–0.7). Steps of 1/16 between 0.125 and 0.375: with 1/8 steps a
 concept clamp often went from too weak to looping in one step (2026-12-04: 22 of 38 concepts had no
-dose, most of them looping at the first dose that named the concept)."""
+dose, most of them looping at the first dose that named the concept; on the SAE of 2026-12-05 the
+1/16 steps gave 26 of 38 a dose, the 1/8 steps among them 23)."""
 MIN_HITS = 2
 """Mentions that make a document positive for a concept."""
 

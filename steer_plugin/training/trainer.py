@@ -12,8 +12,8 @@ reconstruct the residual error) keeps latents alive, and dead latents are resamp
 al. 2023, "Towards Monosemanticity"): each becomes the direction of the residual error of a token
 drawn with probability ∝ its squared error, scaled to fire on that token as an ordinary latent
 does; each token gives at most one latent (drawn with replacement, a 4,608 → 12,288 continuation
-made 1,774 copies of other latents). Without resampling that continuation ended with 40 % of its latents dead. Training saves a checkpoint every
-`checkpoint_every` steps and resumes from it.
+made 1,774 copies of other latents). Without resampling that continuation ended with 40 % of its
+latents dead. Training saves a checkpoint every `checkpoint_every` steps and resumes from it.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def _start_from(sae: SAE, scale: float, W_enc, b_enc, W_dec, b_dec) -> None:
     columns shrink 100-fold: at unit scale their random pre-activations (up to about 4) outrank the
     saved latents and replace them in the top k (a 4,608 → 12,288 continuation trained at batch FVU 0.6), so
     they start silent, count as dead, and AuxK trains them. A saved latent that duplicates an earlier
-    one (see duplicate_latents; resampling with replacement made 3,105 of them in a 12,288-latent SAE of
+    one (see duplicate_latents; resampling with replacement made 1,774 in the 12,288-latent SAE of
     2026-12-04) starts as a new latent instead."""
     m = sae.cfg.d_sae
     if sae.cfg.d_in != W_dec.shape[1] or m > W_dec.shape[0] or sae.cfg.normalize_activations != "none":
@@ -233,6 +233,8 @@ def _resample(dead: torch.Tensor, err: torch.Tensor, vals: torch.Tensor,
     W_enc, b_enc, W_dec, b_dec = params
     weight = err.pow(2).sum(-1)  # [B]
     dead = dead[:int((weight > 0).sum())]
+    if not dead.numel():  # the batch is reconstructed exactly: nothing to aim at
+        return dead
     src = torch.multinomial(weight, dead.numel(), replacement=False, generator=gen)  # [m]
     size = err[src].norm(dim=-1, keepdim=True).clamp_min(1e-8)  # [m, 1]
     W_dec[dead] = err[src] / size
