@@ -19,6 +19,7 @@ import openai
 
 from steer_plugin.server_process import Server
 from steer_plugin.training.concepts import clamps_at
+from steer_plugin.training.steering_eval import DECODING
 
 QUESTIONS = ["What is your physical form?", "What did you have for breakfast?", "What is your favourite place?",
              "Tell me about yourself."]
@@ -41,18 +42,21 @@ def main() -> None:
     base_url = server.base_url if server else args.base_url
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none")
     if args.concept is not None:
-        clamps, header = _concept(base_url, args.concept, args.value)
+        entry, clamps, header = _concept(base_url, args.concept, args.value)
     else:
-        clamps, header = _feature(base_url, args.query, args.feature, args.value)
+        entry, clamps, header = _feature(base_url, args.query, args.feature, args.value)
+    # The decoding the recommendation was measured with (both replies get it, so only the clamp differs).
+    sampling = entry.get("recommended_sampling") or {"temperature": 0, **DECODING}
     print(header + "\n")
-    print("```python\nclient.chat.completions.create(model=\"SmolLM2-135M-Instruct\", temperature=0, "
-          f"max_tokens={args.max_tokens},\n    messages=[{{\"role\": \"user\", \"content\": QUESTION}}],\n"
+    print("```python\nclient.chat.completions.create(model=\"SmolLM2-135M-Instruct\", "
+          + "".join(f"{k}={v:g}, " for k, v in sampling.items()) + f"max_tokens={args.max_tokens},\n"
+          f"    messages=[{{\"role\": \"user\", \"content\": QUESTION}}],\n"
           f"    extra_body={{\"feature_clamps\": {json.dumps(clamps)}}})\n```\n")
     try:
         for q in QUESTIONS:
             answers = {}
             for name, extra in (("unsteered", None), ("steered", {"feature_clamps": clamps})):
-                r = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0,
+                r = client.chat.completions.create(model="SmolLM2-135M-Instruct", **sampling,
                                                    max_tokens=args.max_tokens, extra_body=extra,
                                                    messages=[{"role": "user", "content": q}])
                 answers[name] = r.choices[0].message.content.strip().replace("\n", " ")
@@ -62,7 +66,7 @@ def main() -> None:
             server.stop()
 
 
-def _feature(base_url: str, query: str | None, feature: int | None, value: float | None) -> tuple[list[dict], str]:
+def _feature(base_url: str, query: str | None, feature: int | None, value: float | None) -> tuple[dict, list[dict], str]:
     if query is not None:
         entry = httpx.get(f"{base_url}/v1/features", params={"q": query, "limit": 1}).json()["data"][0]
     else:
@@ -70,10 +74,11 @@ def _feature(base_url: str, query: str | None, feature: int | None, value: float
     value = value if value is not None else entry.get("recommended_strength") or 3.0
     header = (f"Feature {entry['id']} ({entry['label']}; clamping it says: "
               f"{', '.join(t['token'] for t in entry.get('steered_tokens', [])[:6])}) at {value:g}× max.")
-    return [{"feature": entry["id"], "value": value, "unit": "max", "tokens": entry.get("recommended_tokens") or "all"}], header
+    return entry, [{"feature": entry["id"], "value": value, "unit": "max",
+                    "tokens": entry.get("recommended_tokens") or "all"}], header
 
 
-def _concept(base_url: str, query: str, dose: float | None) -> tuple[list[dict], str]:
+def _concept(base_url: str, query: str, dose: float | None) -> tuple[dict, list[dict], str]:
     hits = httpx.get(f"{base_url}/v1/concepts", params={"q": query}).json()["data"]
     if not hits:
         raise SystemExit(f"no concept clamp matches {query!r} (GET /v1/concepts lists them)")
@@ -86,7 +91,7 @@ def _concept(base_url: str, query: str, dose: float | None) -> tuple[list[dict],
     header = (f"Concept clamp \"{entry['concept']}\": {len(clamps)} features added together (cosine {entry['cosine']:.2f} "
               f"with the concept's direction) at {dose:g}× the stream's median norm, {tokens} tokens: "
               + ", ".join(f"{f['feature']} {f['label']}" for f in entry["features"][:6]) + ", ...")
-    return clamps, header
+    return entry, clamps, header
 
 
 if __name__ == "__main__":

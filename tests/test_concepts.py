@@ -102,6 +102,7 @@ def test_concept_clamps_built_and_tuned_through_the_engine(tmp_path):
         assert torch.nn.functional.cosine_similarity(added, direction, dim=0) == pytest.approx(entry["cosine"], abs=2e-3)
         assert set(entry["sweep"]) == {"generated"} and set(entry["sweep"]["generated"]) == {"0.25", "2"}
         assert entry["recommended_dose"] in (None, 0.25)  # twice the stream's norm is never fluent
+        assert entry["recommended_sampling"] == (None if entry["recommended_dose"] is None else bench.sampling)
     assert report["concepts"] == 2 and pushed.text != plain.text and -1 <= entries[0]["split_half"] <= 1
     (tmp_path / CONCEPTS_FILENAME).write_text(json.dumps({"concepts": entries}))
     assert ConceptBook.load(tmp_path).search("puppies")[0]["concept"] == "dogs"

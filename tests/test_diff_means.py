@@ -58,7 +58,7 @@ def test_alignment_finds_the_feature_a_vector_points_along(tmp_path):
     sae = make_sae("jumprelu", d_in=16, d_sae=32)
     vectors = torch.stack([sae.W_dec[7] * 3.0, sae.W_dec[20] + 0.1 * sae.W_dec[3]])
     write_vector_sae(vectors, ["seven", "twenty"], "blocks.15.hook_resid_post", 1.0, tmp_path / "vec")
-    cosines = alignment(sae, SAE.load(tmp_path / "vec"))
+    cosines = alignment(sae, SAE.load(tmp_path / "vec").W_dec)
     assert cosines.shape == (2, 32) and cosines.argmax(dim=1).tolist() == [7, 20]
     assert float(cosines[0, 7]) == pytest.approx(1.0, abs=1e-5) and float(cosines.abs().max()) <= 1 + 1e-5
 

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from steer_plugin.api.feature_routes import FeatureService, router
 from steer_plugin.config import DEFAULT_SAE_DIR, SteerConfig
 from steer_plugin.sae import load_config
+from steer_plugin.training.steering_eval import DECODING
 
 pytestmark = pytest.mark.anyio
 
@@ -70,8 +71,11 @@ async def test_a_swept_feature_carries_its_measured_strength(service):
         listed = (await client.get("/v1/features", params={"offset": swept["id"], "limit": 1})).json()["data"][0]
     assert detail["recommended_strength"] == listed["recommended_strength"] == swept["recommended_strength"]
     assert detail["recommended_tokens"] == swept["recommended_tokens"] in ("all", "generated")
-    assert detail["sweep"].keys() == swept["sweep"].keys() == {"all", "generated"}
-    assert 0 <= detail["sweep"]["generated"]["3"]["concept_rate"] <= 1
+    # the decoding it was measured with travels with it: another decoding, another strength
+    assert detail["recommended_sampling"] == listed["recommended_sampling"] == {"temperature": 0, **DECODING}
+    assert detail["sweep"].keys() == swept["sweep"].keys() and swept["recommended_tokens"] in detail["sweep"]
+    cells = detail["sweep"][swept["recommended_tokens"]]
+    assert f"{swept['recommended_strength']:g}" in cells and all(0 <= c["concept_rate"] <= 1 for c in cells.values())
 
 
 async def test_concept_clamps_come_with_a_search_and_on_their_own_route(service):

@@ -171,8 +171,9 @@ def test_from_search_to_steered_reply(http, feature_server):
 
 
 def test_from_search_to_a_concept_clamp(http, feature_server):
-    """A search carries the concept clamp; its `feature_clamps`, sent as they are, make replies name the
-    concept (the best-measured concept, on prompts of its tuning set)."""
+    """A search carries the concept clamp; its `feature_clamps`, sent as they are with its
+    `recommended_sampling` (both replies), make replies name the concept (the best-measured concept,
+    on prompts of its tuning set)."""
     from steer_plugin.training.steering_eval import mentions
     from steer_plugin.training.strengths import TUNING_PROMPTS
 
@@ -184,8 +185,9 @@ def test_from_search_to_a_concept_clamp(http, feature_server):
     for prompt in TUNING_PROMPTS[:4]:
         for steered in (True, False):
             r = client.chat.completions.create(
-                model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": prompt}], temperature=0,
-                max_tokens=48, extra_body={"feature_clamps": concept["feature_clamps"]} if steered else None)
+                model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": prompt}], max_tokens=48,
+                **concept["recommended_sampling"],
+                extra_body={"feature_clamps": concept["feature_clamps"]} if steered else None)
             named[steered] += mentions(r.choices[0].message.content, concept["keywords"])
     assert named[True] >= 2 and named[True] > named[False], (concept["concept"], named)
 

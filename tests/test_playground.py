@@ -128,6 +128,9 @@ def test_a_concept_clamp_adds_its_features_as_one_push(page, http):
     page.get_by_role("button", name="Copy as curl").click()
     curl = page.locator("#copy-output").input_value()
     assert curl.count('"mode":"add"') == len(concept["feature_clamps"]) and '"unit":"absolute"' in curl
+    # the dose holds for the decoding it was measured with, which the page fills in and sends
+    assert page.get_by_label("Frequency penalty").input_value() == f"{concept['recommended_sampling']['frequency_penalty']:g}"
+    assert f'"frequency_penalty":{concept["recommended_sampling"]["frequency_penalty"]:g}' in curl
     page.get_by_label("Prompt").fill("What should I do this weekend?")
     page.get_by_label("Max tokens").fill("24")
     page.get_by_role("button", name="Send").click()

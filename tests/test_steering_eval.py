@@ -3,16 +3,22 @@ features: the pure pieces (the engine-driven run is in test_steering_sweep.py)."
 
 from __future__ import annotations
 
+import json
+
 from steer_plugin.catalogue import FeatureCatalogue
 from steer_plugin.concepts import ConceptBook
-from steer_plugin.training.steering_eval import count_mentions, distinct_trigrams, mentions, median
-from steer_plugin.training.efficacy import control_prompts
+from steer_plugin.config import DEFAULT_SAE_DIR
+from steer_plugin.training.efficacy import REPORT_HEADER, control_prompts
+from steer_plugin.training.efficacy_report import comparison_markdown, efficacy_markdown
+from steer_plugin.training.steering_eval import (DECODING, count_mentions, describe_decoding, distinct_trigrams,
+                                                 mentions, median)
 from steer_plugin.training.strengths import drift_words, feature_words, recommend
 
 
 def test_mentions_are_whole_words_with_plurals():
     assert mentions("I love my Dogs.", ["dog"]) and count_mentions("a dog, two dogs", ["dog"]) == 2
     assert not mentions("the dogma", ["dog"]) and mentions("beaches", ["beach"])
+    assert not mentions("any text at all", []) and count_mentions("x", []) == 0  # no words: nothing shown
 
 
 def test_distinct_trigrams_falls_when_a_reply_loops():
@@ -100,3 +106,13 @@ def test_a_cached_reply_is_keyed_by_what_the_sae_files_say(tmp_path):
     assert fingerprint(copy) == before == fingerprint(DEFAULT_SAE_DIR)
     (copy / STATS_FILENAME).write_bytes((copy / STATS_FILENAME).read_bytes() + b" ")
     assert fingerprint(copy) != before
+
+
+def test_shipped_reports_are_what_their_json_renders_to():
+    efficacy = json.loads((DEFAULT_SAE_DIR / "efficacy.json").read_text())
+    comparison = json.loads((DEFAULT_SAE_DIR / "comparison.json").read_text())
+    assert efficacy_markdown(efficacy) == (DEFAULT_SAE_DIR / "efficacy.md").read_text()
+    header = {k: comparison.pop(k) for k in REPORT_HEADER}
+    assert comparison_markdown(header | {"comparison": comparison}) == (DEFAULT_SAE_DIR / "comparison.md").read_text()
+    assert describe_decoding(DECODING) == "greedy, frequency penalty 0.5"  # the shipped reports' decoding
+    assert efficacy["decoding"] == header["decoding"] == DECODING

@@ -13,7 +13,7 @@ from steer_plugin.catalogue import FeatureCatalogue
 from steer_plugin.config import DEFAULT_SAE_DIR
 from steer_plugin.training import strengths
 from steer_plugin.training.diff_means import write_vector_sae
-from steer_plugin.training.steering_eval import Bench, Job, median
+from steer_plugin.training.steering_eval import DECODING, Bench, Job, median
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +44,8 @@ def test_sweep_writes_a_measured_strength_per_feature(bench):
     assert entries[feature]["recommended_strength"] in (None, 1.5)  # never the wrecked strength
     assert entries[feature]["recommended_tokens"] in ((None,) if entries[feature]["recommended_strength"] is None
                                                       else ("all", "generated"))
+    assert entries[feature]["recommended_sampling"] == (None if entries[feature]["recommended_strength"] is None
+                                                        else {"temperature": 0, "frequency_penalty": 0.5})
     wrecked = bench.run([Job(p, (("sae", feature, 30.0, "max"),)) for p in strengths.TUNING_PROMPTS])
     fine = bench.run([Job(p, (("sae", feature, 1.5, "max"),)) for p in strengths.TUNING_PROMPTS])
     assert median([j.perplexity for j in wrecked]) > median([j.perplexity for j in fine])
@@ -62,3 +64,16 @@ def test_replies_are_judged_and_a_vector_clamp_changes_them(bench):
     prompted = bench.run([Job(prompts[0], instruction="Mention cats in your answer.")], control)[0]
     assert prompted.text != plain.text
     assert bench.run([Job(prompts[0])], control)[0] is not None  # served from the cache
+
+
+def test_replies_are_decoded_with_the_frequency_penalty_and_cached_apart(bench):
+    job = Job("Tell me a short story about a dog.", max_tokens=64)
+    penalised = bench.run([job], fluency=False)[0]
+    bench.decoding = {}
+    try:
+        greedy = bench.run([job], fluency=False)[0]
+    finally:
+        bench.decoding = DECODING
+    assert DECODING == {"frequency_penalty": 0.5} and bench.sampling == {"temperature": 0, **DECODING}
+    assert penalised.text != greedy.text  # 64 tokens repeat some token the penalty turns away from
+    assert bench.run([job], fluency=False)[0] is penalised  # each decoding keeps its own cached reply

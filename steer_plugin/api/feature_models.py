@@ -68,6 +68,9 @@ class FeatureSummary(BaseModel):
     measured, or no strength both fluent and effective."""
     recommended_tokens: Literal["all", "generated"] | None = None
     """The clamp's `tokens` scope at that strength (the sweep tries both)."""
+    recommended_sampling: dict[str, float] | None = None
+    """The request's sampling fields the strength was measured with (temperature, frequency_penalty):
+    send them with the clamp; other decoding, other strength."""
     examples: list[Context]
     score: float | None = None
     """Search relevance (search results only)."""
@@ -110,6 +113,8 @@ class ConceptClamp(BaseModel):
     """Length of what the clamps add, × the layer's median stream norm, that made the most tuning replies
     name the concept while fluent; None: no dose did both."""
     recommended_tokens: Literal["all", "generated"] | None
+    recommended_sampling: dict[str, float] | None = None
+    """The request's sampling fields the dose was measured with: send them with the clamps."""
     feature_clamps: list[FeatureClamp] | None
     """The clamps at that dose and scope, ready to send as a request's `feature_clamps`."""
     sweep: dict[str, dict[str, SweepCell]] | None = None

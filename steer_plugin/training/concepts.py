@@ -11,7 +11,7 @@ most about 0.4 of it and loops before the concept shows (docs/layer-scan-2026-12
 
 For each concept (a name and the keywords that show it in a reply):
 1. **Text about it**: the model's own replies to `WRITING_PROMPTS` about the concept, from the
-   real engine, greedy (prompts no evaluation uses).
+   real engine (steering_eval.DECODING; prompts no evaluation uses).
 2. **Its direction**: the mean residual stream at the SAE's layer over those replies' tokens minus
    the mean over the replies about the other concepts that name none of its keywords (a one-vs-rest
    difference of means on the traffic's own kind of text, AxBench's DiffMean). `split_half`: the
@@ -45,7 +45,7 @@ from steer_plugin.concepts import CONCEPTS_FILENAME
 from steer_plugin.config import default_model_dir
 from steer_plugin.sae import CATALOGUE_FILENAME, SAE
 from steer_plugin.training.capture import load_hf_model
-from steer_plugin.training.diff_means import DOSES, LayerSums, stream_sums
+from steer_plugin.training.diff_means import DOSES, LayerSums, alignment, stream_sums
 from steer_plugin.training.steering_eval import Bench, Job, count_mentions, median
 from steer_plugin.training.strengths import SCOPES, TUNING_PROMPTS, recommend, swept_cells
 
@@ -175,7 +175,7 @@ def save_directions(path: Path, directions: dict[str, torch.Tensor], median_norm
 
 def tune(bench: Bench, entries: list[dict], sae_id: str, doses=DOSES, scopes=SCOPES) -> dict:
     """Sweeps each entry over doses × scopes on the tuning prompts and writes `recommended_dose`,
-    `recommended_tokens`, `feature_clamps` (at that setting) and `sweep` into it."""
+    `recommended_tokens`, `recommended_sampling`, `feature_clamps` (at that setting) and `sweep` into it."""
     baseline_ppl = median([j.perplexity for j in bench.run([Job(p) for p in TUNING_PROMPTS])])
     grid = [(a, t) for a in doses for t in scopes]
     cells = swept_cells(bench, {(e["concept"], a, t): (concept_jobs(e, TUNING_PROMPTS, sae_id, a, t), e["keywords"])
@@ -186,6 +186,7 @@ def tune(bench: Bench, entries: list[dict], sae_id: str, doses=DOSES, scopes=SCO
                                      if k not in ("example", "answers")} for a in doses} for t in scopes}
         dose, tokens = recommend(summary, baseline_ppl) or (None, None)
         e.update(recommended_dose=dose, recommended_tokens=tokens,
+                 recommended_sampling=None if dose is None else bench.sampling,
                  feature_clamps=None if dose is None else clamps_at(e, dose, tokens))
     return {"baseline_median_ppl": baseline_ppl, "concepts": len(entries),
             "recommended": sum(e["recommended_dose"] is not None for e in entries)}
@@ -199,6 +200,17 @@ def load_directions(path: Path) -> tuple[list[str], torch.Tensor, float]:
         names = json.loads(f.metadata()["concepts"])
     tensors = load_file(str(path))
     return names, tensors["directions"], float(tensors["median_norm"])
+
+
+def aligned_features(sae: SAE, sae_dir: Path, n: int) -> dict[str, list[int]]:
+    """Per concept of the SAE's directions file: the n features whose decoder rows point most along its
+    direction, best first ({} where the SAE has no directions file). Search finds the features that
+    fire on a concept's word; these are the ones whose clamp moves the stream most towards it."""
+    path = sae_dir / DIRECTIONS_FILENAME
+    if n <= 0 or not path.is_file():
+        return {}
+    names, directions, _ = load_directions(path)
+    return dict(zip(names, alignment(sae, directions).topk(n, dim=-1).indices.tolist()))
 
 
 def default_concepts() -> dict[str, list[str]]:

@@ -142,10 +142,10 @@ def chat_vector_saes(model_dir: str, chats: Path, concepts: dict[str, list[str]]
                   "median_norm": norms}
 
 
-def alignment(sae: SAE, vectors: SAE) -> torch.Tensor:
-    """[vectors, d_sae]: the cosine between each vector's direction and each feature's decoder row. A
+def alignment(sae: SAE, directions: torch.Tensor) -> torch.Tensor:
+    """[directions, d_sae]: the cosine between each direction ([directions, d_in]) and each feature's decoder row. A
     clamp moves the stream along its decoder row only; the part of the move off a concept's direction
     (sqrt(1 - cos^2) of it) changes the reply without bringing the concept, so a feature steers to a
     concept fluently only where this is high (docs/layer-scan-2026-12-04.md)."""
     rows = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)  # [d_sae, d_in]
-    return vectors.W_dec @ rows.T  # vector SAE rows are unit directions
+    return (directions / directions.norm(dim=-1, keepdim=True)) @ rows.T

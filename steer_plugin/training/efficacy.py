@@ -3,12 +3,13 @@
     python -m steer_plugin.training.efficacy --sae sae_weights/NAME [--work DIR]
 
 Run after the strength sweep (strengths.py), which writes each steerable feature's recommended
-strength and token scope into the catalogue. Three parts, all through the real vLLM engine with the plugin, greedy,
-on prompts the sweep never saw:
+strength and token scope into the catalogue. Three parts, all through the real vLLM engine with the plugin
+(decoding: steering_eval.DECODING), on prompts the sweep never saw:
 
 - **Efficacy**: for each concept (a keyword list a reader recognises), the top `--candidates`
-  search hits (`/v1/features?q=`, steerable features first) that have a recommended strength are
-  clamped at it (on its recommended scope) on `NEUTRAL_PROMPTS`. A feature meets the bar when its concept goes from <= 10 %
+  search hits (`/v1/features?q=`, steerable features first) that have a recommended strength, and
+  those of the `--aligned` features best aligned with the concept's direction (the strength sweep's
+  `--aligned`), are clamped at it (on its recommended scope) on `NEUTRAL_PROMPTS`. A feature meets the bar when its concept goes from <= 10 %
   of unsteered replies to >= 60 % with median reply perplexity (under the unsteered model) at most
   3× that of unsteered replies.
 - **The user's journey**: for everyday words a person would search for (`JOURNEY`), the top search
@@ -37,7 +38,7 @@ from steer_plugin.catalogue import FeatureCatalogue
 from steer_plugin.concepts import ConceptBook
 from steer_plugin.config import default_model_dir
 from steer_plugin.sae import SAE, load_config
-from steer_plugin.training.concepts import DIRECTIONS_FILENAME, concept_jobs, load_directions
+from steer_plugin.training.concepts import DIRECTIONS_FILENAME, aligned_features, concept_jobs, load_directions
 from steer_plugin.training.diff_means import DOSES, alignment, write_vector_sae
 from steer_plugin.training.efficacy_report import comparison_markdown, efficacy_markdown
 from steer_plugin.training.steering_eval import Bench, Job, median, summarise
@@ -94,6 +95,8 @@ JOURNEY_QUESTIONS = (
     "How can I be more productive at work?", "What should I name my new goldfish?",
     "Give me a tip for a job interview.", "How do I keep my room tidy?", "What's a good gift for my mother?",
 )
+REPORT_HEADER = ("date", "max_tokens", "decoding", "protocol")
+"""What comparison.json repeats of efficacy.json besides the comparison (its markdown needs them)."""
 BASELINE_MAX = 0.10
 STEERED_MIN = 0.60
 MAX_PPL_RATIO = 3.0
@@ -153,19 +156,31 @@ def _at_bar(row: dict, baseline_ppl: float) -> bool:
     return row["baseline_mention_rate"] <= BASELINE_MAX and _steers(row, baseline_ppl)
 
 
-def efficacy(bench: Bench, catalogue: FeatureCatalogue, candidates: int, book: ConceptBook) -> dict:
+def candidates_for(catalogue: FeatureCatalogue, concept: str, hits: int, aligned: list[int]) -> list[tuple[dict, str]]:
+    """(entry, how it was found) for the features tried for a concept: its first `hits` steerable search
+    hits, then those of the features best aligned with its direction that have a recommended strength."""
+    found = [(e, "search") for e in top_steerable_hits(catalogue, concept, hits)]
+    seen = {e["id"] for e, _ in found}
+    return found + [(catalogue.entries[f], "alignment") for f in aligned
+                    if f not in seen and catalogue.entries[f].get("recommended_strength")]
+
+
+def efficacy(bench: Bench, catalogue: FeatureCatalogue, candidates: int, book: ConceptBook,
+             aligned: dict[str, list[int]] | None = None) -> dict:
+    """aligned: per concept, the features best aligned with its direction (concepts.aligned_features),
+    tried besides its search hits where they have a recommended strength."""
     control = control_prompts(NEUTRAL_PROMPTS)
     baseline = bench.run([Job(p) for p in NEUTRAL_PROMPTS], control)
     baseline_ppl = median([j.perplexity for j in baseline])
-    chosen = [(concept, keywords, entry) for concept, keywords in CONCEPTS.items()
-              for entry in top_steerable_hits(catalogue, concept, candidates)]
+    chosen = [(concept, keywords, entry, how) for concept, keywords in CONCEPTS.items()
+              for entry, how in candidates_for(catalogue, concept, candidates, (aligned or {}).get(concept, []))]
     clamps = {c: e for c in CONCEPTS if (e := top_concept(book, c)) is not None}
-    cells = iter(_summaries(bench, [(_clamped(entry, NEUTRAL_PROMPTS), keywords) for _, keywords, entry in chosen]
+    cells = iter(_summaries(bench, [(_clamped(entry, NEUTRAL_PROMPTS), keywords) for _, keywords, entry, _ in chosen]
                             + [(_concept_clamped(e, NEUTRAL_PROMPTS), CONCEPTS[c]) for c, e in clamps.items()], control))
     base_rate = {concept: summarise(baseline, keywords)["concept_rate"] for concept, keywords in CONCEPTS.items()}
-    rows = [{"concept": concept, "feature": entry["id"], "label": entry["label"],
+    rows = [{"concept": concept, "feature": entry["id"], "label": entry["label"], "found_by": how,
              "strength_x_max": entry["recommended_strength"], "tokens": entry.get("recommended_tokens") or "all",
-             "baseline_mention_rate": base_rate[concept], **next(cells)} for concept, _, entry in chosen]
+             "baseline_mention_rate": base_rate[concept], **next(cells)} for concept, _, entry, how in chosen]
     concept_rows = [{"concept": c, **_concept_setting(e), "baseline_mention_rate": base_rate[c], **next(cells)}
                     for c, e in clamps.items()]
     meeting = [r for r in rows if _at_bar(r, baseline_ppl)]
@@ -293,6 +308,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sae", type=Path, required=True)
     p.add_argument("--model-dir", default=str(default_model_dir()))
     p.add_argument("--candidates", type=int, default=1, help="steerable search hits tried per concept")
+    p.add_argument("--aligned", type=int, default=0,
+                   help="also the steerable ones of the N features best aligned with each concept's direction")
     p.add_argument("--compare", action="store_true",
                    help="also compare with prompting and with difference-of-means vectors along the concept "
                         "clamps' directions (needs concept_directions.safetensors from concepts.py)")
@@ -307,19 +324,20 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     bench = Bench(args.model_dir, saes, cache=sae_dir / ".steering_replies.json", own_process=True)
     try:
-        report = {"date": time.strftime("%Y-%m-%d"), "max_tokens": bench.max_tokens,
+        report = {"date": time.strftime("%Y-%m-%d"), "max_tokens": bench.max_tokens, "decoding": bench.decoding,
                   "protocol": {"neutral_prompts": len(NEUTRAL_PROMPTS), "journey_questions": len(JOURNEY_QUESTIONS),
-                               "concepts": len(CONCEPTS)},
-                  "efficacy": efficacy(bench, catalogue, args.candidates, book),
+                               "concepts": len(CONCEPTS), "search_hits": args.candidates, "aligned": args.aligned},
+                  "efficacy": efficacy(bench, catalogue, args.candidates, book,
+                                       aligned_features(SAE.load(sae_dir), sae_dir, args.aligned)),
                   "journey": journey(bench, catalogue, book)}
         (sae_dir / "efficacy.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
         (sae_dir / "efficacy.md").write_text(efficacy_markdown(report))
         if args.compare:
             report["comparison"] = compare(bench, catalogue, book, "diffmean", vector_concepts)
             report["comparison"]["alignment"] = concept_alignment(
-                catalogue, book, alignment(SAE.load(sae_dir), SAE.load(vector_dir)), vector_concepts)
+                catalogue, book, alignment(SAE.load(sae_dir), SAE.load(vector_dir).W_dec), vector_concepts)
             (sae_dir / "comparison.json").write_text(json.dumps(
-                {"date": report["date"], "protocol": report["protocol"], **report["comparison"]}, indent=1, ensure_ascii=False) + "\n")
+                {k: report[k] for k in REPORT_HEADER} | report["comparison"], indent=1, ensure_ascii=False) + "\n")
             (sae_dir / "comparison.md").write_text(comparison_markdown(report))
     finally:
         bench.close()

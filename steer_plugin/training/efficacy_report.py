@@ -4,21 +4,26 @@ dicts efficacy.py also writes as JSON."""
 
 from __future__ import annotations
 
+from steer_plugin.training.steering_eval import describe_decoding
+
 
 def efficacy_markdown(report: dict) -> str:
     e, j, p = report["efficacy"], report["journey"], report["protocol"]
     lines = [f"# Steering efficacy ({report['date']})", "",
-             f"{p['neutral_prompts']} neutral prompts, {report['max_tokens']} tokens, greedy, each feature at its "
-             f"recommended strength (strengths.py, tuned on other prompts). Unsteered: median perplexity "
+             f"{p['neutral_prompts']} neutral prompts, {report['max_tokens']} tokens, "
+             f"{describe_decoding(report['decoding'])}, each feature at its "
+             f"recommended strength (strengths.py, tuned on other prompts). Tried per concept: its first "
+             f"{p['search_hits']} search hits with a recommended strength and those of its {p['aligned']} features "
+             f"best aligned with its direction (concept_directions.safetensors). Unsteered: median perplexity "
              f"{e['baseline_median_ppl']:.2f}, distinct trigrams {e['baseline_distinct_trigrams']:.2f}, "
              f"answers {e['baseline_answers']:.0%}.", "",
              f"**{len(e['features_meeting_bar'])} features over {len(e['concepts_meeting_bar'])} concepts** take "
              f"their concept from ≤ 10 % to ≥ 60 % of replies with median perplexity ≤ 3× unsteered: "
              + ", ".join(e["concepts_meeting_bar"]) + ".", "",
-             "| concept | feature | label | × max | tokens | unsteered | steered | median ppl | distinct trigrams | answers |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| concept | feature | label | found by | × max | tokens | unsteered | steered | median ppl | distinct trigrams | answers |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in e["results"]:
-        lines.append(f"| {r['concept']} | {r['feature']} | {r['label']} | {r['strength_x_max']:g} | {r['tokens']} | "
+        lines.append(f"| {r['concept']} | {r['feature']} | {r['label']} | {r['found_by']} | {r['strength_x_max']:g} | {r['tokens']} | "
                      f"{r['baseline_mention_rate']:.0%} | {r['concept_rate']:.0%} | {r['median_ppl']:.2f} | "
                      f"{r['distinct_trigrams']:.2f} | {r['answers']:.0%} |")
     k = e["concept_clamps"]
@@ -63,7 +68,7 @@ def comparison_markdown(report: dict) -> str:
     c, p = report["comparison"], report["protocol"]
     lines = [f"# SAE steering beside prompting and a steering vector ({report['date']})", "",
              f"The {p['concepts']} concepts of efficacy.md, {p['neutral_prompts']} neutral prompts, {report['max_tokens']} "
-             "tokens, greedy. Concept rate: share of replies naming the concept (averaged over all concepts, 0 where "
+             f"tokens, {describe_decoding(report['decoding'])}. Concept rate: share of replies naming the concept (averaged over all concepts, 0 where "
              "a method has no setting). Fluency: median perplexity under the unsteered model and distinct word "
              "trigrams. Answers: share of replies more likely after their own question than after another "
              "(pointwise mutual information > 0; see steering_eval.py).", "",

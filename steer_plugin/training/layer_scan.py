@@ -33,7 +33,7 @@ from steer_plugin.config import default_model_dir
 from steer_plugin.training.chat_corpus import CHATS_DIR, CHATS_FILE
 from steer_plugin.training.diff_means import chat_vector_saes
 from steer_plugin.training.efficacy import CONCEPTS
-from steer_plugin.training.steering_eval import Bench, Job, median, summarise
+from steer_plugin.training.steering_eval import Bench, Job, describe_decoding, median, summarise
 from steer_plugin.training.strengths import MAX_PPL_RATIO, MIN_TRIGRAMS, TUNING_PROMPTS, fluent, swept_cells
 
 BAR = 0.6
@@ -57,7 +57,7 @@ def scan(model_dir: str, chats: Path, out: Path, layers: list[int], doses: list[
     rows = [{"concept": c, "layer": L, "dose": a, **{k: v for k, v in s.items() if k != "answers"},
              "fluent_at_bar": fluent(s, baseline_ppl) and s["concept_rate"] >= BAR}
             for (c, L, a), s in summaries.items()]
-    report = {"layers": layers, "doses": doses, "concepts": list(concepts), **read,
+    report = {"layers": layers, "doses": doses, "concepts": list(concepts), **read, "decoding": bench.decoding,
               "baseline_median_ppl": baseline_ppl,
               "baseline_rate": {c: summarise(baseline, k)["concept_rate"] for c, k in concepts.items()},
               "rows": rows, "seconds": round(time.time() - started)}
@@ -72,7 +72,7 @@ def markdown(report: dict) -> str:
     lines = [f"# Steering by layer: difference-of-means vectors ({time.strftime('%Y-%m-%d')})", "",
              f"{len(concepts)} concepts ({', '.join(concepts)}), vectors from {report['documents']} chat documents "
              f"({report['tokens']:,} tokens, first {report['ctx']} of each); {len(TUNING_PROMPTS)} tuning prompts, "
-             f"greedy, all positions. Dose: × the layer's median stream norm. Unsteered median perplexity "
+             f"{describe_decoding(report['decoding'])}, all positions. Dose: × the layer's median stream norm. Unsteered median perplexity "
              f"{report['baseline_median_ppl']:.2f}. A cell counts when the concept is in ≥ {BAR:.0%} of replies "
              f"with median perplexity ≤ {MAX_PPL_RATIO:g}× unsteered and distinct trigrams ≥ {MIN_TRIGRAMS}.", "",
              "| layer | median norm | dose | mean concept rate | concepts at the bar | mean distinct trigrams |",

@@ -1,8 +1,8 @@
 """Steered replies and how they are judged: shared by the strength sweep, the efficacy run and the
 comparison with prompting and steering vectors.
 
-Replies come from the real engine: an offline `vllm.LLM` with the plugin, greedy, each request with
-its own clamps. Each reply is judged by
+Replies come from the real engine: an offline `vllm.LLM` with the plugin, greedy with a frequency
+penalty (`DECODING`), each request with its own clamps. Each reply is judged by
 - `mentions`: does it name the concept (a keyword, or its plural, as a whole word);
 - `distinct_trigrams`: the share of its word trigrams that are distinct (1.0: no repetition;
   steered small models loop: "the perfect meal, the perfect meal, ...");
@@ -33,7 +33,10 @@ _WORDS = re.compile(r"[a-z']+")
 
 
 def count_mentions(text: str, keywords: list[str]) -> int:
-    """How often the text names a keyword (or its plural) as a whole word."""
+    """How often the text names a keyword (or its plural) as a whole word (never, for no keywords:
+    an empty alternation would match everywhere)."""
+    if not keywords:
+        return 0
     return len(re.findall(r"\b(?:" + "|".join(map(re.escape, keywords)) + r")(?:s|es)?\b", text.lower()))
 
 
@@ -90,6 +93,22 @@ REPLY_TOKENS = 64
 after answering (AxBench generates 128; 32 cut most replies mid-sentence)."""
 
 
+DECODING: dict = {"frequency_penalty": 0.5}
+"""SamplingParams fields every reply is decoded with besides greedy: the OpenAI API's frequency
+penalty (logit minus 0.5 × the token's count in the reply so far), which we recommend for steered
+requests to small models. Greedy replies of the 135M model loop as soon as a clamp pushes it
+("The answer is: The answer is: ..."); on 14 concept features, 8 tuning prompts, 1.25–2.5× max
+(2026-12-05), the sweep found a fluent effective strength for 3 of them greedy, 4 with this
+penalty, 2 with presence penalty 1.0; a penalty of 0.8 and repetition penalty 1.2 (which also
+penalises the question's words) made replies less likely than the loops they broke
+(docs/decoding-2026-12-05.md)."""
+
+
+def describe_decoding(decoding: dict) -> str:
+    """How replies were decoded, for reports: "greedy, frequency penalty 0.5"."""
+    return ", ".join(["greedy"] + [f"{k.replace('_', ' ')} {v:g}" for k, v in sorted(decoding.items())])
+
+
 def fingerprint(sae_dir: Path) -> str:
     """A digest of the files that decide what a clamp on an SAE (SAELens layout) does: configuration,
     weights, the max activations unit "max" multiplies; not its catalogue or concept clamps."""
@@ -104,25 +123,34 @@ class Bench:
     """One engine (the model and the given SAEs, plugin on) that answers and judges jobs."""
 
     def __init__(self, model_dir: str, saes: list[dict], max_tokens: int = REPLY_TOKENS, cache: Path | None = None,
-                 own_process: bool = False):
-        """own_process: the calling process starts no other engine (see offline_engine)."""
+                 own_process: bool = False, decoding: dict | None = None):
+        """own_process: the calling process starts no other engine (see offline_engine); decoding:
+        SamplingParams fields every reply is decoded with besides greedy (None: DECODING)."""
         self.llm = offline_llm(model_dir, own_process=own_process, max_model_len=1024,
                                additional_config={"steer": {"saes": saes}})
         self.tokenizer = self.llm.get_tokenizer()
         self.model_dir = model_dir
         self._scorer = None
         self.max_tokens = max_tokens
+        self.decoding = DECODING if decoding is None else decoding
         self.cache_path = cache
         self._fingerprints = {s["id"]: fingerprint(Path(s["path"])) for s in saes}
         self._cache: dict[str, Judged] = {}
         if cache is not None and cache.exists():
             self._cache = {k: Judged(**v) for k, v in json.loads(cache.read_text()).items()}
 
+    @property
+    def sampling(self) -> dict:
+        """The request fields every reply is decoded with (what a recommendation measured here assumes)."""
+        return {"temperature": 0, **self.decoding}
+
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
 
     def _key(self, job: Job) -> str:
         key = [job.prompt, job.clamps, job.instruction, job.tokens, job.max_tokens or self.max_tokens]
+        if self.decoding:
+            key.append(sorted(self.decoding.items()))
         if job.clamps:  # a clamp on feature i means what that SAE's files say, which a rebuild changes
             key.append(sorted({self._fingerprints[c[0]] for c in job.clamps}))
         return json.dumps(key)
@@ -137,7 +165,7 @@ class Bench:
         unique = list({self._key(j): j for j in jobs}.values())
         todo = [j for j in unique if self._key(j) not in self._cache]
         if todo:
-            params = [SamplingParams(temperature=0, max_tokens=j.max_tokens or self.max_tokens, extra_args=None if not j.clamps else
+            params = [SamplingParams(**self.sampling, max_tokens=j.max_tokens or self.max_tokens, extra_args=None if not j.clamps else
                                      {"feature_clamps": json.dumps([{"sae": s, "feature": f, "value": v, "unit": u,
                                                                      "mode": mode[0] if mode else "set",
                                                                      "tokens": j.tokens} for s, f, v, u, *mode in j.clamps])})

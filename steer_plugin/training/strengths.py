@@ -2,8 +2,9 @@
 
     python -m steer_plugin.training.strengths --sae sae_weights/NAME [--features 10]
 
-Swept: the `--features` features with the highest `steered_mass` (see output_score.py), and the top
-search hits of the concepts in efficacy.py (what users look for). Each is clamped (`set`, unit max)
+Swept: the `--features` features with the highest `steered_mass` (see output_score.py), the top
+`--hits` search hits of the concepts in efficacy.py (what users look for), and the `--aligned`
+features best aligned with each concept's direction (concepts.aligned_features). Each is clamped (`set`, unit max)
 at every strength of `--strengths` and on every token scope of `SCOPES`, on the tuning prompts below, which the efficacy and comparison
 runs never use. A reply shows the feature when it contains one of the feature's words: the words
 its clamp promotes (`steered_tokens`) and the words it fires on (`top_tokens`), less function
@@ -13,7 +14,8 @@ The recommended setting is, among the strengths and scopes whose replies stay fl
 perplexity under the unsteered model at most 3× that of unsteered replies, and at least 80 % distinct
 word trigrams), the one at which most replies show the feature (the more fluent of equals); none
 where nothing is fluent or nothing shows it in at least half the replies. Written into the catalogue
-per feature: `recommended_strength`, `recommended_tokens` and `sweep` (per scope and strength: rate,
+per feature: `recommended_strength`, `recommended_tokens`, `recommended_sampling` (the request's
+decoding fields the replies were measured with, steering_eval.DECODING) and `sweep` (per scope and strength: rate,
 median perplexity, distinct trigrams; the perplexity is judged only where at least half the replies
 show the feature, null elsewhere).
 """
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from steer_plugin.catalogue import STOPWORDS, FeatureCatalogue, singular
 from steer_plugin.config import default_model_dir
-from steer_plugin.sae import CATALOGUE_FILENAME
+from steer_plugin.sae import CATALOGUE_FILENAME, SAE
 from steer_plugin.training.steering_eval import Bench, Job, median, summarise
 
 TUNING_PROMPTS = (
@@ -36,10 +38,13 @@ TUNING_PROMPTS = (
     "Give me an idea for a fun day out.", "What is a good way to relax?",
 )
 """Prompts the strengths are tuned on (kept apart from efficacy.NEUTRAL_PROMPTS and the journey's)."""
-STRENGTHS = (1.0, 1.25, 1.5, 2.0, 3.0)
+STRENGTHS = (1.25, 1.5, 1.75, 2.0, 2.5)
 """Clamp strengths swept (× max, `set`): replies of the 135M default model stay fluent up to about
 1.5× and break down past 3× (measured 2026-12-02; a grid of 2/3/5× found a fluent effective strength
-for 3 of 37 features)."""
+for 3 of 37 features). Steps of 1/4 between 1.25 and 2.5: the features that steer at all first show
+their concept between 1.25× and 2× and lose fluency a quarter step later (2026-12-05); of the 8
+features the greedy 1-3× grid recommended, 1 was at 1× (book 4253, which the frequency penalty of
+steering_eval.DECODING keeps fluent at 1.25×) and none at 3×."""
 SCOPES = ("all", "generated")
 """Token scopes swept: clamping only the positions that produce the reply leaves the question as the
 model read it, which keeps replies more fluent (lower perplexity at every strength measured) and
@@ -50,6 +55,10 @@ MIN_RATE = 0.5
 DRIFT_SHARE = 0.01
 """A word among the steered tokens of at least this share of features is clamp drift, not a feature's
 own ("something", "probably", "exploring", "music": whatever a clamp pushes the 135M model towards)."""
+
+
+SWEEP_FIELDS = ("sweep", "sweep_words", "recommended_strength", "recommended_tokens", "recommended_sampling")
+"""What a sweep writes into a catalogue entry."""
 
 
 def _words(text: str) -> set[str]:
@@ -113,7 +122,8 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
     words = {f: feature_words(entries[f], ignore) for f in features}
     for f in features:
         if not words[f]:  # nothing to look for in a reply: not measurable
-            entries[f].update(sweep=None, sweep_words=[], recommended_strength=None, recommended_tokens=None)
+            entries[f].update(sweep=None, sweep_words=[], recommended_strength=None, recommended_tokens=None,
+                              recommended_sampling=None)
     measured = [f for f in features if words[f]]
     summaries = swept_cells(bench, {(f, s, t): ([Job(p, ((sae_id, f, s, "max"),), tokens=t) for p in TUNING_PROMPTS],
                                                 words[f]) for f in measured for s in strengths for t in scopes})
@@ -124,7 +134,8 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
                                          for s in strengths} for t in scopes}
         entries[feature]["sweep_words"] = words[feature]
         strength, tokens = recommend(summary, baseline_ppl) or (None, None)
-        entries[feature].update(recommended_strength=strength, recommended_tokens=tokens)
+        entries[feature].update(recommended_strength=strength, recommended_tokens=tokens,
+                                recommended_sampling=None if strength is None else bench.sampling)
     return {"baseline_median_ppl": baseline_ppl, "features": len(features),
             "recommended": sum(entries[f]["recommended_strength"] is not None for f in features)}
 
@@ -141,6 +152,7 @@ def swept_cells(bench: Bench, cells: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from steer_plugin.training.concepts import aligned_features
     from steer_plugin.training.efficacy import CONCEPTS, JOURNEY
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,12 +162,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--strengths", default=",".join(f"{s:g}" for s in STRENGTHS))
     p.add_argument("--scopes", default=",".join(SCOPES))
     p.add_argument("--hits", type=int, default=1, help="top search hits swept per concept and journey query")
+    p.add_argument("--aligned", type=int, default=0,
+                   help="also the N features best aligned with each concept's direction (concept_directions.safetensors)")
+    p.add_argument("--decoding", type=json.loads, default=None,
+                   help='sampling fields besides greedy, as JSON (default: steering_eval.DECODING; "{}": plain greedy)')
     args = p.parse_args(argv)
     path = args.sae / CATALOGUE_FILENAME
     entries = json.loads(path.read_text())
+    for entry in entries:  # a fresh sweep: search must rank the candidates by match, not by an earlier sweep
+        for key in SWEEP_FIELDS:
+            entry.pop(key, None)
     features = swept_features(entries, args.features, list(CONCEPTS) + list(JOURNEY), args.hits)
+    aligned = aligned_features(SAE.load(args.sae), args.sae, args.aligned) if args.aligned else {}
+    features = sorted(set(features).union(*aligned.values()))
     bench = Bench(args.model_dir, [{"path": str(args.sae.resolve()), "id": "sae"}],
-                  cache=args.sae / ".steering_replies.json", own_process=True)
+                  cache=args.sae / ".steering_replies.json", own_process=True, decoding=args.decoding)
     try:
         report = sweep(bench, "sae", entries, features, tuple(float(s) for s in args.strengths.split(",")),
                        tuple(args.scopes.split(",")))

@@ -153,6 +153,7 @@ async function addClamp(id) {
     const tokens = entry && entry.recommended_tokens ? entry.recommended_tokens : "all";
     state.clamps.push({sae: state.sae, feature: id, label: entry && entry.label ? entry.label : "", strength,
                        mode: "set", tokens});
+    if (entry) useSampling(entry.recommended_sampling);
   }
   if (!$("heat-feature").value) $("heat-feature").value = id;
   renderClamps();
@@ -166,7 +167,15 @@ function addConcept(concept) {
     state.clamps.push({sae: c.sae, feature: c.feature, label: labels.get(c.feature) || "", strength: c.value,
                        mode: c.mode, unit: c.unit, tokens: c.tokens});
   }
+  useSampling(concept.recommended_sampling);
   renderClamps();
+}
+
+function useSampling(sampling) {
+  // A recommended strength holds for the decoding it was measured with: fill that in.
+  if (!sampling) return;
+  if (sampling.temperature !== undefined) $("temperature").value = sampling.temperature;
+  $("frequency-penalty").value = sampling.frequency_penalty || 0;
 }
 
 function renderClamps() {
@@ -209,7 +218,7 @@ function clampSpec() {
 function chatBody(steered) {
   const body = {model: state.model, messages: [{role: "user", content: $("prompt").value}],
                 temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value),
-                stream: true};
+                frequency_penalty: Number($("frequency-penalty").value), stream: true};
   if ($("seed").value !== "") body.seed = Number($("seed").value);
   if (steered) body.feature_clamps = clampSpec();
   return body;
