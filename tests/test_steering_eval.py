@@ -8,7 +8,7 @@ import json
 from steer_plugin.catalogue import FeatureCatalogue
 from steer_plugin.concepts import ConceptBook
 from steer_plugin.config import DEFAULT_SAE_DIR
-from steer_plugin.training.efficacy import REPORT_HEADER, control_prompts
+from steer_plugin.training.efficacy import REPORT_HEADER, candidates_for, control_prompts
 from steer_plugin.training.efficacy_report import comparison_markdown, efficacy_markdown
 from steer_plugin.training.steering_eval import (DECODING, count_mentions, describe_decoding, distinct_trigrams,
                                                  mentions, median)
@@ -59,19 +59,32 @@ def test_drift_words_are_those_many_clamps_push_towards():
     assert "probably" not in feature_words(entries[0], drift_words(entries))
 
 
-def test_search_ranks_a_steerable_match_first_when_it_matches_nearly_as_well():
-    def entry(i, tokens, strength=None, steered=()):
-        return {"id": i, "label": " / ".join(tokens), "frequency": 0.01, "recommended_strength": strength,
-                "top_tokens": [{"token": t, "count": 1} for t in tokens],
-                "steered_tokens": [{"token": t, "gain": 0.1} for t in steered], "top_contexts": []}
+def _entry(i, tokens, strength=None, steered=()):
+    return {"id": i, "label": " / ".join(tokens), "frequency": 0.01, "recommended_strength": strength,
+            "top_tokens": [{"token": t, "count": 1} for t in tokens],
+            "steered_tokens": [{"token": t, "gain": 0.1} for t in steered], "top_contexts": []}
 
+
+def test_search_ranks_a_steerable_match_first_when_it_matches_nearly_as_well():
     catalogue = FeatureCatalogue([
-        entry(0, ["dog"]),  # the best input-side match, never steered anything
-        entry(1, ["dog", "cat"], strength=3.0, steered=["dog"]),  # steerable, matches well
-        entry(2, ["dog", "cat", "fish", "cow", "pig", "hen", "ram"], strength=2.0),  # steerable, weak match
+        _entry(0, ["dog"]),  # the best input-side match, never steered anything
+        _entry(1, ["dog", "cat"], strength=3.0, steered=["dog"]),  # steerable, matches well
+        _entry(2, ["dog", "cat", "fish", "cow", "pig", "hen", "ram"], strength=2.0),  # steerable, weak match
     ])
     ranked = [e["id"] for e, _ in catalogue.search("dogs", 3)[0]]
     assert ranked == [1, 0, 2]
+
+
+def test_efficacy_tries_good_steerable_matches_then_steerable_aligned_features():
+    catalogue = FeatureCatalogue([
+        _entry(0, ["dog"]),  # the best match, no recommended strength: not tried
+        _entry(1, ["dog", "cat"], strength=3.0, steered=["dog"]),
+        _entry(2, ["dog", "cat", "fish", "cow", "pig", "hen", "ram"], strength=2.0),  # matches too weakly
+        _entry(3, ["bark"], strength=1.5),  # aligned with the concept, steerable
+        _entry(4, ["leash"]),  # aligned, no recommended strength
+    ])
+    tried = candidates_for(catalogue, "dogs", 4, aligned=[4, 1, 3])
+    assert [(e["id"], how) for e, how in tried] == [(1, "search"), (3, "alignment")]
 
 
 def test_concept_alignment_reports_the_top_hit_and_the_best_aligned_feature():

@@ -34,7 +34,7 @@ import json
 import time
 from pathlib import Path
 
-from steer_plugin.catalogue import FeatureCatalogue
+from steer_plugin.catalogue import STEERABLE_WITHIN, FeatureCatalogue
 from steer_plugin.concepts import ConceptBook
 from steer_plugin.config import default_model_dir
 from steer_plugin.sae import SAE, load_config
@@ -108,9 +108,12 @@ def control_prompts(prompts: tuple[str, ...] | list[str]) -> dict[str, str]:
 
 
 def top_steerable_hits(catalogue: FeatureCatalogue, query: str, n: int) -> list[dict]:
-    """The first n search hits for the query that have a recommended strength."""
+    """The first n search hits for the query that have a recommended strength, among those matching
+    it nearly as well as the best (the ones search ranks steerable first; a feature matching by one
+    context word is no answer to the query)."""
     hits, _ = catalogue.search(query, 20)
-    return [e for e, _ in hits if e.get("recommended_strength")][:n]
+    best = hits[0][1] if hits else 0.0
+    return [e for e, score in hits if e.get("recommended_strength") and score >= STEERABLE_WITHIN * best][:n]
 
 
 def _clamped(entry: dict, prompts, sae_id: str = "sae", setting: tuple[float, str] | None = None) -> list[Job]:
