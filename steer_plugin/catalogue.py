@@ -138,14 +138,25 @@ class FeatureCatalogue:
         steered = sum(ix.steered_share.get(w, 0.0) for w in wanted)
         return 3 * tokens + 2 * steered + promoted + label + contexts + 0.5 * around
 
-    def search(self, query: str, limit: int, offset: int = 0) -> tuple[list[tuple[dict, float]], int]:
-        """(entry, score) of the best matches, best first, and how many features match at all."""
+    def _ranked(self, query: str) -> list[tuple[float, int, bool]]:
+        """(score, feature, ranked steerable first) of every match, in search order."""
         wanted = query_words(query)
         if not wanted:
-            return [], 0
+            return []
         scored = [(s, i) for i in range(len(self.entries)) if (s := self.score(i, wanted)) > 0]
         best = max((s for s, _ in scored), default=0.0)
+        ranked = [(s, i, self._index[i].steerable and s >= STEERABLE_WITHIN * best) for s, i in scored]
         # Ties (common for single-token features) go to the more frequent, better-attested feature.
-        scored.sort(key=lambda si: (not (self._index[si[1]].steerable and si[0] >= STEERABLE_WITHIN * best),
-                                    -si[0], -self.entries[si[1]].get("frequency", 0.0), si[1]))
-        return [(self.entries[i], round(s, 4)) for s, i in scored[offset: offset + limit]], len(scored)
+        ranked.sort(key=lambda r: (not r[2], -r[0], -self.entries[r[1]].get("frequency", 0.0), r[1]))
+        return ranked
+
+    def search(self, query: str, limit: int, offset: int = 0) -> tuple[list[tuple[dict, float]], int]:
+        """(entry, score) of the best matches, best first, and how many features match at all."""
+        ranked = self._ranked(query)
+        return [(self.entries[i], round(s, 4)) for s, i, _ in ranked[offset: offset + limit]], len(ranked)
+
+    def steerable_hits(self, query: str, n: int) -> list[dict]:
+        """The first n of the matches search ranks steerable first: those with a recommended strength
+        scoring at least STEERABLE_WITHIN × the best match (one matching by a context word only is no
+        answer to the query)."""
+        return [self.entries[i] for _, i, first in self._ranked(query) if first][:n]

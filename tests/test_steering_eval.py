@@ -75,6 +75,18 @@ def test_search_ranks_a_steerable_match_first_when_it_matches_nearly_as_well():
     assert ranked == [1, 0, 2]
 
 
+def test_steerable_hits_are_judged_against_the_best_match_not_the_first_hit():
+    catalogue = FeatureCatalogue([
+        _entry(0, ["dog"]),  # the best match (4.0), no recommended strength
+        _entry(1, ["dog", "cat"], strength=3.0),  # 2.5: within half the best, ranked first
+        _entry(2, ["dog", "cat", "fish", "cow"], strength=2.0),  # 1.75: within half the first hit only
+    ])
+    wanted = {"dog"}
+    assert [catalogue.score(i, wanted) for i in range(3)] == [4.0, 2.5, 1.75]
+    assert [e["id"] for e, _ in catalogue.search("dogs", 3)[0]] == [1, 0, 2]
+    assert [e["id"] for e in catalogue.steerable_hits("dogs", 3)] == [1]
+
+
 def test_efficacy_tries_good_steerable_matches_then_steerable_aligned_features():
     catalogue = FeatureCatalogue([
         _entry(0, ["dog"]),  # the best match, no recommended strength: not tried

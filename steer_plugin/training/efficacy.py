@@ -34,7 +34,7 @@ import json
 import time
 from pathlib import Path
 
-from steer_plugin.catalogue import STEERABLE_WITHIN, FeatureCatalogue
+from steer_plugin.catalogue import FeatureCatalogue
 from steer_plugin.concepts import ConceptBook
 from steer_plugin.config import default_model_dir
 from steer_plugin.sae import SAE, load_config
@@ -107,15 +107,6 @@ def control_prompts(prompts: tuple[str, ...] | list[str]) -> dict[str, str]:
     return {p: prompts[(i + 1) % len(prompts)] for i, p in enumerate(prompts)}
 
 
-def top_steerable_hits(catalogue: FeatureCatalogue, query: str, n: int) -> list[dict]:
-    """The first n search hits for the query that have a recommended strength, among those matching
-    it nearly as well as the best (the ones search ranks steerable first; a feature matching by one
-    context word is no answer to the query)."""
-    hits, _ = catalogue.search(query, 20)
-    best = hits[0][1] if hits else 0.0
-    return [e for e, score in hits if e.get("recommended_strength") and score >= STEERABLE_WITHIN * best][:n]
-
-
 def _clamped(entry: dict, prompts, sae_id: str = "sae", setting: tuple[float, str] | None = None) -> list[Job]:
     """The prompts, each with the feature clamped at a (strength, token scope): its recommended one
     unless one is given."""
@@ -162,7 +153,7 @@ def _at_bar(row: dict, baseline_ppl: float) -> bool:
 def candidates_for(catalogue: FeatureCatalogue, concept: str, hits: int, aligned: list[int]) -> list[tuple[dict, str]]:
     """(entry, how it was found) for the features tried for a concept: its first `hits` steerable search
     hits, then those of the features best aligned with its direction that have a recommended strength."""
-    found = [(e, "search") for e in top_steerable_hits(catalogue, concept, hits)]
+    found = [(e, "search") for e in catalogue.steerable_hits(concept, hits)]
     seen = {e["id"] for e, _ in found}
     return found + [(catalogue.entries[f], "alignment") for f in aligned
                     if f not in seen and catalogue.entries[f].get("recommended_strength")]
@@ -238,7 +229,7 @@ def compare(bench: Bench, catalogue: FeatureCatalogue, book: ConceptBook, vector
     control = control_prompts(NEUTRAL_PROMPTS)
     tune_base = median([j.perplexity for j in bench.run([Job(p) for p in TUNING_PROMPTS])])
     concepts = list(CONCEPTS.items())
-    hits = {concept: top_steerable_hits(catalogue, concept, 1) for concept, _ in concepts}
+    hits = {concept: catalogue.steerable_hits(concept, 1) for concept, _ in concepts}
     clamps = {c: e for c, _ in concepts if (e := top_concept(book, c)) is not None}
     vectors = {c: {"id": i} for i, c in enumerate(vector_concepts)}
     # The SAE's top hits, concept clamps and prompting on the neutral prompts; the vectors at every
