@@ -19,7 +19,7 @@ import openai
 
 from steer_plugin.server_process import Server
 from steer_plugin.training.concepts import clamps_at
-from steer_plugin.training.steering_eval import DECODING
+from steer_plugin.training.steering_eval import request_sampling
 
 QUESTIONS = ["What is your physical form?", "What did you have for breakfast?", "What is your favourite place?",
              "Tell me about yourself."]
@@ -46,7 +46,7 @@ def main() -> None:
     else:
         entry, clamps, header = _feature(base_url, args.query, args.feature, args.value)
     # The decoding the recommendation was measured with (both replies get it, so only the clamp differs).
-    sampling = entry.get("recommended_sampling") or {"temperature": 0, **DECODING}
+    sampling = entry.get("recommended_sampling") or request_sampling()
     print(header + "\n")
     print("```python\nclient.chat.completions.create(model=\"SmolLM2-135M-Instruct\", "
           + "".join(f"{k}={v:g}, " for k, v in sampling.items()) + f"max_tokens={args.max_tokens},\n"

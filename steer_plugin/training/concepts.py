@@ -202,7 +202,7 @@ def load_directions(path: Path) -> tuple[list[str], torch.Tensor, float]:
     return names, tensors["directions"], float(tensors["median_norm"])
 
 
-def aligned_features(sae: SAE, sae_dir: Path, n: int) -> dict[str, list[int]]:
+def aligned_features(sae_dir: Path, n: int) -> dict[str, list[int]]:
     """Per concept of the SAE's directions file: the n features whose decoder rows point most along its
     direction, best first ({} where the SAE has no directions file). Search finds the features that
     fire on a concept's word; these are the ones whose clamp moves the stream most towards it."""
@@ -210,7 +210,7 @@ def aligned_features(sae: SAE, sae_dir: Path, n: int) -> dict[str, list[int]]:
     if n <= 0 or not path.is_file():
         return {}
     names, directions, _ = load_directions(path)
-    return dict(zip(names, alignment(sae, directions).topk(n, dim=-1).indices.tolist()))
+    return dict(zip(names, alignment(SAE.load(sae_dir), directions).topk(n, dim=-1).indices.tolist()))
 
 
 def default_concepts() -> dict[str, list[str]]:

@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "protocol": {"neutral_prompts": len(NEUTRAL_PROMPTS), "journey_questions": len(JOURNEY_QUESTIONS),
                                "concepts": len(CONCEPTS), "search_hits": args.candidates, "aligned": args.aligned},
                   "efficacy": efficacy(bench, catalogue, args.candidates, book,
-                                       aligned_features(SAE.load(sae_dir), sae_dir, args.aligned)),
+                                       aligned_features(sae_dir, args.aligned)),
                   "journey": journey(bench, catalogue, book)}
         (sae_dir / "efficacy.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
         (sae_dir / "efficacy.md").write_text(efficacy_markdown(report))

@@ -104,6 +104,11 @@ penalises the question's words) made replies less likely than the loops they bro
 (docs/decoding-2026-12-05.md)."""
 
 
+def request_sampling(decoding: dict = DECODING) -> dict:
+    """The request's sampling fields for a decoding (what a recommendation measured with it assumes)."""
+    return {"temperature": 0, **decoding}
+
+
 def describe_decoding(decoding: dict) -> str:
     """How replies were decoded, for reports: "greedy, frequency penalty 0.5"."""
     return ", ".join(["greedy"] + [f"{k.replace('_', ' ')} {v:g}" for k, v in sorted(decoding.items())])
@@ -141,8 +146,8 @@ class Bench:
 
     @property
     def sampling(self) -> dict:
-        """The request fields every reply is decoded with (what a recommendation measured here assumes)."""
-        return {"temperature": 0, **self.decoding}
+        """The request fields every reply is decoded with (request_sampling of its decoding)."""
+        return request_sampling(self.decoding)
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()

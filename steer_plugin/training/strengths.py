@@ -29,7 +29,7 @@ from pathlib import Path
 
 from steer_plugin.catalogue import STOPWORDS, FeatureCatalogue, singular
 from steer_plugin.config import default_model_dir
-from steer_plugin.sae import CATALOGUE_FILENAME, SAE
+from steer_plugin.sae import CATALOGUE_FILENAME
 from steer_plugin.training.steering_eval import Bench, Job, median, summarise
 
 TUNING_PROMPTS = (
@@ -122,8 +122,7 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
     words = {f: feature_words(entries[f], ignore) for f in features}
     for f in features:
         if not words[f]:  # nothing to look for in a reply: not measurable
-            entries[f].update(sweep=None, sweep_words=[], recommended_strength=None, recommended_tokens=None,
-                              recommended_sampling=None)
+            entries[f].update(dict.fromkeys(SWEEP_FIELDS), sweep_words=[])
     measured = [f for f in features if words[f]]
     summaries = swept_cells(bench, {(f, s, t): ([Job(p, ((sae_id, f, s, "max"),), tokens=t) for p in TUNING_PROMPTS],
                                                 words[f]) for f in measured for s in strengths for t in scopes})
@@ -173,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         for key in SWEEP_FIELDS:
             entry.pop(key, None)
     features = swept_features(entries, args.features, list(CONCEPTS) + list(JOURNEY), args.hits)
-    aligned = aligned_features(SAE.load(args.sae), args.sae, args.aligned) if args.aligned else {}
+    aligned = aligned_features(args.sae, args.aligned)
     features = sorted(set(features).union(*aligned.values()))
     bench = Bench(args.model_dir, [{"path": str(args.sae.resolve()), "id": "sae"}],
                   cache=args.sae / ".steering_replies.json", own_process=True, decoding=args.decoding)
