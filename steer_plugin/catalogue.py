@@ -3,6 +3,8 @@
 `feature_catalogue.json` (written by training, one entry per feature: label, max/mean activation,
 frequency, top tokens with counts, top contexts with the token marked «like this») is loaded once.
 A query is matched word by word against, in order of weight:
+    steers        the share of replies mentioning a concept named or described by a    × 3
+                  query word, at the recommended strength (`steers`, strengths.py)
     top tokens    the share of the feature's top-token counts that are a query word    × 3
     steered       the share of the probability its clamp gains that goes to a query word × 2
                   (`steered_tokens`, where the catalogue has them: what steering with it says)
@@ -14,9 +16,11 @@ A query is matched word by word against, in order of weight:
 Words are compared lower-cased with a plural `s`/`es`/`ies` removed, so "dogs" finds "dog"; common
 function words ("the", "of", ...) are dropped from queries that have other words.
 
-Steerable features first: among the matches scoring at least half the best match, those with a
-measured `recommended_strength` (the strength sweep found a fluent strength at which replies show
-the feature) rank above those without, so the top hit is one a user can clamp.
+Steerable features first: the features measured to steer replies towards a concept the query
+names (`steers`) rank first; then, among the matches scoring at least half the best match, those
+with a measured `recommended_strength` (the strength sweep found a fluent strength at which replies
+show the feature); then the rest. So the top hit is one a user can clamp, and where the catalogue
+knows one that makes replies talk about what was searched for, that one.
 """
 
 
@@ -69,6 +73,7 @@ class _Index:
     around_share: dict[str, float]  # stemmed word -> share of contexts containing it
     output_share: dict[str, float]  # stemmed word -> share of the promoted tokens
     steered_share: dict[str, float]  # stemmed word -> share of the probability the clamp gains
+    steers: dict[str, float]  # stemmed word of a concept it steers towards -> share of replies mentioning it
     steerable: bool
 
 
@@ -98,8 +103,12 @@ def _index(entry: dict) -> _Index:
     steered = entry.get("steered_tokens", [])
     gained = sum(t["gain"] for t in steered) or 1.0
     steered_share = _word_shares(steered, lambda t: t["gain"] / gained)
+    steers: dict[str, float] = {}
+    for concept in entry.get("steers") or []:
+        for w in words(" ".join([concept["concept"], *concept["words"]])) - STOPWORDS:
+            steers[w] = max(steers.get(w, 0.0), concept["rate"])
     return _Index(token_share, frozenset(words(entry.get("label", ""))), context_share, around_share, output_share,
-                  steered_share, bool(entry.get("recommended_strength")))
+                  steered_share, steers, bool(entry.get("recommended_strength")))
 
 
 class FeatureCatalogue:
@@ -136,7 +145,10 @@ class FeatureCatalogue:
         around = sum(ix.around_share.get(w, 0.0) for w in wanted)
         promoted = sum(ix.output_share.get(w, 0.0) for w in wanted)
         steered = sum(ix.steered_share.get(w, 0.0) for w in wanted)
-        return 3 * tokens + 2 * steered + promoted + label + contexts + 0.5 * around
+        return 3 * self._steers(feature, wanted) + 3 * tokens + 2 * steered + promoted + label + contexts + 0.5 * around
+
+    def _steers(self, feature: int, wanted: set[str]) -> float:
+        return max((self._index[feature].steers.get(w, 0.0) for w in wanted), default=0.0)
 
     def _ranked(self, query: str) -> list[tuple[float, int, bool]]:
         """(score, feature, ranked steerable first) of every match, in search order."""
@@ -145,10 +157,11 @@ class FeatureCatalogue:
             return []
         scored = [(s, i) for i in range(len(self.entries)) if (s := self.score(i, wanted)) > 0]
         best = max((s for s, _ in scored), default=0.0)
-        ranked = [(s, i, self._index[i].steerable and s >= STEERABLE_WITHIN * best) for s, i in scored]
+        tiers = {i: 0 if self._steers(i, wanted) else 1 if self._index[i].steerable and s >= STEERABLE_WITHIN * best
+                 else 2 for s, i in scored}
         # Ties (common for single-token features) go to the more frequent, better-attested feature.
-        ranked.sort(key=lambda r: (not r[2], -r[0], -self.entries[r[1]].get("frequency", 0.0), r[1]))
-        return ranked
+        ranked = sorted(scored, key=lambda r: (tiers[r[1]], -r[0], -self.entries[r[1]].get("frequency", 0.0), r[1]))
+        return [(s, i, tiers[i] < 2) for s, i in ranked]
 
     def search(self, query: str, limit: int, offset: int = 0) -> tuple[list[tuple[dict, float]], int]:
         """(entry, score) of the best matches, best first, and how many features match at all."""
@@ -156,7 +169,7 @@ class FeatureCatalogue:
         return [(self.entries[i], round(s, 4)) for s, i, _ in ranked[offset: offset + limit]], len(ranked)
 
     def steerable_hits(self, query: str, n: int) -> list[dict]:
-        """The first n of the matches search ranks steerable first: those with a recommended strength
-        scoring at least STEERABLE_WITHIN × the best match (one matching by a context word only is no
-        answer to the query)."""
+        """The first n of the matches search ranks steerable first: those measured to steer towards
+        the query, then those with a recommended strength scoring at least STEERABLE_WITHIN × the best
+        match (one matching by a context word only is no answer to the query)."""
         return [self.entries[i] for _, i, first in self._ranked(query) if first][:n]

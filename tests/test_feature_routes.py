@@ -34,6 +34,7 @@ async def test_search_does_not_block_other_requests(service, monkeypatch):
     started, release = threading.Event(), threading.Event()
     catalogue = service._saes["smollm2-135m-instruct-l15"].catalogue
     search = catalogue.search
+    first = search("God", 1)[0][0][0]["id"]
 
     def slow_search(*args):
         started.set()
@@ -50,14 +51,14 @@ async def test_search_does_not_block_other_requests(service, monkeypatch):
         release.set()
         searched = await pending
     assert other.status_code == 200 and other.json()["id"] == 4137
-    assert searched.status_code == 200 and searched.json()["data"][0]["id"] == 4137
+    assert searched.status_code == 200 and searched.json()["data"][0]["id"] == first
 
 
 async def test_search_and_detail_answer_as_before(service):
     async with _client(service) as client:
         hits = (await client.get("/v1/features", params={"q": "God", "limit": 3})).json()
         missing = await client.get("/v1/features/999999")
-    assert hits["data"][0]["id"] == 4137 and len(hits["data"]) == 3
+    assert 4137 in [h["id"] for h in hits["data"]] and len(hits["data"]) == 3  # the feature labelled "God"
     assert missing.status_code == 404 and f"0..{load_config(DEFAULT_SAE_DIR).d_sae - 1}" in missing.text
     top = hits["data"][0]  # the output side and the score from the catalogue travel with every hit
     assert top["steered_tokens"] and top["output_tokens"] and top["output_score"] is not None
@@ -76,6 +77,17 @@ async def test_a_swept_feature_carries_its_measured_strength(service):
     assert detail["sweep"].keys() == swept["sweep"].keys() and swept["recommended_tokens"] in detail["sweep"]
     cells = detail["sweep"][swept["recommended_tokens"]]
     assert f"{swept['recommended_strength']:g}" in cells and all(0 <= c["concept_rate"] <= 1 for c in cells.values())
+
+
+async def test_a_search_offers_first_the_features_measured_to_steer_towards_it(service):
+    catalogue = service._saes["smollm2-135m-instruct-l15"].catalogue
+    steering = next(e for e in catalogue.entries if e.get("steers"))
+    concept = steering["steers"][0]
+    async with _client(service) as client:
+        top = (await client.get("/v1/features", params={"q": concept["words"][0], "limit": 1})).json()["data"][0]
+        detail = (await client.get(f"/v1/features/{steering['id']}")).json()
+    assert detail["steers"] == steering["steers"] and detail["recommended_strength"] is not None
+    assert any(c["rate"] >= 0.5 and concept["words"][0] in c["words"] for c in top["steers"])
 
 
 async def test_concept_clamps_come_with_a_search_and_on_their_own_route(service):

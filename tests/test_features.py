@@ -26,17 +26,18 @@ def inspect(http, **body) -> dict:
     return r.json()
 
 
-def test_search_ranks_the_labelled_concept_feature_first(http):
+def test_search_ranks_what_steers_there_first_then_the_labelled_feature(http):
     r = http.get("/v1/features", params={"q": "God", "limit": 5})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["data"][0]["id"] == GOD
-    hit = body["data"][0]
+    first = body["data"][0]  # measured to make replies mention god (religion's keywords)
+    assert any("god" in c["words"] and c["rate"] >= 0.5 for c in first["steers"]) and first["recommended_strength"]
+    hit = next(h for h in body["data"] if h["id"] == GOD)
     assert "God" in hit["label"] and hit["max_activation"] > 0 and 0 < hit["frequency"] < 1
     assert hit["top_tokens"] and 1 <= len(hit["examples"]) <= 2 and "«" in hit["examples"][0]["text"]
     assert body["total"] >= len(body["data"])
     # plural and function words do not get in the way
-    assert GOD in [f["id"] for f in http.get("/v1/features", params={"q": "the gods"}).json()["data"][:3]]
+    assert GOD in [f["id"] for f in http.get("/v1/features", params={"q": "the gods"}).json()["data"][:5]]
 
 
 def test_listing_without_query_pages_through_all_features(http):
@@ -158,14 +159,16 @@ def test_concurrent_inspection_and_generation_both_succeed(feature_server, http)
 
 
 def test_from_search_to_steered_reply(http, feature_server):
-    """The README's worked example: find the feature by word, then clamp it."""
-    feature = http.get("/v1/features", params={"q": "god", "limit": 1}).json()["data"][0]["id"]
+    """The README's worked example: find the feature by word, then clamp it as recommended (strength,
+    token scope and the decoding it was measured with)."""
+    hit = http.get("/v1/features", params={"q": "god", "limit": 1}).json()["data"][0]
+    clamp = {"feature": hit["id"], "value": hit["recommended_strength"], "unit": "max", "tokens": hit["recommended_tokens"]}
     client = openai.OpenAI(base_url=f"{feature_server.base_url}/v1", api_key="none")
     replies = {}
-    for clamps in (None, [{"feature": feature, "value": 2, "unit": "max"}]):
+    for clamps in (None, [clamp]):
         r = client.chat.completions.create(
             model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "What is your physical form?"}],
-            temperature=0, max_tokens=40, extra_body={"feature_clamps": clamps} if clamps else None)
+            max_tokens=40, **hit["recommended_sampling"], extra_body={"feature_clamps": clamps} if clamps else None)
         replies[clamps is None] = r.choices[0].message.content.lower()
     assert "god" not in replies[True] and "god" in replies[False]
 

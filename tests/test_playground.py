@@ -80,6 +80,7 @@ def test_search_shows_the_feature_the_api_ranks_first(page, http):
     card.wait_for(state="visible")
     assert f"Feature {first['id']}" in card.inner_text() and card.locator("mark").count() > 0
     assert "Clamping it says" in card.inner_text()  # the measured output side beside the input side
+    assert ("Steers towards" in card.inner_text()) == bool(first["steers"])  # what its clamp was measured to do
 
 
 def test_clamp_send_compare_heatmap_and_copy(page, shots):

@@ -10,9 +10,10 @@ from steer_plugin.concepts import ConceptBook
 from steer_plugin.config import DEFAULT_SAE_DIR
 from steer_plugin.training.efficacy import REPORT_HEADER, candidates_for, control_prompts
 from steer_plugin.training.efficacy_report import comparison_markdown, efficacy_markdown
-from steer_plugin.training.steering_eval import (DECODING, count_mentions, describe_decoding, distinct_trigrams,
+from steer_plugin.training.steering_eval import (DECODING, Judged, count_mentions, describe_decoding, distinct_trigrams,
                                                  mentions, median)
-from steer_plugin.training.strengths import drift_words, feature_words, recommend
+from steer_plugin.training.strengths import (drift_words, feature_words, recommend, refinements, steered_concepts,
+                                             swept_features)
 
 
 def test_mentions_are_whole_words_with_plurals():
@@ -40,6 +41,15 @@ def test_recommended_strength_is_the_most_effective_fluent_one():
     assert recommend({3.0: _cell(1.0, 4.0, trigrams=0.5)}, 2.5) is None  # loops
     assert recommend({3.0: _cell(0.2, 4.0)}, 2.5) is None  # fluent but shows the feature too rarely
     assert recommend({2.0: _cell(0.2, None), 3.0: _cell(0.6, 4.0)}, 2.5) == 3.0  # unjudged: never recommended
+
+
+def test_a_feature_shown_only_where_replies_break_gets_the_strength_halfway_below():
+    grid = (1.25, 1.5, 2.0)
+    cells = {(1.25, "all"): _cell(0.2, None), (1.5, "all"): _cell(0.8, 9.0), (2.0, "all"): _cell(1.0, 20.0),
+             (1.25, "generated"): _cell(0.6, 8.0), (1.5, "generated"): _cell(0.9, 12.0), (2.0, "generated"): _cell(0.1, None)}
+    assert refinements(cells, grid, baseline_ppl=2.5) == [(1.375, "all"), (1.125, "generated")]  # 1× below the grid
+    assert refinements({(1.5, "all"): _cell(0.3, None)}, grid, 2.5) == []  # never shown: nothing to look for
+    assert refinements(cells | {(2.0, "all"): _cell(0.7, 5.0)}, grid, 2.5) == []  # already recommended
 
 
 def test_feature_words_come_from_what_the_clamp_promotes_and_what_the_feature_fires_on():
@@ -85,6 +95,37 @@ def test_steerable_hits_are_judged_against_the_best_match_not_the_first_hit():
     assert [catalogue.score(i, wanted) for i in range(3)] == [4.0, 2.5, 1.75]
     assert [e["id"] for e, _ in catalogue.search("dogs", 3)[0]] == [1, 0, 2]
     assert [e["id"] for e in catalogue.steerable_hits("dogs", 3)] == [1]
+
+
+def test_a_feature_measured_to_steer_towards_the_query_ranks_first():
+    sea = {"concept": "the sea", "words": ["sea", "ocean", "wave"], "rate": 0.75}
+    catalogue = FeatureCatalogue([
+        _entry(0, ["ocean"], strength=1.5, steered=["ocean"]),  # the best word match, steerable
+        _entry(1, ["of", "the", "galaxies"], strength=1.25) | {"steers": [sea]},  # its replies talk of the sea
+        _entry(2, ["tide"], strength=2.0) | {"steers": [sea | {"rate": 0.5}]},
+        _entry(3, ["ocean", "wave"]) | {"steers": None},  # unmeasured
+    ])
+    assert [e["id"] for e, _ in catalogue.search("the ocean", 4)[0]] == [1, 2, 0, 3]  # by the keywords, not only the name
+    assert [e["id"] for e in catalogue.steerable_hits("sea", 4)] == [1, 2]  # 0 matches "ocean" only
+    assert catalogue.search("galaxies", 1)[0][0][0]["id"] == 1 and not catalogue.search("space", 1)[0]
+
+
+def test_the_sweep_takes_the_top_hits_of_each_concept_and_the_first_of_each_of_its_words():
+    entries = [_entry(0, ["dog"]), _entry(1, ["dog", "cat"]), _entry(2, ["dog", "cat", "cow"]),
+               _entry(3, ["puppy"]), _entry(4, ["puppy", "kitten"]), _entry(5, ["bark"], steered=["bark"])]
+    entries[5]["steered_mass"] = 0.9
+    assert swept_features(entries, 0, ["dogs"], hits=2, words=["puppy"]) == [0, 1, 3]
+    assert swept_features(entries, 1, [], words=["puppies", "kitten"]) == [3, 4, 5]  # 5: highest steered mass
+
+
+def test_sweep_records_the_concepts_a_feature_steers_towards():
+    def judged(*texts):
+        return [Judged(t, None, None, 1.0) for t in texts]
+
+    replies = judged("The ocean waves.", "A sea breeze.", "I like dogs.", "Rain again.")
+    unsteered = judged("I like dogs.", "My dog.", "Nothing.", "Tea.")
+    concepts = {"the sea": ["sea", "ocean"], "dogs": ["dog"], "rain": ["rain"]}
+    assert steered_concepts(replies, unsteered, concepts) == [{"concept": "the sea", "words": ["sea", "ocean"], "rate": 0.5}]
 
 
 def test_efficacy_tries_good_steerable_matches_then_steerable_aligned_features():

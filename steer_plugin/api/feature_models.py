@@ -44,6 +44,15 @@ class Context(BaseModel):
     activation: float
 
 
+class SteeredConcept(BaseModel):
+    concept: str
+    words: list[str]
+    """A reply mentions the concept when it contains one of these words (a plural too)."""
+    rate: float
+    """Share of replies to the sweep's prompts mentioning it at the recommended strength (unsteered
+    replies mention it at least 0.5 less often)."""
+
+
 class FeatureSummary(BaseModel):
     id: int
     label: str
@@ -71,6 +80,9 @@ class FeatureSummary(BaseModel):
     recommended_sampling: dict[str, float] | None = None
     """The request's sampling fields the strength was measured with (temperature, frequency_penalty):
     send them with the clamp; other decoding, other strength."""
+    steers: list[SteeredConcept] = []
+    """Concepts its clamp at the recommended strength was measured to make replies mention; a search
+    naming one of them ranks the feature first."""
     examples: list[Context]
     score: float | None = None
     """Search relevance (search results only)."""

@@ -102,7 +102,8 @@ class FeatureService:
     @staticmethod
     def summary(entry: dict, score: float | None = None) -> FeatureSummary:
         measured = {k: entry[k] for k in ("output_tokens", "steered_tokens", "output_score", "steered_mass",
-                                          "recommended_strength", "recommended_tokens", "recommended_sampling")
+                                          "recommended_strength", "recommended_tokens", "recommended_sampling",
+                                          "steers")
                     if entry.get(k) is not None}
         return FeatureSummary(**{k: entry[k] for k in ("id", "label", "max_activation", "frequency")},
                               top_tokens=entry["top_tokens"], **measured, examples=entry["top_contexts"][:2],

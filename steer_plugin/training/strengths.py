@@ -3,7 +3,8 @@
     python -m steer_plugin.training.strengths --sae sae_weights/NAME [--features 10]
 
 Swept: the `--features` features with the highest `steered_mass` (see output_score.py), the top
-`--hits` search hits of the concepts in efficacy.py (what users look for), and the `--aligned`
+`--hits` search hits of the concepts in efficacy.py (what users look for) and the top hit of each of
+their keywords ("god" for religion, "puppy" for dogs), and the `--aligned`
 features best aligned with each concept's direction (concepts.aligned_features). Each is clamped (`set`, unit max)
 at every strength of `--strengths` and on every token scope of `SCOPES`, on the tuning prompts below, which the efficacy and comparison
 runs never use. A reply shows the feature when it contains one of the feature's words: the words
@@ -13,11 +14,15 @@ words, words the unsteered replies to the same prompts contain, and clamp drift 
 The recommended setting is, among the strengths and scopes whose replies stay fluent (median
 perplexity under the unsteered model at most 3× that of unsteered replies, and at least 80 % distinct
 word trigrams), the one at which most replies show the feature (the more fluent of equals); none
-where nothing is fluent or nothing shows it in at least half the replies. Written into the catalogue
+where nothing is fluent or nothing shows it in at least half the replies. A feature the grid leaves
+without one, though some strength shows it, gets one more strength halfway below the lowest such
+strength (`refinements`): the window between showing and breaking is often under a grid step. Written into the catalogue
 per feature: `recommended_strength`, `recommended_tokens`, `recommended_sampling` (the request's
 decoding fields the replies were measured with, steering_eval.DECODING) and `sweep` (per scope and strength: rate,
 median perplexity, distinct trigrams; the perplexity is judged only where at least half the replies
-show the feature, null elsewhere).
+show the feature, null elsewhere), and `steers`: the concepts of efficacy.py (and its everyday
+searches) that the replies at the recommended setting mention at least MIN_RATE more often than
+unsteered replies, with their keywords and rate; a search for such a concept offers the feature first.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 from steer_plugin.catalogue import STOPWORDS, FeatureCatalogue, singular
 from steer_plugin.config import default_model_dir
 from steer_plugin.sae import CATALOGUE_FILENAME
-from steer_plugin.training.steering_eval import Bench, Job, median, summarise
+from steer_plugin.training.steering_eval import Bench, Job, median, mentions, summarise
 
 TUNING_PROMPTS = (
     "What are you up to today?", "Write two sentences about anything you like.", "What is on your mind?",
@@ -57,7 +62,7 @@ DRIFT_SHARE = 0.01
 own ("something", "probably", "exploring", "music": whatever a clamp pushes the 135M model towards)."""
 
 
-SWEEP_FIELDS = ("sweep", "sweep_words", "recommended_strength", "recommended_tokens", "recommended_sampling")
+SWEEP_FIELDS = ("sweep", "sweep_words", "recommended_strength", "recommended_tokens", "recommended_sampling", "steers")
 """What a sweep writes into a catalogue entry."""
 
 
@@ -103,18 +108,50 @@ def recommend(cells: dict, baseline_ppl: float):
     return key if cell["concept_rate"] >= MIN_RATE else None
 
 
-def swept_features(entries: list[dict], top: int, queries: list[str], hits: int = 1) -> list[int]:
+def refinements(cells: dict, strengths: tuple[float, ...], baseline_ppl: float) -> list[tuple[float, str]]:
+    """Where a feature earns no recommendation but shows in enough replies at a strength that is not
+    fluent: per scope, the strength halfway between the lowest such strength and the grid strength
+    below it (1× max below the grid). A feature that steers at all shows its concept and loses fluency
+    within a quarter step, so the grid alone misses a window that half a step finds."""
+    if recommend(cells, baseline_ppl) is not None:
+        return []
+    keys = []
+    for scope in sorted({t for _, t in cells}):
+        shown = sorted(s for (s, t), c in cells.items() if t == scope and c["concept_rate"] >= MIN_RATE)
+        if shown:
+            below = [s for s in strengths if s < shown[0]]
+            keys.append(((below[-1] if below else 1.0) / 2 + shown[0] / 2, scope))
+    return keys
+
+
+def steered_concepts(replies: list, unsteered: list, concepts: dict[str, list[str]]) -> list[dict]:
+    """The concepts (name -> keywords) whose keywords the replies mention in at least MIN_RATE more of
+    them than the unsteered replies to the same prompts, most mentioned first: what a search for the
+    concept should offer first (catalogue.py)."""
+    def rate(judged: list, keywords: list[str]) -> float:
+        return sum(mentions(j.text, keywords) for j in judged) / len(judged)
+
+    steered = [{"concept": name, "words": keywords, "rate": rate(replies, keywords)} for name, keywords in concepts.items()
+               if rate(replies, keywords) - rate(unsteered, keywords) >= MIN_RATE]
+    return sorted(steered, key=lambda c: -c["rate"])
+
+
+def swept_features(entries: list[dict], top: int, queries: list[str], hits: int = 1, words: list[str] = ()) -> list[int]:
+    """The `top` features of highest steered_mass, the first `hits` search hits of each query and the
+    first hit of each of `words` (what else a user may type for the same concept)."""
     ranked = sorted((e for e in entries if e.get("steered_tokens")), key=lambda e: -e.get("steered_mass", 0.0))
     chosen = [e["id"] for e in ranked[:top]]
     catalogue = FeatureCatalogue(entries)
-    for query in queries:
-        chosen += [e["id"] for e, _ in catalogue.search(query, hits)[0]]
+    for query, n in [(q, hits) for q in queries] + [(w, 1) for w in words]:
+        chosen += [e["id"] for e, _ in catalogue.search(query, n)[0]]
     return sorted(set(chosen))
 
 
 def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
-          strengths: tuple[float, ...] = STRENGTHS, scopes: tuple[str, ...] = SCOPES) -> dict:
-    """Runs the sweep and writes `recommended_strength`, `recommended_tokens` and `sweep` into the
+          strengths: tuple[float, ...] = STRENGTHS, scopes: tuple[str, ...] = SCOPES,
+          concepts: dict[str, list[str]] | None = None) -> dict:
+    """Runs the sweep and writes `recommended_strength`, `recommended_tokens`, `sweep` and, for the
+    `concepts` (name -> keywords) the replies at the recommended setting turn to, `steers` into the
     entries. Perplexity is judged only in cells where enough replies show the feature to be recommended."""
     baseline = bench.run([Job(p) for p in TUNING_PROMPTS])
     baseline_ppl = median([j.perplexity for j in baseline])
@@ -124,19 +161,31 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
         if not words[f]:  # nothing to look for in a reply: not measurable
             entries[f].update(dict.fromkeys(SWEEP_FIELDS), sweep_words=[])
     measured = [f for f in features if words[f]]
-    summaries = swept_cells(bench, {(f, s, t): ([Job(p, ((sae_id, f, s, "max"),), tokens=t) for p in TUNING_PROMPTS],
-                                                words[f]) for f in measured for s in strengths for t in scopes})
+    grid = swept_cells(bench, {(f, s, t): _cell_jobs(sae_id, f, s, t, words[f])
+                               for f in measured for s in strengths for t in scopes})
+    cells = {f: {(s, t): grid[f, s, t] for s in strengths for t in scopes} for f in measured}
+    refined = swept_cells(bench, {(f, s, t): _cell_jobs(sae_id, f, s, t, words[f]) for f in measured
+                                  for s, t in refinements(cells[f], strengths, baseline_ppl)})
+    for (f, s, t), summary in refined.items():
+        cells[f][s, t] = summary
     for feature in measured:
-        summary = {(s, t): summaries[feature, s, t] for s in strengths for t in scopes}
+        summary = cells[feature]
         entries[feature]["sweep"] = {t: {f"{s:g}": {k: v if v is None else round(v, 3)
-                                                    for k, v in summary[s, t].items() if k not in ("example", "answers")}
-                                         for s in strengths} for t in scopes}
+                                                    for k, v in summary[s, tt].items() if k not in ("example", "answers")}
+                                         for s, tt in sorted(summary) if tt == t} for t in scopes}
         entries[feature]["sweep_words"] = words[feature]
         strength, tokens = recommend(summary, baseline_ppl) or (None, None)
+        replies = [] if strength is None else bench.run(_cell_jobs(sae_id, feature, strength, tokens, [])[0], fluency=False)
         entries[feature].update(recommended_strength=strength, recommended_tokens=tokens,
-                                recommended_sampling=None if strength is None else bench.sampling)
+                                recommended_sampling=None if strength is None else bench.sampling,
+                                steers=steered_concepts(replies, baseline, concepts or {}) if replies else [])
     return {"baseline_median_ppl": baseline_ppl, "features": len(features),
-            "recommended": sum(entries[f]["recommended_strength"] is not None for f in features)}
+            "recommended": sum(entries[f]["recommended_strength"] is not None for f in features),
+            "steering_a_concept": sum(bool(entries[f]["steers"]) for f in features)}
+
+
+def _cell_jobs(sae_id: str, feature: int, strength: float, tokens: str, words: list[str]) -> tuple[list[Job], list[str]]:
+    return [Job(p, ((sae_id, feature, strength, "max"),), tokens=tokens) for p in TUNING_PROMPTS], words
 
 
 def swept_cells(bench: Bench, cells: dict) -> dict:
@@ -171,14 +220,15 @@ def main(argv: list[str] | None = None) -> dict:
     for entry in entries:  # a fresh sweep: search must rank the candidates by match, not by an earlier sweep
         for key in SWEEP_FIELDS:
             entry.pop(key, None)
-    features = swept_features(entries, args.features, list(CONCEPTS) + list(JOURNEY), args.hits)
+    keywords = sorted({w for words in [*CONCEPTS.values(), *JOURNEY.values()] for w in words})
+    features = swept_features(entries, args.features, list(CONCEPTS) + list(JOURNEY), args.hits, keywords)
     aligned = aligned_features(args.sae, args.aligned)
     features = sorted(set(features).union(*aligned.values()))
     bench = Bench(args.model_dir, [{"path": str(args.sae.resolve()), "id": "sae"}],
                   cache=args.sae / ".steering_replies.json", own_process=True, decoding=args.decoding)
     try:
         report = sweep(bench, "sae", entries, features, tuple(float(s) for s in args.strengths.split(",")),
-                       tuple(args.scopes.split(",")))
+                       tuple(args.scopes.split(",")), CONCEPTS | JOURNEY)
     finally:
         bench.close()
     path.write_text(json.dumps(entries, ensure_ascii=False, indent=0))

@@ -136,6 +136,10 @@ async function openCard(id) {
     const scope = entry.recommended_tokens && entry.recommended_tokens !== "all" ? `, ${entry.recommended_tokens} tokens` : "";
     facts.append(el("dt", {}, "Recommended strength"), el("dd", {}, `${entry.recommended_strength} × max${scope}`));
   }
+  if (entry.steers && entry.steers.length) {
+    const steers = entry.steers.map((c) => `${c.concept} (${Math.round(100 * c.rate)} % of replies)`).join(", ");
+    facts.append(el("dt", {}, "Steers towards"), el("dd", {}, steers));
+  }
   card.replaceChildren(el("h3", {id: "card-title"}, `Feature ${entry.id}: ${entry.label}`), facts,
     el("h4", {}, "Where it fires"), ...entry.top_contexts.map((c) => context(c.text)),
     el("button", {type: "button", onclick: () => addClamp(entry.id)}, "Add as clamp"));
