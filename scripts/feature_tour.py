@@ -35,7 +35,8 @@ def main() -> None:
     p.add_argument("--query", default="God")
     p.add_argument("--text", default="Every evening she prayed to God, and she believed that God listened to her.")
     p.add_argument("--question", default="What is your physical form?")
-    p.add_argument("--value", type=float, default=3.0, help="multiples of the feature's max activation")
+    p.add_argument("--value", type=float, default=None,
+                   help="multiples of the feature's max activation (default: the hit's recommended strength, else 3)")
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--start", action="store_true", help="start server.py for the tour")
     args = p.parse_args()
@@ -46,11 +47,14 @@ def main() -> None:
         for f in found["data"]:
             f["top_tokens"], f["examples"] = f["top_tokens"][:3], f["examples"][:1]
         show("1. Search the catalogue", f"GET /v1/features?q={args.query}&limit=3", found)
-        feature = found["data"][0]["id"]
-
-        chat = {"model": "SmolLM2-135M-Instruct", "temperature": 0, "max_tokens": 40,
+        hit = found["data"][0]
+        # The recommended strength holds with its token scope and the decoding it was measured with.
+        value = args.value or hit.get("recommended_strength") or 3.0
+        sampling = hit.get("recommended_sampling") or {"temperature": 0}
+        chat = {"model": "SmolLM2-135M-Instruct", **sampling, "max_tokens": 40,
                 "messages": [{"role": "user", "content": args.question}]}
-        steered = {**chat, "feature_clamps": [{"feature": feature, "value": args.value, "unit": "max"}]}
+        steered = {**chat, "feature_clamps": [{"feature": hit["id"], "value": value, "unit": "max",
+                                               "tokens": hit.get("recommended_tokens") or "all"}]}
         for title, body in (("2. Unsteered", chat), ("2. Steered with the feature found", steered)):
             reply = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
             show(title, f"POST /v1/chat/completions {json.dumps(body)}", {"content": reply})

@@ -50,6 +50,8 @@ def test_a_feature_shown_only_where_replies_break_gets_the_strength_halfway_belo
     assert refinements(cells, grid, baseline_ppl=2.5) == [(1.375, "all"), (1.125, "generated")]  # 1× below the grid
     assert refinements({(1.5, "all"): _cell(0.3, None)}, grid, 2.5) == []  # never shown: nothing to look for
     assert refinements(cells | {(2.0, "all"): _cell(0.7, 5.0)}, grid, 2.5) == []  # already recommended
+    only_all = {k: c for k, c in cells.items() if k[1] == "all"}  # a sweep of --scopes all: the rest of the grid too
+    assert refinements(only_all, grid, 2.5) == [(1.375, "all"), (1.25, "generated"), (1.5, "generated"), (2.0, "generated")]
 
 
 def test_feature_words_come_from_what_the_clamp_promotes_and_what_the_feature_fires_on():

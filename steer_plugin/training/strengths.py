@@ -16,7 +16,9 @@ perplexity under the unsteered model at most 3× that of unsteered replies, and 
 word trigrams), the one at which most replies show the feature (the more fluent of equals); none
 where nothing is fluent or nothing shows it in at least half the replies. A feature the grid leaves
 without one, though some strength shows it, gets one more strength halfway below the lowest such
-strength (`refinements`): the window between showing and breaking is often under a grid step. Written into the catalogue
+strength, and the grid on the token scopes `--scopes` left out (`refinements`): the window between
+showing and breaking is often under a grid step, and clamping only generated positions keeps replies
+more fluent. Written into the catalogue
 per feature: `recommended_strength`, `recommended_tokens`, `recommended_sampling` (the request's
 decoding fields the replies were measured with, steering_eval.DECODING) and `sweep` (per scope and strength: rate,
 median perplexity, distinct trigrams; the perplexity is judged only where at least half the replies
@@ -108,20 +110,24 @@ def recommend(cells: dict, baseline_ppl: float):
     return key if cell["concept_rate"] >= MIN_RATE else None
 
 
-def refinements(cells: dict, strengths: tuple[float, ...], baseline_ppl: float) -> list[tuple[float, str]]:
+def refinements(cells: dict, strengths: tuple[float, ...], baseline_ppl: float,
+                scopes: tuple[str, ...] = SCOPES) -> list[tuple[float, str]]:
     """Where a feature earns no recommendation but shows in enough replies at a strength that is not
-    fluent: per scope, the strength halfway between the lowest such strength and the grid strength
-    below it (1× max below the grid). A feature that steers at all shows its concept and loses fluency
-    within a quarter step, so the grid alone misses a window that half a step finds."""
+    fluent: per scope swept, the strength halfway between the lowest such strength and the grid
+    strength below it (1× max below the grid), and the whole grid on the `scopes` not swept. A feature
+    that steers at all shows its concept and loses fluency within a quarter step, so the grid alone
+    misses a window that half a step finds; clamping only the generated positions keeps replies more
+    fluent at every strength."""
     if recommend(cells, baseline_ppl) is not None:
         return []
     keys = []
-    for scope in sorted({t for _, t in cells}):
+    swept = sorted({t for _, t in cells})
+    for scope in swept:
         shown = sorted(s for (s, t), c in cells.items() if t == scope and c["concept_rate"] >= MIN_RATE)
         if shown:
             below = [s for s in strengths if s < shown[0]]
             keys.append(((below[-1] if below else 1.0) / 2 + shown[0] / 2, scope))
-    return keys
+    return keys + [(s, t) for t in scopes if t not in swept for s in strengths] if keys else []
 
 
 def steered_concepts(replies: list, unsteered: list, concepts: dict[str, list[str]]) -> list[dict]:
@@ -172,7 +178,8 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
         summary = cells[feature]
         entries[feature]["sweep"] = {t: {f"{s:g}": {k: v if v is None else round(v, 3)
                                                     for k, v in summary[s, tt].items() if k not in ("example", "answers")}
-                                         for s, tt in sorted(summary) if tt == t} for t in scopes}
+                                         for s, tt in sorted(summary) if tt == t}
+                                     for t in SCOPES if t in {tt for _, tt in summary}}
         entries[feature]["sweep_words"] = words[feature]
         strength, tokens = recommend(summary, baseline_ppl) or (None, None)
         replies = [] if strength is None else bench.run(_cell_jobs(sae_id, feature, strength, tokens, [])[0], fluency=False)
