@@ -160,17 +160,28 @@ def test_concurrent_inspection_and_generation_both_succeed(feature_server, http)
 
 def test_from_search_to_steered_reply(http, feature_server):
     """The README's worked example: find the feature by word, then clamp it as recommended (strength,
-    token scope and the decoding it was measured with)."""
+    token scope and the decoding it was measured with): through the server, replies to the strength
+    sweep's prompts turn to the concept its `steers` promises, as the sweep measured."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from steer_plugin.training.steering_eval import REPLY_TOKENS, mentions
+    from steer_plugin.training.strengths import MIN_RATE, TUNING_PROMPTS
+
     hit = http.get("/v1/features", params={"q": "god", "limit": 1}).json()["data"][0]
+    concept = hit["steers"][0]
     clamp = {"feature": hit["id"], "value": hit["recommended_strength"], "unit": "max", "tokens": hit["recommended_tokens"]}
     client = openai.OpenAI(base_url=f"{feature_server.base_url}/v1", api_key="none")
-    replies = {}
-    for clamps in (None, [clamp]):
-        r = client.chat.completions.create(
-            model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "What is your physical form?"}],
-            max_tokens=40, **hit["recommended_sampling"], extra_body={"feature_clamps": clamps} if clamps else None)
-        replies[clamps is None] = r.choices[0].message.content.lower()
-    assert "god" not in replies[True] and "god" in replies[False]
+
+    def reply(args):
+        prompt, clamps = args
+        return client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": prompt}], max_tokens=REPLY_TOKENS,
+            **hit["recommended_sampling"], extra_body={"feature_clamps": clamps} if clamps else None).choices[0].message.content
+
+    with ThreadPoolExecutor(len(TUNING_PROMPTS)) as pool:  # concurrent, as the engine batches them
+        rates = [sum(mentions(r, concept["words"]) for r in pool.map(reply, [(p, clamps) for p in TUNING_PROMPTS]))
+                 / len(TUNING_PROMPTS) for clamps in (None, [clamp])]
+    assert rates[1] - rates[0] >= MIN_RATE, (concept, rates)
 
 
 def test_from_search_to_a_concept_clamp(http, feature_server):
