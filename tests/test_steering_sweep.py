@@ -34,7 +34,8 @@ def bench(tmp_path_factory):
 def test_sweep_writes_a_measured_strength_per_feature(bench):
     entries = json.loads((DEFAULT_SAE_DIR / "feature_catalogue.json").read_text())
     feature = FeatureCatalogue(entries).search("trees", 1)[0][0][0]["id"]  # a concept feature
-    report = strengths.sweep(bench, "sae", entries, [feature], strengths=(1.5, 30.0))
+    trees = {"trees": ["tree", "forest", "wood"]}
+    report = strengths.sweep(bench, "sae", entries, [feature], strengths=(1.5, 30.0), concepts=trees)
     swept = entries[feature]["sweep"]
     assert set(swept) == {"all", "generated"} and report["features"] == 1
     for cells in swept.values():
@@ -46,6 +47,9 @@ def test_sweep_writes_a_measured_strength_per_feature(bench):
                                                       else ("all", "generated"))
     assert entries[feature]["recommended_sampling"] == (None if entries[feature]["recommended_strength"] is None
                                                         else {"temperature": 0, "frequency_penalty": 0.5})
+    # the concept its clamp turns replies to, measured at the recommended setting (none without one)
+    assert all(c["concept"] == "trees" and c["rate"] >= strengths.MIN_RATE for c in entries[feature]["steers"])
+    assert entries[feature]["steers"] == [] or entries[feature]["recommended_strength"] == 1.5
     wrecked = bench.run([Job(p, (("sae", feature, 30.0, "max"),)) for p in strengths.TUNING_PROMPTS])
     fine = bench.run([Job(p, (("sae", feature, 1.5, "max"),)) for p in strengths.TUNING_PROMPTS])
     assert median([j.perplexity for j in wrecked]) > median([j.perplexity for j in fine])

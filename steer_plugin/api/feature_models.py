@@ -30,7 +30,8 @@ class TokenGain(BaseModel):
 
 class SweepCell(BaseModel):
     concept_rate: float
-    """Share of replies containing one of the feature's words."""
+    """Share of replies containing one of the feature's words or, where more, the share by which
+    replies mentioning a concept (see `steers`) exceed unsteered ones."""
     median_ppl: float | None
     """Median perplexity of the replies under the unsteered model; None: not judged (fewer than half
     the replies showed the feature, so this strength could not be recommended anyway)."""

@@ -9,7 +9,10 @@ features best aligned with each concept's direction (concepts.aligned_features).
 at every strength of `--strengths` and on every token scope of `SCOPES`, on the tuning prompts below, which the efficacy and comparison
 runs never use. A reply shows the feature when it contains one of the feature's words: the words
 its clamp promotes (`steered_tokens`) and the words it fires on (`top_tokens`), less function
-words, words the unsteered replies to the same prompts contain, and clamp drift (`drift_words`).
+words, words the unsteered replies to the same prompts contain, and clamp drift (`drift_words`). A
+cell's rate is the share of replies that do or, where more, the share by which replies mentioning
+one of the concepts of efficacy.py (and its everyday searches) exceed unsteered replies: a feature
+whose clamp turns replies to a concept is recommended where it does so, whatever its own words.
 
 The recommended setting is, among the strengths and scopes whose replies stay fluent (median
 perplexity under the unsteered model at most 3× that of unsteered replies, and at least 80 % distinct
@@ -130,15 +133,16 @@ def refinements(cells: dict, strengths: tuple[float, ...], baseline_ppl: float,
     return keys + [(s, t) for t in scopes if t not in swept for s in strengths] if keys else []
 
 
+def _share(judged: list, keywords: list[str]) -> float:
+    return sum(mentions(j.text, keywords) for j in judged) / len(judged)
+
+
 def steered_concepts(replies: list, unsteered: list, concepts: dict[str, list[str]]) -> list[dict]:
     """The concepts (name -> keywords) whose keywords the replies mention in at least MIN_RATE more of
     them than the unsteered replies to the same prompts, most mentioned first: what a search for the
     concept should offer first (catalogue.py)."""
-    def rate(judged: list, keywords: list[str]) -> float:
-        return sum(mentions(j.text, keywords) for j in judged) / len(judged)
-
-    steered = [{"concept": name, "words": keywords, "rate": rate(replies, keywords)} for name, keywords in concepts.items()
-               if rate(replies, keywords) - rate(unsteered, keywords) >= MIN_RATE]
+    steered = [{"concept": name, "words": keywords, "rate": _share(replies, keywords)} for name, keywords in concepts.items()
+               if _share(replies, keywords) - _share(unsteered, keywords) >= MIN_RATE]
     return sorted(steered, key=lambda c: -c["rate"])
 
 
@@ -158,7 +162,11 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
           concepts: dict[str, list[str]] | None = None) -> dict:
     """Runs the sweep and writes `recommended_strength`, `recommended_tokens`, `sweep` and, for the
     `concepts` (name -> keywords) the replies at the recommended setting turn to, `steers` into the
-    entries. Perplexity is judged only in cells where enough replies show the feature to be recommended."""
+    entries. A cell shows the feature by its own words or, where more, by the concept its replies turn
+    to most (share mentioning it less that of unsteered replies), so a feature that steers a concept
+    is recommended where it does so, whatever its own words. Perplexity is judged only in cells where
+    enough replies show the feature to be recommended."""
+    concepts = concepts or {}
     baseline = bench.run([Job(p) for p in TUNING_PROMPTS])
     baseline_ppl = median([j.perplexity for j in baseline])
     ignore = set().union(*(_words(j.text) for j in baseline)) | drift_words(entries)
@@ -167,11 +175,16 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
         if not words[f]:  # nothing to look for in a reply: not measurable
             entries[f].update(dict.fromkeys(SWEEP_FIELDS), sweep_words=[])
     measured = [f for f in features if words[f]]
+    unsteered = {name: _share(baseline, keywords) for name, keywords in concepts.items()}
+
+    def shown(key: tuple, replies: list) -> float:
+        return max([_share(replies, words[key[0]])] + [_share(replies, kw) - unsteered[c] for c, kw in concepts.items()])
+
     grid = swept_cells(bench, {(f, s, t): _cell_jobs(sae_id, f, s, t, words[f])
-                               for f in measured for s in strengths for t in scopes})
+                               for f in measured for s in strengths for t in scopes}, shown)
     cells = {f: {(s, t): grid[f, s, t] for s in strengths for t in scopes} for f in measured}
     refined = swept_cells(bench, {(f, s, t): _cell_jobs(sae_id, f, s, t, words[f]) for f in measured
-                                  for s, t in refinements(cells[f], strengths, baseline_ppl)})
+                                  for s, t in refinements(cells[f], strengths, baseline_ppl)}, shown)
     for (f, s, t), summary in refined.items():
         cells[f][s, t] = summary
     for feature in measured:
@@ -185,7 +198,7 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
         replies = [] if strength is None else bench.run(_cell_jobs(sae_id, feature, strength, tokens, [])[0], fluency=False)
         entries[feature].update(recommended_strength=strength, recommended_tokens=tokens,
                                 recommended_sampling=None if strength is None else bench.sampling,
-                                steers=steered_concepts(replies, baseline, concepts or {}) if replies else [])
+                                steers=steered_concepts(replies, baseline, concepts) if replies else [])
     return {"baseline_median_ppl": baseline_ppl, "features": len(features),
             "recommended": sum(entries[f]["recommended_strength"] is not None for f in features),
             "steering_a_concept": sum(bool(entries[f]["steers"]) for f in features)}
@@ -195,15 +208,20 @@ def _cell_jobs(sae_id: str, feature: int, strength: float, tokens: str, words: l
     return [Job(p, ((sae_id, feature, strength, "max"),), tokens=tokens) for p in TUNING_PROMPTS], words
 
 
-def swept_cells(bench: Bench, cells: dict) -> dict:
+def swept_cells(bench: Bench, cells: dict, rate=None) -> dict:
     """key -> summary of each cell (key -> (jobs, the words its replies are checked for)), all answered
     in one engine batch; perplexity is judged only in cells where at least MIN_RATE of the replies show
-    their words (no other cell can be recommended), the scorer's passes costing more than the replies."""
+    their words (no other cell can be recommended), the scorer's passes costing more than the replies.
+    rate(key, replies): the cell's `concept_rate` instead of the share of replies with its words."""
+    def summary_of(key, replies: list) -> dict:
+        cell = summarise(replies, cells[key][1])
+        return cell if rate is None else cell | {"concept_rate": rate(key, replies)}
+
     replies = iter(bench.run([j for jobs, _ in cells.values() for j in jobs], fluency=False))
-    summary = {key: summarise([next(replies) for _ in jobs], words) for key, (jobs, words) in cells.items()}
+    summary = {key: summary_of(key, [next(replies) for _ in jobs]) for key, (jobs, _) in cells.items()}
     shown = [key for key, s in summary.items() if s["concept_rate"] >= MIN_RATE]
     judged = iter(bench.run([j for key in shown for j in cells[key][0]]))
-    return summary | {key: summarise([next(judged) for _ in cells[key][0]], cells[key][1]) for key in shown}
+    return summary | {key: summary_of(key, [next(judged) for _ in cells[key][0]]) for key in shown}
 
 
 def main(argv: list[str] | None = None) -> dict:
