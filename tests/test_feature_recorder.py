@@ -77,8 +77,8 @@ def test_recording_requests_are_validated(raw, where):
 def test_catalogue_search_on_the_shipped_sae():
     catalogue = FeatureCatalogue.load(DEFAULT_SAE_DIR)
     assert len(catalogue) == load_config(DEFAULT_SAE_DIR).d_sae
-    hits, total = catalogue.search("God", limit=3)
-    assert 4137 in [e["id"] for e, _ in hits] and total >= 3  # labelled "God"; features that steer there rank first
+    hits, total = catalogue.search("God", limit=10)
+    assert 4137 in [e["id"] for e, _ in hits] and total >= 10  # labelled "God"; features that steer there rank first
     assert catalogue.search("make it talk about trees", 1)[0][0][0]["id"] == catalogue.search("tree", 1)[0][0][0]["id"]
     assert catalogue.search("", 5) == ([], 0)
     assert [e["id"] for e, _ in catalogue.search("sea", 10, offset=2)[0]] == \

@@ -56,9 +56,9 @@ async def test_search_does_not_block_other_requests(service, monkeypatch):
 
 async def test_search_and_detail_answer_as_before(service):
     async with _client(service) as client:
-        hits = (await client.get("/v1/features", params={"q": "God", "limit": 3})).json()
+        hits = (await client.get("/v1/features", params={"q": "God", "limit": 10})).json()
         missing = await client.get("/v1/features/999999")
-    assert 4137 in [h["id"] for h in hits["data"]] and len(hits["data"]) == 3  # the feature labelled "God"
+    assert 4137 in [h["id"] for h in hits["data"]] and len(hits["data"]) == 10  # the feature labelled "God"
     assert missing.status_code == 404 and f"0..{load_config(DEFAULT_SAE_DIR).d_sae - 1}" in missing.text
     top = hits["data"][0]  # the output side and the score from the catalogue travel with every hit
     assert top["steered_tokens"] and top["output_tokens"] and top["output_score"] is not None
