@@ -11,7 +11,7 @@ from steer_plugin.config import DEFAULT_SAE_DIR
 from steer_plugin.training.efficacy import REPORT_HEADER, candidates_for, control_prompts
 from steer_plugin.training.efficacy_report import comparison_markdown, efficacy_markdown
 from steer_plugin.training.steering_eval import (DECODING, Judged, count_mentions, describe_decoding, distinct_trigrams,
-                                                 mentions, median)
+                                                 mention_rate, mentions, median)
 from steer_plugin.training.strengths import (drift_words, feature_words, recommend, refinements, steered_concepts,
                                              swept_features)
 
@@ -127,7 +127,8 @@ def test_sweep_records_the_concepts_a_feature_steers_towards():
     replies = judged("The ocean waves.", "A sea breeze.", "I like dogs.", "Rain again.")
     unsteered = judged("I like dogs.", "My dog.", "Nothing.", "Tea.")
     concepts = {"the sea": ["sea", "ocean"], "dogs": ["dog"], "rain": ["rain"]}
-    assert steered_concepts(replies, unsteered, concepts) == [{"concept": "the sea", "words": ["sea", "ocean"], "rate": 0.5}]
+    unsteered_rates = {name: mention_rate(unsteered, keywords) for name, keywords in concepts.items()}
+    assert steered_concepts(replies, unsteered_rates, concepts) == [{"concept": "the sea", "words": ["sea", "ocean"], "rate": 0.5}]
 
 
 def test_efficacy_tries_good_steerable_matches_then_steerable_aligned_features():

@@ -41,7 +41,7 @@ from steer_plugin.sae import SAE, load_config
 from steer_plugin.training.concepts import DIRECTIONS_FILENAME, aligned_features, concept_jobs, load_directions
 from steer_plugin.training.diff_means import DOSES, alignment, write_vector_sae
 from steer_plugin.training.efficacy_report import comparison_markdown, efficacy_markdown
-from steer_plugin.training.steering_eval import Bench, Job, median, summarise
+from steer_plugin.training.steering_eval import Bench, Job, median, mention_rate, summarise
 from steer_plugin.training.strengths import SCOPES, TUNING_PROMPTS, recommend, swept_cells
 
 NEUTRAL_PROMPTS = (
@@ -171,7 +171,7 @@ def efficacy(bench: Bench, catalogue: FeatureCatalogue, candidates: int, book: C
     clamps = {c: e for c in CONCEPTS if (e := top_concept(book, c)) is not None}
     cells = iter(_summaries(bench, [(_clamped(entry, NEUTRAL_PROMPTS), keywords) for _, keywords, entry, _ in chosen]
                             + [(_concept_clamped(e, NEUTRAL_PROMPTS), CONCEPTS[c]) for c, e in clamps.items()], control))
-    base_rate = {concept: summarise(baseline, keywords)["concept_rate"] for concept, keywords in CONCEPTS.items()}
+    base_rate = {concept: mention_rate(baseline, keywords) for concept, keywords in CONCEPTS.items()}
     rows = [{"concept": concept, "feature": entry["id"], "label": entry["label"], "found_by": how,
              "strength_x_max": entry["recommended_strength"], "tokens": entry.get("recommended_tokens") or "all",
              "baseline_mention_rate": base_rate[concept], **next(cells)} for concept, _, entry, how in chosen]
@@ -204,7 +204,7 @@ def journey(bench: Bench, catalogue: FeatureCatalogue, book: ConceptBook) -> dic
                             + [(_concept_clamped(e, JOURNEY_QUESTIONS), JOURNEY[q]) for q, e in clamps.items()],
                             control))
     feature_cells = {q: next(cells) for q in steerable}
-    base_rate = {query: summarise(baseline, keywords)["concept_rate"] for query, keywords in JOURNEY.items()}
+    base_rate = {query: mention_rate(baseline, keywords) for query, keywords in JOURNEY.items()}
     rows = []
     for query in JOURNEY:
         top = tops[query]

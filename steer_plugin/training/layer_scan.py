@@ -33,7 +33,7 @@ from steer_plugin.config import default_model_dir
 from steer_plugin.training.chat_corpus import CHATS_DIR, CHATS_FILE
 from steer_plugin.training.diff_means import chat_vector_saes
 from steer_plugin.training.efficacy import CONCEPTS
-from steer_plugin.training.steering_eval import Bench, Job, describe_decoding, median, summarise
+from steer_plugin.training.steering_eval import Bench, Job, describe_decoding, median, mention_rate
 from steer_plugin.training.strengths import MAX_PPL_RATIO, MIN_TRIGRAMS, TUNING_PROMPTS, fluent, swept_cells
 
 BAR = 0.6
@@ -59,7 +59,7 @@ def scan(model_dir: str, chats: Path, out: Path, layers: list[int], doses: list[
             for (c, L, a), s in summaries.items()]
     report = {"layers": layers, "doses": doses, "concepts": list(concepts), **read, "decoding": bench.decoding,
               "baseline_median_ppl": baseline_ppl,
-              "baseline_rate": {c: summarise(baseline, k)["concept_rate"] for c, k in concepts.items()},
+              "baseline_rate": {c: mention_rate(baseline, k) for c, k in concepts.items()},
               "rows": rows, "seconds": round(time.time() - started)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1))

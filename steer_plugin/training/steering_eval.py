@@ -44,6 +44,11 @@ def mentions(text: str, keywords: list[str]) -> bool:
     return count_mentions(text, keywords) > 0
 
 
+def mention_rate(judged: list, keywords: list[str]) -> float:
+    """Share of the replies naming one of the keywords (a cell's concept rate)."""
+    return sum(mentions(j.text, keywords) for j in judged) / len(judged)
+
+
 def distinct_trigrams(text: str) -> float:
     words = _WORDS.findall(text.lower())
     grams = list(zip(words, words[1:], words[2:]))
@@ -232,7 +237,7 @@ def summarise(judged: list[Judged], keywords: list[str]) -> dict:
     """Concept rate, fluency and on-question figures of a cell of replies (None where not judged)."""
     ppl = [j.perplexity for j in judged]
     pmi = [j.pmi for j in judged]
-    return {"concept_rate": sum(mentions(j.text, keywords) for j in judged) / len(judged),
+    return {"concept_rate": mention_rate(judged, keywords),
             "median_ppl": None if None in ppl else median(ppl),
             "distinct_trigrams": sum(j.trigrams for j in judged) / len(judged),
             "answers": None if None in pmi else sum(p > 0 for p in pmi) / len(judged),

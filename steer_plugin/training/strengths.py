@@ -40,7 +40,7 @@ from pathlib import Path
 from steer_plugin.catalogue import STOPWORDS, FeatureCatalogue, singular
 from steer_plugin.config import default_model_dir
 from steer_plugin.sae import CATALOGUE_FILENAME
-from steer_plugin.training.steering_eval import Bench, Job, median, mentions, summarise
+from steer_plugin.training.steering_eval import Bench, Job, median, mention_rate, summarise
 
 TUNING_PROMPTS = (
     "What are you up to today?", "Write two sentences about anything you like.", "What is on your mind?",
@@ -133,16 +133,13 @@ def refinements(cells: dict, strengths: tuple[float, ...], baseline_ppl: float,
     return keys + [(s, t) for t in scopes if t not in swept for s in strengths] if keys else []
 
 
-def _share(judged: list, keywords: list[str]) -> float:
-    return sum(mentions(j.text, keywords) for j in judged) / len(judged)
-
-
-def steered_concepts(replies: list, unsteered: list, concepts: dict[str, list[str]]) -> list[dict]:
+def steered_concepts(replies: list, unsteered: dict[str, float], concepts: dict[str, list[str]]) -> list[dict]:
     """The concepts (name -> keywords) whose keywords the replies mention in at least MIN_RATE more of
-    them than the unsteered replies to the same prompts, most mentioned first: what a search for the
-    concept should offer first (catalogue.py)."""
-    steered = [{"concept": name, "words": keywords, "rate": _share(replies, keywords)} for name, keywords in concepts.items()
-               if _share(replies, keywords) - _share(unsteered, keywords) >= MIN_RATE]
+    them than unsteered replies to the same prompts do (`unsteered`: name -> that rate), most mentioned
+    first: what a search for the concept should offer first (catalogue.py)."""
+    rates = {name: mention_rate(replies, keywords) for name, keywords in concepts.items()}
+    steered = [{"concept": name, "words": keywords, "rate": rates[name]} for name, keywords in concepts.items()
+               if rates[name] - unsteered[name] >= MIN_RATE]
     return sorted(steered, key=lambda c: -c["rate"])
 
 
@@ -175,10 +172,11 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
         if not words[f]:  # nothing to look for in a reply: not measurable
             entries[f].update(dict.fromkeys(SWEEP_FIELDS), sweep_words=[])
     measured = [f for f in features if words[f]]
-    unsteered = {name: _share(baseline, keywords) for name, keywords in concepts.items()}
+    unsteered = {name: mention_rate(baseline, keywords) for name, keywords in concepts.items()}
 
     def shown(key: tuple, replies: list) -> float:
-        return max([_share(replies, words[key[0]])] + [_share(replies, kw) - unsteered[c] for c, kw in concepts.items()])
+        return max([mention_rate(replies, words[key[0]])] + [mention_rate(replies, kw) - unsteered[c]
+                                                             for c, kw in concepts.items()])
 
     grid = swept_cells(bench, {(f, s, t): _cell_jobs(sae_id, f, s, t, words[f])
                                for f in measured for s in strengths for t in scopes}, shown)
@@ -198,7 +196,7 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
         replies = [] if strength is None else bench.run(_cell_jobs(sae_id, feature, strength, tokens, [])[0], fluency=False)
         entries[feature].update(recommended_strength=strength, recommended_tokens=tokens,
                                 recommended_sampling=None if strength is None else bench.sampling,
-                                steers=steered_concepts(replies, baseline, concepts) if replies else [])
+                                steers=steered_concepts(replies, unsteered, concepts) if replies else [])
     return {"baseline_median_ppl": baseline_ppl, "features": len(features),
             "recommended": sum(entries[f]["recommended_strength"] is not None for f in features),
             "steering_a_concept": sum(bool(entries[f]["steers"]) for f in features)}
