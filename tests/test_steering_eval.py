@@ -12,8 +12,8 @@ from steer_plugin.training.efficacy import REPORT_HEADER, candidates_for, contro
 from steer_plugin.training.efficacy_report import comparison_markdown, efficacy_markdown
 from steer_plugin.training.steering_eval import (DECODING, Judged, count_mentions, describe_decoding, distinct_trigrams,
                                                  mention_rate, mentions, median)
-from steer_plugin.training.strengths import (drift_words, feature_words, recommend, refinements, steered_concepts,
-                                             swept_features)
+from steer_plugin.training.strengths import (drift_words, feature_words, recommend, refinements, screen_choice,
+                                             steered_concepts, swept_features)
 
 
 def test_mentions_are_whole_words_with_plurals():
@@ -129,6 +129,22 @@ def test_sweep_records_the_concepts_a_feature_steers_towards():
     concepts = {"the sea": ["sea", "ocean"], "dogs": ["dog"], "rain": ["rain"]}
     unsteered_rates = {name: mention_rate(unsteered, keywords) for name, keywords in concepts.items()}
     assert steered_concepts(replies, unsteered_rates, concepts) == [{"concept": "the sea", "words": ["sea", "ocean"], "rate": 0.5}]
+
+
+def test_the_screen_chooses_the_features_whose_replies_turn_to_a_concept_most():
+    def judged(*texts):
+        return [Judged(t, None, None, 1.0) for t in texts]
+
+    unsteered = judged("A walk in the park.", "I like my dog.")
+    replies = [judged("The sea.", "Waves."),  # 0: the sea in one reply
+               judged("The sea, the sea.", "The ocean."),  # 1: in both, three times
+               judged("The sea.", "An ocean."),  # 2: in both, twice
+               judged("My dog.", "A dog."),  # 3: dogs, but unsteered replies name them too (in one)
+               judged("Nothing.", "Nothing.")]
+    concepts = {"the sea": ["sea", "ocean"], "dogs": ["dog"]}
+    assert screen_choice(replies, unsteered, concepts, 2) == [1, 2, 3]
+    assert screen_choice(replies, unsteered, {"dogs": ["dog"]}, 2) == [3]  # 2 of 2 beats 1 of 2; no one else above it
+    assert screen_choice(replies, unsteered, {"the sea": ["sea", "ocean"]}, 3) == [0, 1, 2]
 
 
 def test_efficacy_tries_good_steerable_matches_then_steerable_aligned_features():

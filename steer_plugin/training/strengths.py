@@ -4,8 +4,10 @@
 
 Swept: the `--features` features with the highest `steered_mass` (see output_score.py), the top
 `--hits` search hits of the concepts in efficacy.py (what users look for) and the top hit of each of
-their keywords ("god" for religion, "puppy" for dogs), and the `--aligned`
-features best aligned with each concept's direction (concepts.aligned_features). Each is clamped (`set`, unit max)
+their keywords ("god" for religion, "puppy" for dogs), the `--aligned`
+features best aligned with each concept's direction (concepts.aligned_features), and with
+`--screen N` the N features per concept whose clamp turns short replies to it in a screen of every
+feature (`screened_features`). Each is clamped (`set`, unit max)
 at every strength of `--strengths` and on every token scope of `SCOPES`, on the tuning prompts below, which the efficacy and comparison
 runs never use. A reply shows the feature when it contains one of the feature's words: the words
 its clamp promotes (`steered_tokens`) and the words it fires on (`top_tokens`), less function
@@ -40,7 +42,7 @@ from pathlib import Path
 from steer_plugin.catalogue import STOPWORDS, FeatureCatalogue, singular
 from steer_plugin.config import default_model_dir
 from steer_plugin.sae import CATALOGUE_FILENAME
-from steer_plugin.training.steering_eval import Bench, Job, median, mention_rate, summarise
+from steer_plugin.training.steering_eval import Bench, Job, count_mentions, median, mention_rate, summarise
 
 TUNING_PROMPTS = (
     "What are you up to today?", "Write two sentences about anything you like.", "What is on your mind?",
@@ -65,6 +67,17 @@ MIN_RATE = 0.5
 DRIFT_SHARE = 0.01
 """A word among the steered tokens of at least this share of features is clamp drift, not a feature's
 own ("something", "probably", "exploring", "music": whatever a clamp pushes the 135M model towards)."""
+
+
+SCREEN_PROMPTS = ("Write two sentences about anything you like.",)
+"""The most open of the tuning prompts: what a reply turns to there is what the clamp brings. One
+prompt: a reply of every feature of the default SAE takes 30 min on 2 cores."""
+SCREEN_STRENGTH = 2.0
+"""The screen's clamp (× max, `set`, all positions): the top of the window where the features that
+steer turn replies to their concept (often past fluency: the sweep finds the fluent strength)."""
+SCREEN_TOKENS = 32
+SCREEN_CHUNK = 2048
+"""Screen replies per engine batch: each batch lands in the reply cache, so a stopped screen resumes."""
 
 
 SWEEP_FIELDS = ("sweep", "sweep_words", "recommended_strength", "recommended_tokens", "recommended_sampling", "steers")
@@ -154,6 +167,32 @@ def swept_features(entries: list[dict], top: int, queries: list[str], hits: int 
     return sorted(set(chosen))
 
 
+def screened_features(bench: Bench, sae_id: str, d_sae: int, concepts: dict[str, list[str]], per_concept: int) -> list[int]:
+    """Every feature of the SAE clamped at SCREEN_STRENGTH on SCREEN_PROMPTS (SCREEN_TOKENS-token
+    replies), ranked by `screen_choice`. Search finds a feature by its words and the output score by
+    one token's push; but labels of features that steer are often function words ("of / to / being"
+    steers to religion), and only replies show what a clamp does to them."""
+    unsteered = bench.run([Job(p, max_tokens=SCREEN_TOKENS) for p in SCREEN_PROMPTS], fluency=False)
+    jobs = [Job(p, ((sae_id, f, SCREEN_STRENGTH, "max"),), max_tokens=SCREEN_TOKENS)
+            for f in range(d_sae) for p in SCREEN_PROMPTS]
+    replies = [r for at in range(0, len(jobs), SCREEN_CHUNK) for r in bench.run(jobs[at:at + SCREEN_CHUNK], fluency=False)]
+    per = len(SCREEN_PROMPTS)
+    return screen_choice([replies[f * per:(f + 1) * per] for f in range(d_sae)], unsteered, concepts, per_concept)
+
+
+def screen_choice(replies: list[list], unsteered: list, concepts: dict[str, list[str]], per_concept: int) -> list[int]:
+    """replies[f]: feature f's replies to the prompts `unsteered` answers. Per concept (name ->
+    keywords), up to `per_concept` features whose replies mention it in more of them than the
+    unsteered replies do: those mentioning it in more replies, then more often, first."""
+    chosen = set()
+    for name, keywords in concepts.items():
+        base = mention_rate(unsteered, keywords)
+        ranked = sorted(((mention_rate(r, keywords), sum(count_mentions(j.text, keywords) for j in r), -f)
+                         for f, r in enumerate(replies)), reverse=True)
+        chosen.update(-f for rate, _, f in ranked[:per_concept] if rate > base)
+    return sorted(chosen)
+
+
 def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
           strengths: tuple[float, ...] = STRENGTHS, scopes: tuple[str, ...] = SCOPES,
           concepts: dict[str, list[str]] | None = None) -> dict:
@@ -235,6 +274,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--hits", type=int, default=1, help="top search hits swept per concept and journey query")
     p.add_argument("--aligned", type=int, default=0,
                    help="also the N features best aligned with each concept's direction (concept_directions.safetensors)")
+    p.add_argument("--screen", type=int, default=0,
+                   help="also screen every feature (one short reply to an open prompt at 2x max) and "
+                        "sweep the N whose replies turn to each concept most")
     p.add_argument("--decoding", type=json.loads, default=None,
                    help='sampling fields besides greedy, as JSON (default: steering_eval.DECODING; "{}": plain greedy)')
     args = p.parse_args(argv)
@@ -250,6 +292,9 @@ def main(argv: list[str] | None = None) -> dict:
     bench = Bench(args.model_dir, [{"path": str(args.sae.resolve()), "id": "sae"}],
                   cache=args.sae / ".steering_replies.json", own_process=True, decoding=args.decoding)
     try:
+        if args.screen:
+            features = sorted(set(features).union(
+                screened_features(bench, "sae", len(entries), CONCEPTS | JOURNEY, args.screen)))
         report = sweep(bench, "sae", entries, features, tuple(float(s) for s in args.strengths.split(",")),
                        tuple(args.scopes.split(",")), CONCEPTS | JOURNEY)
     finally:
