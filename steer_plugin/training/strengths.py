@@ -207,10 +207,11 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
     baseline_ppl = median([j.perplexity for j in baseline])
     ignore = set().union(*(_words(j.text) for j in baseline)) | drift_words(entries)
     words = {f: feature_words(entries[f], ignore) for f in features}
-    for f in features:
-        if not words[f]:  # nothing to look for in a reply: not measurable
-            entries[f].update(dict.fromkeys(SWEEP_FIELDS), sweep_words=[])
-    measured = [f for f in features if words[f]]
+    # A feature with no words of its own (function-word labels) shows only by the concept its replies
+    # turn to: without concepts there is nothing to look for in its replies.
+    measured = [f for f in features if words[f] or concepts]
+    for f in set(features) - set(measured):
+        entries[f].update(dict.fromkeys(SWEEP_FIELDS), sweep_words=[])
     unsteered = {name: mention_rate(baseline, keywords) for name, keywords in concepts.items()}
 
     def shown(key: tuple, replies: list) -> float:
