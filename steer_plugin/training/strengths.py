@@ -71,7 +71,7 @@ own ("something", "probably", "exploring", "music": whatever a clamp pushes the 
 
 SCREEN_PROMPTS = ("Write two sentences about anything you like.",)
 """The most open of the tuning prompts: what a reply turns to there is what the clamp brings. One
-prompt: a reply of every feature of the default SAE takes 30 min on 2 cores."""
+prompt: a reply of every feature of the default SAE takes about 30 min on 2 cores."""
 SCREEN_STRENGTH = 2.0
 """The screen's clamp (× max, `set`, all positions): the top of the window where the features that
 steer turn replies to their concept (often past fluency: the sweep finds the fluent strength)."""
@@ -187,9 +187,9 @@ def screen_choice(replies: list[list], unsteered: list, concepts: dict[str, list
     chosen = set()
     for name, keywords in concepts.items():
         base = mention_rate(unsteered, keywords)
-        ranked = sorted(((mention_rate(r, keywords), sum(count_mentions(j.text, keywords) for j in r), -f)
-                         for f, r in enumerate(replies)), reverse=True)
-        chosen.update(-f for rate, _, f in ranked[:per_concept] if rate > base)
+        score = [(mention_rate(r, keywords), sum(count_mentions(j.text, keywords) for j in r)) for r in replies]
+        ranked = sorted(range(len(replies)), key=score.__getitem__, reverse=True)  # stable: ties by id
+        chosen.update(f for f in ranked[:per_concept] if score[f][0] > base)
     return sorted(chosen)
 
 
