@@ -12,8 +12,8 @@ from steer_plugin.training.efficacy import REPORT_HEADER, candidates_for, contro
 from steer_plugin.training.efficacy_report import comparison_markdown, efficacy_markdown
 from steer_plugin.training.steering_eval import (DECODING, Judged, count_mentions, describe_decoding, distinct_trigrams,
                                                  mention_rate, mentions, median)
-from steer_plugin.training.strengths import (drift_words, feature_words, recommend, refinements, screen_choice,
-                                             steered_concepts, swept_features)
+from steer_plugin.training.strengths import (SWEEP_FIELDS, drift_words, feature_words, recommend, refinements,
+                                             screen_choice, steered_concepts, swept_features, unswept, without_sweeps)
 
 
 def test_mentions_are_whole_words_with_plurals():
@@ -145,6 +145,17 @@ def test_the_screen_chooses_the_features_whose_replies_turn_to_a_concept_most():
     assert screen_choice(replies, unsteered, concepts, 2) == [1, 2, 3]
     assert screen_choice(replies, unsteered, {"dogs": ["dog"]}, 2) == [3]  # 2 of 2 beats 1 of 2; no one else above it
     assert screen_choice(replies, unsteered, {"the sea": ["sea", "ocean"]}, 3) == [0, 1, 2]
+
+
+def test_a_kept_sweep_is_not_redone_and_candidates_are_chosen_as_by_a_fresh_sweep():
+    entries = json.loads((DEFAULT_SAE_DIR / "feature_catalogue.json").read_text())
+    swept = next(e["id"] for e in entries if e.get("sweep"))
+    never = next(e["id"] for e in entries if "sweep" not in e)
+    assert unswept(entries, [swept, never]) == [never]
+    fresh = without_sweeps(entries)
+    assert unswept(fresh, [swept, never]) == [swept, never]
+    assert not any(k in e for e in fresh for k in SWEEP_FIELDS) and entries[swept].get("sweep")  # a copy
+    assert fresh[swept]["label"] == entries[swept]["label"]
 
 
 def test_efficacy_tries_good_steerable_matches_then_steerable_aligned_features():

@@ -47,9 +47,12 @@ from steer_plugin.training.strengths import SCOPES, TUNING_PROMPTS, recommend, s
 NEUTRAL_PROMPTS = (
     "Tell me about your weekend.", "What is your favourite book?", "What should I do this evening?",
     "Tell me a short story.", "Describe your ideal holiday.", "What is something interesting you learned recently?",
-    "Give me some advice for tomorrow.", "What makes you happy?", "What would you cook for a friend?",
+    "Give me some advice for tomorrow.", "What makes you happy?", "How would you cheer up a friend?",
     "What is your favourite season and why?",
 )
+"""Questions about nothing in CONCEPTS. "What would you cook for a friend?" stood in the place of the
+ninth until 2026-12-05: its unsteered replies mention food, which left food above the 10 % baseline
+bar whatever a clamp did."""
 CONCEPTS = {  # concept (the search query) -> keywords, singular: a plural "s"/"es" is matched too
     "dogs": ["dog", "puppy", "puppies", "canine"],
     "cats": ["cat", "kitten", "feline", "kitty"],

@@ -9,7 +9,7 @@ features best aligned with each concept's direction (concepts.aligned_features),
 `--screen N` the N features per concept whose clamp turns short replies to it in a screen of every
 feature (`screened_features`). Each is clamped (`set`, unit max)
 at every strength of `--strengths` and on every token scope of `SCOPES`, on the tuning prompts below, which the efficacy and comparison
-runs never use. A reply shows the feature when it contains one of the feature's words: the words
+runs never use. `--keep` keeps the sweeps the catalogue holds and sweeps only the new candidates. A reply shows the feature when it contains one of the feature's words: the words
 its clamp promotes (`steered_tokens`) and the words it fires on (`top_tokens`), less function
 words, words the unsteered replies to the same prompts contain, and clamp drift (`drift_words`). A
 cell's rate is the share of replies that do or, where more, the share by which replies mentioning
@@ -242,6 +242,17 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
             "steering_a_concept": sum(bool(entries[f]["steers"]) for f in features)}
 
 
+def without_sweeps(entries: list[dict]) -> list[dict]:
+    """The catalogue as before any sweep (copies)."""
+    return [{k: v for k, v in entry.items() if k not in SWEEP_FIELDS} for entry in entries]
+
+
+def unswept(entries: list[dict], features: list[int]) -> list[int]:
+    """Those of `features` whose entry holds no measured sweep (never swept, or skipped for want of
+    words to look for)."""
+    return [f for f in features if entries[f].get("sweep") is None]
+
+
 def _cell_jobs(sae_id: str, feature: int, strength: float, tokens: str, words: list[str]) -> tuple[list[Job], list[str]]:
     return [Job(p, ((sae_id, feature, strength, "max"),), tokens=tokens) for p in TUNING_PROMPTS], words
 
@@ -280,14 +291,18 @@ def main(argv: list[str] | None = None) -> dict:
                         "sweep the N whose replies turn to each concept most")
     p.add_argument("--decoding", type=json.loads, default=None,
                    help='sampling fields besides greedy, as JSON (default: steering_eval.DECODING; "{}": plain greedy)')
+    p.add_argument("--keep", action="store_true",
+                   help="keep the sweeps the catalogue holds (run with the same prompts, strengths and decoding) "
+                        "and sweep only the candidates without one: widening a sweep without redoing it")
     args = p.parse_args(argv)
     path = args.sae / CATALOGUE_FILENAME
     entries = json.loads(path.read_text())
-    for entry in entries:  # a fresh sweep: search must rank the candidates by match, not by an earlier sweep
-        for key in SWEEP_FIELDS:
-            entry.pop(key, None)
+    # Candidates are chosen as by a fresh sweep: search must rank them by match, not by an earlier sweep.
+    fresh = without_sweeps(entries)
+    if not args.keep:
+        entries = fresh
     keywords = sorted({w for words in [*CONCEPTS.values(), *JOURNEY.values()] for w in words})
-    features = swept_features(entries, args.features, list(CONCEPTS) + list(JOURNEY), args.hits, keywords)
+    features = swept_features(fresh, args.features, list(CONCEPTS) + list(JOURNEY), args.hits, keywords)
     aligned = aligned_features(args.sae, args.aligned)
     features = sorted(set(features).union(*aligned.values()))
     bench = Bench(args.model_dir, [{"path": str(args.sae.resolve()), "id": "sae"}],
@@ -296,11 +311,15 @@ def main(argv: list[str] | None = None) -> dict:
         if args.screen:
             features = sorted(set(features).union(
                 screened_features(bench, "sae", len(entries), CONCEPTS | JOURNEY, args.screen)))
-        report = sweep(bench, "sae", entries, features, tuple(float(s) for s in args.strengths.split(",")),
+        todo = unswept(entries, features)
+        report = sweep(bench, "sae", entries, todo, tuple(float(s) for s in args.strengths.split(",")),
                        tuple(args.scopes.split(",")), CONCEPTS | JOURNEY)
     finally:
         bench.close()
     path.write_text(json.dumps(entries, ensure_ascii=False, indent=0))
+    report |= {"features": len(features), "swept_now": len(todo),
+               "recommended": sum(entries[f]["recommended_strength"] is not None for f in features),
+               "steering_a_concept": sum(bool(entries[f]["steers"]) for f in features)}
     print(json.dumps(report))
     return report
 
