@@ -9,9 +9,9 @@ features best aligned with each concept's direction (concepts.aligned_features),
 `--screen N` the N features per concept whose clamp turns short replies to it in a screen of every
 feature (`screened_features`). Each is clamped (`set`, unit max)
 at every strength of `--strengths` and on every token scope of `SCOPES`, on the tuning prompts below, which the efficacy and comparison
-runs never use. `--keep` keeps the sweeps the catalogue holds and sweeps only the new candidates. A reply shows the feature when it contains one of the feature's words: the words
-its clamp promotes (`steered_tokens`) and the words it fires on (`top_tokens`), less function
-words, words the unsteered replies to the same prompts contain, and clamp drift (`drift_words`). A
+runs never use. `--keep` keeps the sweeps the catalogue holds and sweeps only the new candidates.
+A reply shows the feature when it contains one of the feature's words: the words its clamp promotes
+(`steered_tokens`) and the words it fires on (`top_tokens`), less function words, words the unsteered replies to the same prompts contain, and clamp drift (`drift_words`). A
 cell's rate is the share of replies that do or, where more, the share by which replies mentioning
 one of the concepts of efficacy.py (and its everyday searches) exceed unsteered replies: a feature
 whose clamp turns replies to a concept is recommended where it does so, whatever its own words.
@@ -237,7 +237,12 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
         entries[feature].update(recommended_strength=strength, recommended_tokens=tokens,
                                 recommended_sampling=None if strength is None else bench.sampling,
                                 steers=steered_concepts(replies, unsteered, concepts) if replies else [])
-    return {"baseline_median_ppl": baseline_ppl, "features": len(features),
+    return {"baseline_median_ppl": baseline_ppl, **sweep_counts(entries, features)}
+
+
+def sweep_counts(entries: list[dict], features: list[int]) -> dict:
+    """How many of the swept `features` got a recommended strength, and how many steer a concept."""
+    return {"features": len(features),
             "recommended": sum(entries[f]["recommended_strength"] is not None for f in features),
             "steering_a_concept": sum(bool(entries[f]["steers"]) for f in features)}
 
@@ -317,9 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         bench.close()
     path.write_text(json.dumps(entries, ensure_ascii=False, indent=0))
-    report |= {"features": len(features), "swept_now": len(todo),
-               "recommended": sum(entries[f]["recommended_strength"] is not None for f in features),
-               "steering_a_concept": sum(bool(entries[f]["steers"]) for f in features)}
+    report |= sweep_counts(entries, features) | {"swept_now": len(todo)}
     print(json.dumps(report))
     return report
 
