@@ -13,7 +13,7 @@ from steer_plugin.training.efficacy_report import comparison_markdown, efficacy_
 from steer_plugin.training.steering_eval import (DECODING, Judged, count_mentions, describe_decoding, distinct_trigrams,
                                                  mention_rate, mentions, median)
 from steer_plugin.training.strengths import (SWEEP_FIELDS, drift_words, feature_words, recommend, refinements,
-                                             screen_choice, steered_concepts, swept_features, unswept, without_sweeps)
+                                             screen_choice, steered_concepts, stored_cells, swept_features, without_sweeps)
 
 
 def test_mentions_are_whole_words_with_plurals():
@@ -44,7 +44,7 @@ def test_recommended_strength_is_the_most_effective_fluent_one():
 
 
 def test_a_feature_shown_only_where_replies_break_gets_the_strength_halfway_below():
-    grid = (1.25, 1.5, 2.0)
+    grid = {"all": (1.25, 1.5, 2.0), "generated": (1.25, 1.5, 2.0), "prompt": (2.0, 4.0)}
     cells = {(1.25, "all"): _cell(0.2, None), (1.5, "all"): _cell(0.8, 9.0), (2.0, "all"): _cell(1.0, 20.0),
              (1.25, "generated"): _cell(0.6, 8.0), (1.5, "generated"): _cell(0.9, 12.0), (2.0, "generated"): _cell(0.1, None)}
     assert refinements(cells, grid, baseline_ppl=2.5) == [(1.375, "all"), (1.125, "generated")]  # 1× below the grid
@@ -52,6 +52,9 @@ def test_a_feature_shown_only_where_replies_break_gets_the_strength_halfway_belo
     assert refinements(cells | {(2.0, "all"): _cell(0.7, 5.0)}, grid, 2.5) == []  # already recommended
     only_all = {k: c for k, c in cells.items() if k[1] == "all"}  # a sweep of --scopes all: the rest of the grid too
     assert refinements(only_all, grid, 2.5) == [(1.375, "all"), (1.25, "generated"), (1.5, "generated"), (2.0, "generated")]
+    assert refinements(cells | {(1.375, "all"): _cell(0.3, None)}, grid, 2.5) == [(1.125, "generated")]  # run already
+    prompted = cells | {(2.0, "prompt"): _cell(0.1, None), (4.0, "prompt"): _cell(0.75, 8.0)}
+    assert refinements(prompted, grid, 2.5) == [(1.375, "all"), (1.125, "generated"), (3.0, "prompt")]  # its own grid
 
 
 def test_feature_words_come_from_what_the_clamp_promotes_and_what_the_feature_fires_on():
@@ -147,15 +150,17 @@ def test_the_screen_chooses_the_features_whose_replies_turn_to_a_concept_most():
     assert screen_choice(replies, unsteered, {"the sea": ["sea", "ocean"]}, 3) == [0, 1, 2]
 
 
-def test_a_kept_sweep_is_not_redone_and_candidates_are_chosen_as_by_a_fresh_sweep():
+def test_a_kept_sweep_is_read_back_as_cells_and_candidates_are_chosen_as_by_a_fresh_sweep():
     entries = json.loads((DEFAULT_SAE_DIR / "feature_catalogue.json").read_text())
-    swept = next(e["id"] for e in entries if e.get("sweep"))
-    never = next(e["id"] for e in entries if "sweep" not in e)
-    assert unswept(entries, [swept, never]) == [never]
+    swept = next(e for e in entries if e.get("sweep") and e["recommended_strength"] is not None)
+    cells = stored_cells(swept)
+    assert all(isinstance(s, float) and t in swept["sweep"] for s, t in cells)
+    assert recommend(cells, max(1.0, swept["sweep"][swept["recommended_tokens"]][f"{swept['recommended_strength']:g}"]["median_ppl"] / 3)) \
+        == (swept["recommended_strength"], swept["recommended_tokens"])
+    assert stored_cells({"sweep": None}) == {} == stored_cells({})
     fresh = without_sweeps(entries)
-    assert unswept(fresh, [swept, never]) == [swept, never]
-    assert not any(k in e for e in fresh for k in SWEEP_FIELDS) and entries[swept].get("sweep")  # a copy
-    assert fresh[swept]["label"] == entries[swept]["label"]
+    assert not any(k in e for e in fresh for k in SWEEP_FIELDS) and entries[swept["id"]].get("sweep")  # a copy
+    assert fresh[swept["id"]]["label"] == swept["label"]
 
 
 def test_efficacy_tries_good_steerable_matches_then_steerable_aligned_features():

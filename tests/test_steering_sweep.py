@@ -54,6 +54,17 @@ def test_sweep_writes_a_measured_strength_per_feature(bench):
     fine = bench.run([Job(p, (("sae", feature, 1.5, "max"),)) for p in strengths.TUNING_PROMPTS])
     assert median([j.perplexity for j in wrecked]) > median([j.perplexity for j in fine])
 
+    # A second pass adds the prompt scope and keeps what the first measured: its cells are read back
+    # from the entry, not run again, and the recommendation is made over both.
+    kept = json.loads(json.dumps(swept))
+    strengths.sweep(bench, "sae", entries, [feature], strengths=(1.5, 30.0), scopes=(), concepts=trees,
+                    prompt_strengths=(3.0,))
+    after = entries[feature]["sweep"]
+    assert {t: after[t] for t in kept} == kept and set(after) == {"all", "generated", "prompt"}
+    assert "3" in after["prompt"] and set(after["prompt"]) <= {"3", "2"}  # and any halfway refinement below
+    setting = (entries[feature]["recommended_strength"], entries[feature]["recommended_tokens"])
+    assert setting == (None, None) or f"{setting[0]:g}" in after[setting[1]]
+
 
 def test_replies_are_judged_and_a_vector_clamp_changes_them(bench):
     prompts = ["What is your favourite book?", "How was your day?"]

@@ -76,8 +76,8 @@ class FeatureSummary(BaseModel):
     recommended_strength: float | None = None
     """Clamp value (× max, mode set) the strength sweep found most effective while fluent; None: not
     measured, or no strength both fluent and effective."""
-    recommended_tokens: Literal["all", "generated"] | None = None
-    """The clamp's `tokens` scope at that strength (the sweep tries both)."""
+    recommended_tokens: Literal["all", "generated", "prompt"] | None = None
+    """The clamp's `tokens` scope at that strength (every position, the generated ones, or the prompt's)."""
     recommended_sampling: dict[str, float] | None = None
     """The request's sampling fields the strength was measured with (temperature, frequency_penalty):
     send them with the clamp; other decoding, other strength."""
@@ -125,7 +125,7 @@ class ConceptClamp(BaseModel):
     recommended_dose: float | None
     """Length of what the clamps add, × the layer's median stream norm, that made the most tuning replies
     name the concept while fluent; None: no dose did both."""
-    recommended_tokens: Literal["all", "generated"] | None
+    recommended_tokens: Literal["all", "generated", "prompt"] | None
     recommended_sampling: dict[str, float] | None = None
     """The request's sampling fields the dose was measured with: send them with the clamps."""
     feature_clamps: list[FeatureClamp] | None

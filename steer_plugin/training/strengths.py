@@ -8,8 +8,10 @@ their keywords ("god" for religion, "puppy" for dogs), the `--aligned`
 features best aligned with each concept's direction (concepts.aligned_features), and with
 `--screen N` the N features per concept whose clamp turns short replies to it in a screen of every
 feature (`screened_features`). Each is clamped (`set`, unit max)
-at every strength of `--strengths` and on every token scope of `SCOPES`, on the tuning prompts below, which the efficacy and comparison
-runs never use. `--keep` keeps the sweeps the catalogue holds and sweeps only the new candidates.
+at every strength of `--strengths` and on every token scope of `--scopes`, on the tuning prompts below, which the efficacy and comparison
+runs never use; with `--prompt-hits N` the first N search hits of each concept and the top hit of
+each keyword also at PROMPT_STRENGTHS on the prompt scope. `--keep` keeps the cells the catalogue
+holds and runs only the missing ones.
 A reply shows the feature when it contains one of the feature's words: the words its clamp promotes
 (`steered_tokens`) and the words it fires on (`top_tokens`), less function words, words the unsteered replies to the same prompts contain, and clamp drift (`drift_words`). A
 cell's rate is the share of replies that do or, where more, the share by which replies mentioning
@@ -58,9 +60,17 @@ their concept between 1.25× and 2× and lose fluency a quarter step later (2026
 features the greedy 1-3× grid recommended, 1 was at 1× (book 4253, which the frequency penalty of
 steering_eval.DECODING keeps fluent at 1.25×) and none at 3×."""
 SCOPES = ("all", "generated")
-"""Token scopes swept: clamping only the positions that produce the reply leaves the question as the
+"""Token scopes swept at STRENGTHS: clamping only the positions that produce the reply leaves the question as the
 model read it, which keeps replies more fluent (lower perplexity at every strength measured) and
 changes how often they show the feature (up for some features, down for others)."""
+PROMPT_STRENGTHS = (2.0, 3.0, 5.0, 8.0)
+"""Strengths swept on the `prompt` scope (`--prompt-hits`): a clamp on the question's positions only
+changes what the model reads, as if the question had been about the feature, and the reply is the
+unsteered model's own: fluent far past the 2.5× that wrecks a clamp on every position. Features that
+fire on a concept's words (which search finds, and whose clamp on every position seldom steers) do
+steer this way: of 24 such features on the tuning prompts (2026-12-06), China 725 at 6-16×, football
+2510 at 8-16×, dogs 8991 at 3× and the sea 367 at 2× in 50-100 % of replies, with median perplexity
+1.3-2.8× unsteered; most turn to nonsense past 8×."""
 MAX_PPL_RATIO = 3.0
 MIN_TRIGRAMS = 0.8
 MIN_RATE = 0.5
@@ -126,14 +136,14 @@ def recommend(cells: dict, baseline_ppl: float):
     return key if cell["concept_rate"] >= MIN_RATE else None
 
 
-def refinements(cells: dict, strengths: tuple[float, ...], baseline_ppl: float,
+def refinements(cells: dict, grid: dict[str, tuple[float, ...]], baseline_ppl: float,
                 scopes: tuple[str, ...] = SCOPES) -> list[tuple[float, str]]:
     """Where a feature earns no recommendation but shows in enough replies at a strength that is not
-    fluent: per scope swept, the strength halfway between the lowest such strength and the grid
-    strength below it (1× max below the grid), and the whole grid on the `scopes` not swept. A feature
+    fluent: per scope swept, the strength halfway between the lowest such strength and the scope's
+    `grid` strength below it (1× max below the grid), and the whole grid on the `scopes` not swept. A feature
     that steers at all shows its concept and loses fluency within a quarter step, so the grid alone
     misses a window that half a step finds; clamping only the generated positions keeps replies more
-    fluent at every strength."""
+    fluent at every strength. Cells already in `cells` are not repeated."""
     if recommend(cells, baseline_ppl) is not None:
         return []
     keys = []
@@ -141,9 +151,10 @@ def refinements(cells: dict, strengths: tuple[float, ...], baseline_ppl: float,
     for scope in swept:
         shown = sorted(s for (s, t), c in cells.items() if t == scope and c["concept_rate"] >= MIN_RATE)
         if shown:
-            below = [s for s in strengths if s < shown[0]]
+            below = [s for s in grid[scope] if s < shown[0]]
             keys.append(((below[-1] if below else 1.0) / 2 + shown[0] / 2, scope))
-    return keys + [(s, t) for t in scopes if t not in swept for s in strengths] if keys else []
+    keys += [(s, t) for t in scopes if t not in swept for s in grid[t]] if keys else []
+    return [key for key in keys if key not in cells]
 
 
 def steered_concepts(replies: list, unsteered: dict[str, float], concepts: dict[str, list[str]]) -> list[dict]:
@@ -195,10 +206,12 @@ def screen_choice(replies: list[list], unsteered: list, concepts: dict[str, list
 
 def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
           strengths: tuple[float, ...] = STRENGTHS, scopes: tuple[str, ...] = SCOPES,
-          concepts: dict[str, list[str]] | None = None) -> dict:
+          concepts: dict[str, list[str]] | None = None, prompt_strengths: tuple[float, ...] = ()) -> dict:
     """Runs the sweep and writes `recommended_strength`, `recommended_tokens`, `sweep` and, for the
     `concepts` (name -> keywords) the replies at the recommended setting turn to, `steers` into the
-    entries. A cell shows the feature by its own words or, where more, by the concept its replies turn
+    entries. The cells: `strengths` on each of `scopes`, `prompt_strengths` on the prompt scope, and
+    the refinements; those an entry's `sweep` already holds are kept, not run again, and take part in
+    the recommendation. A cell shows the feature by its own words or, where more, by the concept its replies turn
     to most (share mentioning it less that of unsteered replies), so a feature that steers a concept
     is recommended where it does so, whatever its own words. Perplexity is judged only in cells where
     enough replies show the feature to be recommended."""
@@ -218,26 +231,42 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
         return max([mention_rate(replies, words[key[0]])] + [mention_rate(replies, kw) - unsteered[c]
                                                              for c, kw in concepts.items()])
 
-    grid = swept_cells(bench, {(f, s, t): _cell_jobs(sae_id, f, s, t, words[f])
-                               for f in measured for s in strengths for t in scopes}, shown)
-    cells = {f: {(s, t): grid[f, s, t] for s in strengths for t in scopes} for f in measured}
-    refined = swept_cells(bench, {(f, s, t): _cell_jobs(sae_id, f, s, t, words[f]) for f in measured
-                                  for s, t in refinements(cells[f], strengths, baseline_ppl)}, shown)
-    for (f, s, t), summary in refined.items():
-        cells[f][s, t] = summary
-    for feature in measured:
+    def run(keys: list[tuple[int, float, str]]) -> set[int]:
+        """Runs the cells, adds them to `cells`; the features that got one."""
+        for (f, s, t), cell in swept_cells(bench, {key: _cell_jobs(sae_id, *key, words[key[0]]) for key in keys}, shown).items():
+            cells[f][s, t] = cell
+        return {f for f, _, _ in keys}
+
+    wanted = [(s, t) for t in scopes for s in strengths] + [(s, "prompt") for s in prompt_strengths]
+    cells = {f: stored_cells(entries[f]) for f in measured}
+    new = [(f, *key) for f in measured for key in wanted if key not in cells[f]]
+    grid = {t: strengths for t in SCOPES} | {"prompt": prompt_strengths or PROMPT_STRENGTHS}
+    touched = run(new)
+    # Kept cells were refined when they were run: refining them again would bisect deeper at every run.
+    ran = {(f, t) for f, _, t in new}
+    touched |= run([(f, s, t) for f in measured for s, t in refinements(cells[f], grid, baseline_ppl)
+                    if (f, t) in ran or all(tt != t for _, tt in cells[f])])
+    # A feature without new cells keeps its recommendation and `steers` as they are.
+    settings = {f: recommend(cells[f], baseline_ppl) or (None, None) for f in sorted(touched)}
+    steering = [f for f, (strength, _) in settings.items() if strength is not None]
+    replies = iter(bench.run([j for f in steering for j in _cell_jobs(sae_id, f, *settings[f], [])[0]], fluency=False))
+    at_setting = {f: [next(replies) for _ in TUNING_PROMPTS] for f in steering}
+    for feature, (strength, tokens) in settings.items():
         summary = cells[feature]
         entries[feature]["sweep"] = {t: {f"{s:g}": {k: v if v is None else round(v, 3)
                                                     for k, v in summary[s, tt].items() if k not in ("example", "answers")}
                                          for s, tt in sorted(summary) if tt == t}
-                                     for t in SCOPES if t in {tt for _, tt in summary}}
+                                     for t in sorted({t for _, t in summary})}
         entries[feature]["sweep_words"] = words[feature]
-        strength, tokens = recommend(summary, baseline_ppl) or (None, None)
-        replies = [] if strength is None else bench.run(_cell_jobs(sae_id, feature, strength, tokens, [])[0], fluency=False)
         entries[feature].update(recommended_strength=strength, recommended_tokens=tokens,
                                 recommended_sampling=None if strength is None else bench.sampling,
-                                steers=steered_concepts(replies, unsteered, concepts) if replies else [])
+                                steers=steered_concepts(at_setting[feature], unsteered, concepts) if strength else [])
     return {"baseline_median_ppl": baseline_ppl, **sweep_counts(entries, features)}
+
+
+def stored_cells(entry: dict) -> dict:
+    """The cells of an entry's stored `sweep`, keyed (strength, scope) as `sweep` keys them."""
+    return {(float(s), t): cell for t, by_strength in (entry.get("sweep") or {}).items() for s, cell in by_strength.items()}
 
 
 def sweep_counts(entries: list[dict], features: list[int]) -> dict:
@@ -250,12 +279,6 @@ def sweep_counts(entries: list[dict], features: list[int]) -> dict:
 def without_sweeps(entries: list[dict]) -> list[dict]:
     """The catalogue as before any sweep (copies)."""
     return [{k: v for k, v in entry.items() if k not in SWEEP_FIELDS} for entry in entries]
-
-
-def unswept(entries: list[dict], features: list[int]) -> list[int]:
-    """Those of `features` whose entry holds no measured sweep (never swept, or skipped for want of
-    words to look for)."""
-    return [f for f in features if entries[f].get("sweep") is None]
 
 
 def _cell_jobs(sae_id: str, feature: int, strength: float, tokens: str, words: list[str]) -> tuple[list[Job], list[str]]:
@@ -296,9 +319,12 @@ def main(argv: list[str] | None = None) -> dict:
                         "sweep the N whose replies turn to each concept most")
     p.add_argument("--decoding", type=json.loads, default=None,
                    help='sampling fields besides greedy, as JSON (default: steering_eval.DECODING; "{}": plain greedy)')
+    p.add_argument("--prompt-hits", type=int, default=0,
+                   help="also sweep PROMPT_STRENGTHS on the prompt scope for the first N search hits of each "
+                        "concept and the top hit of each keyword (features that fire on a concept's words)")
     p.add_argument("--keep", action="store_true",
-                   help="keep the sweeps the catalogue holds (run with the same prompts, strengths and decoding) "
-                        "and sweep only the candidates without one: widening a sweep without redoing it")
+                   help="keep the cells the catalogue's sweeps hold (run with the same prompts and decoding) "
+                        "and run only the missing ones: widening a sweep without redoing it")
     args = p.parse_args(argv)
     path = args.sae / CATALOGUE_FILENAME
     entries = json.loads(path.read_text())
@@ -306,23 +332,26 @@ def main(argv: list[str] | None = None) -> dict:
     fresh = without_sweeps(entries)
     if not args.keep:
         entries = fresh
+    queries = list(CONCEPTS) + list(JOURNEY)
     keywords = sorted({w for words in [*CONCEPTS.values(), *JOURNEY.values()] for w in words})
-    features = swept_features(fresh, args.features, list(CONCEPTS) + list(JOURNEY), args.hits, keywords)
+    features = swept_features(fresh, args.features, queries, args.hits, keywords)
     aligned = aligned_features(args.sae, args.aligned)
     features = sorted(set(features).union(*aligned.values()))
+    prompted = swept_features(fresh, 0, queries, args.prompt_hits, keywords) if args.prompt_hits else []
+    strengths = tuple(float(s) for s in args.strengths.split(","))
     bench = Bench(args.model_dir, [{"path": str(args.sae.resolve()), "id": "sae"}],
                   cache=args.sae / ".steering_replies.json", own_process=True, decoding=args.decoding)
     try:
         if args.screen:
             features = sorted(set(features).union(
                 screened_features(bench, "sae", len(entries), CONCEPTS | JOURNEY, args.screen)))
-        todo = unswept(entries, features)
-        report = sweep(bench, "sae", entries, todo, tuple(float(s) for s in args.strengths.split(",")),
-                       tuple(args.scopes.split(",")), CONCEPTS | JOURNEY)
+        report = sweep(bench, "sae", entries, features, strengths, tuple(args.scopes.split(",")), CONCEPTS | JOURNEY)
+        if prompted:
+            report = sweep(bench, "sae", entries, prompted, strengths, (), CONCEPTS | JOURNEY, PROMPT_STRENGTHS)
     finally:
         bench.close()
     path.write_text(json.dumps(entries, ensure_ascii=False, indent=0))
-    report |= sweep_counts(entries, features) | {"swept_now": len(todo)}
+    report |= sweep_counts(entries, sorted(set(features) | set(prompted))) | {"prompt_scope": len(prompted)}
     print(json.dumps(report))
     return report
 
