@@ -82,7 +82,7 @@ def test_concept_clamps_built_and_tuned_through_the_engine(tmp_path):
     bench = Bench(MODEL, [{"path": str(DEFAULT_SAE_DIR), "id": "sae"}], max_tokens=16, cache=tmp_path / "replies.json")
     try:
         entries, built, norm = concepts.build(sae, labels, MODEL, bench, named, 4, only={"dogs", "music"})
-        report = concepts.tune(bench, entries, "sae", doses=(0.25, 2.0), scopes=("generated",))
+        report = concepts.tune(bench, entries, "sae", grid=((0.25, "generated"), (2.0, "generated")))
         plain = bench.run([Job("What is on your mind?")], fluency=False)[0]
         pushed = bench.run(concepts.concept_jobs(entries[0], ["What is on your mind?"], "sae", 0.25, "generated"),
                            fluency=False)[0]

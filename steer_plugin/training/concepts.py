@@ -4,6 +4,7 @@ served by `/v1/concepts` (steer_plugin/concepts.py).
 
     python -m steer_plugin.training.concepts --sae sae_weights/NAME              # the default concepts
     python -m steer_plugin.training.concepts --sae sae_weights/NAME --concept "tea:tea,teapot"  # add your own
+    python -m steer_plugin.training.concepts --sae sae_weights/NAME --retune     # doses and scopes only
 
 Why several: at SmolLM2-135M's scale an SAE latent is a token-level feature, and the direction that
 makes the model talk about a concept is spread over 10-20 of them; a one-feature clamp carries at
@@ -21,8 +22,9 @@ For each concept (a name and the keywords that show it in a reply):
    least squares. Each feature is clamped with `mode: add` (unit absolute): the clamps together add
    exactly the weighted sum of their rows (the SAE's error term is kept), a direction a set of
    labelled features spells out. `cosine`: how much of the direction that sum carries.
-4. **Its strength**: the sum scaled to α × the layer's median stream norm, α among `DOSES` and the
-   token scope among `SCOPES` tuned on the strength sweep's prompts by the sweep's rule
+4. **Its strength**: the sum scaled to α × the layer's median stream norm, α and the token scope
+   among `DOSE_GRID` (`DOSES` on every position or the generated ones, `PROMPT_DOSES` on the
+   prompt's) tuned on the strength sweep's prompts by the sweep's rule
    (strengths.recommend: the most replies naming the concept among fluent settings); concepts with
    no fluent setting at which half the replies name it get `recommended_dose: null`.
 
@@ -45,9 +47,9 @@ from steer_plugin.concepts import CONCEPTS_FILENAME
 from steer_plugin.config import default_model_dir
 from steer_plugin.sae import CATALOGUE_FILENAME, SAE
 from steer_plugin.training.capture import load_hf_model
-from steer_plugin.training.diff_means import DOSES, LayerSums, alignment, stream_sums
+from steer_plugin.training.diff_means import DOSE_GRID, DOSES, PROMPT_DOSES, LayerSums, alignment, stream_sums
 from steer_plugin.training.steering_eval import Bench, Job, count_mentions, median
-from steer_plugin.training.strengths import SCOPES, TUNING_PROMPTS, recommend, swept_cells
+from steer_plugin.training.strengths import TUNING_PROMPTS, recommend, swept_cells
 
 DIRECTIONS_FILENAME = "concept_directions.safetensors"
 WRITING_PROMPTS = (
@@ -173,17 +175,17 @@ def save_directions(path: Path, directions: dict[str, torch.Tensor], median_norm
               metadata={"concepts": json.dumps(list(merged)), "layer": str(layer)})
 
 
-def tune(bench: Bench, entries: list[dict], sae_id: str, doses=DOSES, scopes=SCOPES) -> dict:
-    """Sweeps each entry over doses × scopes on the tuning prompts and writes `recommended_dose`,
+def tune(bench: Bench, entries: list[dict], sae_id: str, grid=DOSE_GRID) -> dict:
+    """Sweeps each entry over the (dose, token scope) `grid` on the tuning prompts and writes `recommended_dose`,
     `recommended_tokens`, `recommended_sampling`, `feature_clamps` (at that setting) and `sweep` into it."""
     baseline_ppl = median([j.perplexity for j in bench.run([Job(p) for p in TUNING_PROMPTS])])
-    grid = [(a, t) for a in doses for t in scopes]
     cells = swept_cells(bench, {(e["concept"], a, t): (concept_jobs(e, TUNING_PROMPTS, sae_id, a, t), e["keywords"])
                                 for e in entries for a, t in grid})
     for e in entries:
         summary = {(a, t): cells[e["concept"], a, t] for a, t in grid}
-        e["sweep"] = {t: {f"{a:g}": {k: v if v is None else round(v, 3) for k, v in summary[a, t].items()
-                                     if k not in ("example", "answers")} for a in doses} for t in scopes}
+        e["sweep"] = {t: {f"{a:g}": {k: v if v is None else round(v, 3) for k, v in summary[a, tt].items()
+                                     if k not in ("example", "answers")} for a, tt in grid if tt == t}
+                      for t in dict.fromkeys(t for _, t in grid)}
         dose, tokens = recommend(summary, baseline_ppl) or (None, None)
         e.update(recommended_dose=dose, recommended_tokens=tokens,
                  recommended_sampling=None if dose is None else bench.sampling,
@@ -229,20 +231,33 @@ def main(argv: list[str] | None = None) -> dict:
                    help="a concept of your own (repeatable): its name and the words that show it in a reply; "
                         "built and added to the SAE's concepts.json (without any: the default concepts, "
                         "those of the efficacy run and the journey, all rebuilt)")
+    p.add_argument("--retune", action="store_true",
+                   help="keep the concept clamps concepts.json holds (features and weights) and only tune their dose "
+                        "and token scope again over DOSE_GRID")
     args = p.parse_args(argv)
+    if args.retune and args.concept:
+        p.error("--retune tunes what concepts.json holds; build new concepts without it")
     own = {}
     for spec in args.concept:
         name, _, words = spec.partition(":")
         own[name.strip()] = [w.strip().lower() for w in (words or name).split(",") if w.strip()]
     sae_dir = args.sae.resolve()
-    sae = SAE.load(sae_dir)
-    labels = [e["label"] for e in json.loads((sae_dir / CATALOGUE_FILENAME).read_text())]
     path = sae_dir / CONCEPTS_FILENAME
-    # Your own concepts are contrasted with the default ones too, and join the file's entries.
-    kept = [e for e in json.loads(path.read_text())["concepts"] if e["concept"] not in own] if own and path.is_file() else []
     started = time.time()
     bench = Bench(args.model_dir, [{"path": str(sae_dir), "id": "sae"}], cache=sae_dir / ".steering_replies.json",
                   own_process=True)
+    if args.retune:
+        built = json.loads(path.read_text())
+        try:
+            report = tune(bench, built["concepts"], "sae")
+        finally:
+            bench.close()
+        _write(path, built["concepts"], built["features_per_concept"], report, started)
+        return report
+    sae = SAE.load(sae_dir)
+    labels = [e["label"] for e in json.loads((sae_dir / CATALOGUE_FILENAME).read_text())]
+    # Your own concepts are contrasted with the default ones too, and join the file's entries.
+    kept = [e for e in json.loads(path.read_text())["concepts"] if e["concept"] not in own] if own and path.is_file() else []
     try:
         entries, directions, median_norm = build(sae, labels, args.model_dir, bench, default_concepts() | own,
                                                  args.features, set(own) or None)
@@ -250,15 +265,20 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         bench.close()
     save_directions(sae_dir / DIRECTIONS_FILENAME, directions, median_norm, sae.cfg.layer)
-    entries = kept + entries
+    _write(path, kept + entries, args.features, report, started)
+    return report
+
+
+def _write(path: Path, entries: list[dict], features: int, report: dict, started: float) -> None:
     path.write_text(json.dumps(
-        {"date": time.strftime("%Y-%m-%d"), "features_per_concept": args.features, "doses": list(DOSES),
+        {"date": time.strftime("%Y-%m-%d"), "features_per_concept": features, "doses": list(DOSES),
+         "prompt_doses": list(PROMPT_DOSES),
          "tuning_prompts": list(TUNING_PROMPTS), "writing_prompts": list(WRITING_PROMPTS),
          "baseline_median_ppl": report["baseline_median_ppl"], "concepts_built": len(entries),
          "recommended": sum(e["recommended_dose"] is not None for e in entries),
          "seconds": round(time.time() - started), "concepts": entries}, indent=1, ensure_ascii=False) + "\n")
     print(json.dumps(report))
-    return report
+
 
 if __name__ == "__main__":
     main()

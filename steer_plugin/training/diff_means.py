@@ -29,6 +29,7 @@ from steer_plugin.sae import CATALOGUE_FILENAME, SAE, STATS_FILENAME, SAEConfig
 from steer_plugin.training.capture import load_hf_model, streams
 from steer_plugin.training.corpus import chat_documents
 from steer_plugin.training.steering_eval import count_mentions
+from steer_plugin.training.strengths import SCOPES
 
 DOSES = (0.125, 0.1875, 0.25, 0.3125, 0.375, 0.5)
 """Doses a vector is tuned over (× the layer's median stream norm): past 0.5 replies loop at every
@@ -36,6 +37,12 @@ layer measured (distinct trigrams 0.4–0.7). Steps of 1/16 between 0.125 and 0.
 concept clamp often went from too weak to looping in one step (2026-12-04: 22 of 38 concepts had no
 dose, most of them looping at the first dose that named the concept; on the SAE of 2026-12-05 the
 1/16 steps gave 26 of 38 a dose, the 1/8 steps among them 23)."""
+PROMPT_DOSES = (0.5, 0.75, 1.0, 1.5, 2.0)
+"""Doses tuned on the prompt scope (the question's positions only), where the reply is the unsteered
+model's own and stays fluent at doses that wreck a clamp on every position: the single features
+recommended there add 0.4-1.8 × the median norm (2026-12-06)."""
+DOSE_GRID = tuple((a, t) for t in SCOPES for a in DOSES) + tuple((a, "prompt") for a in PROMPT_DOSES)
+"""The (dose, token scope) settings a vector or a concept clamp is tuned over."""
 MIN_HITS = 2
 """Mentions that make a document positive for a concept."""
 

@@ -39,10 +39,10 @@ from steer_plugin.concepts import ConceptBook
 from steer_plugin.config import default_model_dir
 from steer_plugin.sae import SAE, load_config
 from steer_plugin.training.concepts import DIRECTIONS_FILENAME, aligned_features, concept_jobs, load_directions
-from steer_plugin.training.diff_means import DOSES, alignment, write_vector_sae
+from steer_plugin.training.diff_means import DOSE_GRID, alignment, write_vector_sae
 from steer_plugin.training.efficacy_report import comparison_markdown, efficacy_markdown
 from steer_plugin.training.steering_eval import Bench, Job, median, mention_rate, summarise
-from steer_plugin.training.strengths import SCOPES, TUNING_PROMPTS, recommend, swept_cells
+from steer_plugin.training.strengths import TUNING_PROMPTS, recommend, swept_cells
 
 NEUTRAL_PROMPTS = (
     "Tell me about your weekend.", "What is your favourite book?", "What should I do this evening?",
@@ -244,7 +244,7 @@ def compare(bench: Bench, catalogue: FeatureCatalogue, book: ConceptBook, vector
     sae_cells = {c: next(cells) for c, _ in concepts if hits[c]}
     concept_cells = {c: next(cells) for c, _ in concepts if c in clamps}
     prompted = {c: next(cells) for c, _ in concepts}
-    grid = [(dose, t) for dose in DOSES for t in SCOPES]
+    grid = DOSE_GRID
     tuning = swept_cells(bench, {(c, *st): (_clamped(vectors[c], TUNING_PROMPTS, vectors_id, st), CONCEPTS[c])
                                  for c in vectors for st in grid})
     settings = {c: recommend({st: tuning[c, *st] for st in grid}, tune_base) for c in vectors}
