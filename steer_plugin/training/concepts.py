@@ -49,7 +49,7 @@ from steer_plugin.sae import CATALOGUE_FILENAME, SAE
 from steer_plugin.training.capture import load_hf_model
 from steer_plugin.training.diff_means import DOSE_GRID, DOSES, PROMPT_DOSES, LayerSums, alignment, stream_sums
 from steer_plugin.training.steering_eval import Bench, Job, count_mentions, median
-from steer_plugin.training.strengths import TUNING_PROMPTS, recommend, swept_cells
+from steer_plugin.training.strengths import TUNING_PROMPTS, recommend, swept_cells, sweep_record
 
 DIRECTIONS_FILENAME = "concept_directions.safetensors"
 WRITING_PROMPTS = (
@@ -183,9 +183,7 @@ def tune(bench: Bench, entries: list[dict], sae_id: str, grid=DOSE_GRID) -> dict
                                 for e in entries for a, t in grid})
     for e in entries:
         summary = {(a, t): cells[e["concept"], a, t] for a, t in grid}
-        e["sweep"] = {t: {f"{a:g}": {k: v if v is None else round(v, 3) for k, v in summary[a, tt].items()
-                                     if k not in ("example", "answers")} for a, tt in grid if tt == t}
-                      for t in dict.fromkeys(t for _, t in grid)}
+        e["sweep"] = sweep_record(summary)
         dose, tokens = recommend(summary, baseline_ppl) or (None, None)
         e.update(recommended_dose=dose, recommended_tokens=tokens,
                  recommended_sampling=None if dose is None else bench.sampling,

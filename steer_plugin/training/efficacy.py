@@ -244,10 +244,9 @@ def compare(bench: Bench, catalogue: FeatureCatalogue, book: ConceptBook, vector
     sae_cells = {c: next(cells) for c, _ in concepts if hits[c]}
     concept_cells = {c: next(cells) for c, _ in concepts if c in clamps}
     prompted = {c: next(cells) for c, _ in concepts}
-    grid = DOSE_GRID
     tuning = swept_cells(bench, {(c, *st): (_clamped(vectors[c], TUNING_PROMPTS, vectors_id, st), CONCEPTS[c])
-                                 for c in vectors for st in grid})
-    settings = {c: recommend({st: tuning[c, *st] for st in grid}, tune_base) for c in vectors}
+                                 for c in vectors for st in DOSE_GRID})
+    settings = {c: recommend({st: tuning[c, *st] for st in DOSE_GRID}, tune_base) for c in vectors}
     tuned = [c for c in vectors if settings[c] is not None]
     vector_cells = dict(zip(tuned, _summaries(
         bench, [(_clamped(vectors[c], NEUTRAL_PROMPTS, vectors_id, settings[c]), CONCEPTS[c]) for c in tuned],

@@ -252,11 +252,7 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
     replies = iter(bench.run([j for f in steering for j in _cell_jobs(sae_id, f, *settings[f], [])[0]], fluency=False))
     at_setting = {f: [next(replies) for _ in TUNING_PROMPTS] for f in steering}
     for feature, (strength, tokens) in settings.items():
-        summary = cells[feature]
-        entries[feature]["sweep"] = {t: {f"{s:g}": {k: v if v is None else round(v, 3)
-                                                    for k, v in summary[s, tt].items() if k not in ("example", "answers")}
-                                         for s, tt in sorted(summary) if tt == t}
-                                     for t in sorted({t for _, t in summary})}
+        entries[feature]["sweep"] = sweep_record(cells[feature])
         entries[feature]["sweep_words"] = words[feature]
         entries[feature].update(recommended_strength=strength, recommended_tokens=tokens,
                                 recommended_sampling=None if strength is None else bench.sampling,
@@ -264,8 +260,16 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
     return {"baseline_median_ppl": baseline_ppl, **sweep_counts(entries, features)}
 
 
+def sweep_record(cells: dict) -> dict:
+    """The `sweep` a catalogue or concept entry keeps of its cells keyed (strength or dose, scope): per
+    scope, per strength (as "%g"), the rate, median perplexity and distinct trigrams, rounded."""
+    return {t: {f"{s:g}": {k: v if v is None else round(v, 3) for k, v in cells[s, tt].items() if k not in ("example", "answers")}
+                for s, tt in sorted(cells) if tt == t}
+            for t in sorted({t for _, t in cells})}
+
+
 def stored_cells(entry: dict) -> dict:
-    """The cells of an entry's stored `sweep`, keyed (strength, scope) as `sweep` keys them."""
+    """The cells of an entry's stored `sweep` (sweep_record), keyed (strength, scope) as `sweep` keys them."""
     return {(float(s), t): cell for t, by_strength in (entry.get("sweep") or {}).items() for s, cell in by_strength.items()}
 
 
