@@ -165,7 +165,7 @@ def test_from_search_to_steered_reply(http, feature_server):
     from concurrent.futures import ThreadPoolExecutor
 
     from steer_plugin.training.steering_eval import REPLY_TOKENS, mentions
-    from steer_plugin.training.strengths import MIN_RATE, TUNING_PROMPTS
+    from steer_plugin.training.strengths import MIN_RATE, SWEEP_PROMPTS
 
     hit = http.get("/v1/features", params={"q": "god", "limit": 1}).json()["data"][0]
     concept = hit["steers"][0]
@@ -178,9 +178,9 @@ def test_from_search_to_steered_reply(http, feature_server):
             model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": prompt}], max_tokens=REPLY_TOKENS,
             **hit["recommended_sampling"], extra_body={"feature_clamps": clamps} if clamps else None).choices[0].message.content
 
-    with ThreadPoolExecutor(len(TUNING_PROMPTS)) as pool:  # concurrent, as the engine batches them
-        rates = [sum(mentions(r, concept["words"]) for r in pool.map(reply, [(p, clamps) for p in TUNING_PROMPTS]))
-                 / len(TUNING_PROMPTS) for clamps in (None, [clamp])]
+    with ThreadPoolExecutor(len(SWEEP_PROMPTS)) as pool:  # concurrent, as the engine batches them
+        rates = [sum(mentions(r, concept["words"]) for r in pool.map(reply, [(p, clamps) for p in SWEEP_PROMPTS]))
+                 / len(SWEEP_PROMPTS) for clamps in (None, [clamp])]
     assert rates[1] - rates[0] >= MIN_RATE, (concept, rates)
 
 

@@ -12,7 +12,7 @@ from steer_plugin.training.efficacy import REPORT_HEADER, candidates_for, contro
 from steer_plugin.training.efficacy_report import comparison_markdown, efficacy_markdown
 from steer_plugin.training.steering_eval import (DECODING, Judged, count_mentions, describe_decoding, distinct_trigrams,
                                                  mention_rate, mentions, median)
-from steer_plugin.training.strengths import (SWEEP_FIELDS, drift_words, feature_words, recommend, refinements,
+from steer_plugin.training.strengths import (SWEEP_FIELDS, SWEEP_PROMPTS, TUNING_PROMPTS, drift_words, feature_words, recommend, refinements,
                                              screen_choice, steered_concepts, stored_cells, swept_features, without_sweeps)
 
 
@@ -158,6 +158,9 @@ def test_a_kept_sweep_is_read_back_as_cells_and_candidates_are_chosen_as_by_a_fr
     assert recommend(cells, max(1.0, swept["sweep"][swept["recommended_tokens"]][f"{swept['recommended_strength']:g}"]["median_ppl"] / 3)) \
         == (swept["recommended_strength"], swept["recommended_tokens"])
     assert stored_cells({"sweep": None}) == {} == stored_cells({})
+    # cells stored before the confirmation stage were measured on the tuning prompts alone
+    assert stored_cells({"sweep": {"all": {"1.5": _cell(0.5, 4.0)}}})[1.5, "all"]["prompts"] == len(TUNING_PROMPTS)
+    assert all(c["prompts"] in (len(TUNING_PROMPTS), len(SWEEP_PROMPTS)) for c in cells.values())
     fresh = without_sweeps(entries)
     assert not any(k in e for e in fresh for k in SWEEP_FIELDS) and entries[swept["id"]].get("sweep")  # a copy
     assert fresh[swept["id"]]["label"] == swept["label"]

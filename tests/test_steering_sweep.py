@@ -39,10 +39,14 @@ def test_sweep_writes_a_measured_strength_per_feature(bench):
     report = strengths.sweep(bench, "sae", entries, [feature], strengths=(1.5, 30.0), concepts=trees)
     swept = entries[feature]["sweep"]
     assert set(swept) == {"all", "generated"} and report["features"] == 1
+    baseline_ppl = report["baseline_median_ppl"]
     for cells in swept.values():
         assert {"1.5", "30"} <= set(cells) <= {"1.5", "30", "1.25", "15.75"}  # the grid and any halfway refinement
         for c in cells.values():  # perplexity judged exactly where the replies could earn a recommendation
             assert (c["median_ppl"] is None) == (c["concept_rate"] < strengths.MIN_RATE)
+            # every cell that could be recommended was measured on the confirmation prompts too
+            assert c["prompts"] == len(strengths.SWEEP_PROMPTS) or (
+                c["prompts"] == len(strengths.TUNING_PROMPTS) and not strengths.candidate(c, baseline_ppl))
     assert entries[feature]["recommended_strength"] in (None, 1.25, 1.5)  # never a wrecked strength (30, or 15.75 halfway)
     assert entries[feature]["recommended_tokens"] in ((None,) if entries[feature]["recommended_strength"] is None
                                                       else ("all", "generated"))
@@ -64,7 +68,7 @@ def test_sweep_writes_a_measured_strength_per_feature(bench):
     assert {t: after[t] for t in kept} == kept and set(after) == {"all", "generated", "prompt"}
     assert "3" in after["prompt"] and set(after["prompt"]) <= {"3", "2"}  # and any halfway refinement below
     setting = (entries[feature]["recommended_strength"], entries[feature]["recommended_tokens"])
-    assert setting == (None, None) or f"{setting[0]:g}" in after[setting[1]]
+    assert setting == (None, None) or after[setting[1]][f"{setting[0]:g}"]["prompts"] == len(strengths.SWEEP_PROMPTS)
 
 
 def test_replies_are_judged_and_a_vector_clamp_changes_them(bench):

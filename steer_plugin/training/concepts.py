@@ -48,8 +48,8 @@ from steer_plugin.config import default_model_dir
 from steer_plugin.sae import CATALOGUE_FILENAME, SAE
 from steer_plugin.training.capture import load_hf_model
 from steer_plugin.training.diff_means import DOSE_GRID, DOSES, PROMPT_DOSES, LayerSums, alignment, stream_sums
-from steer_plugin.training.steering_eval import Bench, Job, count_mentions, median
-from steer_plugin.training.strengths import TUNING_PROMPTS, recommend, swept_cells, sweep_record
+from steer_plugin.training.steering_eval import Bench, Job, count_mentions
+from steer_plugin.training.strengths import SWEEP_PROMPTS, recommend, sweep_record, tuned_cells
 
 DIRECTIONS_FILENAME = "concept_directions.safetensors"
 WRITING_PROMPTS = (
@@ -178,9 +178,10 @@ def save_directions(path: Path, directions: dict[str, torch.Tensor], median_norm
 def tune(bench: Bench, entries: list[dict], sae_id: str, grid=DOSE_GRID) -> dict:
     """Sweeps each entry over the (dose, token scope) `grid` on the tuning prompts and writes `recommended_dose`,
     `recommended_tokens`, `recommended_sampling`, `feature_clamps` (at that setting) and `sweep` into it."""
-    baseline_ppl = median([j.perplexity for j in bench.run([Job(p) for p in TUNING_PROMPTS])])
-    cells = swept_cells(bench, {(e["concept"], a, t): (concept_jobs(e, TUNING_PROMPTS, sae_id, a, t), e["keywords"])
-                                for e in entries for a, t in grid})
+    by_name = {e["concept"]: e for e in entries}
+    cells, baseline_ppl = tuned_cells(
+        bench, lambda key, prompts: (concept_jobs(by_name[key[0]], prompts, sae_id, *key[1:]), by_name[key[0]]["keywords"]),
+        list(by_name), grid)
     for e in entries:
         summary = {(a, t): cells[e["concept"], a, t] for a, t in grid}
         e["sweep"] = sweep_record(summary)
@@ -271,7 +272,7 @@ def _write(path: Path, entries: list[dict], features: int, report: dict, started
     path.write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d"), "features_per_concept": features, "doses": list(DOSES),
          "prompt_doses": list(PROMPT_DOSES),
-         "tuning_prompts": list(TUNING_PROMPTS), "writing_prompts": list(WRITING_PROMPTS),
+         "tuning_prompts": list(SWEEP_PROMPTS), "writing_prompts": list(WRITING_PROMPTS),
          "baseline_median_ppl": report["baseline_median_ppl"], "concepts_built": len(entries),
          "recommended": sum(e["recommended_dose"] is not None for e in entries),
          "seconds": round(time.time() - started), "concepts": entries}, indent=1, ensure_ascii=False) + "\n")

@@ -42,7 +42,7 @@ from steer_plugin.training.concepts import DIRECTIONS_FILENAME, aligned_features
 from steer_plugin.training.diff_means import DOSE_GRID, alignment, write_vector_sae
 from steer_plugin.training.efficacy_report import comparison_markdown, efficacy_markdown
 from steer_plugin.training.steering_eval import Bench, Job, median, mention_rate, summarise
-from steer_plugin.training.strengths import TUNING_PROMPTS, recommend, swept_cells
+from steer_plugin.training.strengths import recommend, tuned_cells
 
 NEUTRAL_PROMPTS = (
     "Tell me about your weekend.", "What is your favourite book?", "What should I do this evening?",
@@ -230,7 +230,6 @@ def compare(bench: Bench, catalogue: FeatureCatalogue, book: ConceptBook, vector
     """Per concept: SAE top hit, SAE concept clamp, prompting, diff-of-means (feature i of the vector
     SAE = vector_concepts[i])."""
     control = control_prompts(NEUTRAL_PROMPTS)
-    tune_base = median([j.perplexity for j in bench.run([Job(p) for p in TUNING_PROMPTS])])
     concepts = list(CONCEPTS.items())
     hits = {concept: catalogue.steerable_hits(concept, 1) for concept, _ in concepts}
     clamps = {c: e for c, _ in concepts if (e := top_concept(book, c)) is not None}
@@ -244,8 +243,9 @@ def compare(bench: Bench, catalogue: FeatureCatalogue, book: ConceptBook, vector
     sae_cells = {c: next(cells) for c, _ in concepts if hits[c]}
     concept_cells = {c: next(cells) for c, _ in concepts if c in clamps}
     prompted = {c: next(cells) for c, _ in concepts}
-    tuning = swept_cells(bench, {(c, *st): (_clamped(vectors[c], TUNING_PROMPTS, vectors_id, st), CONCEPTS[c])
-                                 for c in vectors for st in DOSE_GRID})
+    tuning, tune_base = tuned_cells(
+        bench, lambda key, prompts: (_clamped(vectors[key[0]], prompts, vectors_id, key[1:]), CONCEPTS[key[0]]),
+        list(vectors), DOSE_GRID)
     settings = {c: recommend({st: tuning[c, *st] for st in DOSE_GRID}, tune_base) for c in vectors}
     tuned = [c for c in vectors if settings[c] is not None]
     vector_cells = dict(zip(tuned, _summaries(

@@ -25,10 +25,12 @@ where nothing is fluent or nothing shows it in at least half the replies. A feat
 without one, though some strength shows it, gets one more strength halfway below the lowest such
 strength, and the grid on the token scopes `--scopes` left out (`refinements`): the window between
 showing and breaking is often under a grid step, and clamping only generated positions keeps replies
-more fluent. Written into the catalogue
+more fluent. Every cell that could be recommended is then run on the CONFIRM_PROMPTS too, and the
+recommendation is made on all 16 replies (`confirmed`): on 8 alone the best of a feature's cells is
+often the luckiest. Written into the catalogue
 per feature: `recommended_strength`, `recommended_tokens`, `recommended_sampling` (the request's
 decoding fields the replies were measured with, steering_eval.DECODING) and `sweep` (per scope and strength: rate,
-median perplexity, distinct trigrams; the perplexity is judged only where at least half the replies
+median perplexity, distinct trigrams and the number of prompts they are over; the perplexity is judged only where at least half the replies
 show the feature, null elsewhere), and `steers`: the concepts of efficacy.py (and its everyday
 searches) that the replies at the recommended setting mention at least MIN_RATE more often than
 unsteered replies, with their keywords and rate; a search for such a concept offers the feature first.
@@ -52,6 +54,17 @@ TUNING_PROMPTS = (
     "Give me an idea for a fun day out.", "What is a good way to relax?",
 )
 """Prompts the strengths are tuned on (kept apart from efficacy.NEUTRAL_PROMPTS and the journey's)."""
+CONFIRM_PROMPTS = (
+    "What would you like to talk about?", "Write a short note to a friend.", "What is something you are looking forward to?",
+    "Tell me something that made you smile.", "What would you do with a free day?", "Share a thought about everyday life.",
+    "What is a small thing that makes a day better?", "Describe a memorable moment.",
+)
+"""Eight more prompts of the same kind, on which every cell that could be recommended is run before the
+recommendation (`confirmed`). A feature has 10-14 cells, and the best of them on 8 prompts is often the
+luckiest: football 2510 on the prompt scope at 2x max named football in 6 of 8 tuning replies and 4 of
+10 efficacy replies, while its neighbours at 3x and 5x named it in 4 and 1 of 8 (2026-12-06)."""
+SWEEP_PROMPTS = TUNING_PROMPTS + CONFIRM_PROMPTS
+"""All the prompts a recommended setting is measured on."""
 STRENGTHS = (1.25, 1.5, 1.75, 2.0, 2.5)
 """Clamp strengths swept (× max, `set`): replies of the 135M default model stay fluent up to about
 1.5× and break down past 3× (measured 2026-12-02; a grid of 2/3/5× found a fluent effective strength
@@ -126,14 +139,27 @@ def fluent(cell: dict, baseline_ppl: float) -> bool:
             and cell["distinct_trigrams"] >= MIN_TRIGRAMS)
 
 
+def candidate(cell: dict, baseline_ppl: float) -> bool:
+    """A cell that can be recommended: fluent, and showing the feature in at least MIN_RATE of its replies."""
+    return fluent(cell, baseline_ppl) and cell["concept_rate"] >= MIN_RATE
+
+
 def recommend(cells: dict, baseline_ppl: float):
-    """The key (a strength, or a strength and a scope) of the cell that shows the feature most among
-    the fluent ones, the more fluent of equals; None where none is fluent and shows it often enough."""
-    candidates = [(key, c) for key, c in cells.items() if fluent(c, baseline_ppl)]
+    """The key (a strength, or a strength and a scope) of the candidate cell that shows the feature
+    most, the more fluent of equals; None where there is none."""
+    candidates = [(key, c) for key, c in cells.items() if candidate(c, baseline_ppl)]
     if not candidates:
         return None
-    key, cell = max(candidates, key=lambda kc: (kc[1]["concept_rate"], -kc[1]["median_ppl"]))
-    return key if cell["concept_rate"] >= MIN_RATE else None
+    return max(candidates, key=lambda kc: (kc[1]["concept_rate"], -kc[1]["median_ppl"]))[0]
+
+
+def confirmed(bench: Bench, cells: dict, jobs_of, baseline_ppl: float, rate=None) -> dict:
+    """The candidate cells among `cells` (key -> summary) measured on TUNING_PROMPTS only, measured on
+    all SWEEP_PROMPTS (key -> summary, as swept_cells): what `recommend` then chooses among is no longer
+    the luck of eight replies. jobs_of(key, prompts) -> (jobs, words) of swept_cells; rate as there."""
+    todo = [key for key, c in cells.items() if c["prompts"] < len(SWEEP_PROMPTS)
+            and candidate(c, baseline_ppl)]
+    return swept_cells(bench, {key: jobs_of(key, SWEEP_PROMPTS) for key in todo}, rate)
 
 
 def refinements(cells: dict, grid: dict[str, tuple[float, ...]], baseline_ppl: float,
@@ -214,49 +240,60 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
     the recommendation. A cell shows the feature by its own words or, where more, by the concept its replies turn
     to most (share mentioning it less that of unsteered replies), so a feature that steers a concept
     is recommended where it does so, whatever its own words. Perplexity is judged only in cells where
-    enough replies show the feature to be recommended."""
+    enough replies show the feature to be recommended; the candidates are `confirmed` before the
+    recommendation."""
     concepts = concepts or {}
-    baseline = bench.run([Job(p) for p in TUNING_PROMPTS])
+    baseline = bench.run([Job(p) for p in SWEEP_PROMPTS])
     baseline_ppl = median([j.perplexity for j in baseline])
-    ignore = set().union(*(_words(j.text) for j in baseline)) | drift_words(entries)
+    tuning = baseline[:len(TUNING_PROMPTS)]  # what the first stage's cells and words are judged against
+    ignore = set().union(*(_words(j.text) for j in tuning)) | drift_words(entries)
     words = {f: feature_words(entries[f], ignore) for f in features}
     # A feature with no words of its own (function-word labels) shows only by the concept its replies
     # turn to: without concepts there is nothing to look for in its replies.
     measured = [f for f in features if words[f] or concepts]
     for f in set(features) - set(measured):
         entries[f].update(dict.fromkeys(SWEEP_FIELDS), sweep_words=[])
-    unsteered = {name: mention_rate(baseline, keywords) for name, keywords in concepts.items()}
+    unsteered = {n: {name: mention_rate(baseline[:n], keywords) for name, keywords in concepts.items()}
+                 for n in (len(TUNING_PROMPTS), len(SWEEP_PROMPTS))}
 
     def shown(key: tuple, replies: list) -> float:
-        return max([mention_rate(replies, words[key[0]])] + [mention_rate(replies, kw) - unsteered[c]
+        return max([mention_rate(replies, words[key[0]])] + [mention_rate(replies, kw) - unsteered[len(replies)][c]
                                                              for c, kw in concepts.items()])
 
-    def run(keys: list[tuple[int, float, str]]) -> set[int]:
-        """Runs the cells, adds them to `cells`; the features that got one."""
-        for (f, s, t), cell in swept_cells(bench, {key: _cell_jobs(sae_id, *key, words[key[0]]) for key in keys}, shown).items():
+    def jobs_of(key: tuple, prompts: tuple[str, ...] = TUNING_PROMPTS) -> tuple[list[Job], list[str]]:
+        f, strength, tokens = key
+        return [Job(p, ((sae_id, f, strength, "max"),), tokens=tokens) for p in prompts], words[f]
+
+    def run(summaries: dict) -> set[int]:
+        """Adds the cells (key (feature, strength, scope) -> summary) to `cells`; the features that got one."""
+        for (f, s, t), cell in summaries.items():
             cells[f][s, t] = cell
-        return {f for f, _, _ in keys}
+        return {f for f, _, _ in summaries}
 
     wanted = [(s, t) for t in scopes for s in strengths] + [(s, "prompt") for s in prompt_strengths]
     cells = {f: stored_cells(entries[f]) for f in measured}
     new = [(f, *key) for f in measured for key in wanted if key not in cells[f]]
     grid = {t: strengths for t in SCOPES} | {"prompt": prompt_strengths or PROMPT_STRENGTHS}
-    touched = run(new)
+    touched = run(swept_cells(bench, {key: jobs_of(key) for key in new}, shown))
     # Kept cells were refined when they were run: refining them again would bisect deeper at every run.
     ran = {(f, t) for f, _, t in new}
-    touched |= run([(f, s, t) for f in measured for s, t in refinements(cells[f], grid, baseline_ppl)
-                    if (f, t) in ran or all(tt != t for _, tt in cells[f])])
+    touched |= run(swept_cells(bench, {(f, s, t): jobs_of((f, s, t)) for f in measured
+                                       for s, t in refinements(cells[f], grid, baseline_ppl)
+                                       if (f, t) in ran or all(tt != t for _, tt in cells[f])}, shown))
+    touched |= run(confirmed(bench, {(f, *key): c for f in measured for key, c in cells[f].items()}, jobs_of,
+                             baseline_ppl, shown))
     # A feature without new cells keeps its recommendation and `steers` as they are.
     settings = {f: recommend(cells[f], baseline_ppl) or (None, None) for f in sorted(touched)}
     steering = [f for f, (strength, _) in settings.items() if strength is not None]
-    replies = iter(bench.run([j for f in steering for j in _cell_jobs(sae_id, f, *settings[f], [])[0]], fluency=False))
-    at_setting = {f: [next(replies) for _ in TUNING_PROMPTS] for f in steering}
+    replies = iter(bench.run([j for f in steering for j in jobs_of((f, *settings[f]), SWEEP_PROMPTS)[0]], fluency=False))
+    at_setting = {f: [next(replies) for _ in SWEEP_PROMPTS] for f in steering}
+    for feature in measured:
+        entries[feature].update(sweep=sweep_record(cells[feature]), sweep_words=words[feature])
     for feature, (strength, tokens) in settings.items():
-        entries[feature]["sweep"] = sweep_record(cells[feature])
-        entries[feature]["sweep_words"] = words[feature]
         entries[feature].update(recommended_strength=strength, recommended_tokens=tokens,
                                 recommended_sampling=None if strength is None else bench.sampling,
-                                steers=steered_concepts(at_setting[feature], unsteered, concepts) if strength else [])
+                                steers=steered_concepts(at_setting[feature], unsteered[len(SWEEP_PROMPTS)], concepts)
+                                if strength else [])
     return {"baseline_median_ppl": baseline_ppl, **sweep_counts(entries, features)}
 
 
@@ -269,8 +306,10 @@ def sweep_record(cells: dict) -> dict:
 
 
 def stored_cells(entry: dict) -> dict:
-    """The cells of an entry's stored `sweep` (sweep_record), keyed (strength, scope) as `sweep` keys them."""
-    return {(float(s), t): cell for t, by_strength in (entry.get("sweep") or {}).items() for s, cell in by_strength.items()}
+    """The cells of an entry's stored `sweep` (sweep_record), keyed (strength, scope) as `sweep` keys them
+    (those stored before the confirmation stage: over the TUNING_PROMPTS)."""
+    return {(float(s), t): {"prompts": len(TUNING_PROMPTS)} | cell
+            for t, by_strength in (entry.get("sweep") or {}).items() for s, cell in by_strength.items()}
 
 
 def sweep_counts(entries: list[dict], features: list[int]) -> dict:
@@ -285,8 +324,14 @@ def without_sweeps(entries: list[dict]) -> list[dict]:
     return [{k: v for k, v in entry.items() if k not in SWEEP_FIELDS} for entry in entries]
 
 
-def _cell_jobs(sae_id: str, feature: int, strength: float, tokens: str, words: list[str]) -> tuple[list[Job], list[str]]:
-    return [Job(p, ((sae_id, feature, strength, "max"),), tokens=tokens) for p in TUNING_PROMPTS], words
+def tuned_cells(bench: Bench, jobs_of, groups: list, grid) -> tuple[dict, float]:
+    """Each group (a concept clamp, a steering vector) at each (strength or dose, scope) of `grid`, by
+    the sweep's stages: (group, *setting) -> summary, on TUNING_PROMPTS and `confirmed` on SWEEP_PROMPTS;
+    and the unsteered median perplexity on SWEEP_PROMPTS the recommendation is judged against.
+    jobs_of((group, *setting), prompts) -> (jobs, words) of swept_cells."""
+    baseline_ppl = median([j.perplexity for j in bench.run([Job(p) for p in SWEEP_PROMPTS])])
+    cells = swept_cells(bench, {(g, *st): jobs_of((g, *st), TUNING_PROMPTS) for g in groups for st in grid})
+    return cells | confirmed(bench, cells, jobs_of, baseline_ppl), baseline_ppl
 
 
 def swept_cells(bench: Bench, cells: dict, rate=None) -> dict:
@@ -295,7 +340,7 @@ def swept_cells(bench: Bench, cells: dict, rate=None) -> dict:
     their words (no other cell can be recommended), the scorer's passes costing more than the replies.
     rate(key, replies): the cell's `concept_rate` instead of the share of replies with its words."""
     def summary_of(key, replies: list) -> dict:
-        cell = summarise(replies, cells[key][1])
+        cell = summarise(replies, cells[key][1]) | {"prompts": len(replies)}
         return cell if rate is None else cell | {"concept_rate": rate(key, replies)}
 
     replies = iter(bench.run([j for jobs, _ in cells.values() for j in jobs], fluency=False))
