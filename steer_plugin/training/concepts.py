@@ -183,9 +183,8 @@ def tune(bench: Bench, entries: list[dict], sae_id: str, grid=DOSE_GRID) -> dict
         bench, lambda key, prompts: (concept_jobs(by_name[key[0]], prompts, sae_id, *key[1:]), by_name[key[0]]["keywords"]),
         list(by_name), grid)
     for e in entries:
-        summary = {(a, t): cells[e["concept"], a, t] for a, t in grid}
-        e["sweep"] = sweep_record(summary)
-        dose, tokens = recommend(summary, baseline_ppl) or (None, None)
+        e["sweep"] = sweep_record(cells[e["concept"]])
+        dose, tokens = recommend(cells[e["concept"]], baseline_ppl) or (None, None)
         e.update(recommended_dose=dose, recommended_tokens=tokens,
                  recommended_sampling=None if dose is None else bench.sampling,
                  feature_clamps=None if dose is None else clamps_at(e, dose, tokens))

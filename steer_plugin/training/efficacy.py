@@ -41,7 +41,7 @@ from steer_plugin.sae import SAE, load_config
 from steer_plugin.training.concepts import DIRECTIONS_FILENAME, aligned_features, concept_jobs, load_directions
 from steer_plugin.training.diff_means import DOSE_GRID, alignment, write_vector_sae
 from steer_plugin.training.efficacy_report import comparison_markdown, efficacy_markdown
-from steer_plugin.training.steering_eval import Bench, Job, median, mention_rate, summarise
+from steer_plugin.training.steering_eval import Bench, Job, feature_jobs, median, mention_rate, summarise
 from steer_plugin.training.strengths import recommend, tuned_cells
 
 NEUTRAL_PROMPTS = (
@@ -114,7 +114,7 @@ def _clamped(entry: dict, prompts, sae_id: str = "sae", setting: tuple[float, st
     """The prompts, each with the feature clamped at a (strength, token scope): its recommended one
     unless one is given."""
     strength, tokens = setting or (entry["recommended_strength"], entry.get("recommended_tokens") or "all")
-    return [Job(p, ((sae_id, entry["id"], strength, "max"),), tokens=tokens) for p in prompts]
+    return feature_jobs(prompts, sae_id, entry["id"], strength, tokens)
 
 
 def _summaries(bench: Bench, groups: list[tuple[list[Job], list[str]]], control: dict[str, str]) -> list[dict]:
@@ -246,7 +246,7 @@ def compare(bench: Bench, catalogue: FeatureCatalogue, book: ConceptBook, vector
     tuning, tune_base = tuned_cells(
         bench, lambda key, prompts: (_clamped(vectors[key[0]], prompts, vectors_id, key[1:]), CONCEPTS[key[0]]),
         list(vectors), DOSE_GRID)
-    settings = {c: recommend({st: tuning[c, *st] for st in DOSE_GRID}, tune_base) for c in vectors}
+    settings = {c: recommend(tuning[c], tune_base) for c in vectors}
     tuned = [c for c in vectors if settings[c] is not None]
     vector_cells = dict(zip(tuned, _summaries(
         bench, [(_clamped(vectors[c], NEUTRAL_PROMPTS, vectors_id, settings[c]), CONCEPTS[c]) for c in tuned],

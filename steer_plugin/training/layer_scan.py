@@ -33,7 +33,7 @@ from steer_plugin.config import default_model_dir
 from steer_plugin.training.chat_corpus import CHATS_DIR, CHATS_FILE
 from steer_plugin.training.diff_means import chat_vector_saes
 from steer_plugin.training.efficacy import CONCEPTS
-from steer_plugin.training.steering_eval import Bench, Job, describe_decoding, median, mention_rate
+from steer_plugin.training.steering_eval import Bench, Job, describe_decoding, feature_jobs, median, mention_rate
 from steer_plugin.training.strengths import MAX_PPL_RATIO, MIN_TRIGRAMS, TUNING_PROMPTS, fluent, swept_cells
 
 BAR = 0.6
@@ -49,7 +49,7 @@ def scan(model_dir: str, chats: Path, out: Path, layers: list[int], doses: list[
     try:
         baseline = bench.run([Job(p) for p in TUNING_PROMPTS])
         baseline_ppl = median([j.perplexity for j in baseline])
-        cells = {(c, L, a): ([Job(p, ((f"L{L}", i, a, "max"),)) for p in TUNING_PROMPTS], keywords)
+        cells = {(c, L, a): (feature_jobs(TUNING_PROMPTS, f"L{L}", i, a), keywords)
                  for i, (c, keywords) in enumerate(concepts.items()) for L in layers for a in doses}
         summaries = swept_cells(bench, cells)
     finally:

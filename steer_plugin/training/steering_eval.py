@@ -83,6 +83,12 @@ class Job:
         return [{"role": "user", "content": f"{self.prompt} {self.instruction}" if self.instruction else self.prompt}]
 
 
+def feature_jobs(prompts, sae_id: str, feature: int, strength: float, tokens: str = "all",
+                 max_tokens: int | None = None) -> list[Job]:
+    """The prompts, each with one feature clamped (`set`) at `strength` × its max on a token scope."""
+    return [Job(p, ((sae_id, feature, strength, "max"),), tokens=tokens, max_tokens=max_tokens) for p in prompts]
+
+
 @dataclass
 class Judged:
     """A reply and its measures (see the module docstring); None: not judged yet (`Bench.run`)."""

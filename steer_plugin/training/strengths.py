@@ -46,7 +46,7 @@ from pathlib import Path
 from steer_plugin.catalogue import STOPWORDS, FeatureCatalogue, singular
 from steer_plugin.config import default_model_dir
 from steer_plugin.sae import CATALOGUE_FILENAME
-from steer_plugin.training.steering_eval import Bench, Job, count_mentions, median, mention_rate, summarise
+from steer_plugin.training.steering_eval import Bench, Job, count_mentions, feature_jobs, median, mention_rate, summarise
 
 TUNING_PROMPTS = (
     "What are you up to today?", "Write two sentences about anything you like.", "What is on your mind?",
@@ -210,8 +210,7 @@ def screened_features(bench: Bench, sae_id: str, d_sae: int, concepts: dict[str,
     one token's push; but labels of features that steer are often function words ("of / to / being"
     steers to religion), and only replies show what a clamp does to them."""
     unsteered = bench.run([Job(p, max_tokens=SCREEN_TOKENS) for p in SCREEN_PROMPTS], fluency=False)
-    jobs = [Job(p, ((sae_id, f, SCREEN_STRENGTH, "max"),), max_tokens=SCREEN_TOKENS)
-            for f in range(d_sae) for p in SCREEN_PROMPTS]
+    jobs = [j for f in range(d_sae) for j in feature_jobs(SCREEN_PROMPTS, sae_id, f, SCREEN_STRENGTH, max_tokens=SCREEN_TOKENS)]
     replies = [r for at in range(0, len(jobs), SCREEN_CHUNK) for r in bench.run(jobs[at:at + SCREEN_CHUNK], fluency=False)]
     per = len(SCREEN_PROMPTS)
     return screen_choice([replies[f * per:(f + 1) * per] for f in range(d_sae)], unsteered, concepts, per_concept)
@@ -261,8 +260,7 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
                                                              for c, kw in concepts.items()])
 
     def jobs_of(key: tuple, prompts: tuple[str, ...] = TUNING_PROMPTS) -> tuple[list[Job], list[str]]:
-        f, strength, tokens = key
-        return [Job(p, ((sae_id, f, strength, "max"),), tokens=tokens) for p in prompts], words[f]
+        return feature_jobs(prompts, sae_id, *key), words[key[0]]
 
     def run(summaries: dict) -> set[int]:
         """Adds the cells (key (feature, strength, scope) -> summary) to `cells`; the features that got one."""
@@ -326,12 +324,13 @@ def without_sweeps(entries: list[dict]) -> list[dict]:
 
 def tuned_cells(bench: Bench, jobs_of, groups: list, grid) -> tuple[dict, float]:
     """Each group (a concept clamp, a steering vector) at each (strength or dose, scope) of `grid`, by
-    the sweep's stages: (group, *setting) -> summary, on TUNING_PROMPTS and `confirmed` on SWEEP_PROMPTS;
-    and the unsteered median perplexity on SWEEP_PROMPTS the recommendation is judged against.
-    jobs_of((group, *setting), prompts) -> (jobs, words) of swept_cells."""
+    the sweep's stages: group -> setting -> summary, on TUNING_PROMPTS and `confirmed` on SWEEP_PROMPTS
+    (what `recommend` takes); and the unsteered median perplexity on SWEEP_PROMPTS the recommendation
+    is judged against. jobs_of((group, *setting), prompts) -> (jobs, words) of swept_cells."""
     baseline_ppl = median([j.perplexity for j in bench.run([Job(p) for p in SWEEP_PROMPTS])])
     cells = swept_cells(bench, {(g, *st): jobs_of((g, *st), TUNING_PROMPTS) for g in groups for st in grid})
-    return cells | confirmed(bench, cells, jobs_of, baseline_ppl), baseline_ppl
+    cells |= confirmed(bench, cells, jobs_of, baseline_ppl)
+    return {g: {st: cells[g, *st] for st in grid} for g in groups}, baseline_ppl
 
 
 def swept_cells(bench: Bench, cells: dict, rate=None) -> dict:
