@@ -84,14 +84,21 @@ CONCEPTS = {  # concept (the search query) -> keywords, singular: a plural "s"/"
     "film": ["film", "movie", "cinema"],
     "railways": ["railway", "train", "locomotive"],
     "mathematics": ["mathematics", "mathematical", "equation", "theorem", "math"],
+    "pizza": ["pizza"],
+    "chocolate": ["chocolate", "cocoa"],
+    "flowers": ["flower", "rose", "bloom", "garden"],
+    "cars": ["car", "vehicle", "driving", "engine"],
 }
+"""The first 30 since 2026-11-25; the four last, everyday searches of JOURNEY, since 2026-12-06. Of
+the journey's other searches, books is left out (a neutral prompt asks for a favourite book) and
+rain, the ocean and trains are weather, the sea and railways."""
 JOURNEY = {  # what a person might type into the search box -> keywords that show it in a reply
     "dogs": CONCEPTS["dogs"], "cats": CONCEPTS["cats"], "coffee": CONCEPTS["coffee"],
-    "pizza": ["pizza"], "chocolate": ["chocolate", "cocoa"], "football": CONCEPTS["football"],
+    "pizza": CONCEPTS["pizza"], "chocolate": CONCEPTS["chocolate"], "football": CONCEPTS["football"],
     "music": CONCEPTS["music"], "the ocean": CONCEPTS["the sea"], "space": CONCEPTS["space"],
     "trains": CONCEPTS["railways"], "rain": ["rain", "rainy", "umbrella", "storm"],
-    "books": ["book", "novel", "reading", "library"], "flowers": ["flower", "rose", "bloom", "garden"],
-    "cars": ["car", "vehicle", "driving", "engine"], "money": CONCEPTS["money"],
+    "books": ["book", "novel", "reading", "library"], "flowers": CONCEPTS["flowers"],
+    "cars": CONCEPTS["cars"], "money": CONCEPTS["money"],
 }
 JOURNEY_QUESTIONS = (
     "How do I boil an egg?", "What's a good way to start the morning?", "Can you recommend a weekend activity?",
