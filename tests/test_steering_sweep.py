@@ -84,6 +84,12 @@ def test_replies_are_judged_and_a_vector_clamp_changes_them(bench):
     prompted = bench.run([Job(prompts[0], instruction="Mention cats in your answer.")], control)[0]
     assert prompted.text != plain.text
     assert bench.run([Job(prompts[0])], control)[0] is not None  # served from the cache
+    # a second turn: the earlier turns are sent, and judged, with the question
+    second = Job(prompts[0], history=(("user", prompts[1]), ("assistant", plain.text)))
+    assert second.messages()[:2] == [{"role": "user", "content": prompts[1]}, {"role": "assistant", "content": plain.text}]
+    assert second.messages(prompts[1])[:2] == second.messages()[:2]
+    later = bench.run([second], control)[0]
+    assert later is not plain and later.perplexity is not None and later.pmi is not None
 
 
 def test_replies_are_decoded_with_the_frequency_penalty_and_cached_apart(bench):

@@ -17,6 +17,10 @@ strength and token scope into the catalogue. Three parts, all through the real v
 - **Concept clamps** (where the SAE ships concepts.json, see concepts.py): the same bar for each
   concept's multi-feature clamp at its recommended dose, and the journey with the concept clamp a
   search returns first (`/v1/features?q=` carries it in `concepts`).
+- **A second turn**: the features that meet the bar, clamped as recommended, on the same prompts
+  asked as the second user turn of a conversation (`EARLIER_TURN` and the model's own reply to it
+  before them): what a chat client sends, where a clamp on the `all` or `prompt` scope also acts on
+  the earlier turns.
 - **Side by side** (`--compare`): per concept, the top feature hit and the concept clamp against
   prompting (the question plus "Mention {concept} in your answer.") and a difference-of-means vector
   at the same layer, the very direction the concept clamp approximates (concept_directions.safetensors;
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from steer_plugin.catalogue import FeatureCatalogue
@@ -105,6 +110,8 @@ JOURNEY_QUESTIONS = (
     "How can I be more productive at work?", "What should I name my new goldfish?",
     "Give me a tip for a job interview.", "How do I keep my room tidy?", "What's a good gift for my mother?",
 )
+EARLIER_TURN = "Can you help me plan my week?"
+"""The user turn before each neutral prompt in `second_turn` (about nothing in CONCEPTS)."""
 REPORT_HEADER = ("date", "max_tokens", "decoding", "protocol")
 """What comparison.json repeats of efficacy.json besides the comparison (its markdown needs them)."""
 BASELINE_MAX = 0.10
@@ -196,6 +203,28 @@ def efficacy(bench: Bench, catalogue: FeatureCatalogue, candidates: int, book: C
             "concept_clamps": {"concepts": len(CONCEPTS), "with_clamp": len(concept_rows),
                                "meeting_bar": [r["concept"] for r in concept_rows if _at_bar(r, baseline_ppl)],
                                "results": concept_rows}}
+
+
+def second_turn(bench: Bench, report: dict) -> dict:
+    """The features of an efficacy report that meet the bar, each at its recommended setting, on
+    NEUTRAL_PROMPTS asked after EARLIER_TURN and the unsteered model's reply to it, judged by the
+    same bar against unsteered second turns."""
+    control = control_prompts(NEUTRAL_PROMPTS)
+    history = (("user", EARLIER_TURN), ("assistant", bench.run([Job(EARLIER_TURN)], fluency=False)[0].text))
+    baseline = bench.run([Job(p, history=history) for p in NEUTRAL_PROMPTS], control)
+    baseline_ppl = median([j.perplexity for j in baseline])
+    first = [r for r in report["results"] if _at_bar(r, report["baseline_median_ppl"])]
+    entries = [{"id": r["feature"], "recommended_strength": r["strength_x_max"], "recommended_tokens": r["tokens"]}
+               for r in first]
+    cells = _summaries(bench, [([replace(j, history=history) for j in _clamped(e, NEUTRAL_PROMPTS)], CONCEPTS[r["concept"]])
+                               for r, e in zip(first, entries)], control)
+    rows = [{"concept": r["concept"], "feature": r["feature"], "strength_x_max": r["strength_x_max"], "tokens": r["tokens"],
+             "first_turn_rate": r["concept_rate"], "baseline_mention_rate": mention_rate(baseline, CONCEPTS[r["concept"]]),
+             **cell} for r, cell in zip(first, cells)]
+    meeting = [r for r in rows if _at_bar(r, baseline_ppl)]
+    return {"earlier_turn": EARLIER_TURN, "baseline_median_ppl": baseline_ppl, "features": len(rows),
+            "features_meeting_bar": len(meeting), "concepts_meeting_bar": sorted({r["concept"] for r in meeting}),
+            "results": rows}
 
 
 def journey(bench: Bench, catalogue: FeatureCatalogue, book: ConceptBook) -> dict:
@@ -333,6 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "efficacy": efficacy(bench, catalogue, args.candidates, book,
                                        aligned_features(sae_dir, args.aligned)),
                   "journey": journey(bench, catalogue, book)}
+        report["second_turn"] = second_turn(bench, report["efficacy"])
         (sae_dir / "efficacy.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
         (sae_dir / "efficacy.md").write_text(efficacy_markdown(report))
         if args.compare:
@@ -349,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "concepts": report["efficacy"]["concepts_meeting_bar"],
                       "concept_clamps": report["efficacy"]["concept_clamps"]["meeting_bar"],
                       "journey": report["journey"]["steered"], "journey_concepts": report["journey"]["concept_steered"],
+                      "second_turn": report["second_turn"]["features_meeting_bar"],
                       "table": report.get("comparison", {}).get("table")}))
     return report
 

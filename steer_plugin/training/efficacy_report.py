@@ -61,6 +61,19 @@ def efficacy_markdown(report: dict) -> str:
         lines.append(f"| {r['query']} | {r['concept_clamp']} | {r['features']} | {r['dose']:g} | {r['tokens']} | "
                      f"{r['baseline_mention_rate']:.0%} | {r['concept_rate']:.0%} | {r['median_ppl']:.2f} | "
                      f"{r['distinct_trigrams']:.2f} | {example} |")
+    t = report["second_turn"]
+    lines += ["", "## A second turn", "",
+              f"The {t['features']} features at the bar above, each at its recommended setting, on the same prompts "
+              f"asked as the second user turn of a conversation (the first: \"{t['earlier_turn']}\" and the model's "
+              f"unsteered reply; a clamp on `all` or `prompt` acts on those turns too): **{t['features_meeting_bar']} of "
+              f"{t['features']}** meet the same bar against unsteered second turns (median perplexity "
+              f"{t['baseline_median_ppl']:.2f}), over {len(t['concepts_meeting_bar'])} concepts.", "",
+              "| concept | feature | × max | tokens | first turn | unsteered | second turn | median ppl | distinct trigrams | answers |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in t["results"]:
+        lines.append(f"| {r['concept']} | {r['feature']} | {r['strength_x_max']:g} | {r['tokens']} | {r['first_turn_rate']:.0%} | "
+                     f"{r['baseline_mention_rate']:.0%} | {r['concept_rate']:.0%} | {r['median_ppl']:.2f} | "
+                     f"{r['distinct_trigrams']:.2f} | {r['answers']:.0%} |")
     return "\n".join(lines) + "\n"
 
 

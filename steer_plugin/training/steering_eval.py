@@ -75,12 +75,16 @@ class Job:
     """The clamps' `tokens` scope: all, prompt or generated."""
     max_tokens: int | None = None
     """Reply length; None: the bench's."""
+    history: tuple[tuple[str, str], ...] = ()
+    """Earlier turns, (role, content), before the user turn: a clamp on the `all` or `prompt` scope
+    acts on their positions too, as it does on a chat request's."""
 
     def messages(self, question: str | None = None) -> list[dict]:
         """The conversation sent (question None) or the one a reply is judged in (the plain question)."""
+        earlier = [{"role": role, "content": content} for role, content in self.history]
         if question is not None:
-            return [{"role": "user", "content": question}]
-        return [{"role": "user", "content": f"{self.prompt} {self.instruction}" if self.instruction else self.prompt}]
+            return earlier + [{"role": "user", "content": question}]
+        return earlier + [{"role": "user", "content": f"{self.prompt} {self.instruction}" if self.instruction else self.prompt}]
 
 
 def feature_jobs(prompts, sae_id: str, feature: int, strength: float, tokens: str = "all",
@@ -169,6 +173,8 @@ class Bench:
             key.append(sorted(self.decoding.items()))
         if job.clamps:  # a clamp on feature i means what that SAE's files say, which a rebuild changes
             key.append(sorted({self._fingerprints[c[0]] for c in job.clamps}))
+        if job.history:  # appended only when there is one, so single-turn keys stay as they were
+            key.append(job.history)
         return json.dumps(key)
 
     def run(self, jobs: list[Job], control: dict[str, str] | None = None, fluency: bool = True) -> list[Judged]:
