@@ -174,3 +174,23 @@ def test_resampling_more_dead_latents_than_a_batch_has_tokens_makes_no_copies(tm
                          "init": str(tmp_path / "first")})  # 1,168 new latents, dead, against 512-token batches
     wide = train_sae(acts, cfg, "blocks.3.hook_resid_post", "synthetic")
     assert not trainer.duplicate_latents(wide.W_dec).any()
+
+
+def test_resampling_draws_only_from_the_worse_reconstructed_half_of_the_batch():
+    """A source token the SAE nearly reconstructs would get an encoder column of norm (median value /
+    its tiny error) that fires on every token: resampling as many latents as the batch has tokens
+    must still leave those tokens out."""
+    gen = torch.Generator().manual_seed(0)
+    d_in, d_sae, batch = 16, 64, 32
+    err = torch.randn(batch, d_in, generator=gen)
+    err[::2] *= 1e-3  # half the batch nearly reconstructed
+    params = [torch.nn.Parameter(t) for t in (torch.zeros(d_in, d_sae), torch.zeros(d_sae), torch.zeros(d_sae, d_in),
+                                              torch.zeros(d_in))]
+    opt = torch.optim.Adam(params)
+    dead = torch.arange(d_sae)
+    resampled = trainer._resample(dead, err, torch.ones(100), params, opt, gen)
+    assert resampled.numel() == batch // 2
+    sources = params[2][resampled]  # unit error directions of the tokens drawn
+    drawn = (sources @ (err / err.norm(dim=-1, keepdim=True)).t()).abs().argmax(-1)
+    assert (drawn % 2 == 1).all()
+    assert params[0][:, resampled].norm(dim=0).max() <= 1 / err[1::2].norm(dim=-1).min() + 1e-6
