@@ -3,7 +3,7 @@
     python -m steer_plugin.training.efficacy --sae sae_weights/NAME [--work DIR]
 
 Run after the strength sweep (strengths.py), which writes each steerable feature's recommended
-strength and token scope into the catalogue. Three parts, all through the real vLLM engine with the plugin
+strength and token scope into the catalogue. Its parts, all through the real vLLM engine with the plugin
 (decoding: steering_eval.DECODING), on prompts the sweep never saw:
 
 - **Efficacy**: for each concept (a keyword list a reader recognises), the top `--candidates`
