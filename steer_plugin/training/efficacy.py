@@ -214,10 +214,9 @@ def second_turn(bench: Bench, report: dict) -> dict:
     baseline = bench.run([Job(p, history=history) for p in NEUTRAL_PROMPTS], control)
     baseline_ppl = median([j.perplexity for j in baseline])
     first = [r for r in report["results"] if _at_bar(r, report["baseline_median_ppl"])]
-    entries = [{"id": r["feature"], "recommended_strength": r["strength_x_max"], "recommended_tokens": r["tokens"]}
-               for r in first]
-    cells = _summaries(bench, [([replace(j, history=history) for j in _clamped(e, NEUTRAL_PROMPTS)], CONCEPTS[r["concept"]])
-                               for r, e in zip(first, entries)], control)
+    cells = _summaries(bench, [([replace(j, history=history) for j in feature_jobs(NEUTRAL_PROMPTS, "sae", r["feature"],
+                                                                                 r["strength_x_max"], r["tokens"])],
+                                CONCEPTS[r["concept"]]) for r in first], control)
     rows = [{"concept": r["concept"], "feature": r["feature"], "strength_x_max": r["strength_x_max"], "tokens": r["tokens"],
              "first_turn_rate": r["concept_rate"], "baseline_mention_rate": mention_rate(baseline, CONCEPTS[r["concept"]]),
              **cell} for r, cell in zip(first, cells)]

@@ -81,10 +81,9 @@ class Job:
 
     def messages(self, question: str | None = None) -> list[dict]:
         """The conversation sent (question None) or the one a reply is judged in (the plain question)."""
-        earlier = [{"role": role, "content": content} for role, content in self.history]
-        if question is not None:
-            return earlier + [{"role": "user", "content": question}]
-        return earlier + [{"role": "user", "content": f"{self.prompt} {self.instruction}" if self.instruction else self.prompt}]
+        if question is None:
+            question = f"{self.prompt} {self.instruction}" if self.instruction else self.prompt
+        return [{"role": role, "content": content} for role, content in self.history] + [{"role": "user", "content": question}]
 
 
 def feature_jobs(prompts, sae_id: str, feature: int, strength: float, tokens: str = "all",
