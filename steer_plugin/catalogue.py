@@ -1,7 +1,8 @@
 """The feature catalogue of the loaded SAE, searchable by words (API process only).
 
-`feature_catalogue.json` (written by training, one entry per feature: label, max/mean activation,
-frequency, top tokens with counts, top contexts with the token marked «like this») is loaded once.
+`feature_catalogue.json.gz` (written by training, one entry per feature: label, max/mean activation,
+frequency, top tokens with counts, top contexts with the token marked «like this»; a plain
+`feature_catalogue.json` is read too) is loaded once.
 A query is matched word by word against, in order of weight:
     steers        the share of replies mentioning a concept named or described by a    × 3
                   query word, at the recommended strength (`steers`, strengths.py)
@@ -26,12 +27,13 @@ knows one that makes replies talk about what was searched for, that one.
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from steer_plugin.sae import CATALOGUE_FILENAME, SAEFileError
+from steer_plugin.sae import CATALOGUE_FILENAME, PLAIN_CATALOGUE_FILENAME, SAEFileError
 
 STEERABLE_WITHIN = 0.5
 """A steerable match outranks an unmeasured one when it scores at least this share of the best."""
@@ -40,6 +42,25 @@ _MARKED = re.compile(r"«(.*?)»")
 STOPWORDS = frozenset("a an and are as at be by for from in into is it of on or that the this to was with "
                        "about me make talk".split())
 """Function words dropped from queries (and from the words a steered reply is checked for)."""
+
+
+def read_entries(sae_dir: str | Path) -> list[dict]:
+    """The catalogue entries next to an SAE: the compressed file, else a plain one."""
+    sae_dir = Path(sae_dir)
+    if (sae_dir / CATALOGUE_FILENAME).is_file():
+        return json.loads(gzip.decompress((sae_dir / CATALOGUE_FILENAME).read_bytes()))
+    if (sae_dir / PLAIN_CATALOGUE_FILENAME).is_file():
+        return json.loads((sae_dir / PLAIN_CATALOGUE_FILENAME).read_text())
+    raise SAEFileError(f"steer_plugin: no {CATALOGUE_FILENAME} (or {PLAIN_CATALOGUE_FILENAME}) next to the SAE "
+                       f"in {sae_dir}")
+
+
+def write_entries(sae_dir: str | Path, entries: list[dict]) -> None:
+    """Writes the compressed catalogue (one entry per line inside, and mtime 0, so that the same entries give
+    the same bytes) and removes a plain one, which would otherwise be shadowed but still read by people."""
+    text = "[\n" + ",\n".join(json.dumps(e, ensure_ascii=False, separators=(",", ":")) for e in entries) + "\n]\n"
+    Path(sae_dir, CATALOGUE_FILENAME).write_bytes(gzip.compress(text.encode(), mtime=0))
+    Path(sae_dir, PLAIN_CATALOGUE_FILENAME).unlink(missing_ok=True)
 
 
 def singular(word: str) -> str:
@@ -120,12 +141,9 @@ class FeatureCatalogue:
 
     @classmethod
     def load(cls, sae_path: str | Path) -> "FeatureCatalogue":
-        path = Path(sae_path) / CATALOGUE_FILENAME
-        if not path.is_file():
-            raise SAEFileError(f"steer_plugin: no {CATALOGUE_FILENAME} next to the SAE in {sae_path}")
-        entries = json.loads(path.read_text())
+        entries = read_entries(sae_path)
         if [e["id"] for e in entries] != list(range(len(entries))):
-            raise SAEFileError(f"steer_plugin: {path} must list features 0..n-1 in order")
+            raise SAEFileError(f"steer_plugin: the catalogue in {sae_path} must list features 0..n-1 in order")
         return cls(entries)
 
     def __len__(self) -> int:

@@ -29,7 +29,10 @@ from steer_plugin import sae_formats
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 STATS_FILENAME = "feature_stats.safetensors"
-CATALOGUE_FILENAME = "feature_catalogue.json"
+CATALOGUE_FILENAME = "feature_catalogue.json.gz"
+"""The catalogue as training writes it: gzip-compressed JSON (a 16k-feature catalogue is 24 MB as plain
+JSON, 6 MB compressed). A plain `feature_catalogue.json` (PLAIN_CATALOGUE_FILENAME) is read as well."""
+PLAIN_CATALOGUE_FILENAME = "feature_catalogue.json"
 
 Architecture = Literal["standard", "jumprelu", "topk"]
 NormMode = Literal["none", "expected_average_only_in", "constant_norm_rescale", "layer_norm"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engines import MODEL
+from steer_plugin.catalogue import read_entries
 from steer_plugin.concepts import CONCEPTS_FILENAME, ConceptBook
 from steer_plugin.config import DEFAULT_SAE_DIR
 from steer_plugin.sae import load_config
@@ -77,7 +78,7 @@ def test_concept_clamps_built_and_tuned_through_the_engine(tmp_path):
     from steer_plugin.training.steering_eval import Bench, Job
 
     sae = SAE.load(DEFAULT_SAE_DIR)
-    labels = [e["label"] for e in json.loads((DEFAULT_SAE_DIR / "feature_catalogue.json").read_text())]
+    labels = [e["label"] for e in read_entries(DEFAULT_SAE_DIR)]
     named = {"dogs": ["dog", "puppy"], "the sea": ["sea", "ocean"], "music": ["music", "song"]}
     bench = Bench(MODEL, [{"path": str(DEFAULT_SAE_DIR), "id": "sae"}], max_tokens=16, cache=tmp_path / "replies.json")
     try:

@@ -85,6 +85,22 @@ def test_catalogue_search_on_the_shipped_sae():
         [e["id"] for e, _ in catalogue.search("sea", 12)[0]][2:]
 
 
+def test_catalogue_is_written_compressed_and_read_compressed_or_plain(tmp_path):
+    from steer_plugin.catalogue import read_entries, write_entries
+    from steer_plugin.sae import CATALOGUE_FILENAME, PLAIN_CATALOGUE_FILENAME, SAEFileError
+
+    entries = [{"id": 0, "label": "café «é»"}, {"id": 1, "label": "two"}]
+    with pytest.raises(SAEFileError, match=CATALOGUE_FILENAME):
+        read_entries(tmp_path)
+    (tmp_path / PLAIN_CATALOGUE_FILENAME).write_text(json.dumps(entries[:1]))  # a user's own, plain
+    assert read_entries(tmp_path) == entries[:1]
+    write_entries(tmp_path, entries)
+    assert not (tmp_path / PLAIN_CATALOGUE_FILENAME).exists() and read_entries(tmp_path) == entries
+    written = (tmp_path / CATALOGUE_FILENAME).read_bytes()
+    write_entries(tmp_path, entries)
+    assert (tmp_path / CATALOGUE_FILENAME).read_bytes() == written  # same entries, same bytes (no timestamp)
+
+
 @pytest.mark.parametrize("plural, single", [("trees", "tree"), ("horses", "horse"), ("boxes", "box"),
                                             ("churches", "church"), ("classes", "class"), ("puppies", "puppy"),
                                             ("cats", "cat"), ("glass", "glass")])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from steer_plugin.catalogue import FeatureCatalogue
+from steer_plugin.catalogue import FeatureCatalogue, read_entries
 from steer_plugin.concepts import ConceptBook
 from steer_plugin.config import DEFAULT_SAE_DIR
 from steer_plugin.training.efficacy import REPORT_HEADER, candidates_for, control_prompts
@@ -151,7 +151,7 @@ def test_the_screen_chooses_the_features_whose_replies_turn_to_a_concept_most():
 
 
 def test_a_kept_sweep_is_read_back_as_cells_and_candidates_are_chosen_as_by_a_fresh_sweep():
-    entries = json.loads((DEFAULT_SAE_DIR / "feature_catalogue.json").read_text())
+    entries = read_entries(DEFAULT_SAE_DIR)
     swept = next(e for e in entries if e.get("sweep") and e["recommended_strength"] is not None)
     cells = stored_cells(swept)
     assert all(isinstance(s, float) and t in swept["sweep"] for s, t in cells)
@@ -204,7 +204,7 @@ def test_a_cached_reply_is_keyed_by_what_the_sae_files_say(tmp_path):
     from steer_plugin.training.steering_eval import fingerprint
 
     copy = tmp_path / "sae"
-    shutil.copytree(DEFAULT_SAE_DIR, copy, ignore=shutil.ignore_patterns("feature_catalogue.json", ".*"))
+    shutil.copytree(DEFAULT_SAE_DIR, copy, ignore=shutil.ignore_patterns("feature_catalogue.json*", ".*"))
     before = fingerprint(copy)
     (copy / "concepts.json").write_text("{}")
     assert fingerprint(copy) == before == fingerprint(DEFAULT_SAE_DIR)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engines import MODEL
-from steer_plugin.catalogue import FeatureCatalogue
+from steer_plugin.catalogue import FeatureCatalogue, read_entries
 from steer_plugin.config import DEFAULT_SAE_DIR
 from steer_plugin.training import strengths
 from steer_plugin.training.diff_means import write_vector_sae
@@ -33,7 +33,7 @@ def bench(tmp_path_factory):
 
 def test_sweep_writes_a_measured_strength_per_feature(bench):
     # As the sweep finds it (the shipped sweeps were measured on longer replies than this bench's).
-    entries = strengths.without_sweeps(json.loads((DEFAULT_SAE_DIR / "feature_catalogue.json").read_text()))
+    entries = strengths.without_sweeps(read_entries(DEFAULT_SAE_DIR))
     feature = FeatureCatalogue(entries).search("trees", 1)[0][0][0]["id"]  # a concept feature
     trees = {"trees": ["tree", "forest", "wood"]}
     report = strengths.sweep(bench, "sae", entries, [feature], strengths=(1.5, 30.0), concepts=trees)

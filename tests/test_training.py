@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from steer_plugin.config import DEFAULT_SAE_DIR, default_model_dir
-from steer_plugin.sae import CATALOGUE_FILENAME, SAE, load_max_activations
+from steer_plugin.catalogue import read_entries
+from steer_plugin.sae import SAE, load_max_activations
 
 pytestmark = pytest.mark.slow  # captures activations with transformers and trains
 
@@ -25,7 +25,7 @@ def test_tiny_training_run_writes_a_loadable_sae_and_resumes_from_its_captures(t
     for r in report["heldout"].values():
         for value in (r["fvu"], r["l0"], r["loss"]["ce_increase"]):
             assert torch.isfinite(torch.tensor(value))
-    catalogue = json.loads((tmp_path / "tiny" / CATALOGUE_FILENAME).read_text())
+    catalogue = read_entries(tmp_path / "tiny")
     assert len(catalogue) == sae.cfg.d_sae == len(load_max_activations(tmp_path / "tiny"))
     assert all("output_score" in e and "steered_tokens" in e and "output_tokens" in e for e in catalogue)
     assert "| source |" in (tmp_path / "tiny" / "evaluation.md").read_text()
@@ -66,7 +66,7 @@ def test_shipped_sae_has_no_copied_latents(shipped):
 
 
 def test_shipped_catalogue_and_stats_match_the_sae(shipped):
-    catalogue = json.loads((DEFAULT_SAE_DIR / CATALOGUE_FILENAME).read_text())
+    catalogue = read_entries(DEFAULT_SAE_DIR)
     assert [e["id"] for e in catalogue] == list(range(shipped.cfg.d_sae))
     assert load_max_activations(DEFAULT_SAE_DIR).shape == (shipped.cfg.d_sae,)
     live = [e for e in catalogue if e["max_activation"] > 0]
@@ -86,7 +86,7 @@ def test_catalogued_output_tokens_are_what_the_decoder_row_does_to_the_logits(sh
     from steer_plugin.training.capture import load_hf_model
 
     model, tokenizer = load_hf_model(str(default_model_dir()))
-    catalogue = json.loads((DEFAULT_SAE_DIR / CATALOGUE_FILENAME).read_text())
+    catalogue = read_entries(DEFAULT_SAE_DIR)
     torch.manual_seed(0)
     with torch.inference_mode():
         for feature in (4137, 0, 1000, 3000):

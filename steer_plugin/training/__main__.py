@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 from steer_plugin.config import default_model_dir
-from steer_plugin.sae import CATALOGUE_FILENAME, SAE, STATS_FILENAME
+from steer_plugin.catalogue import write_entries
+from steer_plugin.sae import SAE, STATS_FILENAME
 from steer_plugin.training.capture import Capture, cached_capture, load_hf_model
 from steer_plugin.training.catalogue import add_output_side, build_catalogue, feature_statistics
 from steer_plugin.training.chat_corpus import CHATS_DIR, CHATS_FILE
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     scores = timed("output_score", score_features, sae, stats["max_activation"], model, tokenizer)
     for entry, scored in zip(catalogue, scores, strict=True):
         entry.update(scored)
-    (out / CATALOGUE_FILENAME).write_text(json.dumps(catalogue, ensure_ascii=False, indent=0))
+    write_entries(out, catalogue)
 
     train_sources = {s: {"documents": len(train_docs[s]), "tokens": int(c.acts.shape[0]), "licence": LICENCES[s]}
                      for s, c in parts.items()}

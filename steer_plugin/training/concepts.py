@@ -45,7 +45,8 @@ from safetensors.torch import load_file, save_file
 
 from steer_plugin.concepts import CONCEPTS_FILENAME
 from steer_plugin.config import default_model_dir
-from steer_plugin.sae import CATALOGUE_FILENAME, SAE
+from steer_plugin.catalogue import read_entries
+from steer_plugin.sae import SAE
 from steer_plugin.training.capture import load_hf_model
 from steer_plugin.training.diff_means import DOSE_GRID, DOSES, PROMPT_DOSES, LayerSums, alignment, stream_sums
 from steer_plugin.training.steering_eval import Bench, Job, count_mentions
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         _write(path, built["concepts"], built["features_per_concept"], report, started)
         return report
     sae = SAE.load(sae_dir)
-    labels = [e["label"] for e in json.loads((sae_dir / CATALOGUE_FILENAME).read_text())]
+    labels = [e["label"] for e in read_entries(sae_dir)]
     # Your own concepts are contrasted with the default ones too, and join the file's entries.
     kept = [e for e in json.loads(path.read_text())["concepts"] if e["concept"] not in own] if own and path.is_file() else []
     try:

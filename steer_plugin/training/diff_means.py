@@ -16,7 +16,6 @@ differences themselves are far shorter than the stream and differ several-fold b
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import NamedTuple
@@ -25,7 +24,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from steer_plugin.sae import CATALOGUE_FILENAME, SAE, STATS_FILENAME, SAEConfig
+from steer_plugin.catalogue import write_entries
+from steer_plugin.sae import SAE, STATS_FILENAME, SAEConfig
 from steer_plugin.training.capture import load_hf_model, streams
 from steer_plugin.training.corpus import chat_documents
 from steer_plugin.training.steering_eval import count_mentions
@@ -129,9 +129,8 @@ def write_vector_sae(vectors: torch.Tensor, labels: list[str], hook_name: str, u
               "threshold": torch.ones(n)}).save(out)
     save_file({"max_activation": torch.full((n,), unit), "frequency": torch.zeros(n), "mean_activation": torch.zeros(n)},
               str(out / STATS_FILENAME))
-    (out / CATALOGUE_FILENAME).write_text(json.dumps(
-        [{"id": i, "label": label, "max_activation": unit, "frequency": 0.0, "mean_activation": 0.0,
-          "top_tokens": [], "top_contexts": []} for i, label in enumerate(labels)], ensure_ascii=False))
+    write_entries(out, [{"id": i, "label": label, "max_activation": unit, "frequency": 0.0, "mean_activation": 0.0,
+                         "top_tokens": [], "top_contexts": []} for i, label in enumerate(labels)])
 
 
 def chat_vector_saes(model_dir: str, chats: Path, concepts: dict[str, list[str]], layers: list[int], out: Path,

@@ -9,11 +9,11 @@ Rewrites `feature_catalogue.json` in place with an `output_tokens` list per feat
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from steer_plugin.config import default_model_dir
-from steer_plugin.sae import CATALOGUE_FILENAME, SAE
+from steer_plugin.catalogue import read_entries, write_entries
+from steer_plugin.sae import SAE
 from steer_plugin.training.capture import load_hf_model
 from steer_plugin.training.catalogue import add_output_side
 
@@ -21,11 +21,10 @@ from steer_plugin.training.catalogue import add_output_side
 def rewrite_catalogue(sae_dir: Path, model_dir: str, add) -> list[dict]:
     """Loads the SAE, the model and the catalogue, lets add(entries, sae, model, tokenizer) fill
     fields into the entries, and writes the catalogue back in place."""
-    path = sae_dir / CATALOGUE_FILENAME
-    entries = json.loads(path.read_text())
+    entries = read_entries(sae_dir)
     model, tokenizer = load_hf_model(model_dir)
     add(entries, SAE.load(sae_dir), model, tokenizer)
-    path.write_text(json.dumps(entries, ensure_ascii=False, indent=0))
+    write_entries(sae_dir, entries)
     return entries
 
 

@@ -43,9 +43,8 @@ import json
 import re
 from pathlib import Path
 
-from steer_plugin.catalogue import STOPWORDS, FeatureCatalogue, singular
+from steer_plugin.catalogue import STOPWORDS, FeatureCatalogue, read_entries, singular, write_entries
 from steer_plugin.config import default_model_dir
-from steer_plugin.sae import CATALOGUE_FILENAME
 from steer_plugin.training.steering_eval import Bench, Job, count_mentions, feature_jobs, median, mention_rate, summarise
 
 TUNING_PROMPTS = (
@@ -374,8 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="keep the cells the catalogue's sweeps hold (run with the same prompts and decoding) "
                         "and run only the missing ones: widening a sweep without redoing it")
     args = p.parse_args(argv)
-    path = args.sae / CATALOGUE_FILENAME
-    entries = json.loads(path.read_text())
+    entries = read_entries(args.sae)
     # Candidates are chosen as by a fresh sweep: search must rank them by match, not by an earlier sweep.
     fresh = without_sweeps(entries)
     if not args.keep:
@@ -398,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
             report = sweep(bench, "sae", entries, prompted, strengths, (), CONCEPTS | JOURNEY, PROMPT_STRENGTHS)
     finally:
         bench.close()
-    path.write_text(json.dumps(entries, ensure_ascii=False, indent=0))
+    write_entries(args.sae, entries)
     report |= sweep_counts(entries, sorted(set(features) | set(prompted))) | {"prompt_scope": len(prompted)}
     print(json.dumps(report))
     return report
