@@ -105,6 +105,9 @@ class Judged:
 REPLY_TOKENS = 64
 """Tokens per reply: two or three sentences, long enough for a steered reply to turn to its concept
 after answering (AxBench generates 128; 32 cut most replies mid-sentence)."""
+SAVE_EVERY = 2048
+"""Jobs per engine batch in Bench.run, the reply cache written after each: a sweep's grid is one run of
+tens of thousands of replies (an hour and more here), and a stopped run resumes from its last batch."""
 
 
 DECODING: dict = {"frequency_penalty": 0.5}
@@ -181,9 +184,15 @@ class Bench:
         in the cache on disk: the long part of a run). fluency: also perplexity; control: also PMI,
         for each prompt against the other prompt given (the scorer's passes cost more than the replies,
         so a sweep judges only the replies it needs)."""
+        unique = list({self._key(j): j for j in jobs}.values())
+        for at in range(0, len(unique), SAVE_EVERY):
+            self._answer(unique[at:at + SAVE_EVERY], control, fluency)
+        return [self._cache[self._key(j)] for j in jobs]
+
+    def _answer(self, unique: list[Job], control: dict[str, str] | None, fluency: bool) -> None:
+        """run() on distinct jobs, then the cache written: one engine batch."""
         from vllm import SamplingParams
 
-        unique = list({self._key(j): j for j in jobs}.values())
         todo = [j for j in unique if self._key(j) not in self._cache]
         if todo:
             params = [SamplingParams(**self.sampling, max_tokens=j.max_tokens or self.max_tokens, extra_args=None if not j.clamps else
@@ -206,7 +215,6 @@ class Bench:
                 c.pmi = other_nll / n - math.log(c.perplexity)
         if self.cache_path is not None and (todo or unscored or no_pmi):
             self.cache_path.write_text(json.dumps({k: vars(v) for k, v in self._cache.items()}))
-        return [self._cache[self._key(j)] for j in jobs]
 
     @torch.inference_mode()
     def _loglik(self, conversations: list[list[dict]], replies: list[str], batch: int = 16) -> list[tuple[float, int]]:

@@ -98,8 +98,6 @@ SCREEN_STRENGTH = 2.0
 """The screen's clamp (× max, `set`, all positions): the top of the window where the features that
 steer turn replies to their concept (often past fluency: the sweep finds the fluent strength)."""
 SCREEN_TOKENS = 32
-SCREEN_CHUNK = 2048
-"""Screen replies per engine batch: each batch lands in the reply cache, so a stopped screen resumes."""
 
 
 SWEEP_FIELDS = ("sweep", "sweep_words", "recommended_strength", "recommended_tokens", "recommended_sampling", "steers")
@@ -210,7 +208,7 @@ def screened_features(bench: Bench, sae_id: str, d_sae: int, concepts: dict[str,
     steers to religion), and only replies show what a clamp does to them."""
     unsteered = bench.run([Job(p, max_tokens=SCREEN_TOKENS) for p in SCREEN_PROMPTS], fluency=False)
     jobs = [j for f in range(d_sae) for j in feature_jobs(SCREEN_PROMPTS, sae_id, f, SCREEN_STRENGTH, max_tokens=SCREEN_TOKENS)]
-    replies = [r for at in range(0, len(jobs), SCREEN_CHUNK) for r in bench.run(jobs[at:at + SCREEN_CHUNK], fluency=False)]
+    replies = bench.run(jobs, fluency=False)
     per = len(SCREEN_PROMPTS)
     return screen_choice([replies[f * per:(f + 1) * per] for f in range(d_sae)], unsteered, concepts, per_concept)
 
