@@ -103,3 +103,32 @@ def test_replies_are_decoded_with_the_frequency_penalty_and_cached_apart(bench):
     assert DECODING == {"frequency_penalty": 0.5} and bench.sampling == {"temperature": 0, **DECODING}
     assert penalised.text != greedy.text  # 64 tokens repeat some token the penalty turns away from
     assert bench.run([job], fluency=False)[0] is penalised  # each decoding keeps its own cached reply
+
+
+def test_a_stopped_run_resumes_from_its_last_engine_batch(bench, monkeypatch):
+    from steer_plugin.training import steering_eval
+
+    monkeypatch.setattr(steering_eval, "SAVE_EVERY", 2)
+    jobs = [Job(f"Name a colour, please ({i}).") for i in range(5)]
+    chat, sent = bench.llm.chat, []
+
+    def stopped_in_the_second_batch(conversations, *args, **kwargs):
+        if sent:
+            raise KeyboardInterrupt
+        sent.append(len(conversations))
+        return chat(conversations, *args, **kwargs)
+
+    monkeypatch.setattr(bench.llm, "chat", stopped_in_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(jobs, fluency=False)
+    on_disk = json.loads(bench.cache_path.read_text())
+    assert sent == [2] and [bench._key(j) in on_disk for j in jobs] == [True, True, False, False, False]
+
+    def counted(conversations, *args, **kwargs):
+        sent.append(len(conversations))
+        return chat(conversations, *args, **kwargs)
+
+    monkeypatch.setattr(bench.llm, "chat", counted)
+    replies = bench.run(jobs, fluency=False)
+    assert sent == [2, 2, 1] and all(r.text for r in replies)  # only the three unanswered, two batches
+    assert all(bench._key(j) in json.loads(bench.cache_path.read_text()) for j in jobs)

@@ -214,7 +214,10 @@ class Bench:
                                                                    [c.text for _, c in no_pmi])):
                 c.pmi = other_nll / n - math.log(c.perplexity)
         if self.cache_path is not None and (todo or unscored or no_pmi):
-            self.cache_path.write_text(json.dumps({k: vars(v) for k, v in self._cache.items()}))
+            # through a temporary file: a run stopped while writing keeps the cache it had
+            written = self.cache_path.with_name(self.cache_path.name + ".tmp")
+            written.write_text(json.dumps({k: vars(v) for k, v in self._cache.items()}))
+            written.replace(self.cache_path)
 
     @torch.inference_mode()
     def _loglik(self, conversations: list[list[dict]], replies: list[str], batch: int = 16) -> list[tuple[float, int]]:
