@@ -2,7 +2,7 @@
 
     python -m steer_plugin.training.output_labels --sae sae_weights/NAME [--model-dir DIR]
 
-Rewrites `feature_catalogue.json` in place with an `output_tokens` list per feature
+Rewrites `feature_catalogue.json.gz` in place with an `output_tokens` list per feature
 (see `catalogue.promoted_tokens`); the input-side fields stay as they are.
 """
 
