@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     if pipe.capture_only:
         return {"captured": sources, "heldout": list(held)}
     hook_name = f"blocks.{pipe.layer}.hook_resid_post"
-    sae = timed("train", train_sae, cap.acts, train_cfg, hook_name, "SmolLM2-135M-Instruct",
-                work / "train-checkpoint.pt")
+    checkpoint = work / "train-checkpoint.pt"
+    sae = timed("train", train_sae, cap.acts, train_cfg, hook_name, "SmolLM2-135M-Instruct", checkpoint)
     sae.save(out, dtype=torch.float16)
     sae = SAE.load(out)  # evaluate exactly what ships (float16 on disk)
     per_source = {}
@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "evaluation.md").write_text(evaluation_markdown(report))
+    # Kept until here so that a run stopped during evaluation resumes without training again; a finished
+    # run's checkpoint would only stop the next run with other settings ("from another run").
+    checkpoint.unlink(missing_ok=True)
     print(json.dumps({k: v for k, v in report.items() if k != "pipeline"}))
     return report
 
