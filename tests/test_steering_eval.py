@@ -41,6 +41,9 @@ def test_recommended_strength_is_the_most_effective_fluent_one():
     assert recommend({3.0: _cell(1.0, 4.0, trigrams=0.5)}, 2.5) is None  # loops
     assert recommend({3.0: _cell(0.2, 4.0)}, 2.5) is None  # fluent but shows the feature too rarely
     assert recommend({2.0: _cell(0.2, None), 3.0: _cell(0.6, 4.0)}, 2.5) == 3.0  # unjudged: never recommended
+    # within two of 16 replies of the best (as stored: 0.938 - 0.812), the more fluent; further, the more effective
+    assert recommend({1.5: _cell(0.938, 6.6), 1.75: _cell(0.812, 6.4), 2.0: _cell(0.875, 6.8)}, 2.5) == 1.75
+    assert recommend({1.25: _cell(0.5, 4.0), 2.0: _cell(0.875, 6.8)}, 2.5) == 2.0
 
 
 def test_a_feature_shown_only_where_replies_break_gets_the_strength_halfway_below():

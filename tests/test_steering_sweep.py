@@ -70,6 +70,16 @@ def test_sweep_writes_a_measured_strength_per_feature(bench):
     setting = (entries[feature]["recommended_strength"], entries[feature]["recommended_tokens"])
     assert setting == (None, None) or after[setting[1]][f"{setting[0]:g}"]["prompts"] == len(strengths.SWEEP_PROMPTS)
 
+    # A catalogue recommended by another rule: kept as it is, unless asked again, then recommended from
+    # its cells as they stand, none run again.
+    stale = dict(recommended_strength=99.0, recommended_tokens="all", steers=[])  # no cell of it: only a rule's
+    entries[feature].update(stale)
+    strengths.sweep(bench, "sae", entries, [feature], strengths=(1.5, 30.0), scopes=(), concepts=trees)
+    assert {k: entries[feature][k] for k in stale} == stale
+    strengths.sweep(bench, "sae", entries, [feature], strengths=(1.5, 30.0), scopes=(), concepts=trees, again=True)
+    assert entries[feature]["sweep"] == after
+    assert (entries[feature]["recommended_strength"], entries[feature]["recommended_tokens"]) == setting
+
 
 def test_replies_are_judged_and_a_vector_clamp_changes_them(bench):
     prompts = ["What is your favourite book?", "How was your day?"]

@@ -20,10 +20,10 @@ whose clamp turns replies to a concept is recommended where it does so, whatever
 
 The recommended setting is, among the strengths and scopes whose replies stay fluent (median
 perplexity under the unsteered model at most 3× that of unsteered replies, and at least 80 % distinct
-word trigrams), the one at which most replies show the feature (the more fluent of equals); none
-where nothing is fluent or nothing shows it in at least half the replies. A feature the grid leaves
-without one, though some strength shows it, gets one more strength halfway below the lowest such
-strength, and the grid on the token scopes `--scopes` left out (`refinements`): the window between
+word trigrams), the most fluent of those that show the feature in nearly as many replies as the best
+(within NEAR_BEST); none where nothing is fluent or nothing shows it in at least half the replies. A
+feature the grid leaves without one, though some strength shows it, gets one more strength halfway
+below the lowest such strength, and the grid on the token scopes `--scopes` left out (`refinements`): the window between
 showing and breaking is often under a grid step, and clamping only generated positions keeps replies
 more fluent. Every cell that could be recommended is then run on the CONFIRM_PROMPTS too, and the
 recommendation is made on all 16 replies (`confirmed`): on 8 alone the best of a feature's cells is
@@ -86,6 +86,11 @@ steer this way: of 24 such features on the tuning prompts (2026-12-06), China 72
 MAX_PPL_RATIO = 3.0
 MIN_TRIGRAMS = 0.8
 MIN_RATE = 0.5
+NEAR_BEST = 2 / len(SWEEP_PROMPTS)
+"""Cells within this rate of a feature's best count as equal, and the most fluent of them is recommended:
+the highest rate alone picked cells at the edge of fluency (perplexity 6.1-7.2 against a bar of 7.25),
+which broke on other prompts (painting 6315: 0.875 at 2x over 0.812 at 1.75x, 3.7x unsteered
+perplexity on the efficacy prompts)."""
 DRIFT_SHARE = 0.01
 """A word among the steered tokens of at least this share of features is clamp drift, not a feature's
 own ("something", "probably", "exploring", "music": whatever a clamp pushes the 135M model towards)."""
@@ -142,12 +147,14 @@ def candidate(cell: dict, baseline_ppl: float) -> bool:
 
 
 def recommend(cells: dict, baseline_ppl: float):
-    """The key (a strength, or a strength and a scope) of the candidate cell that shows the feature
-    most, the more fluent of equals; None where there is none."""
+    """The key (a strength, or a strength and a scope) of the most fluent candidate cell among those
+    within NEAR_BEST of the highest rate; None where there is none."""
     candidates = [(key, c) for key, c in cells.items() if candidate(c, baseline_ppl)]
     if not candidates:
         return None
-    return max(candidates, key=lambda kc: (kc[1]["concept_rate"], -kc[1]["median_ppl"]))[0]
+    best = max(c["concept_rate"] for _, c in candidates)
+    near = [kc for kc in candidates if kc[1]["concept_rate"] >= best - NEAR_BEST - 0.002]  # stored rates: 3 decimals
+    return min(near, key=lambda kc: (kc[1]["median_ppl"], -kc[1]["concept_rate"]))[0]
 
 
 def confirmed(bench: Bench, cells: dict, jobs_of, baseline_ppl: float, rate=None) -> dict:
@@ -228,7 +235,8 @@ def screen_choice(replies: list[list], unsteered: list, concepts: dict[str, list
 
 def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
           strengths: tuple[float, ...] = STRENGTHS, scopes: tuple[str, ...] = SCOPES,
-          concepts: dict[str, list[str]] | None = None, prompt_strengths: tuple[float, ...] = ()) -> dict:
+          concepts: dict[str, list[str]] | None = None, prompt_strengths: tuple[float, ...] = (),
+          again: bool = False) -> dict:
     """Runs the sweep and writes `recommended_strength`, `recommended_tokens`, `sweep` and, for the
     `concepts` (name -> keywords) the replies at the recommended setting turn to, `steers` into the
     entries. The cells: `strengths` on each of `scopes`, `prompt_strengths` on the prompt scope, and
@@ -237,7 +245,8 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
     to most (share mentioning it less that of unsteered replies), so a feature that steers a concept
     is recommended where it does so, whatever its own words. Perplexity is judged only in cells where
     enough replies show the feature to be recommended; the candidates are `confirmed` before the
-    recommendation."""
+    recommendation. again: recommend every feature again from its cells, new or kept (after a change of
+    `recommend`), not only those with new cells."""
     concepts = concepts or {}
     baseline = bench.run([Job(p) for p in SWEEP_PROMPTS])
     baseline_ppl = median([j.perplexity for j in baseline])
@@ -277,7 +286,9 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
                                        if (f, t) in ran or all(tt != t for _, tt in cells[f])}, shown))
     touched |= run(confirmed(bench, {(f, *key): c for f in measured for key, c in cells[f].items()}, jobs_of,
                              baseline_ppl, shown))
-    # A feature without new cells keeps its recommendation and `steers` as they are.
+    # A feature without new cells keeps its recommendation and `steers` as they are, unless asked again.
+    if again:
+        touched |= set(measured)
     settings = {f: recommend(cells[f], baseline_ppl) or (None, None) for f in sorted(touched)}
     steering = [f for f, (strength, _) in settings.items() if strength is not None]
     replies = iter(bench.run([j for f in steering for j in jobs_of((f, *settings[f]), SWEEP_PROMPTS)[0]], fluency=False))
@@ -370,6 +381,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--keep", action="store_true",
                    help="keep the cells the catalogue's sweeps hold (run with the same prompts and decoding) "
                         "and run only the missing ones: widening a sweep without redoing it")
+    p.add_argument("--recommend-again", action="store_true",
+                   help="with --keep: recommend every swept feature again from its cells (after a change of the "
+                        "rule), measuring `steers` at the new setting")
     args = p.parse_args(argv)
     entries = read_entries(args.sae)
     # Candidates are chosen as by a fresh sweep: search must rank them by match, not by an earlier sweep.
@@ -389,9 +403,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.screen:
             features = sorted(set(features).union(
                 screened_features(bench, "sae", len(entries), CONCEPTS | JOURNEY, args.screen)))
-        report = sweep(bench, "sae", entries, features, strengths, tuple(args.scopes.split(",")), CONCEPTS | JOURNEY)
+        report = sweep(bench, "sae", entries, features, strengths, tuple(args.scopes.split(",")), CONCEPTS | JOURNEY,
+                       again=args.recommend_again)
         if prompted:
-            report = sweep(bench, "sae", entries, prompted, strengths, (), CONCEPTS | JOURNEY, PROMPT_STRENGTHS)
+            report = sweep(bench, "sae", entries, prompted, strengths, (), CONCEPTS | JOURNEY, PROMPT_STRENGTHS,
+                           again=args.recommend_again)
     finally:
         bench.close()
     write_entries(args.sae, entries)
