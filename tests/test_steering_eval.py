@@ -33,7 +33,7 @@ def _cell(rate, ppl, trigrams=1.0):
     return {"concept_rate": rate, "median_ppl": ppl, "distinct_trigrams": trigrams}
 
 
-def test_recommended_strength_is_the_most_effective_fluent_one():
+def test_recommended_strength_is_the_most_fluent_of_the_nearly_most_effective():
     cells = {2.0: _cell(0.3, 3.0), 3.0: _cell(0.8, 5.0), 4.0: _cell(0.8, 6.0), 6.0: _cell(1.0, 20.0)}
     assert recommend(cells, baseline_ppl=2.5) == 3.0  # 6 is more effective but not fluent; 3 ties 4, more fluent
     scoped = {(1.5, "all"): _cell(0.75, 5.0), (1.5, "generated"): _cell(0.75, 3.0), (2.0, "all"): _cell(0.5, 4.0)}

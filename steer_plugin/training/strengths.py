@@ -23,9 +23,9 @@ perplexity under the unsteered model at most 3× that of unsteered replies, and 
 word trigrams), the most fluent of those that show the feature in nearly as many replies as the best
 (within NEAR_BEST); none where nothing is fluent or nothing shows it in at least half the replies. A
 feature the grid leaves without one, though some strength shows it, gets one more strength halfway
-below the lowest such strength, and the grid on the token scopes `--scopes` left out (`refinements`): the window between
-showing and breaking is often under a grid step, and clamping only generated positions keeps replies
-more fluent. Every cell that could be recommended is then run on the CONFIRM_PROMPTS too, and the
+below the lowest such strength, and the grid on the token scopes `--scopes` left out (`refinements`):
+the window between showing and breaking is often under a grid step, and clamping only generated
+positions keeps replies more fluent. Every cell that could be recommended is then run on the CONFIRM_PROMPTS too, and the
 recommendation is made on all 16 replies (`confirmed`): on 8 alone the best of a feature's cells is
 often the luckiest. Written into the catalogue
 per feature: `recommended_strength`, `recommended_tokens`, `recommended_sampling` (the request's
@@ -89,7 +89,7 @@ MIN_RATE = 0.5
 NEAR_BEST = 2 / len(SWEEP_PROMPTS)
 """Cells within this rate of a feature's best count as equal, and the most fluent of them is recommended:
 the highest rate alone picked cells at the edge of fluency (perplexity 6.1-7.2 against a bar of 7.25),
-which broke on other prompts (painting 6315: 0.875 at 2x over 0.812 at 1.75x, 3.7x unsteered
+which broke on other prompts (painting 6315: 0.875 at 2× over 0.812 at 1.75×, 3.7× unsteered
 perplexity on the efficacy prompts)."""
 DRIFT_SHARE = 0.01
 """A word among the steered tokens of at least this share of features is clamp drift, not a feature's
