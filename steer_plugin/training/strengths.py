@@ -25,10 +25,10 @@ word trigrams), the most fluent of those that show the feature in nearly as many
 feature the grid leaves without one, though some strength shows it, gets one more strength halfway
 below the lowest such strength, and the grid on the token scopes `--scopes` left out (`refinements`):
 the window between showing and breaking is often under a grid step, and clamping only generated
-positions keeps replies more fluent. Every cell that could be recommended is then run on the CONFIRM_PROMPTS too, and the
-recommendation is made on all 16 replies (`confirmed`): on 8 alone the best of a feature's cells is
-often the luckiest. Written into the catalogue
-per feature: `recommended_strength`, `recommended_tokens`, `recommended_sampling` (the request's
+positions keeps replies more fluent. Every cell that could be recommended is then run on the
+CONFIRM_PROMPTS too, and the recommendation is made on all 16 replies (`confirmed`): on 8 alone the
+best of a feature's cells is often the luckiest. Written into the catalogue per feature:
+`recommended_strength`, `recommended_tokens`, `recommended_sampling` (the request's
 decoding fields the replies were measured with, steering_eval.DECODING) and `sweep` (per scope and strength: rate,
 median perplexity, distinct trigrams and the number of prompts they are over; the perplexity is judged only where at least half the replies
 show the feature, null elsewhere), and `steers`: the concepts of efficacy.py (and its everyday
@@ -153,7 +153,8 @@ def recommend(cells: dict, baseline_ppl: float):
     if not candidates:
         return None
     best = max(c["concept_rate"] for _, c in candidates)
-    near = [kc for kc in candidates if kc[1]["concept_rate"] >= best - NEAR_BEST - 0.002]  # stored rates: 3 decimals
+    # stored rates are rounded to 3 decimals (sweep_record): 0.938 - 0.812 is two replies of 16
+    near = [kc for kc in candidates if kc[1]["concept_rate"] >= best - NEAR_BEST - 0.002]
     return min(near, key=lambda kc: (kc[1]["median_ppl"], -kc[1]["concept_rate"]))[0]
 
 
