@@ -71,7 +71,7 @@ async def test_a_swept_feature_carries_its_measured_strength(service):
         detail = (await client.get(f"/v1/features/{swept['id']}")).json()
         listed = (await client.get("/v1/features", params={"offset": swept["id"], "limit": 1})).json()["data"][0]
     assert detail["recommended_strength"] == listed["recommended_strength"] == swept["recommended_strength"]
-    assert detail["recommended_tokens"] == swept["recommended_tokens"] in ("all", "generated")
+    assert detail["recommended_tokens"] == swept["recommended_tokens"] in ("all", "generated", "prompt")
     # the decoding it was measured with travels with it: another decoding, another strength
     assert detail["recommended_sampling"] == listed["recommended_sampling"] == request_sampling()
     assert detail["sweep"].keys() == swept["sweep"].keys() and swept["recommended_tokens"] in detail["sweep"]
