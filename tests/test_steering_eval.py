@@ -12,7 +12,7 @@ from steer_plugin.training.efficacy import REPORT_HEADER, candidates_for, contro
 from steer_plugin.training.efficacy_report import comparison_markdown, efficacy_markdown
 from steer_plugin.training.steering_eval import (DECODING, Judged, count_mentions, describe_decoding, distinct_trigrams,
                                                  mention_rate, mentions, median)
-from steer_plugin.training.strengths import (STAGES, SWEEP_FIELDS, TUNING_PROMPTS, drift_words, feature_words, recommend, refinements,
+from steer_plugin.training.strengths import (SWEEP_FIELDS, SWEEP_PROMPTS, TUNING_PROMPTS, drift_words, feature_words, recommend, refinements,
                                              screen_choice, steered_concepts, stored_cells, swept_features, without_sweeps)
 
 
@@ -41,9 +41,8 @@ def test_recommended_strength_is_the_most_fluent_of_the_nearly_most_effective():
     assert recommend({3.0: _cell(1.0, 4.0, trigrams=0.5)}, 2.5) is None  # loops
     assert recommend({3.0: _cell(0.2, 4.0)}, 2.5) is None  # fluent but shows the feature too rarely
     assert recommend({2.0: _cell(0.2, None), 3.0: _cell(0.6, 4.0)}, 2.5) == 3.0  # unjudged: never recommended
-    # within two of 24 replies of the best (as stored: 0.917 - 0.833), the more fluent; further, the more effective
-    assert recommend({1.5: _cell(0.917, 6.6), 1.75: _cell(0.833, 6.4), 2.0: _cell(0.875, 6.8)}, 2.5) == 1.75
-    assert recommend({1.5: _cell(0.917, 6.6), 1.75: _cell(0.792, 6.4)}, 2.5) == 1.5
+    # within two of 16 replies of the best (as stored: 0.938 - 0.812), the more fluent; further, the more effective
+    assert recommend({1.5: _cell(0.938, 6.6), 1.75: _cell(0.812, 6.4), 2.0: _cell(0.875, 6.8)}, 2.5) == 1.75
     assert recommend({1.25: _cell(0.5, 4.0), 2.0: _cell(0.875, 6.8)}, 2.5) == 2.0
 
 
@@ -164,7 +163,7 @@ def test_a_kept_sweep_is_read_back_as_cells_and_candidates_are_chosen_as_by_a_fr
     assert stored_cells({"sweep": None}) == {} == stored_cells({})
     # cells stored before the confirmation stage were measured on the tuning prompts alone
     assert stored_cells({"sweep": {"all": {"1.5": _cell(0.5, 4.0)}}})[1.5, "all"]["prompts"] == len(TUNING_PROMPTS)
-    assert all(c["prompts"] in {len(prompts) for prompts in STAGES} for c in cells.values())
+    assert all(c["prompts"] in (len(TUNING_PROMPTS), len(SWEEP_PROMPTS)) for c in cells.values())
     fresh = without_sweeps(entries)
     assert not any(k in e for e in fresh for k in SWEEP_FIELDS) and entries[swept["id"]].get("sweep")  # a copy
     assert fresh[swept["id"]]["label"] == swept["label"]

@@ -44,9 +44,9 @@ def test_sweep_writes_a_measured_strength_per_feature(bench):
         assert {"1.5", "30"} <= set(cells) <= {"1.5", "30", "1.25", "15.75"}  # the grid and any halfway refinement
         for c in cells.values():  # perplexity judged exactly where the replies could earn a recommendation
             assert (c["median_ppl"] is None) == (c["concept_rate"] < strengths.MIN_RATE)
-            # measured stage by stage while it could be recommended: a cell short of the last stage cannot
-            assert c["prompts"] in {len(prompts) for prompts in strengths.STAGES}
-            assert c["prompts"] == len(strengths.SWEEP_PROMPTS) or not strengths.candidate(c, baseline_ppl)
+            # every cell that could be recommended was measured on the confirmation prompts too
+            assert c["prompts"] == len(strengths.SWEEP_PROMPTS) or (
+                c["prompts"] == len(strengths.TUNING_PROMPTS) and not strengths.candidate(c, baseline_ppl))
     assert entries[feature]["recommended_strength"] in (None, 1.25, 1.5)  # never a wrecked strength (30, or 15.75 halfway)
     assert entries[feature]["recommended_tokens"] in ((None,) if entries[feature]["recommended_strength"] is None
                                                       else ("all", "generated"))

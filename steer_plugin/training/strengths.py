@@ -26,9 +26,8 @@ feature the grid leaves without one, though some strength shows it, gets one mor
 below the lowest such strength, and the grid on the token scopes `--scopes` left out (`refinements`):
 the window between showing and breaking is often under a grid step, and clamping only generated
 positions keeps replies more fluent. Every cell that could be recommended is then run on the
-CONFIRM_PROMPTS too and, if it still could, on the TASK_PROMPTS, everyday questions; the
-recommendation is made on all 24 replies (`confirmed`): on 8 alone the best of a feature's cells is
-often the luckiest, and on open prompts alone often too gentle for a question. Written into the catalogue per feature:
+CONFIRM_PROMPTS too, and the recommendation is made on all 16 replies (`confirmed`): on 8 alone the
+best of a feature's cells is often the luckiest. Written into the catalogue per feature:
 `recommended_strength`, `recommended_tokens`, `recommended_sampling` (the request's
 decoding fields the replies were measured with, steering_eval.DECODING) and `sweep` (per scope and strength: rate,
 median perplexity, distinct trigrams and the number of prompts they are over; the perplexity is judged only where at least half the replies
@@ -59,26 +58,12 @@ CONFIRM_PROMPTS = (
     "Tell me something that made you smile.", "What would you do with a free day?", "Share a thought about everyday life.",
     "What is a small thing that makes a day better?", "Describe a memorable moment.",
 )
-"""Eight more prompts of the same kind, on which every cell that could be recommended is run next
-(`confirmed`). A feature has 10-14 cells, and the best of them on 8 prompts is often the
+"""Eight more prompts of the same kind, on which every cell that could be recommended is run before the
+recommendation (`confirmed`). A feature has 10-14 cells, and the best of them on 8 prompts is often the
 luckiest: football 2510 on the prompt scope at 2x max named football in 6 of 8 tuning replies and 4 of
 10 efficacy replies, while its neighbours at 3x and 5x named it in 4 and 1 of 8 (2026-12-06)."""
-TASK_PROMPTS = (
-    "How can I get better at remembering names?", "What is the best way to learn a new language?",
-    "How do I write a polite email turning down an invitation?", "How can I stop putting things off?",
-    "What should I say when I meet my new neighbours?", "How do I fold a shirt neatly?",
-    "How do I make a to-do list that works?", "How can I be a better listener?",
-)
-"""Everyday questions with a task of their own (unsteered replies name none of efficacy.py's concepts),
-on which the cells still recommendable after CONFIRM_PROMPTS are run last: most chat traffic asks
-for something, and a question pulls the reply towards its own subject, so a clamp that turns open
-prompts often leaves such questions alone. Recommended on open prompts alone, the gentlest cell near
-the best steered 5 of the 15 journey searches on questions like these (2026-12-06)."""
-SWEEP_PROMPTS = TUNING_PROMPTS + CONFIRM_PROMPTS + TASK_PROMPTS
+SWEEP_PROMPTS = TUNING_PROMPTS + CONFIRM_PROMPTS
 """All the prompts a recommended setting is measured on."""
-STAGES = (TUNING_PROMPTS, TUNING_PROMPTS + CONFIRM_PROMPTS, SWEEP_PROMPTS)
-"""The prompts a cell is measured on, stage by stage: every cell on the first, and on each next one
-the cells still recommendable (`candidate`) on the one before (`confirmed`)."""
 STRENGTHS = (1.25, 1.5, 1.75, 2.0, 2.5)
 """Clamp strengths swept (× max, `set`): replies of the 135M default model stay fluent up to about
 1.5× and break down past 3× (measured 2026-12-02; a grid of 2/3/5× found a fluent effective strength
@@ -168,21 +153,18 @@ def recommend(cells: dict, baseline_ppl: float):
     if not candidates:
         return None
     best = max(c["concept_rate"] for _, c in candidates)
-    # stored rates are rounded to 3 decimals (sweep_record): 0.917 - 0.833 is two replies of 24
+    # stored rates are rounded to 3 decimals (sweep_record): 0.938 - 0.812 is two replies of 16
     near = [kc for kc in candidates if kc[1]["concept_rate"] >= best - NEAR_BEST - 0.002]
     return min(near, key=lambda kc: (kc[1]["median_ppl"], -kc[1]["concept_rate"]))[0]
 
 
 def confirmed(bench: Bench, cells: dict, jobs_of, baseline_ppl: float, rate=None) -> dict:
-    """The cells among `cells` (key -> summary) measured again, stage by stage (STAGES), while they stay
-    candidates (key -> summary, as swept_cells): what `recommend` then chooses among is no longer the
-    luck of eight replies to open prompts. jobs_of(key, prompts) -> (jobs, words) of swept_cells; rate
-    as there."""
-    done: dict = {}
-    for prompts in STAGES[1:]:
-        todo = [key for key, c in (cells | done).items() if c["prompts"] < len(prompts) and candidate(c, baseline_ppl)]
-        done |= swept_cells(bench, {key: jobs_of(key, prompts) for key in todo}, rate)
-    return done
+    """The candidate cells among `cells` (key -> summary) measured on TUNING_PROMPTS only, measured on
+    all SWEEP_PROMPTS (key -> summary, as swept_cells): what `recommend` then chooses among is no longer
+    the luck of eight replies. jobs_of(key, prompts) -> (jobs, words) of swept_cells; rate as there."""
+    todo = [key for key, c in cells.items() if c["prompts"] < len(SWEEP_PROMPTS)
+            and candidate(c, baseline_ppl)]
+    return swept_cells(bench, {key: jobs_of(key, SWEEP_PROMPTS) for key in todo}, rate)
 
 
 def refinements(cells: dict, grid: dict[str, tuple[float, ...]], baseline_ppl: float,
@@ -277,8 +259,8 @@ def sweep(bench: Bench, sae_id: str, entries: list[dict], features: list[int],
     measured = [f for f in features if words[f] or concepts]
     for f in set(features) - set(measured):
         entries[f].update(dict.fromkeys(SWEEP_FIELDS), sweep_words=[])
-    unsteered = {len(prompts): {name: mention_rate(baseline[:len(prompts)], keywords) for name, keywords in concepts.items()}
-                 for prompts in STAGES}
+    unsteered = {n: {name: mention_rate(baseline[:n], keywords) for name, keywords in concepts.items()}
+                 for n in (len(TUNING_PROMPTS), len(SWEEP_PROMPTS))}
 
     def shown(key: tuple, replies: list) -> float:
         return max([mention_rate(replies, words[key[0]])] + [mention_rate(replies, kw) - unsteered[len(replies)][c]
