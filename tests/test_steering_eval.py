@@ -181,6 +181,15 @@ def test_efficacy_tries_good_steerable_matches_then_steerable_aligned_features()
     assert [(e["id"], how) for e, how in tried] == [(1, "search"), (3, "alignment")]
 
 
+def test_the_journey_counts_what_the_search_offers_first():
+    from steer_plugin.training.efficacy import first_offers, first_steered
+
+    first = first_offers(["dogs", "cats", "pizza", "rain"], with_clamp={"dogs", "rain"}, with_feature={"dogs", "cats"})
+    assert first == {"dogs": "concept clamp", "cats": "feature", "pizza": None, "rain": "concept clamp"}
+    # dogs: the feature steers but the concept clamp offered above it does not; rain: the clamp does
+    assert first_steered(first, steered=["dogs", "cats"], concept_steered=["rain"]) == ["cats", "rain"]
+
+
 def test_concept_alignment_reports_the_top_hit_and_the_best_aligned_feature():
     import torch
 

@@ -228,7 +228,10 @@ def second_turn(bench: Bench, report: dict) -> dict:
 
 def journey(bench: Bench, catalogue: FeatureCatalogue, book: ConceptBook) -> dict:
     """Per query: the top feature hit at its recommended strength and the top concept clamp at its
-    recommended dose (what a user who searches and clamps the first result gets)."""
+    recommended dose, and which of the two the search offers first (`first_offered`): the concept
+    clamp where one has a dose (the reply of /v1/features?q= carries it above the features, and the
+    playground lists it first), else the top feature hit. What a user who searches and clamps the
+    first result gets."""
     control = control_prompts(JOURNEY_QUESTIONS)
     baseline = bench.run([Job(p) for p in JOURNEY_QUESTIONS], control)
     baseline_ppl = median([j.perplexity for j in baseline])
@@ -256,8 +259,22 @@ def journey(bench: Bench, catalogue: FeatureCatalogue, book: ConceptBook) -> dic
                     for q, e in clamps.items()]
     steered = [r["query"] for r in rows if r["steerable"] and _steers(r, baseline_ppl)]
     concept_steered = [r["query"] for r in concept_rows if _steers(r, baseline_ppl)]
+    first = first_offers(list(JOURNEY), set(clamps), set(feature_cells))
     return {"baseline_median_ppl": baseline_ppl, "queries": len(rows), "steered": steered, "results": rows,
-            "concept_steered": concept_steered, "concept_results": concept_rows}
+            "concept_steered": concept_steered, "concept_results": concept_rows, "first_offered": first,
+            "first_steered": first_steered(first, steered, concept_steered)}
+
+
+def first_offers(queries: list[str], with_clamp: set[str], with_feature: set[str]) -> dict[str, str | None]:
+    """Per query, what the search offers first: its concept clamp where one has a dose (`with_clamp`),
+    else its top feature hit where that has a recommended strength (`with_feature`), else nothing."""
+    return {q: "concept clamp" if q in with_clamp else "feature" if q in with_feature else None for q in queries}
+
+
+def first_steered(first: dict[str, str | None], steered: list[str], concept_steered: list[str]) -> list[str]:
+    """The queries whose first offer (first_offers) steers replies: its row is among the steered ones."""
+    of_kind = {"concept clamp": set(concept_steered), "feature": set(steered)}
+    return [q for q, kind in first.items() if q in of_kind.get(kind, set())]
 
 
 def compare(bench: Bench, catalogue: FeatureCatalogue, book: ConceptBook, vectors_id: str,

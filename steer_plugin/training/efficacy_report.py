@@ -61,6 +61,9 @@ def efficacy_markdown(report: dict) -> str:
         lines.append(f"| {r['query']} | {r['concept_clamp']} | {r['features']} | {r['dose']:g} | {r['tokens']} | "
                      f"{r['baseline_mention_rate']:.0%} | {r['concept_rate']:.0%} | {r['median_ppl']:.2f} | "
                      f"{r['distinct_trigrams']:.2f} | {example} |")
+    first = ", ".join(f"{q} ({kind})" for q, kind in j["first_offered"].items() if q in j["first_steered"])
+    lines += ["", f"What the search offers first (the concept clamp where one has a dose, else the top hit): "
+              f"**{len(j['first_steered'])} of {j['queries']}** steer: {first}."]
     t = report["second_turn"]
     lines += ["", "## A second turn", "",
               f"The {t['features']} features at the bar above, each at its recommended setting, on the same prompts "
