@@ -33,6 +33,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from steer_plugin.files import replaced_on_success
 from steer_plugin.sae import CATALOGUE_FILENAME, PLAIN_CATALOGUE_FILENAME, SAEFileError
 
 STEERABLE_WITHIN = 0.5
@@ -59,7 +60,8 @@ def write_entries(sae_dir: str | Path, entries: list[dict]) -> None:
     """Writes the compressed catalogue (one entry per line inside, and mtime 0, so that the same entries give
     the same bytes) and removes a plain one, which would otherwise be shadowed but still read by people."""
     text = "[\n" + ",\n".join(json.dumps(e, ensure_ascii=False, separators=(",", ":")) for e in entries) + "\n]\n"
-    Path(sae_dir, CATALOGUE_FILENAME).write_bytes(gzip.compress(text.encode(), mtime=0))
+    with replaced_on_success(Path(sae_dir, CATALOGUE_FILENAME)) as written:
+        written.write_bytes(gzip.compress(text.encode(), mtime=0))
     Path(sae_dir, PLAIN_CATALOGUE_FILENAME).unlink(missing_ok=True)
 
 

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from steer_plugin.files import replaced_on_success
+
 
 class _StopForward(Exception):
     pass
@@ -131,7 +133,6 @@ def cached_capture(path: Path, key: str, model, tokenizer, docs: list[str], laye
         if saved["key"] == key:
             return Capture(**saved["capture"])
     cap = capture(model, tokenizer, docs, layer, ctx, batch_size, desc)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": key, "capture": asdict(cap)}, tmp)
-    tmp.replace(path)
+    with replaced_on_success(path) as tmp:
+        torch.save({"key": key, "capture": asdict(cap)}, tmp)
     return cap

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from steer_plugin.files import replaced_on_success
 from steer_plugin.sae import CFG_FILENAME, STATS_FILENAME, WEIGHTS_FILENAME
 from steer_plugin.training.offline_engine import offline_llm
 
@@ -214,10 +215,8 @@ class Bench:
                                                                    [c.text for _, c in no_pmi])):
                 c.pmi = other_nll / n - math.log(c.perplexity)
         if self.cache_path is not None and (todo or unscored or no_pmi):
-            # through a temporary file: a run stopped while writing keeps the cache it had
-            written = self.cache_path.with_name(self.cache_path.name + ".tmp")
-            written.write_text(json.dumps({k: vars(v) for k, v in self._cache.items()}))
-            written.replace(self.cache_path)
+            with replaced_on_success(self.cache_path) as written:
+                written.write_text(json.dumps({k: vars(v) for k, v in self._cache.items()}))
 
     @torch.inference_mode()
     def _loglik(self, conversations: list[list[dict]], replies: list[str], batch: int = 16) -> list[tuple[float, int]]:

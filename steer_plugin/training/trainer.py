@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from steer_plugin.files import replaced_on_success
 from steer_plugin.sae import SAE, SAEConfig
 
 
@@ -295,11 +296,10 @@ def train_sae(acts: torch.Tensor, cfg: TrainConfig, hook_name: str, model_name: 
         since_fired, done, scale = state["since_fired"], state["step"], state["scale"]
 
     def save_checkpoint(step: int) -> None:
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save({"cfg": asdict(cfg), "n": acts.shape[0], "params": [p.detach() for p in params],
-                    "opt": opt.state_dict(), "sched": sched.state_dict(), "since_fired": since_fired,
-                    "step": step, "scale": scale}, tmp)
-        tmp.replace(checkpoint)
+        with replaced_on_success(checkpoint) as tmp:
+            torch.save({"cfg": asdict(cfg), "n": acts.shape[0], "params": [p.detach() for p in params],
+                        "opt": opt.state_dict(), "sched": sched.state_dict(), "since_fired": since_fired,
+                        "step": step, "scale": scale}, tmp)
 
     bar = tqdm(total=total, initial=done, desc=f"train {cfg.activation} SAE", unit="step")
     for step in range(done, total):
