@@ -144,8 +144,10 @@ class FeatureList(BaseModel):
     offset: int
     data: list[FeatureSummary]
     concepts: list[ConceptClamp] = []
-    """Concept clamps matching the query (first page of a search only), steerable first: where one
-    exists it steers replies more reliably than any single feature (see /v1/concepts)."""
+    """Concept clamps matching the query (first page of a search only), steerable first: what a search
+    offers first where one has a dose (the playground lists them above the features). Whether it or
+    the top feature hit steers a given concept better varies by concept: an SAE's efficacy.md measures
+    both (see /v1/concepts)."""
 
 
 class ConceptList(BaseModel):
