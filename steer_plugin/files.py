@@ -1,6 +1,6 @@
-"""Files written whole or not at all: the catalogue, the reply cache, checkpoints and captures are
-read back by the next run (or by a server), and a run stopped half-way through writing one must leave
-the previous file in place, not a truncated one."""
+"""Files written whole or not at all: the catalogue, concepts.json, the reply cache, checkpoints and
+captures are read back by the next run (or by a server), and a run stopped half-way through writing
+one must leave the previous file in place, not a truncated one."""
 
 from __future__ import annotations
 

@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from steer_plugin.concepts import CONCEPTS_FILENAME
 from steer_plugin.config import default_model_dir
+from steer_plugin.files import replaced_on_success
 from steer_plugin.catalogue import read_entries
 from steer_plugin.sae import SAE
 from steer_plugin.training.capture import load_hf_model
@@ -269,13 +270,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _write(path: Path, entries: list[dict], features: int, report: dict, started: float) -> None:
-    path.write_text(json.dumps(
-        {"date": time.strftime("%Y-%m-%d"), "features_per_concept": features, "doses": list(DOSES),
-         "prompt_doses": list(PROMPT_DOSES),
-         "tuning_prompts": list(SWEEP_PROMPTS), "writing_prompts": list(WRITING_PROMPTS),
-         "baseline_median_ppl": report["baseline_median_ppl"], "concepts_built": len(entries),
-         "recommended": sum(e["recommended_dose"] is not None for e in entries),
-         "seconds": round(time.time() - started), "concepts": entries}, indent=1, ensure_ascii=False) + "\n")
+    with replaced_on_success(path) as written:  # the server reads it: never a truncated one
+        written.write_text(json.dumps(
+            {"date": time.strftime("%Y-%m-%d"), "features_per_concept": features, "doses": list(DOSES),
+             "prompt_doses": list(PROMPT_DOSES),
+             "tuning_prompts": list(SWEEP_PROMPTS), "writing_prompts": list(WRITING_PROMPTS),
+             "baseline_median_ppl": report["baseline_median_ppl"], "concepts_built": len(entries),
+             "recommended": sum(e["recommended_dose"] is not None for e in entries),
+             "seconds": round(time.time() - started), "concepts": entries}, indent=1, ensure_ascii=False) + "\n")
     print(json.dumps(report))
 
 
