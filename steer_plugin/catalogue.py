@@ -30,8 +30,9 @@ from __future__ import annotations
 import gzip
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from steer_plugin.files import replaced_on_success
 from steer_plugin.sae import CATALOGUE_FILENAME, PLAIN_CATALOGUE_FILENAME, SAEFileError
@@ -88,16 +89,8 @@ def query_words(query: str) -> set[str]:
     return found - STOPWORDS or found
 
 
-@dataclass(frozen=True)
-class _Index:
-    token_share: dict[str, float]  # stemmed word -> share of the top-token counts
-    label_words: frozenset[str]
-    context_share: dict[str, float]  # stemmed word -> share of contexts marking it
-    around_share: dict[str, float]  # stemmed word -> share of contexts containing it
-    output_share: dict[str, float]  # stemmed word -> share of the promoted tokens
-    steered_share: dict[str, float]  # stemmed word -> share of the probability the clamp gains
-    steers: dict[str, float]  # stemmed word of a concept it steers towards -> share of replies mentioning it
-    steerable: bool
+_ADDITIVE = ("tokens", "steered", "promoted", "label", "contexts", "around")
+"""Score parts that add up over a query's words (`steers` takes the largest instead)."""
 
 
 def _word_shares(tokens: list[dict], weight) -> dict[str, float]:
@@ -109,10 +102,10 @@ def _word_shares(tokens: list[dict], weight) -> dict[str, float]:
     return shares
 
 
-def _index(entry: dict) -> _Index:
+def _parts(entry: dict) -> dict[str, dict[str, float]]:
+    """Per score part, stemmed word -> what the word contributes to the entry's score in that part."""
     counts = entry.get("top_tokens", [])
     total = sum(t["count"] for t in counts) or 1
-    token_share = _word_shares(counts, lambda t: t["count"] / total)
     contexts = entry.get("top_contexts", [])
     context_share: dict[str, float] = {}
     around_share: dict[str, float] = {}
@@ -122,24 +115,41 @@ def _index(entry: dict) -> _Index:
         for w in words(c["text"]):
             around_share[w] = around_share.get(w, 0.0) + 1 / len(contexts)
     promoted = entry.get("output_tokens", [])
-    output_share = _word_shares(promoted, lambda t: 1 / len(promoted))
     steered = entry.get("steered_tokens", [])
     gained = sum(t["gain"] for t in steered) or 1.0
-    steered_share = _word_shares(steered, lambda t: t["gain"] / gained)
     steers: dict[str, float] = {}
     for concept in entry.get("steers") or []:
         for w in words(" ".join([concept["concept"], *concept["words"]])) - STOPWORDS:
             steers[w] = max(steers.get(w, 0.0), concept["rate"])
-    return _Index(token_share, frozenset(words(entry.get("label", ""))), context_share, around_share, output_share,
-                  steered_share, steers, bool(entry.get("recommended_strength")))
+    return {"steers": steers, "tokens": _word_shares(counts, lambda t: t["count"] / total),
+            "steered": _word_shares(steered, lambda t: t["gain"] / gained),
+            "promoted": _word_shares(promoted, lambda t: 1 / len(promoted)),
+            "label": dict.fromkeys(words(entry.get("label", "")), 1.0), "contexts": context_share,
+            "around": around_share}
 
 
 class FeatureCatalogue:
-    """Catalogue entries by feature id, and a ranked word search over them."""
+    """Catalogue entries by feature id, and a ranked word search over them.
+
+    The search index is inverted: per stemmed word and score part, the features the word reaches
+    (ids [m] int32) and what it adds to each (values [m] float64), so a query costs what its words'
+    postings hold, not a pass over every feature (searches run in the API server's process, beside
+    every other request; a long query through a per-feature loop held the interpreter for tens of
+    milliseconds). Parts are summed word by word in the query's order, exactly as a per-feature sum."""
 
     def __init__(self, entries: list[dict]):
         self.entries = entries
-        self._index = [_index(e) for e in entries]
+        collected: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+        for feature, entry in enumerate(entries):
+            for part, shares in _parts(entry).items():
+                for w, value in shares.items():
+                    ids, values = collected.setdefault(w, {}).setdefault(part, ([], []))
+                    ids.append(feature)
+                    values.append(value)
+        self._postings = {w: {part: (np.asarray(ids, dtype=np.int32), np.asarray(values, dtype=np.float64))
+                              for part, (ids, values) in parts.items()} for w, parts in collected.items()}
+        self._steerable = np.array([bool(e.get("recommended_strength")) for e in entries], dtype=bool)
+        self._frequency = np.array([e.get("frequency", 0.0) for e in entries], dtype=np.float64)
 
     @classmethod
     def load(cls, sae_path: str | Path) -> "FeatureCatalogue":
@@ -157,39 +167,46 @@ class FeatureCatalogue:
     def label(self, feature: int) -> str:
         return self.entries[feature]["label"] if 0 <= feature < len(self.entries) else ""
 
-    def score(self, feature: int, wanted: set[str]) -> float:
-        ix = self._index[feature]
-        tokens = sum(ix.token_share.get(w, 0.0) for w in wanted)
-        label = len(wanted & ix.label_words) / len(wanted)
-        contexts = sum(ix.context_share.get(w, 0.0) for w in wanted)
-        around = sum(ix.around_share.get(w, 0.0) for w in wanted)
-        promoted = sum(ix.output_share.get(w, 0.0) for w in wanted)
-        steered = sum(ix.steered_share.get(w, 0.0) for w in wanted)
-        return 3 * self._steers(feature, wanted) + 3 * tokens + 2 * steered + promoted + label + contexts + 0.5 * around
+    def _scores(self, wanted: set[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(score [n], steers [n]) of every feature for the query words `wanted`."""
+        n = len(self.entries)
+        sums = {part: np.zeros(n) for part in _ADDITIVE}
+        steers = np.zeros(n)
+        for w in wanted:
+            for part, (ids, values) in self._postings.get(w, {}).items():
+                if part == "steers":
+                    steers[ids] = np.maximum(steers[ids], values)
+                else:
+                    sums[part][ids] += values  # a word reaches a feature once per part: ids are unique
+        label = sums["label"] / len(wanted)
+        score = (3 * steers + 3 * sums["tokens"] + 2 * sums["steered"] + sums["promoted"] + label + sums["contexts"]
+                 + 0.5 * sums["around"])
+        return score, steers
 
-    def _steers(self, feature: int, wanted: set[str]) -> float:
-        return max((self._index[feature].steers.get(w, 0.0) for w in wanted), default=0.0)
-
-    def _ranked(self, query: str) -> list[tuple[float, int, bool]]:
-        """(score, feature, ranked steerable first) of every match, in search order."""
+    def _ranked(self, query: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every match in search order: (feature [m] int, score [m] float, ranked steerable first [m] bool)."""
         wanted = query_words(query)
         if not wanted:
-            return []
-        scored = [(s, i) for i in range(len(self.entries)) if (s := self.score(i, wanted)) > 0]
-        best = max((s for s, _ in scored), default=0.0)
-        tiers = {i: 0 if self._steers(i, wanted) else 1 if self._index[i].steerable and s >= STEERABLE_WITHIN * best
-                 else 2 for s, i in scored}
+            return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0, dtype=bool)
+        score, steers = self._scores(wanted)
+        matched = np.flatnonzero(score > 0)  # [m]
+        scored = score[matched]
+        best = scored.max() if len(matched) else 0.0
+        tiers = np.where(steers[matched] > 0, 0,
+                         np.where(self._steerable[matched] & (scored >= STEERABLE_WITHIN * best), 1, 2))
         # Ties (common for single-token features) go to the more frequent, better-attested feature.
-        ranked = sorted(scored, key=lambda r: (tiers[r[1]], -r[0], -self.entries[r[1]].get("frequency", 0.0), r[1]))
-        return [(s, i, tiers[i] < 2) for s, i in ranked]
+        order = np.lexsort((matched, -self._frequency[matched], -scored, tiers))
+        return matched[order], scored[order], tiers[order] < 2
 
     def search(self, query: str, limit: int, offset: int = 0) -> tuple[list[tuple[dict, float]], int]:
         """(entry, score) of the best matches, best first, and how many features match at all."""
-        ranked = self._ranked(query)
-        return [(self.entries[i], round(s, 4)) for s, i, _ in ranked[offset: offset + limit]], len(ranked)
+        features, scores, _ = self._ranked(query)
+        page = slice(offset, offset + limit)
+        return [(self.entries[i], round(float(s), 4)) for i, s in zip(features[page], scores[page])], len(features)
 
     def steerable_hits(self, query: str, n: int) -> list[dict]:
         """The first n of the matches search ranks steerable first: those measured to steer towards
         the query, then those with a recommended strength scoring at least STEERABLE_WITHIN × the best
         match (one matching by a context word only is no answer to the query)."""
-        return [self.entries[i] for _, i, first in self._ranked(query) if first][:n]
+        features, _, first = self._ranked(query)
+        return [self.entries[i] for i in features[first][:n]]

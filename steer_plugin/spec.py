@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from steer_plugin import bounded_json
+
 FIELD = "feature_clamps"
 """Name of the request field, top level or inside `vllm_xargs`."""
 
@@ -143,20 +145,16 @@ class ClampPlan:
 
 
 def _load(raw: Any, field: str, error: type[ValueError]) -> Any:
-    # vllm_xargs only carries flat values, so there structured values arrive as JSON strings.
+    # vllm_xargs only carries flat values, so there structured values arrive as JSON strings. They are
+    # read with the limits of a request body: a string is as untrusted as the body it came in.
     if isinstance(raw, str):
         try:
-            return json.loads(raw)
+            return bounded_json.loads(raw)
+        except bounded_json.LimitError as e:
+            raise error(f"{bounded_json.where(field, e.path)}: {e}") from None
         except json.JSONDecodeError as e:
             raise error(f"{field}: not valid JSON ({e.msg} at position {e.pos})") from None
     return raw
-
-
-def _location(field: str, loc: tuple) -> str:
-    out = field
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return out
 
 
 def parse_clamps(raw: Any, limits: Limits) -> ClampPlan | None:
@@ -174,7 +172,7 @@ def parse_clamps(raw: Any, limits: Limits) -> ClampPlan | None:
         clamps = _CLAMP_LIST.validate_python(data)
     except ValidationError as e:
         first = e.errors()[0]
-        raise ClampError(f"{_location(FIELD, first['loc'])}: {first['msg']}") from None
+        raise ClampError(f"{bounded_json.where(FIELD, first['loc'])}: {first['msg']}") from None
 
     seen: dict[tuple[int, int], int] = {}
     rows = []
@@ -276,4 +274,4 @@ def parse_recording(raw: Any) -> FeatureRecording | None:
         return FeatureRecording.model_validate(_load(raw, RECORD_FIELD, RecordingError))
     except ValidationError as e:
         first = e.errors()[0]
-        raise RecordingError(f"{_location(RECORD_FIELD, first['loc'])}: {first['msg']}") from None
+        raise RecordingError(f"{bounded_json.where(RECORD_FIELD, first['loc'])}: {first['msg']}") from None

@@ -157,23 +157,42 @@ class ConceptList(BaseModel):
     data: list[ConceptClamp]
 
 
-class Message(BaseModel):
+class TextPart(BaseModel):
+    """A content part of a chat message; inspection reads text, so `text` is the one type taken."""
+
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    type: Literal["text"]
+    text: Annotated[str, Field(strict=True)]
+
+
+class Message(BaseModel):
+    """A chat message as /v1/chat/completions takes it: content as a string or as text parts (joined
+    with newlines, as vLLM joins them for a template that takes string content), an optional name."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Annotated[str, Field(strict=True)] | list[TextPart]
+    name: Annotated[str, Field(strict=True, max_length=256)] | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+    def template_dict(self) -> dict:
+        """The message as a chat template reads it: string content, name only where given."""
+        return {"role": self.role, "content": self.text(), **({"name": self.name} if self.name else {})}
 
 
 class InspectRequest(BaseModel):
     """Exactly one of `text` (used as is) or `messages` (the chat template applied, as for a chat request)."""
 
     model_config = ConfigDict(extra="forbid")
-    text: Annotated[str, Field(min_length=1)] | None = None
+    text: Annotated[str, Field(strict=True, min_length=1)] | None = None
     messages: Annotated[list[Message], Field(min_length=1)] | None = None
-    sae: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    sae: Annotated[str, Field(strict=True, min_length=1, max_length=64)] | None = None
     """Whose features (an SAE id, see /v1/saes); default: the first SAE."""
-    top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K)] = 5
+    top_k: Annotated[int, Field(strict=True, ge=1, le=MAX_TOP_K)] = 5
     """Active features reported per token."""
-    top_features: Annotated[int, Field(ge=1, le=MAX_TOP_FEATURES)] = 20
+    top_features: Annotated[int, Field(strict=True, ge=1, le=MAX_TOP_FEATURES)] = 20
     """Features reported for the whole text, ranked by total activation (in units of max)."""
 
     @model_validator(mode="after")

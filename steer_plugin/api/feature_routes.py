@@ -96,7 +96,9 @@ class FeatureService:
 
     def _catalogue(self, served: _ServedSAE) -> FeatureCatalogue:
         if served.catalogue is None:
-            raise HTTPException(404, f"SAE {served.source.id} ({served.source.path}) ships no feature catalogue")
+            raise HTTPException(404, f"SAE {served.source.id!r} has no feature catalogue: search, feature cards and "
+                                     "labels need one. Put its feature_catalogue.json.gz (or .json) in the "
+                                     "SAE's folder and restart the server (README: 'Feature discovery').")
         return served.catalogue
 
     @staticmethod
@@ -167,12 +169,12 @@ class FeatureService:
         tokenizer = tokenizer_of(self.engine)
         field = "messages" if body.messages is not None else "text"
         context = self.engine.vllm_config.model_config.max_model_len
-        chars = len(body.text) if body.text is not None else sum(len(m.content) for m in body.messages)
+        chars = len(body.text) if body.text is not None else sum(len(m.text()) for m in body.messages)
         if chars > self._max_token_chars(tokenizer) * context:  # surely too long: not worth tokenising
             raise validation_error(f"{field}: {chars} characters, more than the model's context of "
                                    f"{context - 1} tokens can hold", field)
         if body.messages is not None:
-            text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
+            text = tokenizer.apply_chat_template([m.template_dict() for m in body.messages], tokenize=False,
                                                  add_generation_prompt=True)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:

@@ -2,12 +2,14 @@
 
 vLLM's OpenAI models accept unknown top-level fields and drop them (extra="allow", logged at
 DEBUG), so without this a `feature_clamps` would silently run unsteered. This pure-ASGI middleware
-reads the JSON body of every POST:
+reads the body of every request that carries one, the way vLLM will read it (`request_body.read`:
+vLLM's own decoders, every reading a route may make; what cannot be read so is refused):
 - on the steering routes (`routes.STEERED`) it rewrites
       {"feature_clamps": [...], ...}  ->  {"vllm_xargs": {"feature_clamps": "<json>"}, ...}
   (vLLM copies `vllm_xargs` into `SamplingParams.extra_args`, where admission and the worker read
   it) and hands `return_features` to `return_features.py`;
-- on every other route a body carrying either field is refused (it would run unsteered);
+- on every other route, and in every form, a body carrying either field is refused (it would run
+  unsteered);
 - everywhere: bodies over the size, nesting or number limits, near-miss field names and the
   internal `steer_record_features` get a 400 naming the field (`request_body.py`).
 Clamps are validated here too (same parser as admission), because a streamed response has already
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 
 from steer_plugin.api import request_body, return_features, routes
 from steer_plugin.api.metrics import REJECTED
@@ -30,7 +31,8 @@ from steer_plugin.api.request_body import ERROR_CHARS, BodyError, clip
 from steer_plugin.spec import FIELD, RECORD_FIELD, ClampError, FeatureRecording, Limits, RecordingError, parse_clamps
 
 logger = logging.getLogger(__name__)
-_FORM_FIELD = re.compile(rb'name="(%s|%s)"' % (FIELD.encode(), return_features.FIELD.encode()))
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+"""Methods whose body a route may read (vLLM's routes that take one are all POST)."""
 MAX_ERROR_BYTES = 4096
 """Error replies longer than this (vLLM's own echo client input) have their message cut short."""
 
@@ -56,7 +58,7 @@ class FeatureClampMiddleware:
         return self._limits
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
             return await self.app(scope, receive, send)
         chunks, size = [], 0
         while True:
@@ -74,7 +76,7 @@ class FeatureClampMiddleware:
         path = routes.route_path(scope)
         service = getattr(scope["app"].state, "steer_features", None) if "app" in scope else None
         try:
-            rewritten, recording = self._rewrite(body, path, scope, service)
+            rewritten, recording = await self._rewrite(body, path, scope, service)
         except (ClampError, RecordingError, BodyError) as e:
             return await self._reject(send, scope, e)
         if rewritten is not None:
@@ -99,19 +101,14 @@ class FeatureClampMiddleware:
         finally:
             await appender.discard()  # records of a reply that never completed (client gone, error)
 
-    def _rewrite(self, body: bytes, path: str, scope, service) -> tuple[bytes | None, FeatureRecording | None]:
+    async def _rewrite(self, body: bytes, path: str, scope, service) -> tuple[bytes | None, FeatureRecording | None]:
         """New body (None: pass the original through) and the feature recording the request asked for."""
-        content_type = dict(scope["headers"]).get(b"content-type", b"").lower()
-        if content_type.startswith(b"multipart/"):  # audio uploads: form fields, not JSON
-            named = _FORM_FIELD.search(body)
-            if named:
-                field = named.group(1).decode()
-                raise BodyError(f"{field}: not supported on {clip(path)}", field)
-            return None, None
-        if path not in routes.STEERED and not _mentions_plugin_fields(body):
-            request_body.parse(body)  # the limits only
-            return None, None
-        data = request_body.parse(body)
+        data, form = await request_body.read(scope, body)
+        if form is not None:  # no route steers a form (audio uploads): the fields would be dropped
+            request_body.near_miss(form)
+            for field in (FIELD, return_features.FIELD):
+                if field in form:
+                    raise BodyError(f"{field}: not supported in a form ({clip(path)})", field)
         if not isinstance(data, dict):
             return None, None  # not a JSON object: vLLM reports it itself
         request_body.near_miss(data)
@@ -158,12 +155,6 @@ class FeatureClampMiddleware:
         await send({"type": "http.response.start", "status": 400,
                     "headers": request_body.with_length([(b"content-type", b"application/json")], len(body))})
         await send({"type": "http.response.body", "body": body})
-
-
-def _mentions_plugin_fields(body: bytes) -> bool:
-    """Cheap pre-test: could the body name a plugin field, or a near miss of one?"""
-    lowered = body.lower()
-    return b"clamp" in lowered or b"feature" in lowered or RECORD_FIELD.encode() in lowered
 
 
 class _ClippedErrors:

@@ -1,33 +1,42 @@
-"""Reading an untrusted JSON request body before vLLM does: size, nesting and number limits, field
-names one typo away from the plugin's, and client text made safe to echo in errors and logs.
+"""Reading an untrusted request body the way vLLM will read it, before vLLM does.
 
+One reading, vLLM's own. The plugin must never decide what a body says by a reading of its own: where
+two parsers disagree (which `Content-Type` counts, which charset, whether `\u0066eature_clamps` is
+`feature_clamps`), a request the plugin saw nothing in would reach vLLM with a field vLLM drops, and
+run unsteered with a 200. So a body is read with the very decoders vLLM's routes use, every way a
+route may read it:
+- JSON: `json.loads(bytes)` (Starlette's `Request.json()`, which FastAPI's request models and vLLM's
+  raw routes such as /invocations call), escapes resolved and the encoding detected from the bytes as
+  it does (UTF-8/16/32, byte-order marks), whatever the headers say; through `bounded_json` for its
+  limits. Every body is read so, on every route, whatever its content type.
+- Forms: Starlette's own form parser (`Request.form()`, what FastAPI's form routes call) where the
+  content type is a form's.
+What the plugin cannot read the way vLLM will is refused with a 400 on every route that takes a body,
+never passed on: more than one `Content-Type` header (Starlette reads the first, other stacks the
+last), or a `Content-Encoding` (vLLM decodes none, and the plugin would be reading other bytes).
 Every limit answers with a `BodyError` (HTTP 400 naming the field where one can be named), never a
-500: a body nested thousands deep makes JSON parsers recurse until they fail, and an integer with
-thousands of digits makes Python's int() refuse it, in vLLM's own parsing as much as in ours.
+500. Also here: field names one typo away from the plugin's, and client text made safe to echo.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from typing import Any
 
+from starlette.requests import Request
+
+from steer_plugin import bounded_json
 from steer_plugin.spec import FIELD
 
 RETURN_FEATURES = "return_features"
 MAX_BODY_BYTES = 32 * 1024 * 1024
 """Largest request body read (a 128k-token prompt as token ids is about 1 MB)."""
-MAX_DEPTH = 64
-"""Deepest JSON nesting accepted (chat messages with tool calls nest about 8 deep)."""
-MAX_INT_DIGITS = 100
-"""Longest integer accepted (seeds and token ids have at most 20 digits)."""
 ECHO_CHARS = 120
 """Client text quoted in an error message or log line is cut to this many characters."""
 ERROR_CHARS = 600
 """A whole error message (which may quote client text) is cut to this many characters."""
 
-_LONG_INT = re.compile(rb"\d{%d}" % (MAX_INT_DIGITS + 1))
 _NEAR_MISSES = {"featureclamps": FIELD, "featureclamp": FIELD, "clamps": FIELD, "featuresclamps": FIELD,
                 "returnfeatures": RETURN_FEATURES, "returnfeature": RETURN_FEATURES,
                 "returnedfeatures": RETURN_FEATURES}
@@ -57,56 +66,55 @@ def clip(text: Any, limit: int = ECHO_CHARS) -> str:
     return safe + (f"…({len(text) - limit} more characters)" if len(text) > limit else "")
 
 
-class _Huge:
-    """An integer literal too long to convert, kept as its digit count until its field is known."""
-
-    def __init__(self, digits: str):
-        self.digits = len(digits)
+FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
+"""Content types Starlette parses as forms (`Request.form()`)."""
 
 
-def _int(digits: str) -> int | _Huge:
-    return _Huge(digits) if len(digits.lstrip("-")) > MAX_INT_DIGITS else int(digits)
-
-
-def _where(path: tuple) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{clip(part)}" if out else clip(part))
-    return out or "body"
-
-
-def _walk(data: Any):
-    """Depth-first (value, path, depth) over containers, iteratively (no recursion to exhaust)."""
-    stack = [(data, (), 1)]
-    while stack:
-        value, path, depth = stack.pop()
-        yield value, path, depth
-        if isinstance(value, dict):
-            stack.extend((v, path + (k,), depth + 1) for k, v in value.items() if isinstance(v, (dict, list, _Huge)))
-        elif isinstance(value, list):
-            stack.extend((v, path + (i,), depth + 1) for i, v in enumerate(value) if isinstance(v, (dict, list, _Huge)))
+def _header_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    return [v for k, v in headers if k.lower() == name]
 
 
 def parse(body: bytes) -> Any:
-    """The body's JSON value; `NotImplemented` if it is not JSON at all (vLLM answers that itself).
-    Raises BodyError for a body over the limits."""
+    """The body's JSON value as `Request.json()` reads it; `NotImplemented` if it is not JSON at all
+    (vLLM answers that itself). Raises BodyError for a body over the limits."""
     if len(body) > MAX_BODY_BYTES:
         raise BodyError(f"request body: {len(body)} bytes, at most {MAX_BODY_BYTES} accepted", "body")
-    long_ints = _LONG_INT.search(body) is not None
     try:
-        data = json.loads(body, parse_int=_int) if long_ints else json.loads(body)
-    except RecursionError:
-        raise BodyError(f"request body: JSON nested deeper than {MAX_DEPTH} levels", "body") from None
+        return bounded_json.loads(body)
+    except bounded_json.LimitError as e:
+        where = bounded_json.where("", e.path)
+        raise BodyError(f"{where}: {e}", bounded_json.where("", e.path[:1])) from None
     except ValueError:
         return NotImplemented
-    if long_ints or body.count(b"[") + body.count(b"{") > MAX_DEPTH:  # cheap tests first: most bodies pass
-        for value, path, depth in _walk(data):
-            if isinstance(value, _Huge):
-                raise BodyError(f"{_where(path)}: a number with {value.digits} digits; at most "
-                                f"{MAX_INT_DIGITS} accepted", _where(path[:1]))
-            if depth > MAX_DEPTH:
-                raise BodyError(f"{_where(path[:3])}: JSON nested deeper than {MAX_DEPTH} levels", _where(path[:1]))
-    return data
+
+
+async def read(scope, body: bytes) -> tuple[Any, dict | None]:
+    """Every reading vLLM may make of a request body: (its JSON value or NotImplemented, its form fields
+    by name or None when the content type is not a form's). Raises BodyError for what the plugin
+    cannot read as vLLM would, and for a body over the limits."""
+    headers = scope["headers"]
+    content_types = _header_values(headers, b"content-type")
+    if len(content_types) > 1:
+        raise BodyError(f"content-type: header given {len(content_types)} times; send one", "content-type")
+    encodings = [v for v in _header_values(headers, b"content-encoding") if v.strip().lower() != b"identity"]
+    if encodings:
+        raise BodyError(f"content-encoding: {clip(encodings[0].decode('latin-1'))} bodies are not read; "
+                        "send the body uncompressed", "content-encoding")
+    data = parse(body)
+    media = content_types[0].split(b";")[0].strip().lower() if content_types else b""
+    if media not in FORM_TYPES:
+        return data, None
+
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request({**scope, "type": "http"}, replay).form()
+    except Exception as e:  # Starlette's MultiPartException / HTTPException: vLLM would refuse it too
+        raise BodyError(f"request body: not a form Starlette can read ({clip(e)})", "body") from None
+    fields = {name: value for name, value in form.multi_items()}
+    await form.close()
+    return data, fields
 
 
 def near_miss(data: dict) -> None:

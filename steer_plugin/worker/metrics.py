@@ -41,8 +41,13 @@ SAMPLED_TOKENS = Counter("steer_feature_sampled_tokens", "Tokens encoded for fea
 L0 = Histogram("steer_active_features", "Active SAE features per sampled token (L0)", ["sae"],
                buckets=(0, 1, 2, 4, 8, 16, 24, 32, 40, 48, 64, 96, 128, 256, 512, 1024))
 RECON_ERROR = Histogram("steer_reconstruction_relative_error",
-                        "Per sampled token |x - sae(x)|^2 / |x|^2 at the SAE layer", ["sae"],
+                        "Per sampled token |x - sae(x)|^2 / |x|^2 at the SAE layer (finite values only: "
+                        "see steer_reconstruction_nonfinite_tokens)", ["sae"],
                         buckets=(0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0))
+RECON_NONFINITE = Counter("steer_reconstruction_nonfinite_tokens",
+                          "Sampled tokens whose relative reconstruction error is not a finite number (a stream "
+                          "overflowed by a huge clamp, say); kept out of steer_reconstruction_relative_error, "
+                          "whose sum one NaN would spoil for the life of the server", ["sae"])
 OP_SECONDS = Histogram("steer_op_seconds", "Wall time of one SAE's step per forward pass (host-measured)", ["sae"],
                        buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25))
 SAE_INFO = Gauge("steer_sae_info", "The loaded SAE (value 1)", ["sae", "layer", "d_sae", "architecture"],
@@ -75,7 +80,8 @@ class FeatureActivity:
     def __init__(self, sae: str, d_sae: int, sample_every: int, watch: tuple[int, ...], top_n: int):
         self.sae = sae
         self._active = lambda feature: FEATURE_ACTIVE.labels(sae=sae, feature=str(feature))
-        self._sampled, self._l0, self._error = (m.labels(sae=sae) for m in (SAMPLED_TOKENS, L0, RECON_ERROR))
+        self._sampled, self._l0, self._error, self._nonfinite = (
+            m.labels(sae=sae) for m in (SAMPLED_TOKENS, L0, RECON_ERROR, RECON_NONFINITE))
         self.sample_every = sample_every
         self.top_n = min(top_n, d_sae)
         self.fired = np.zeros(d_sae, dtype=np.int64)  # cumulative active-token counts
@@ -125,7 +131,10 @@ class FeatureActivity:
         """fired: [d_sae] active-token counts of one sampled step; l0, err: [n] per sampled token."""
         self.fired += fired
         observe_many(self._l0, l0)
-        observe_many(self._error, err)
+        finite = np.isfinite(err)
+        observe_many(self._error, err[finite])
+        if not finite.all():
+            self._nonfinite.inc(int((~finite).sum()))
         self._sampled.inc(len(l0))
         if self.top_n and self.num_top_pinned < TOP_N_SLOTS_FACTOR * self.top_n:
             top = np.argpartition(-self.fired, self.top_n - 1)[: self.top_n]
