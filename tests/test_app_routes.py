@@ -1,10 +1,13 @@
-"""vLLM's real app (build_app, with the plugin's hooks), no engine: every route is classified,
+"""vLLM's real app (build_app, with the plugin's hooks and its endpoint plugin, as server.py loads
+them), no engine: every route is classified, the plugin's own included,
 the API-key check runs before the plugin, CORS headers reach its 400s, and routes that do not steer
 refuse the steering fields. Requests here never reach an engine: each is answered by a middleware."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 
 import httpx
 import pytest
@@ -26,7 +29,15 @@ def _build(*flags: str):
 
     vllm_seam.install({"frontend"})
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", "m", *flags])
-    app = build_app(args, supported_tasks=("generate",))
+    previous = os.environ.get("VLLM_PLUGINS")
+    os.environ["VLLM_PLUGINS"] = "steer,steer_features"  # what server.py sets: the endpoint plugin too
+    try:
+        app = build_app(args, supported_tasks=("generate",))
+    finally:
+        if previous is None:
+            os.environ.pop("VLLM_PLUGINS")
+        else:
+            os.environ["VLLM_PLUGINS"] = previous
     app.state.vllm_config = EngineArgs(
         model=str(default_model_dir()), dtype="float32", max_model_len=512,
         additional_config={"steer": {"saes": [{"path": str(DEFAULT_SAE_DIR)}]}}).create_engine_config()
@@ -46,9 +57,13 @@ async def _post(app, path, body, key=KEY, **kwargs):
         return await c.post(path, content=json.dumps(body), headers=headers)
 
 
-def test_every_route_of_the_app_is_classified(app):
+def test_every_route_of_the_app_is_classified(app, caplog):
     paths = [getattr(r, "path", None) for r in app.routes]
-    assert "/v1/chat/completions" in paths and routes.unclassified(paths) == []
+    assert {"/v1/chat/completions", "/v1/concepts", "/v1/features/inspect", "/playground"} <= set(paths)
+    assert routes.unclassified(paths) == []
+    with caplog.at_level(logging.INFO, logger=routes.__name__):
+        routes.log_routes(paths)
+    assert "routes_unclassified" not in caplog.text and "action=routes" in caplog.text
 
 
 async def test_the_api_key_is_checked_before_clamps(app):

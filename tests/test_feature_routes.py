@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 
 from steer_plugin.api.feature_routes import FeatureService, router
-from steer_plugin.config import DEFAULT_SAE_DIR, SteerConfig
+from steer_plugin.config import DEFAULT_SAE_DIR, SAESource, SteerConfig
 from steer_plugin.sae import load_config
 from steer_plugin.training.steering_eval import request_sampling
 
@@ -106,3 +106,11 @@ async def test_concept_clamps_come_with_a_search_and_on_their_own_route(service)
     assert len(concept["feature_clamps"]) == len(concept["features"])
     assert {(c["sae"], c["mode"], c["unit"], c["tokens"]) for c in concept["feature_clamps"]} == {
         ("smollm2-135m-instruct-l15", "add", "absolute", concept["recommended_tokens"])}
+
+
+async def test_an_sae_without_a_catalogue_gets_a_404_naming_it_not_its_path(random_sae_dir):
+    service = FeatureService(None, SteerConfig(saes=(SAESource(path=str(random_sae_dir), id="mine"),)))
+    async with _client(service) as client:
+        r = await client.get("/v1/features", params={"q": "dogs", "sae": "mine"})
+    assert r.status_code == 404 and "'mine' has no feature catalogue" in r.text and "feature_catalogue" in r.text
+    assert str(random_sae_dir) not in r.text and str(random_sae_dir.parent) not in r.text

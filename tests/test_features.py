@@ -98,6 +98,14 @@ def test_inspect_messages_applies_the_chat_template(http):
     assert body["tokens"][0]["token"] == "<|im_start|>"
 
 
+def test_inspect_takes_messages_as_chat_takes_them(http):
+    """Content parts (joined with newlines, as vLLM joins text parts) and `name`, as on a chat request."""
+    plain = inspect(http, messages=[{"role": "user", "content": "Do you believe\nin God?"}])
+    parts = inspect(http, messages=[{"role": "user", "name": "ann", "content": [
+        {"type": "text", "text": "Do you believe"}, {"type": "text", "text": "in God?"}]}])
+    assert [t["token_id"] for t in parts["tokens"]] == [t["token_id"] for t in plain["tokens"]]
+
+
 @pytest.mark.parametrize("method,path,kwargs,param", [
     ("get", "/v1/features", {"params": {"limit": 0}}, "limit"),
     ("get", "/v1/features", {"params": {"limit": 100000}}, "limit"),
@@ -108,6 +116,10 @@ def test_inspect_messages_applies_the_chat_template(http):
     ("post", "/v1/features/inspect", {"json": {"text": "hi", "top_k": 0}}, "top_k"),
     ("post", "/v1/features/inspect", {"json": {"text": "hi", "top_k": 1000}}, "top_k"),
     ("post", "/v1/features/inspect", {"json": {"text": "hi", "top_features": 0}}, "top_features"),
+    ("post", "/v1/features/inspect", {"json": {"text": "hi", "top_k": True}}, "top_k"),  # strict, as clamps
+    ("post", "/v1/features/inspect", {"json": {"text": "hi", "top_features": 2.0}}, "top_features"),
+    ("post", "/v1/features/inspect", {"json": {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "x"}}]}]}}, "content[1]"),
     ("post", "/v1/features/inspect", {"json": {"text": "word " * 5000}}, "text"),
     # far beyond the context: refused on its length alone, before any tokenising
     ("post", "/v1/features/inspect", {"json": {"text": "x" * 3_000_000}}, "text"),
@@ -236,3 +248,34 @@ def test_bad_return_features_is_400(http, extra):
     r = http.post("/v1/chat/completions", json={"model": "SmolLM2-135M-Instruct", "max_tokens": 2,
                                                 "messages": [{"role": "user", "content": "Hi"}], **extra})
     assert r.status_code == 400 and r.json()["error"]["param"] == "return_features", r.text
+
+
+def test_a_burst_of_long_searches_leaves_the_server_answering(feature_server, http):
+    """16 concurrent searches of 500 characters (the longest `q` taken) while /v1/models is asked every
+    20 ms. Searches run in threads, so what can hold the other route is the interpreter they share:
+    the inverted index keeps a search to its words' postings (a pass over every feature per query
+    held /v1/models for over a second)."""
+    import time
+
+    labels = [e["label"] for e in http.get("/v1/features", params={"limit": 200}).json()["data"]]
+    query = " ".join(labels)[:500]  # many words, each matching some features
+
+    async def burst():
+        latencies = []
+        async with httpx.AsyncClient(base_url=feature_server.base_url, timeout=300) as client:
+            async def ping():
+                while not searches.done():
+                    start = time.perf_counter()
+                    assert (await client.get("/v1/models")).status_code == 200
+                    latencies.append(time.perf_counter() - start)
+                    await asyncio.sleep(0.02)
+
+            searches = asyncio.gather(*(client.get("/v1/features", params={"q": query}) for _ in range(16)))
+            pinger = asyncio.create_task(ping())
+            replies = await searches
+            await pinger
+        return replies, latencies
+
+    replies, latencies = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in replies) and replies[0].json()["total"] > 0
+    assert latencies and max(latencies) < 0.2, latencies

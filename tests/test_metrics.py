@@ -58,3 +58,15 @@ def test_new_clamp_plans_count_clamps_by_mode():
     metrics.record_new_plan("sae", plan)
     assert _value("steer_clamps_applied_total", {"sae": "sae", "mode": "set"}) == before["set"] + 1
     assert _value("steer_clamps_applied_total", {"sae": "sae", "mode": "scale"}) == before["scale"] + 2
+
+
+def test_a_non_finite_reconstruction_error_is_counted_apart_not_summed():
+    """A stream overflowed by a huge clamp gives inf/inf = NaN: a Prometheus sum never recovers from
+    one NaN, so such tokens are counted on their own and the histogram keeps only finite values."""
+    activity = metrics.FeatureActivity("nan_sae", 16, sample_every=1, watch=(), top_n=0)
+    err = np.array([0.1, np.nan, np.inf, 0.2])
+    activity._export(np.zeros(16, dtype=np.int64), np.array([1, 2, 3, 4]), err)
+    labels = {"sae": "nan_sae"}
+    assert _value("steer_reconstruction_relative_error_sum", labels) == pytest.approx(0.3)
+    assert _value("steer_reconstruction_relative_error_count", labels) == 2
+    assert _value("steer_reconstruction_nonfinite_tokens_total", labels) == 2

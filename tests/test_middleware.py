@@ -231,3 +231,86 @@ async def test_return_features_streaming_adds_one_event_before_done(app):
     features = json.loads(events[1][len("data: "):])
     assert features["object"] == "steer.features" and features["choices"] == []
     assert features["features"][0]["index"] == 0
+
+
+async def _raw(app, path: str, content: bytes, headers: list[tuple[str, str]]) -> httpx.Response:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        return await client.post(path, content=content, headers=headers)
+
+
+JSON = [("content-type", "application/json")]
+ESCAPED = '{"model": "m", "\\u0066eature_\\u0063lamps": [{"\\u0066eature": 3, "value": 1.5}]}'
+"""`feature_clamps` with two letters written as JSON escapes: the same field to any JSON decoder."""
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/other"])
+@pytest.mark.parametrize("order", [("application/json", "multipart/form-data; boundary=x"),
+                                   ("multipart/form-data; boundary=x", "application/json"),
+                                   ("application/json", "application/json")])
+async def test_two_content_type_headers_are_refused(app, path, order):
+    """Starlette reads the first of two Content-Type headers, other stacks the last: ambiguous."""
+    body = json.dumps({"model": "m", "feature_clamps": [{"feature": 99, "value": 1}]}).encode()
+    r = await _raw(app, path, body, [("content-type", order[0]), ("content-type", order[1])])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "content-type"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "utf-16-le", "utf-32", "utf-8-sig"])
+async def test_a_body_is_read_in_the_encoding_json_detects(app, encoding):
+    """json.loads (and so vLLM) reads UTF-16 and UTF-32 bodies too: so does the plugin."""
+    body = json.dumps({"model": "m", "feature_clamps": CLAMPS}).encode(encoding)
+    r = await _raw(app, "/other", body, JSON)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "feature_clamps"
+    r = await _raw(app, "/v1/completions", body, JSON)
+    assert json.loads(r.json()["received"]["vllm_xargs"]["feature_clamps"]) == CLAMPS
+    bad = json.dumps({"model": "m", "feature_clamps": [{"feature": 99, "value": 1}]}).encode(encoding)
+    r = await _raw(app, "/v1/completions", bad, JSON)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "feature_clamps"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/other"])
+async def test_field_names_written_with_escapes_are_the_fields(app, path):
+    r = await _raw(app, path, ESCAPED.encode(), JSON)
+    if path == "/other":
+        assert r.status_code == 400 and r.json()["error"]["param"] == "feature_clamps"
+    else:
+        assert json.loads(r.json()["received"]["vllm_xargs"]["feature_clamps"]) == CLAMPS
+    near = '{"model": "m", "\\u0066eature_clamp": []}'
+    r = await _raw(app, path, near.encode(), JSON)
+    assert r.status_code == 400 and "did you mean feature_clamps" in r.text
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "multipart/form-data; boundary=x", ""])
+async def test_a_json_body_under_another_content_type_is_still_read(app, content_type):
+    """Routes that call request.json() themselves (vLLM's /invocations) read JSON whatever the header."""
+    headers = [("content-type", content_type)] if content_type else []
+    r = await _raw(app, "/other", ESCAPED.encode("utf-16"), headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "feature_clamps"
+
+
+async def test_urlencoded_form_fields_are_read_as_starlette_reads_them(app):
+    form = [("content-type", "application/x-www-form-urlencoded")]
+    r = await _raw(app, "/other", b"model=m&feature%5Fclamps=%5B%5D", form)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "feature_clamps"
+    r = await _raw(app, "/other", b"model=m&return%5ffeatures=3", form)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "return_features"
+
+
+async def test_compressed_bodies_are_refused(app):
+    import gzip
+
+    body = gzip.compress(json.dumps({"model": "m", "feature_clamps": CLAMPS}).encode())
+    r = await _raw(app, "/other", body, [*JSON, ("content-encoding", "gzip")])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "content-encoding"
+
+
+@pytest.mark.parametrize("place", ["top", "vllm_xargs"])
+@pytest.mark.parametrize("value, words", [
+    ("[" * 20_000 + "]" * 20_000, "nested deeper"),
+    ('[{"feature": 1' + "0" * 5000 + ', "value": 1}]', "feature_clamps[0].feature: a number with 5001 digits"),
+])
+async def test_the_string_form_has_the_limits_of_a_body(app, place, value, words):
+    body = {"model": "m", "feature_clamps": value} if place == "top" else {
+        "model": "m", "vllm_xargs": {"feature_clamps": value}}
+    r = await _post(app, "/v1/completions", body)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "feature_clamps" and words in error["message"]

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -119,3 +120,16 @@ def test_bad_sae_references_name_the_clamp(clamps, words):
     with pytest.raises(ClampError) as e:
         parse_clamps(clamps, TWO)
     assert words in str(e.value)
+
+
+@pytest.mark.parametrize("raw, words", [
+    ("[" * 20_000 + "]" * 20_000, "feature_clamps: JSON nested deeper than"),
+    ("[" * 70 + "]" * 70, "feature_clamps[0][0]: JSON nested deeper than"),
+    ('[{"feature": ' + "7" * 5000 + ', "value": 1}]', "feature_clamps[0].feature: a number with 5000 digits"),
+    ('[{"feature": 1, "value": -' + "7" * 500 + "}]", "feature_clamps[0].value: a number with 500 digits"),
+])
+def test_the_string_form_is_read_with_the_limits_of_a_body(raw, words):
+    """A clamp set sent as a JSON string (top level or vllm_xargs) is as untrusted as a body: a
+    RecursionError or Python's int-size ValueError would be a 500 or a 400 naming nothing."""
+    with pytest.raises(ClampError, match=re.escape(words)):
+        parse_clamps(raw, LIMITS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from steer_plugin.spec import MAX_TOP_K, FeatureClamp
 
@@ -173,6 +173,17 @@ class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str, Field(strict=True)] | list[TextPart]
     name: Annotated[str, Field(strict=True, max_length=256)] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content):
+        """Name the part that is not text (chat takes images and audio; inspection reads text)."""
+        if isinstance(content, list):
+            for i, part in enumerate(content):
+                if isinstance(part, dict) and part.get("type") != "text":
+                    raise ValueError(f"content[{i}] is a {str(part.get('type'))[:40]!r} part; only 'text' parts "
+                                     "can be inspected")
+        return content
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
