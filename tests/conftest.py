@@ -45,3 +45,32 @@ def http(feature_server):
 
     with httpx.Client(base_url=feature_server.base_url, timeout=300) as c:
         yield c
+
+
+THREE_SAES_KEY = "sk-steer-test"
+"""The API key of the `three_saes` server: the one server of the suite started with --api-key."""
+
+
+@pytest.fixture(scope="session")
+def three_saes(tiny_model, tmp_path_factory):
+    """A tiny Qwen2 with SAEs written by sae-lens (JumpReLU, blocks.2.hook_resid_pre: output of layer 1),
+    eai-sparsify (TopK, layers.0) and in Gemma Scope's layout (layer_2), none with a catalogue, served
+    by server.py with --api-key. Yields the server and an httpx client that sends the key."""
+    import httpx
+
+    from sae_factory import write_gemma_scope, written_by
+    from tiny_models import HIDDEN
+
+    root = tmp_path_factory.mktemp("three")
+    saelens = written_by("fixtures_saelens.py", root / "saelens", HIDDEN) / "jumprelu"
+    sparsify = written_by("fixtures_sparsify.py", root / "sparsify", HIDDEN, 0) / "layers.0"
+    gemma = root / "gemma-scope" / "layer_2" / "width_16k" / "average_l0_10"
+    write_gemma_scope(gemma, d_in=HIDDEN, d_sae=256)
+    args = ["--model", str(tiny_model("qwen2")), "--max-model-len", "512", "--kv-cache-gib", "1",
+            "--max-clamps", "4", "--sae", f"lens={saelens}", "--sae", f"sparsify={sparsify}",
+            "--sae", f"scope={gemma}", "--", "--api-key", THREE_SAES_KEY]
+    server = Server(args, root / "server.log").wait_ready()
+    with httpx.Client(base_url=server.base_url, timeout=300,
+                      headers={"Authorization": f"Bearer {THREE_SAES_KEY}"}) as http:
+        yield server, http
+    server.stop()

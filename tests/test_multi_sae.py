@@ -11,7 +11,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from engines import Server, offline_llm, recorded
-from sae_factory import write_gemma_scope, write_sae, written_by
+from sae_factory import write_sae
 from steer_plugin.api.admission import new_recording_key
 from steer_plugin.reference import reference_steer
 from steer_plugin.sae import SAE
@@ -74,26 +74,8 @@ def _text(http, clamps=None) -> str:
     return r.json()["choices"][0]["text"]
 
 
-@pytest.fixture(scope="module")
-def three_layouts(tiny_model, tmp_path_factory):
-    """A tiny Qwen2 with SAEs written by sae-lens (JumpReLU, blocks.2.hook_resid_pre: output of layer 1),
-    eai-sparsify (TopK, layers.0) and in Gemma Scope's layout (layer_2), served by server.py."""
-    root = tmp_path_factory.mktemp("three")
-    saelens = written_by("fixtures_saelens.py", root / "saelens", HIDDEN) / "jumprelu"
-    sparsify = written_by("fixtures_sparsify.py", root / "sparsify", HIDDEN, 0) / "layers.0"
-    gemma = root / "gemma-scope" / "layer_2" / "width_16k" / "average_l0_10"
-    write_gemma_scope(gemma, d_in=HIDDEN, d_sae=256)
-    args = ["--model", str(tiny_model("qwen2")), "--max-model-len", "512", "--kv-cache-gib", "1",
-            "--max-clamps", "4", "--sae", f"lens={saelens}", "--sae", f"sparsify={sparsify}",
-            "--sae", f"scope={gemma}"]
-    server = Server(args, root / "server.log").wait_ready()
-    with httpx.Client(base_url=server.base_url, timeout=300) as http:
-        yield server, http
-    server.stop()
-
-
-def test_three_layouts_at_three_layers_steer_from_one_request(three_layouts):
-    server, http = three_layouts
+def test_three_layouts_at_three_layers_steer_from_one_request(three_saes):
+    server, http = three_saes
     saes = http.get("/v1/saes").json()["data"]
     assert [(s["id"], s["layer"], s["architecture"]) for s in saes] == [
         ("lens", 1, "jumprelu"), ("sparsify", 0, "topk"), ("scope", 2, "jumprelu")]
@@ -113,8 +95,8 @@ def test_three_layouts_at_three_layers_steer_from_one_request(three_layouts):
         assert after[("steer_steered_tokens_total", (("sae", sae),))] > 0
 
 
-def test_clamps_and_feature_routes_name_their_sae(three_layouts):
-    _, http = three_layouts
+def test_clamps_and_feature_routes_name_their_sae(three_saes):
+    _, http = three_saes
     r = _complete(http, [{"feature": 3, "value": 1.0}, {"sae": "nope", "feature": 3, "value": 1.0}])
     assert r.status_code == 400 and "feature_clamps[1].sae: unknown SAE 'nope'" in r.json()["error"]["message"]
     r = _complete(http, [{"sae": s, "feature": f, "value": 1.0} for s in ("lens", "scope") for f in (1, 2, 3)])
@@ -133,7 +115,16 @@ def test_clamps_and_feature_routes_name_their_sae(three_layouts):
     assert (inspected["sae"], inspected["layer"], inspected["num_tokens"]) == ("scope", 2, len(PROMPT) - 1)
     r = http.get("/v1/features", params={"q": "x", "sae": "nope"})
     assert r.status_code == 400 and "unknown SAE 'nope'" in r.text
-    assert http.get("/v1/features", params={"q": "x", "sae": "lens"}).status_code == 404  # no catalogue
+    r = http.get("/v1/features", params={"q": "x", "sae": "lens"})  # no catalogue: named, no server path in it
+    assert r.status_code == 404 and "'lens' has no feature catalogue" in r.text and "/tmp" not in r.text
+
+
+def test_the_api_key_guards_steering_and_feature_routes(three_saes):
+    server, _ = three_saes
+    for path in ("/v1/saes", "/v1/features?q=x"):
+        assert httpx.get(server.base_url + path).status_code == 401
+    r = httpx.post(server.base_url + "/v1/completions", json={"model": "m", "prompt": "x", "feature_clamps": "bad"})
+    assert r.status_code == 401  # the key is checked before the clamps are read
 
 
 def test_tensor_parallel_2_steers_records_and_counts_once(tiny_model, tmp_path):

@@ -162,8 +162,10 @@ def test_narrow_window_and_keyboard(browser, feature_server):
     page = context.new_page()
     page.goto(f"{feature_server.base_url}/playground")
     page.wait_for_function("document.getElementById('model-name').textContent !== '…'")
-    page.keyboard.press("Tab")  # the SAE chooser, then the search box, by keyboard alone
-    page.keyboard.press("Tab")
+    for _ in range(4):  # the SAE chooser, the API key and its button, then the search box: by keyboard alone
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "search-input":
+            break
     assert page.evaluate("document.activeElement.id") == "search-input"
     page.keyboard.type("God")
     page.keyboard.press("Enter")
@@ -173,4 +175,50 @@ def test_narrow_window_and_keyboard(browser, feature_server):
     unlabelled = page.evaluate("""[...document.querySelectorAll('input, select, textarea')]
         .filter(e => !e.labels || e.labels.length === 0).map(e => e.id)""")
     assert unlabelled == []
+    context.close()
+
+
+def test_the_page_works_on_a_server_with_an_api_key(browser, three_saes):
+    """Under --api-key every /v1 call needs the key: the page asks for it, keeps it in the tab's session
+    storage (never in a URL), sends it on every call, and the copied requests carry it."""
+    from conftest import THREE_SAES_KEY
+
+    server, _ = three_saes
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    requests, errors = [], []
+    page.on("request", lambda r: requests.append(r))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{server.base_url}/playground")
+    key_error = page.locator("#api_key-error")
+    key_error.wait_for(state="visible")
+    assert "--api-key" in key_error.inner_text() and page.locator("#model-name").inner_text() == "(unavailable)"
+
+    page.get_by_label("API key").fill(THREE_SAES_KEY)
+    page.get_by_role("button", name="Use key").click()
+    page.wait_for_function("document.getElementById('sae-select').options.length === 3")
+    assert page.locator("#model-name").inner_text() != "(unavailable)" and key_error.is_hidden()
+    keyed = len(requests)  # every call from here on carries the key
+    page.reload()  # the key outlives a reload of the tab
+    page.wait_for_function("document.getElementById('sae-select').options.length === 3")
+    assert page.get_by_label("API key").input_value() == THREE_SAES_KEY
+
+    page.get_by_label("Prompt").fill("Once upon a time")
+    page.get_by_label("Max tokens").fill("8")
+    page.get_by_role("button", name="Send").click()
+    page.wait_for_function("document.getElementById('reply-steered').textContent.length > 0 && "
+                           "!document.getElementById('send').disabled", timeout=120_000)
+    assert "error" not in page.locator("#reply-steered").inner_text()
+    page.get_by_label("Text to inspect").fill("Once upon a time, in a land far away")
+    page.get_by_role("button", name="Inspect").click()
+    page.wait_for_function("document.querySelectorAll('#heatmap-text .tok').length > 3", timeout=120_000)
+
+    api_calls = [r for r in requests[keyed:] if "/v1/" in r.url]
+    assert api_calls and all(r.headers.get("authorization") == f"Bearer {THREE_SAES_KEY}" for r in api_calls)
+    assert all(THREE_SAES_KEY not in r.url for r in requests)
+    page.get_by_role("button", name="Copy as curl").click()
+    assert f"-H 'Authorization: Bearer {THREE_SAES_KEY}'" in page.locator("#copy-output").input_value()
+    page.get_by_role("button", name="Copy as Python (openai client)").click()
+    assert f'api_key="{THREE_SAES_KEY}"' in page.locator("#copy-output").input_value()
+    assert errors == []
     context.close()

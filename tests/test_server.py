@@ -235,3 +235,57 @@ def test_metrics_on_the_servers_own_endpoint(server, client):
     assert "vllm:num_requests_running" in after  # vLLM's own metrics are still there
     assert len(after["steer_feature_active_tokens_total"]) <= 1 + 2 + 4 * 20  # watch + clamped + top-N slots
 
+
+
+def _raw_post(server, path: str, content: bytes, headers: list[tuple[str, str]]) -> httpx.Response:
+    return httpx.post(server.base_url + path, content=content, headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_two_content_types_are_refused_not_run_unsteered(server, client, path):
+    """vLLM reads the first of two Content-Type headers; a reader of the last saw a multipart body
+    with nothing to check, and vLLM ran the JSON it read unsteered with a 200."""
+    body = {"model": "SmolLM2-135M-Instruct", "max_tokens": 4, "feature_clamps": [{"feature": 10**6, "value": 1}]}
+    body.update({"messages": MESSAGES} if "chat" in path else {"prompt": "Hi"})
+    r = _raw_post(server, path, json.dumps(body).encode(),
+                  [("content-type", "application/json"), ("content-type", "multipart/form-data; boundary=x")])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "content-type"
+    assert chat(client)  # and the server keeps serving
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/responses", {"model": "SmolLM2-135M-Instruct", "input": "Hi", "max_output_tokens": 4}),
+    ("/invocations", {"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 4}),
+    ("/v1/chat/completions/batch", {"model": "SmolLM2-135M-Instruct", "messages": [MESSAGES], "max_tokens": 4}),
+])
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16"])
+def test_routes_that_do_not_steer_see_the_field_however_it_is_written(server, path, body, encoding):
+    """Written with JSON escapes, or in UTF-16, the field is still the field to vLLM's JSON decoder."""
+    text = json.dumps(body)[:-1] + ', "\\u0066eature_\\u0063lamps": [{"\\u0066eature": 3, "value": 1}]}'
+    r = _raw_post(server, path, text.encode(encoding), [("content-type", "application/json")])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "feature_clamps", r.text
+
+
+@pytest.mark.parametrize("place", ["top", "vllm_xargs"])
+@pytest.mark.parametrize("value, words", [
+    ("[" * 20_000 + "]" * 20_000, "nested deeper"),
+    ('[{"feature": 3' + "0" * 5000 + ', "value": 1}]', "digits"),
+])
+def test_hostile_clamp_strings_get_a_400_naming_the_field(server, place, value, words):
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 4}
+    body.update({"feature_clamps": value} if place == "top" else {"vllm_xargs": {"feature_clamps": value}})
+    r = httpx.post(server.base_url + "/v1/completions", json=body, timeout=60)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "feature_clamps" and words in error["message"], r.text
+
+
+def test_a_huge_clamp_leaves_the_error_metric_finite(server, client):
+    """A clamp value of 1e30 (inside the bounds) overflows the stream: the relative reconstruction
+    error of those tokens is NaN, counted apart, and the histogram's sum stays a number."""
+    chat(client, [{"feature": 3, "value": 1e30}])
+    chat(client)
+    after = scrape(server)
+    key = (("sae", "topk"),)
+    assert after["steer_reconstruction_nonfinite_tokens_total"][key] > 0
+    total = after["steer_reconstruction_relative_error_sum"][key]
+    assert total == total and abs(total) != float("inf")  # not NaN, not infinite

@@ -23,9 +23,24 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// A server started with --api-key wants `Authorization: Bearer KEY` on /v1 routes. The key lives in
+// this tab's session storage (gone when the tab closes), never in a URL.
+const KEY_STORAGE = "steer-playground-api-key";
+const apiKey = () => sessionStorage.getItem(KEY_STORAGE) || "";
+
+function headers() {
+  const out = {"Content-Type": "application/json"};
+  if (apiKey()) out.Authorization = `Bearer ${apiKey()}`;
+  return out;
+}
+
 async function request(path, options = {}) {
-  const response = await fetch(api(path), {headers: {"Content-Type": "application/json"}, ...options});
+  const response = await fetch(api(path), {headers: headers(), ...options});
   const body = await response.json().catch(() => ({}));
+  if (response.status === 401) {
+    showError({param: "api_key", message: apiKey() ? "The server refused this API key." :
+      "This server was started with --api-key: enter the key above."});
+  }
   return {ok: response.ok, status: response.status, body};
 }
 
@@ -232,10 +247,11 @@ async function stream(body, out, collect) {
   // Streams one chat request into `out`; returns false (after showing the error) on an API error.
   out.textContent = "";
   const response = await fetch(api("v1/chat/completions"), {method: "POST", body: JSON.stringify(body),
-                                                           headers: {"Content-Type": "application/json"}});
+                                                           headers: headers()});
   if (!response.ok) {
     const error = await response.json().catch(() => ({}));
-    showError(error.error || {message: `HTTP ${response.status}`});
+    showError(response.status === 401 ? {param: "api_key", message: "The server refused the request: check the API key."}
+                                       : error.error || {message: `HTTP ${response.status}`});
     out.textContent = "(error: see the highlighted field)";
     return false;
   }
@@ -340,7 +356,8 @@ function steeredRequest() {
 
 function curl() {
   const json = JSON.stringify(steeredRequest()).replaceAll("'", "'\\''");
-  return `curl ${api("v1/chat/completions")} -H 'Content-Type: application/json' -d '${json}'`;
+  const key = apiKey() ? ` -H 'Authorization: Bearer ${apiKey().replaceAll("'", "'\\''")}'` : "";
+  return `curl ${api("v1/chat/completions")} -H 'Content-Type: application/json'${key} -d '${json}'`;
 }
 
 function python() {
@@ -349,7 +366,7 @@ function python() {
   delete body.feature_clamps;
   const args = Object.entries(body).map(([k, v]) => `    ${k}=${JSON.stringify(v)},`).join("\n");
   return ["from openai import OpenAI", "",
-          `client = OpenAI(base_url=${JSON.stringify(api("v1"))}, api_key="none")`,
+          `client = OpenAI(base_url=${JSON.stringify(api("v1"))}, api_key=${JSON.stringify(apiKey() || "none")})`,
           "reply = client.chat.completions.create(", args,
           `    extra_body=${JSON.stringify(extra)},`, ")", "print(reply.choices[0].message.content)"].join("\n");
 }
@@ -374,4 +391,11 @@ $("heat-feature").addEventListener("change", () => {
   renderHeatmap("heatmap-text", state.text);
 });
 $("sae-select").addEventListener("change", (e) => { state.sae = e.target.value; });
+$("key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  clearErrors();
+  sessionStorage.setItem(KEY_STORAGE, $("api-key").value);
+  loadSaes();
+});
+$("api-key").value = apiKey();
 loadSaes();
