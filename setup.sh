@@ -39,4 +39,4 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "setup.sh: the browser tests need Debian's chromium: sudo apt-get install chromium" >&2
   fi
 fi
-.venv/bin/python -m steer_plugin.prepare_model
+.venv/bin/python -m steer_plugin.launcher.prepare_model

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from steer_plugin.sae import SAE, SAEConfig
+from steer_plugin.core.sae import SAE, SAEConfig
 
 
 def random_jumprelu(d_in: int, d_sae: int) -> SAE:

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from steer_plugin.sae import SAE, SAEConfig
-from steer_plugin.spec import Limits
+from steer_plugin.core.sae import SAE, SAEConfig
+from steer_plugin.core.spec import Limits
 from steer_plugin.worker.clamp_table import ClampTable
 from steer_plugin.worker.ops import LayerSteer, register_sae
 from steer_plugin.worker.step_layout import StepLayout

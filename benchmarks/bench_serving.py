@@ -51,8 +51,9 @@ from pathlib import Path
 import openai
 from tqdm import tqdm
 
-from steer_plugin.config import DEFAULT_SAE_DIR, default_model_dir
-from steer_plugin.server_process import Server
+from steer_plugin.core.config import DEFAULT_SAE_DIR, default_model_dir
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness that starts server.py
+from server_process import Server  # noqa: E402
 
 PROMPTS = [
     "Tell me about your weekend.", "What is your favourite book?", "Describe a good breakfast.",
@@ -196,7 +197,7 @@ def random_sae(spec: str, model_dir: Path, folder: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from steer_plugin.sae import SAE, STATS_FILENAME, SAEConfig
+    from steer_plugin.core.sae import SAE, STATS_FILENAME, SAEConfig
 
     arch, d_sae = spec.split(":")
     d_sae = int(d_sae)
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {"plan": plan, "servers": {name: [*common, *specs[name], *passthrough] for name, _ in plan}}
     if args.random_sae:
         random_sae(args.random_sae, model_dir, sae)
-    from steer_plugin.sae import load_config, load_max_activations
+    from steer_plugin.core.sae import load_config, load_max_activations
 
     sae_cfg = load_config(sae)
     unit = "max" if load_max_activations(sae) is not None else "absolute"

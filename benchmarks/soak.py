@@ -24,7 +24,8 @@ import httpx
 import psutil
 from tqdm import tqdm
 
-from steer_plugin.server_process import Server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness that starts server.py
+from server_process import Server  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 CANARIES = ["The capital of France is", "List three colours:", "Water boils at", "A good breakfast is"]

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import httpx
 import openai
 
-from steer_plugin.server_process import Server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness that starts server.py
+from server_process import Server  # noqa: E402
 from steer_plugin.training.concepts import clamps_at
 from steer_plugin.training.steering_eval import request_sampling
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import httpx
 
-from steer_plugin.server_process import Server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness that starts server.py
+from server_process import Server  # noqa: E402
 
 
 def _compact(value: object) -> str:

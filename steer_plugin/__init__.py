@@ -37,7 +37,7 @@ def register() -> None:
     cheap, idempotent, and a no-op when STEER_PLUGIN_DISABLE=1. Stops start-up on an unsupported
     vLLM (see `vllm_seam.SUPPORTED_VLLM`)."""
     global _registered
-    from steer_plugin.config import allow_any_vllm, plugin_disabled, prefer_v1_model_runner
+    from steer_plugin.core.config import allow_any_vllm, plugin_disabled, prefer_v1_model_runner
 
     _configure_logging()
     if plugin_disabled():

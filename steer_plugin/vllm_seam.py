@@ -88,7 +88,7 @@ output is pickled to the engine core with its instance attributes."""
 def roles_of_this_load() -> set[str]:
     """Which hooks the current `load_general_plugins` call needs, told by who called it: a process
     loads plugins once as what it is (frontend, engine core, worker), whatever its name."""
-    from steer_plugin.config import engine_in_process
+    from steer_plugin.core.config import engine_in_process
 
     frame = sys._getframe(1)
     while frame is not None:
@@ -144,8 +144,8 @@ def _install_frontend() -> None:
     from steer_plugin.api import admission
     from steer_plugin.api.middleware import FeatureClampMiddleware
     from steer_plugin.api.routes import log_routes
-    from steer_plugin.config import SteerConfig
-    from steer_plugin.spec import limits_for
+    from steer_plugin.core.config import SteerConfig
+    from steer_plugin.core.spec import limits_for
 
     original_process = InputProcessor.process_inputs
 
@@ -266,7 +266,7 @@ def _install_worker() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.gpu_worker import Worker
 
-    from steer_plugin.config import SteerConfig
+    from steer_plugin.core.config import SteerConfig
     from steer_plugin.worker.attach import attach
 
     original_hash = VllmConfig.compute_hash

@@ -8,8 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from steer_plugin.config import default_model_dir
-from steer_plugin.server_process import Server, free_port  # noqa: F401  (re-exported for tests)
+from steer_plugin.core.config import default_model_dir
+from server_process import Server, free_port  # noqa: F401  (re-exported for tests)
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = str(default_model_dir())
@@ -48,7 +48,7 @@ def generate_ids(llm, prompts: list[list[int]], clamps: list[dict] | None = None
     (`spec.FeatureRecording`, signed by this process: admission runs here in an offline engine)."""
     from vllm import SamplingParams
 
-    from steer_plugin.spec import FIELD, RECORD_FIELD
+    from steer_plugin.core.spec import FIELD, RECORD_FIELD
 
     extra = {}
     if clamps is not None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from steer_plugin.sae import SAE, SAEConfig, STATS_FILENAME
+from steer_plugin.core.sae import SAE, SAEConfig, STATS_FILENAME
 
 
 def make_sae(architecture: str = "topk", d_in: int = 576, d_sae: int = 1024, layer: int = 15,

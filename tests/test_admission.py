@@ -9,8 +9,8 @@ from prometheus_client import REGISTRY
 
 from steer_plugin import vllm_seam
 from steer_plugin.api.admission import new_recording_key
-from steer_plugin.config import DEFAULT_SAE_DIR, default_model_dir
-from steer_plugin.spec import FIELD, RECORD_FIELD, SALT_PREFIX
+from steer_plugin.core.config import DEFAULT_SAE_DIR, default_model_dir
+from steer_plugin.core.spec import FIELD, RECORD_FIELD, SALT_PREFIX
 
 CLAMPS = [{"feature": 3, "value": 2.0}, {"feature": 10, "value": 1.0, "mode": "add"}]
 

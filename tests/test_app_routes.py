@@ -14,7 +14,7 @@ import pytest
 
 from steer_plugin import vllm_seam
 from steer_plugin.api import routes
-from steer_plugin.config import DEFAULT_SAE_DIR, default_model_dir
+from steer_plugin.core.config import DEFAULT_SAE_DIR, default_model_dir
 
 pytestmark = pytest.mark.anyio
 KEY = "sk-test"

@@ -3,7 +3,7 @@ tiny random-weight model built from a transformers config (nothing downloaded):
 - a scale-1 clamp leaves replies bit-identical (the SAE error term is kept, in every dtype);
 - a strong clamp changes them;
 - the steered stream at the SAE's layer, read back through feature recording, matches a
-  transformers forward of the same weights plus the reference clamp (`steer_plugin.reference`)."""
+  transformers forward of the same weights plus the reference clamp (`steer_plugin.core.reference`)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import torch
 from engines import generate_ids, offline_llm, recorded
 from sae_factory import write_sae
 from steer_plugin.api.admission import new_recording_key
-from steer_plugin.reference import reference_steer
-from steer_plugin.sae import SAE
-from steer_plugin.spec import FeatureRecording, Limits, parse_clamps
+from steer_plugin.core.reference import reference_steer
+from steer_plugin.core.sae import SAE
+from steer_plugin.core.spec import FeatureRecording, Limits, parse_clamps
 from tiny_models import ARCHITECTURES, HIDDEN, stream_after
 
 pytestmark = pytest.mark.slow

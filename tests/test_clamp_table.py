@@ -7,7 +7,7 @@ import json
 import numpy as np
 import torch
 
-from steer_plugin.spec import Limits
+from steer_plugin.core.spec import Limits
 from steer_plugin.worker.clamp_table import ClampTable
 from steer_plugin.worker.step_layout import StepLayout
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from engines import MODEL
-from steer_plugin.catalogue import read_entries
-from steer_plugin.concepts import CONCEPTS_FILENAME, ConceptBook
-from steer_plugin.config import DEFAULT_SAE_DIR
-from steer_plugin.sae import load_config
-from steer_plugin.spec import Limits, parse_clamps
+from steer_plugin.search.catalogue import read_entries
+from steer_plugin.search.concepts import CONCEPTS_FILENAME, ConceptBook
+from steer_plugin.core.config import DEFAULT_SAE_DIR
+from steer_plugin.core.sae import load_config
+from steer_plugin.core.spec import Limits, parse_clamps
 from steer_plugin.training import concepts
 
 
@@ -74,7 +74,7 @@ def test_the_shipped_concept_clamps_are_ready_to_send():
 
 @pytest.mark.slow
 def test_concept_clamps_built_and_tuned_through_the_engine(tmp_path):
-    from steer_plugin.sae import SAE
+    from steer_plugin.core.sae import SAE
     from steer_plugin.training.steering_eval import Bench, Job
 
     sae = SAE.load(DEFAULT_SAE_DIR)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engines import MODEL
-from steer_plugin.sae import SAE, load_max_activations
+from steer_plugin.core.sae import SAE, load_max_activations
 from steer_plugin.training.diff_means import alignment, diff_of_sums, stream_sums, write_vector_sae
 
 

@@ -174,7 +174,7 @@ def test_hook_resid_pre_reads_the_stream_of_the_layer_before(tmp_path):
     an identity clamp leaves it bit-identical."""
     import shutil
 
-    from steer_plugin.sae import CFG_FILENAME
+    from steer_plugin.core.sae import CFG_FILENAME
 
     post = write_sae(tmp_path / "post", d_sae=1024)
     outputs = {}

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from sae_factory import make_sae
-from steer_plugin.catalogue import FeatureCatalogue
-from steer_plugin.config import DEFAULT_SAE_DIR
-from steer_plugin.sae import load_config
+from steer_plugin.search.catalogue import FeatureCatalogue
+from steer_plugin.core.config import DEFAULT_SAE_DIR
+from steer_plugin.core.sae import load_config
 from steer_plugin.worker.recorder import FeatureRecorder
-from steer_plugin.spec import RECORD_FIELD, RecordingError, parse_recording
+from steer_plugin.core.spec import RECORD_FIELD, RecordingError, parse_recording
 from steer_plugin.worker.step_layout import StepLayout
 
 D_IN, D_SAE = 32, 64
@@ -86,8 +86,8 @@ def test_catalogue_search_on_the_shipped_sae():
 
 
 def test_catalogue_is_written_compressed_and_read_compressed_or_plain(tmp_path):
-    from steer_plugin.catalogue import read_entries, write_entries
-    from steer_plugin.sae import CATALOGUE_FILENAME, PLAIN_CATALOGUE_FILENAME, SAEFileError
+    from steer_plugin.search.catalogue import read_entries, write_entries
+    from steer_plugin.core.sae import CATALOGUE_FILENAME, PLAIN_CATALOGUE_FILENAME, SAEFileError
 
     entries = [{"id": 0, "label": "café «é»"}, {"id": 1, "label": "two"}]
     with pytest.raises(SAEFileError, match=CATALOGUE_FILENAME):
@@ -105,6 +105,6 @@ def test_catalogue_is_written_compressed_and_read_compressed_or_plain(tmp_path):
                                             ("churches", "church"), ("classes", "class"), ("puppies", "puppy"),
                                             ("cats", "cat"), ("glass", "glass")])
 def test_a_plural_and_its_singular_are_one_search_word(plural, single):
-    from steer_plugin.catalogue import singular
+    from steer_plugin.search.catalogue import singular
 
     assert singular(plural) == singular(single) == single

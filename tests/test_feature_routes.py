@@ -11,8 +11,8 @@ import pytest
 from fastapi import FastAPI
 
 from steer_plugin.api.feature_routes import FeatureService, router
-from steer_plugin.config import DEFAULT_SAE_DIR, SAESource, SteerConfig
-from steer_plugin.sae import load_config
+from steer_plugin.core.config import DEFAULT_SAE_DIR, SAESource, SteerConfig
+from steer_plugin.core.sae import load_config
 from steer_plugin.training.steering_eval import request_sampling
 
 pytestmark = pytest.mark.anyio

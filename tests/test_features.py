@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from engines import MODEL
-from steer_plugin.config import DEFAULT_SAE_DIR
-from steer_plugin.sae import SAE
+from steer_plugin.core.config import DEFAULT_SAE_DIR
+from steer_plugin.core.sae import SAE
 
 pytestmark = pytest.mark.slow
 

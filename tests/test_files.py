@@ -1,8 +1,8 @@
-"""Files written whole or not at all (steer_plugin/files.py)."""
+"""Files written whole or not at all (steer_plugin/core/files.py)."""
 
 import pytest
 
-from steer_plugin.files import replaced_on_success
+from steer_plugin.core.files import replaced_on_success
 
 
 def test_a_write_replaces_the_file_only_when_it_finishes(tmp_path):

@@ -1,4 +1,4 @@
-"""server.py's argument and environment handling, without starting a server."""
+"""The launcher's (server.py, steer-server) argument and environment handling, without starting a server."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import server
-from steer_plugin.config import DEFAULT_SAE_DIR, SAESource, SteerConfig
+from steer_plugin.launcher import serve as server
+from steer_plugin.core.config import DEFAULT_SAE_DIR, SAESource, SteerConfig
 
 
 def _args(*argv: str):
@@ -63,7 +63,7 @@ def test_context_length_comes_from_the_model_unless_set(monkeypatch):
     assert "--max-model-len" not in own_model  # vLLM reads the context from the model's own config
     argv = server.vllm_argv(_args("--max-model-len", "1024", "--dtype", "bfloat16"), [])
     assert argv[argv.index("--max-model-len") + 1] == "1024" and argv[argv.index("--dtype") + 1] == "bfloat16"
-    monkeypatch.setattr("steer_plugin.prepare_model.prepare", lambda out: Path("/models/default"))
+    monkeypatch.setattr("steer_plugin.launcher.prepare_model.prepare", lambda out: Path("/models/default"))
     default = server.vllm_argv(server.build_parser().parse_args([]), [])
     assert default[default.index("--max-model-len") + 1] == str(server.DEFAULT_MAX_MODEL_LEN)
 

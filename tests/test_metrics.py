@@ -8,7 +8,7 @@ import torch
 from prometheus_client import REGISTRY, Histogram
 
 from sae_factory import make_sae
-from steer_plugin.spec import Limits, parse_clamps
+from steer_plugin.core.spec import Limits, parse_clamps
 from steer_plugin.worker import metrics
 
 

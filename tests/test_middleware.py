@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from steer_plugin.api.middleware import FeatureClampMiddleware
-from steer_plugin.spec import RECORD_FIELD, Limits
+from steer_plugin.core.spec import RECORD_FIELD, Limits
 
 pytestmark = pytest.mark.anyio
 

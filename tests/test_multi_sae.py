@@ -13,9 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from engines import Server, offline_llm, recorded
 from sae_factory import write_sae
 from steer_plugin.api.admission import new_recording_key
-from steer_plugin.reference import reference_steer
-from steer_plugin.sae import SAE
-from steer_plugin.spec import FeatureRecording, Limits, parse_clamps
+from steer_plugin.core.reference import reference_steer
+from steer_plugin.core.sae import SAE
+from steer_plugin.core.spec import FeatureRecording, Limits, parse_clamps
 from tiny_models import HIDDEN, stream_after
 
 pytestmark = pytest.mark.slow

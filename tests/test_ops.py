@@ -7,8 +7,8 @@ import torch
 from sae_factory import make_sae
 from steer_plugin.worker.clamp_table import ClampTable
 from steer_plugin.worker.ops import LayerSteer, register_sae
-from steer_plugin.reference import reference_steer
-from steer_plugin.spec import Limits, parse_clamps
+from steer_plugin.core.reference import reference_steer
+from steer_plugin.core.spec import Limits, parse_clamps
 from steer_plugin.worker.step_layout import StepLayout
 
 D_IN, D_SAE = 32, 64
@@ -203,7 +203,7 @@ def test_metrics_and_recording_read_the_steered_stream_after_the_forward(graph_s
     after the forward: on the graph path (every step) as on the host path (steps that need it)."""
     import json
 
-    from steer_plugin.spec import RECORD_FIELD
+    from steer_plugin.core.spec import RECORD_FIELD
     from steer_plugin.worker.metrics import FeatureActivity
     from steer_plugin.worker.recorder import FeatureRecorder
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sae_factory import make_sae
-from steer_plugin.reference import reference_steer
-from steer_plugin.spec import RECORD_FIELD, Limits, parse_clamps
+from steer_plugin.core.reference import reference_steer
+from steer_plugin.core.spec import RECORD_FIELD, Limits, parse_clamps
 from steer_plugin.worker.clamp_table import ClampTable
 from steer_plugin.worker.metrics import FeatureActivity
 from steer_plugin.worker.ops import LayerSteer, register_sae

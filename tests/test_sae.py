@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sae_factory import make_sae
-from steer_plugin.sae import SAE, SAEFileError, load_config
+from steer_plugin.core.sae import SAE, SAEFileError, load_config
 
 
 @pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk"])

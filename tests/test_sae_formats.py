@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sae_factory import write_gemma_scope, written_by
-from steer_plugin.sae import SAE, SAEFileError, load_config
+from steer_plugin.core.sae import SAE, SAEFileError, load_config
 
 
 def test_gemma_scope_params_npz(tmp_path):

@@ -119,7 +119,7 @@ def test_prefix_cache_does_not_leak_steering(client):
 def test_a_forged_cache_salt_plants_no_unsteered_kv(client):
     """An unsteered request carrying the very salt the plugin derives for a clamp set (anyone can
     compute it) must not leave KV that a steered request with that prompt then reuses."""
-    from steer_plugin.spec import Limits, cache_salt, parse_clamps
+    from steer_plugin.core.spec import Limits, cache_salt, parse_clamps
 
     prompt = "Write about the rain falling on a tin roof at night, slowly and with care. " * 5
     plan = parse_clamps(CLAMPS, Limits.one(d_sae=1024, max_clamps=32, max_activation=None))

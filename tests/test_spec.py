@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from steer_plugin.spec import SALT_PREFIX, ClampError, Limits, cache_salt, parse_clamps
+from steer_plugin.core.spec import SALT_PREFIX, ClampError, Limits, cache_salt, parse_clamps
 
 LIMITS = Limits.one(d_sae=100, max_clamps=4, max_activation=np.full(100, 2.0, dtype=np.float32))
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from steer_plugin.catalogue import FeatureCatalogue, read_entries
-from steer_plugin.concepts import ConceptBook
-from steer_plugin.config import DEFAULT_SAE_DIR
+from steer_plugin.search.catalogue import FeatureCatalogue, read_entries
+from steer_plugin.search.concepts import ConceptBook
+from steer_plugin.core.config import DEFAULT_SAE_DIR
 from steer_plugin.training.efficacy import REPORT_HEADER, candidates_for, control_prompts
 from steer_plugin.training.efficacy_report import comparison_markdown, efficacy_markdown
 from steer_plugin.training.steering_eval import (DECODING, Judged, count_mentions, describe_decoding, distinct_trigrams,
@@ -210,8 +210,8 @@ def test_a_cached_reply_is_keyed_by_what_the_sae_files_say(tmp_path):
     old one under the same clamp; its catalogue and concept clamps do not change what a clamp does."""
     import shutil
 
-    from steer_plugin.config import DEFAULT_SAE_DIR
-    from steer_plugin.sae import STATS_FILENAME
+    from steer_plugin.core.config import DEFAULT_SAE_DIR
+    from steer_plugin.core.sae import STATS_FILENAME
     from steer_plugin.training.steering_eval import fingerprint
 
     copy = tmp_path / "sae"

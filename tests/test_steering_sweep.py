@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from engines import MODEL
-from steer_plugin.catalogue import FeatureCatalogue, read_entries
-from steer_plugin.config import DEFAULT_SAE_DIR
+from steer_plugin.search.catalogue import FeatureCatalogue, read_entries
+from steer_plugin.core.config import DEFAULT_SAE_DIR
 from steer_plugin.training import strengths
 from steer_plugin.training.diff_means import write_vector_sae
 from steer_plugin.training.steering_eval import DECODING, Bench, Job, median
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    from steer_plugin.sae import SAE
+    from steer_plugin.core.sae import SAE
 
     sae = SAE.load(DEFAULT_SAE_DIR)
     vec_dir = tmp_path_factory.mktemp("vec") / "diffmean"

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from steer_plugin.config import DEFAULT_SAE_DIR, default_model_dir
-from steer_plugin.catalogue import read_entries
-from steer_plugin.sae import SAE, load_max_activations
+from steer_plugin.core.config import DEFAULT_SAE_DIR, default_model_dir
+from steer_plugin.search.catalogue import read_entries
+from steer_plugin.core.sae import SAE, load_max_activations
 
 pytestmark = pytest.mark.slow  # captures activations with transformers and trains
 

@@ -24,7 +24,7 @@ def test_wheel_install_serves_and_steers_with_the_shipped_sae(tmp_path):
     # vLLM and the rest come from this venv; the plugin, its entry points and the SAE from the wheel,
     # which comes first on the path (the checkout's editable install is shadowed), run from elsewhere.
     env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
-    where = subprocess.run([sys.executable, "-c", "import steer_plugin.config as c; print(c.DEFAULT_SAE_DIR)"],
+    where = subprocess.run([sys.executable, "-c", "import steer_plugin.core.config as c; print(c.DEFAULT_SAE_DIR)"],
                            env={**os.environ, **env}, cwd=tmp_path, capture_output=True, text=True, check=True)
     assert where.stdout.strip().startswith(str(site / "steer_plugin" / "sae_weights"))
 

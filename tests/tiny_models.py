@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from steer_plugin.config import default_model_dir
+from steer_plugin.core.config import default_model_dir
 
 HIDDEN, LAYERS, HEADS, VOCAB = 128, 3, 2, 49152
 """Head size 64 (what the CPU attention backend takes); the tokenizer's vocabulary; three layers, so

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from steer_plugin.api import metrics
 from steer_plugin.api.request_body import ERROR_CHARS, clip
-from steer_plugin.spec import (FIELD, RECORD_FIELD, ClampError, ClampPlan, FeatureRecording, Limits, RecordingError,
+from steer_plugin.core.spec import (FIELD, RECORD_FIELD, ClampError, ClampPlan, FeatureRecording, Limits, RecordingError,
                                cache_salt, parse_clamps, parse_recording)
 
 logger = logging.getLogger(__name__)

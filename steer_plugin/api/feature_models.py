@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from steer_plugin.spec import MAX_TOP_K, FeatureClamp
+from steer_plugin.core.spec import MAX_TOP_K, FeatureClamp
 
 MAX_TOP_FEATURES = 256  # worker.recorder.TOTAL_TOP
 

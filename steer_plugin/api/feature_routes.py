@@ -33,11 +33,11 @@ from steer_plugin.api.admission import new_recording_key
 from steer_plugin.api.feature_models import (ActiveFeature, ConceptClamp, ConceptList, FeatureDetail, FeatureList,
                                              FeatureSummary, GeneratedTokenFeatures, InspectRequest, InspectResponse, RankedFeature,
                                              SAEList, SAESummary, TokenFeatures)
-from steer_plugin.catalogue import FeatureCatalogue
-from steer_plugin.concepts import ConceptBook
-from steer_plugin.config import SAESource, SteerConfig, plugin_disabled
-from steer_plugin.sae import SAEConfig, SAEFileError, load_config
-from steer_plugin.spec import RECORD_FIELD, FeatureRecording, sae_position
+from steer_plugin.search.catalogue import FeatureCatalogue
+from steer_plugin.search.concepts import ConceptBook
+from steer_plugin.core.config import SAESource, SteerConfig, plugin_disabled
+from steer_plugin.core.sae import SAEConfig, SAEFileError, load_config
+from steer_plugin.core.spec import RECORD_FIELD, FeatureRecording, sae_position
 from steer_plugin.vllm_seam import tokenizer_of, validation_error
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import logging
 from steer_plugin.api import request_body, return_features, routes
 from steer_plugin.api.metrics import REJECTED
 from steer_plugin.api.request_body import ERROR_CHARS, BodyError, clip
-from steer_plugin.spec import FIELD, RECORD_FIELD, ClampError, FeatureRecording, Limits, RecordingError, parse_clamps
+from steer_plugin.core.spec import FIELD, RECORD_FIELD, ClampError, FeatureRecording, Limits, RecordingError, parse_clamps
 
 logger = logging.getLogger(__name__)
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -50,8 +50,8 @@ class FeatureClampMiddleware:
 
     def _get_limits(self, scope) -> Limits:
         if self._limits is None:
-            from steer_plugin.config import SteerConfig
-            from steer_plugin.spec import limits_for
+            from steer_plugin.core.config import SteerConfig
+            from steer_plugin.core.spec import limits_for
             from steer_plugin.vllm_seam import app_vllm_config
 
             self._limits = limits_for(SteerConfig.from_vllm(app_vllm_config(scope["app"])))

@@ -26,8 +26,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from steer_plugin import bounded_json
-from steer_plugin.spec import FIELD
+from steer_plugin.core import bounded_json
+from steer_plugin.core.spec import FIELD
 
 RETURN_FEATURES = "return_features"
 MAX_BODY_BYTES = 32 * 1024 * 1024

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from steer_plugin.api.admission import new_recording_key
 from steer_plugin.api.request_body import with_length
-from steer_plugin.spec import MAX_TOP_K, FeatureRecording, Limits, RecordingError
+from steer_plugin.core.spec import MAX_TOP_K, FeatureRecording, Limits, RecordingError
 
 FIELD = "return_features"
 """Request field: top-k SAE features per generated token, returned with the reply."""

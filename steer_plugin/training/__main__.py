@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from steer_plugin.config import default_model_dir
-from steer_plugin.catalogue import write_entries
-from steer_plugin.sae import SAE, STATS_FILENAME
+from steer_plugin.core.config import default_model_dir
+from steer_plugin.search.catalogue import write_entries
+from steer_plugin.core.sae import SAE, STATS_FILENAME
 from steer_plugin.training.capture import Capture, cached_capture, load_hf_model
 from steer_plugin.training.catalogue import add_output_side, build_catalogue, feature_statistics
 from steer_plugin.training.chat_corpus import CHATS_DIR, CHATS_FILE
@@ -44,7 +44,7 @@ class PipelineConfig:
     chats: str = str(CHATS_DIR / CHATS_FILE)
     """The generated chat corpus (python -m steer_plugin.training.chat_corpus; kept in the repository)."""
     model_dir: str = str(default_model_dir())
-    """Hugging Face directory of the model (python -m steer_plugin.prepare_model)."""
+    """Hugging Face directory of the model (python -m steer_plugin.launcher.prepare_model)."""
     layer: int = 15
     """Decoder layer whose output is captured: the middle of SmolLM2-135M's 30 layers."""
     ctx: int = 512

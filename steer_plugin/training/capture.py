@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from steer_plugin.files import replaced_on_success
+from steer_plugin.core.files import replaced_on_success
 
 
 class _StopForward(Exception):

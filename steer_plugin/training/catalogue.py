@@ -9,7 +9,7 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
-from steer_plugin.sae import SAE
+from steer_plugin.core.sae import SAE
 from steer_plugin.training.capture import Capture
 
 

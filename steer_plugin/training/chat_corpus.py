@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from steer_plugin.config import REPO_ROOT, default_model_dir
+from steer_plugin.core.config import REPO_ROOT, default_model_dir
 from steer_plugin.training.corpus import wiki_leads
 from steer_plugin.training.offline_engine import offline_llm
 

@@ -1,6 +1,6 @@
 """Concept clamps: several features of an SAE clamped together so that what they add points along a
 concept, with a strength measured on real replies. Written to `concepts.json` next to the SAE and
-served by `/v1/concepts` (steer_plugin/concepts.py).
+served by `/v1/concepts` (steer_plugin/search/concepts.py).
 
     python -m steer_plugin.training.concepts --sae sae_weights/NAME              # the default concepts
     python -m steer_plugin.training.concepts --sae sae_weights/NAME --concept "tea:tea,teapot"  # add your own
@@ -43,11 +43,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from steer_plugin.concepts import CONCEPTS_FILENAME
-from steer_plugin.config import default_model_dir
-from steer_plugin.files import replaced_on_success
-from steer_plugin.catalogue import read_entries
-from steer_plugin.sae import SAE
+from steer_plugin.search.concepts import CONCEPTS_FILENAME
+from steer_plugin.core.config import default_model_dir
+from steer_plugin.core.files import replaced_on_success
+from steer_plugin.search.catalogue import read_entries
+from steer_plugin.core.sae import SAE
 from steer_plugin.training.capture import load_hf_model
 from steer_plugin.training.diff_means import DOSE_GRID, DOSES, PROMPT_DOSES, LayerSums, alignment, stream_sums
 from steer_plugin.training.steering_eval import Bench, Job, count_mentions

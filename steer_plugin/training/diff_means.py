@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from steer_plugin.catalogue import write_entries
-from steer_plugin.sae import SAE, STATS_FILENAME, SAEConfig
+from steer_plugin.search.catalogue import write_entries
+from steer_plugin.core.sae import SAE, STATS_FILENAME, SAEConfig
 from steer_plugin.training.capture import load_hf_model, streams
 from steer_plugin.training.corpus import chat_documents
 from steer_plugin.training.steering_eval import count_mentions

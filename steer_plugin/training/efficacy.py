@@ -39,10 +39,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from steer_plugin.catalogue import FeatureCatalogue
-from steer_plugin.concepts import ConceptBook
-from steer_plugin.config import default_model_dir
-from steer_plugin.sae import SAE, load_config
+from steer_plugin.search.catalogue import FeatureCatalogue
+from steer_plugin.search.concepts import ConceptBook
+from steer_plugin.core.config import default_model_dir
+from steer_plugin.core.sae import SAE, load_config
 from steer_plugin.training.concepts import DIRECTIONS_FILENAME, aligned_features, concept_jobs, load_directions
 from steer_plugin.training.diff_means import DOSE_GRID, alignment, write_vector_sae
 from steer_plugin.training.efficacy_report import comparison_markdown, efficacy_markdown

@@ -7,7 +7,7 @@ import json
 import torch
 from tqdm import tqdm
 
-from steer_plugin.sae import SAE
+from steer_plugin.core.sae import SAE
 from steer_plugin.training.capture import is_sink
 
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     import argparse
     from pathlib import Path
 
-    from steer_plugin.config import default_model_dir
+    from steer_plugin.core.config import default_model_dir
     from steer_plugin.training.capture import Capture, load_hf_model
 
     p = argparse.ArgumentParser(description=main.__doc__)

@@ -29,7 +29,7 @@ import json
 import time
 from pathlib import Path
 
-from steer_plugin.config import default_model_dir
+from steer_plugin.core.config import default_model_dir
 from steer_plugin.training.chat_corpus import CHATS_DIR, CHATS_FILE
 from steer_plugin.training.diff_means import chat_vector_saes
 from steer_plugin.training.efficacy import CONCEPTS

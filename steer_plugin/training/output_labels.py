@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from steer_plugin.config import default_model_dir
-from steer_plugin.catalogue import read_entries, write_entries
-from steer_plugin.sae import SAE
+from steer_plugin.core.config import default_model_dir
+from steer_plugin.search.catalogue import read_entries, write_entries
+from steer_plugin.core.sae import SAE
 from steer_plugin.training.capture import load_hf_model
 from steer_plugin.training.catalogue import add_output_side
 

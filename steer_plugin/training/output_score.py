@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from steer_plugin.config import default_model_dir
-from steer_plugin.sae import SAE, load_max_activations
+from steer_plugin.core.config import default_model_dir
+from steer_plugin.core.sae import SAE, load_max_activations
 
 PREFIXES = (
     ("Tell me about your weekend.", "I spent most of the weekend thinking about"),

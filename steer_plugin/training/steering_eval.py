@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from steer_plugin.files import replaced_on_success
-from steer_plugin.sae import CFG_FILENAME, STATS_FILENAME, WEIGHTS_FILENAME
+from steer_plugin.core.files import replaced_on_success
+from steer_plugin.core.sae import CFG_FILENAME, STATS_FILENAME, WEIGHTS_FILENAME
 from steer_plugin.training.offline_engine import offline_llm
 
 _WORDS = re.compile(r"[a-z']+")

@@ -43,8 +43,8 @@ import json
 import re
 from pathlib import Path
 
-from steer_plugin.catalogue import STOPWORDS, FeatureCatalogue, read_entries, singular, write_entries
-from steer_plugin.config import default_model_dir
+from steer_plugin.search.catalogue import STOPWORDS, FeatureCatalogue, read_entries, singular, write_entries
+from steer_plugin.core.config import default_model_dir
 from steer_plugin.training.steering_eval import Bench, Job, count_mentions, feature_jobs, median, mention_rate, summarise
 
 TUNING_PROMPTS = (

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from steer_plugin.files import replaced_on_success
-from steer_plugin.sae import SAE, SAEConfig
+from steer_plugin.core.files import replaced_on_success
+from steer_plugin.core.sae import SAE, SAEConfig
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from steer_plugin.config import SAESource, SteerConfig, injected_faults
-from steer_plugin.sae import SAE, SAEFileError
-from steer_plugin.spec import Limits, limits_for
+from steer_plugin.core.config import SAESource, SteerConfig, injected_faults
+from steer_plugin.core.sae import SAE, SAEFileError
+from steer_plugin.core.spec import Limits, limits_for
 from steer_plugin.worker import metrics
 from steer_plugin.worker.clamp_table import ClampTable
 from steer_plugin.worker.ops import LayerSteer, SteeredInput, SteeredLayer, register_sae

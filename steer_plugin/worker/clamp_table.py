@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from steer_plugin.spec import FIELD, ClampPlan, Limits, parse_clamps
+from steer_plugin.core.spec import FIELD, ClampPlan, Limits, parse_clamps
 from steer_plugin.worker.step_layout import StepLayout
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from steer_plugin.sae import SAE, FeatureSlice
+from steer_plugin.core.sae import SAE, FeatureSlice
 
 
 class GraphColumns:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
-from steer_plugin.spec import ClampPlan
+from steer_plugin.core.spec import ClampPlan
 from steer_plugin.worker.host_copy import HostCopy
 
 MAX_CLAMPED_EXPORTED = 256

@@ -28,7 +28,7 @@ import torch
 from prometheus_client import Histogram
 from torch import nn
 
-from steer_plugin.sae import SAE
+from steer_plugin.core.sae import SAE
 from steer_plugin.worker.clamp_table import ClampTable
 from steer_plugin.worker.graph_columns import GraphColumns
 from steer_plugin.worker.metrics import FeatureActivity, OpTimer

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from steer_plugin.sae import SAE
-from steer_plugin.spec import RECORD_FIELD, FeatureRecording, parse_recording
+from steer_plugin.core.sae import SAE
+from steer_plugin.core.spec import RECORD_FIELD, FeatureRecording, parse_recording
 from steer_plugin.worker.host_copy import HostCopy
 from steer_plugin.worker.step_layout import StepLayout
 

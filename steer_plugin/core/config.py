@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SAE_NAME = "smollm2-135m-instruct-l15"
 
 
@@ -20,7 +20,7 @@ def _default_sae_dir() -> Path:
     # A checkout (or an editable install) has it in the source tree; a wheel carries the same
     # folder as package data, steer_plugin/sae_weights/ (see pyproject.toml).
     in_tree = REPO_ROOT / "sae_weights" / DEFAULT_SAE_NAME
-    return in_tree if in_tree.is_dir() else Path(__file__).resolve().parent / "sae_weights" / DEFAULT_SAE_NAME
+    return in_tree if in_tree.is_dir() else Path(__file__).resolve().parents[1] / "sae_weights" / DEFAULT_SAE_NAME
 
 
 DEFAULT_SAE_DIR = _default_sae_dir()

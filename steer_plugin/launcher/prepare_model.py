@@ -6,7 +6,7 @@ and chat template that vLLM and transformers both read (the GGUF's own tokenizer
 for this model: the tokenizer is rewritten as a plain `PreTrainedTokenizerFast` with bos/eos/pad set,
 `add_bos_token: false` and the chat template embedded).
 
-    python -m steer_plugin.prepare_model [--out DIR]     # prints the directory
+    python -m steer_plugin.launcher.prepare_model [--out DIR]     # prints the directory
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from steer_plugin.config import default_model_dir
+from steer_plugin.core.config import default_model_dir
 
 logger = logging.getLogger(__name__)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

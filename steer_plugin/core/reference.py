@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from steer_plugin.sae import SAE
-from steer_plugin.spec import ClampPlan
+from steer_plugin.core.sae import SAE
+from steer_plugin.core.spec import ClampPlan
 
 
 def reference_steer(sae: SAE, hidden: torch.Tensor, residual: torch.Tensor,

@@ -24,7 +24,7 @@ from typing import Literal, NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from steer_plugin import sae_formats
+from steer_plugin.core import sae_formats
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from steer_plugin.catalogue import query_words, words
-from steer_plugin.sae import SAEFileError
+from steer_plugin.search.catalogue import query_words, words
+from steer_plugin.core.sae import SAEFileError
 
 CONCEPTS_FILENAME = "concepts.json"
 

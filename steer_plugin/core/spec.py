@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from steer_plugin import bounded_json
+from steer_plugin.core import bounded_json
 
 FIELD = "feature_clamps"
 """Name of the request field, top level or inside `vllm_xargs`."""
@@ -102,7 +102,7 @@ def sae_position(ids: tuple[str, ...], sae_id: str | None, where: str, error) ->
 
 def limits_for(cfg) -> Limits:
     """What requests may ask of the SAEs `cfg` (a `config.SteerConfig`) serves; read from their files."""
-    from steer_plugin.sae import load_config, load_max_activations
+    from steer_plugin.core.sae import load_config, load_max_activations
 
     saes = {}
     for source in cfg.saes:

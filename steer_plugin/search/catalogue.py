@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from steer_plugin.files import replaced_on_success
-from steer_plugin.sae import CATALOGUE_FILENAME, PLAIN_CATALOGUE_FILENAME, SAEFileError
+from steer_plugin.core.files import replaced_on_success
+from steer_plugin.core.sae import CATALOGUE_FILENAME, PLAIN_CATALOGUE_FILENAME, SAEFileError
 
 STEERABLE_WITHIN = 0.5
 """A steerable match outranks an unmeasured one when it scores at least this share of the best."""

@@ -1,0 +1,1 @@
+"""Starting a server: `steer-server` / `python server.py` (serve.py) and the default model (prepare_model.py)."""

