@@ -20,11 +20,13 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness that starts server.py
 from server_process import Server  # noqa: E402
-from steer_plugin.training.concepts import clamps_at
-from steer_plugin.training.steering_eval import request_sampling
+from steer_plugin.search.concepts import clamps_at
 
 QUESTIONS = ["What is your physical form?", "What did you have for breakfast?", "What is your favourite place?",
              "Tell me about yourself."]
+MEASURED_SAMPLING = {"temperature": 0, "frequency_penalty": 0.5}
+"""The decoding the shipped SAE's recommendations were measured with (what each one carries as
+`recommended_sampling`): sent where the clamped entry has no recommendation of its own."""
 
 
 def main() -> None:
@@ -48,7 +50,7 @@ def main() -> None:
     else:
         entry, clamps, header = _feature(base_url, args.query, args.feature, args.value)
     # The decoding the recommendation was measured with (both replies get it, so only the clamp differs).
-    sampling = entry.get("recommended_sampling") or request_sampling()
+    sampling = entry.get("recommended_sampling") or MEASURED_SAMPLING
     print(header + "\n")
     print("```python\nclient.chat.completions.create(model=\"SmolLM2-135M-Instruct\", "
           + "".join(f"{k}={v:g}, " for k, v in sampling.items()) + f"max_tokens={args.max_tokens},\n"

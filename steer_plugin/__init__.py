@@ -37,7 +37,7 @@ def register() -> None:
     cheap, idempotent, and a no-op when STEER_PLUGIN_DISABLE=1. Stops start-up on an unsupported
     vLLM (see `vllm_seam.SUPPORTED_VLLM`)."""
     global _registered
-    from steer_plugin.core.config import allow_any_vllm, plugin_disabled, prefer_v1_model_runner
+    from steer_plugin.core.config import allow_any_vllm, plugin_disabled
 
     _configure_logging()
     if plugin_disabled():
@@ -50,5 +50,5 @@ def register() -> None:
     from steer_plugin import vllm_seam
 
     vllm_seam.check_vllm_version(vllm_seam.installed_vllm_version(), allow_any_vllm())
-    prefer_v1_model_runner()
+    vllm_seam.prefer_v1_model_runner()
     vllm_seam.install(vllm_seam.roles_of_this_load())

@@ -1,6 +1,8 @@
 """The one seam into vLLM: every monkeypatch, every private vLLM attribute the plugin reads or sets,
-and every import of vLLM internals (anything beyond `vllm.SamplingParams`, `vllm.LLM` and the two
-plugin entry-point groups) lives here, each with the reason and the vLLM function it mirrors.
+every vLLM object it changes and every vLLM environment setting it makes live here, each with the
+reason and the vLLM function it mirrors. The one exception is `vllm_surface.py`, the read-only
+surface the API side reads (no hook, no change). The seam sits on top: it imports the API and the
+worker; nothing but the plugin's entry point (`steer_plugin.register`) imports it.
 
 Supported vLLM: `SUPPORTED_VLLM` (checked at start; `STEER_PLUGIN_ALLOW_ANY_VLLM=1` skips the check
 for people who want to try another version; the hooks below may then break loudly).
@@ -20,12 +22,25 @@ Hooks, by the process that needs them (`install(roles_of_this_load())`):
         Worker.steer_pop_features            RPC target for recorded features (collective_rpc)
     engine (the EngineCore process)
         Scheduler.update_from_output         those requests are finished with an error, not the step
+
+What else of vLLM the plugin touches (the "Upgrading vLLM" section of README.md lists the tests):
+    every process     VLLM_USE_V2_MODEL_RUNNER defaulted to 0 (`prefer_v1_model_runner`)
+    frontend          InputProcessor: the SAE limits cached on it; EngineCoreRequest.cache_salt set;
+                      args.middleware read and filtered; app.add_middleware; app.routes read
+    worker            the model's decoder-layer ModuleList: SAE layers replaced by their steered
+                      wrappers (`_swap_layers`); runner.get_model(), input_batch, requests,
+                      max_num_tokens, max_num_reqs read; the worker state set on the runner;
+                      failed request ids set on ModelRunnerOutput; PPMissingLayer, PP/TP groups read
+    engine            Scheduler.requests, kv_cache_manager (blocks evicted), encoder_cache_mismatch_reqs
+    read-only (vllm_surface.py)   app.state.vllm_config, engine_client.renderer's tokenizer,
+                      vllm.exceptions.VLLMValidationError
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from functools import wraps
@@ -112,21 +127,10 @@ def install(roles: set[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------- frontend
 
-def validation_error(message: str, parameter: str) -> Exception:
-    """The exception vLLM's server turns into an OpenAI-style HTTP 400 naming `parameter`."""
-    from vllm.exceptions import VLLMValidationError
-
-    return VLLMValidationError(message, parameter=parameter)
-
-
-def app_vllm_config(app) -> Any:
-    """The VllmConfig vLLM's `init_app_state` stores on the FastAPI app."""
-    return app.state.vllm_config
-
-
-def tokenizer_of(engine_client) -> Any:
-    """The tokenizer of an engine client (vLLM's renderer holds it)."""
-    return engine_client.renderer.get_tokenizer()
+def prefer_v1_model_runner() -> None:
+    """The plugin fills its clamp table from the V1 runner; make vLLM pick it unless told otherwise
+    (vLLM reads VLLM_USE_V2_MODEL_RUNNER when it builds its config, after plugins load)."""
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
 
 def _prompt_len(request) -> int:
@@ -143,6 +147,7 @@ def _install_frontend() -> None:
 
     from steer_plugin.api import admission
     from steer_plugin.api.middleware import FeatureClampMiddleware
+    from steer_plugin.vllm_surface import validation_error
     from steer_plugin.api.routes import log_routes
     from steer_plugin.core.config import SteerConfig
     from steer_plugin.core.spec import limits_for
@@ -246,6 +251,13 @@ def _model_site(runner, vllm_config, graph_path: bool | None) -> ModelSite:
                      reports_outputs=get_pp_group().is_last_rank, exports_metrics=get_tp_group().rank_in_group == 0)
 
 
+def _swap_layers(layers: torch.nn.ModuleList, wrappers: dict[int, torch.nn.Module]) -> None:
+    """Put the steered wrappers in place of the decoder layers they wrap, in vLLM's model: before
+    warm-up and compilation, so the op is part of every graph vLLM builds."""
+    for index, wrapper in wrappers.items():
+        layers[index] = wrapper
+
+
 def _step_layout(runner, num_scheduled_tokens: np.ndarray):
     from steer_plugin.worker.step_layout import StepLayout
 
@@ -290,7 +302,9 @@ def _install_worker() -> None:
             raise RuntimeError(f"steer_plugin supports vLLM's V1 model runner only, got {type(runner).__module__}; "
                                "set VLLM_USE_V2_MODEL_RUNNER=0")
         cfg = SteerConfig.from_vllm(self.vllm_config)
-        state = attach(_model_site(runner, self.vllm_config, cfg.graph_path), cfg)
+        site = _model_site(runner, self.vllm_config, cfg.graph_path)
+        state, wrappers = attach(site, cfg)
+        _swap_layers(site.layers, wrappers)
         setattr(runner, _STATE_ATTR, state)
 
     original_prepare = GPUModelRunner._prepare_inputs

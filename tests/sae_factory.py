@@ -61,7 +61,7 @@ FIXTURE_LIBS = Path(os.environ.get("STEER_FIXTURE_LIBS", Path(__file__).resolve(
 def written_by(script: str, out: Path, *args) -> Path:
     """Run a fixture script of tests/ with the other SAE libraries importable; it writes into `out`."""
     if not (FIXTURE_LIBS / "sparsify").is_dir() or not (FIXTURE_LIBS / "sae_lens").is_dir():
-        pytest.fail(f"sae-lens / eai-sparsify are not in {FIXTURE_LIBS}: run setup.sh (or set STEER_FIXTURE_LIBS)")
+        pytest.fail(f"sae-lens / eai-sparsify are not in {FIXTURE_LIBS}: run setup.sh --dev (or set STEER_FIXTURE_LIBS)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FIXTURE_LIBS), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, str(Path(__file__).parent / script), str(out), *map(str, args)], env=env,
                    check=True, capture_output=True, timeout=300)

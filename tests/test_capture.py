@@ -1,10 +1,16 @@
 """Attention sinks (a stream norm far above the median) are left out of what an SAE is trained and
-evaluated on, with every row's document and position kept aligned."""
+evaluated on, with every row's document and position kept aligned; a capture kept on disk is read
+back with torch's restricted unpickler."""
+
+import pickle
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from steer_plugin.training.capture import SINK_NORM, Capture, is_sink
+from steer_workbench.capture import SINK_NORM, Capture, cached_capture, is_sink
 
 
 def _capture(acts: torch.Tensor) -> Capture:
@@ -30,3 +36,15 @@ def test_a_position_with_a_hundred_times_the_median_norm_is_left_out_and_rows_st
 def test_a_capture_without_sinks_is_returned_as_it_is():
     cap = _capture(torch.randn(12, 8))
     assert cap.without_sinks() is cap
+
+
+def test_a_saved_capture_is_read_back_by_the_restricted_unpickler_and_nothing_else_is(tmp_path):
+    cap = _capture(torch.randn(12, 8))
+    path = tmp_path / "capture.pt"
+    torch.save({"key": "k", "capture": asdict(cap)}, path)
+    read = cached_capture(path, "k", None, None, [], 15, 64, 8)  # the same key: no model needed
+    assert torch.equal(read.acts, cap.acts) and read.tokens == cap.tokens
+    assert read.doc.dtype == np.int32 and np.array_equal(read.doc, cap.doc) and np.array_equal(read.pos, cap.pos)
+    torch.save({"key": "k", "capture": {**asdict(cap), "doc": Path("/")}}, path)  # an object beyond tensors and arrays
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        cached_capture(path, "k", None, None, [], 15, 64, 8)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from engines import MODEL
-from steer_plugin.training.chat_corpus import CHATS_FILE, done_ids, generate, plan_conversations
+from steer_workbench.chat_corpus import CHATS_FILE, done_ids, generate, plan_conversations
 
 
 def test_plans_are_deterministic_varied_and_partly_multi_turn():
@@ -37,7 +37,7 @@ def test_generation_writes_chats_and_resumes(tmp_path):
         f.write('{"id": 4, "mess')  # a line cut by an interruption
     assert done_ids(tmp_path / CHATS_FILE) == {0, 1, 2, 3}
     # The command resumes it, with the engine in its own process (offline_engine's own_process).
-    subprocess.run([sys.executable, "-m", "steer_plugin.training.chat_corpus", "--out", str(tmp_path),
+    subprocess.run([sys.executable, "-m", "steer_workbench.chat_corpus", "--out", str(tmp_path),
                     "--conversations", "6", "--batch", "3", "--max-tokens", "8", "--model-dir", MODEL],
                    check=True, timeout=600)
     assert done_ids(tmp_path / CHATS_FILE) == set(range(6))

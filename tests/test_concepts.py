@@ -10,11 +10,12 @@ import torch
 
 from engines import MODEL
 from steer_plugin.search.catalogue import read_entries
-from steer_plugin.search.concepts import CONCEPTS_FILENAME, ConceptBook
+from steer_plugin.search.concepts import CONCEPTS_FILENAME, ConceptBook, clamps_at
 from steer_plugin.core.config import DEFAULT_SAE_DIR
 from steer_plugin.core.sae import load_config
 from steer_plugin.core.spec import Limits, parse_clamps
-from steer_plugin.training import concepts
+from steer_workbench import concepts
+from steer_workbench.directions import load_directions, save_directions
 
 
 def test_pursuit_recovers_a_sparse_mix_of_decoder_rows():
@@ -44,7 +45,7 @@ def test_one_vs_rest_leaves_out_replies_that_name_the_concept():
 
 def test_clamps_scale_with_the_dose_and_pass_the_request_contract():
     entry = {"features": [{"feature": 3, "label": "x", "unit_value": 2.0}, {"feature": 7, "label": "y", "unit_value": -1.0}]}
-    clamps = concepts.clamps_at(entry, 0.25, "generated")
+    clamps = clamps_at(entry, 0.25, "generated")
     assert [c["value"] for c in clamps] == [0.5, -0.25] and {c["mode"] for c in clamps} == {"add"}
     parsed = parse_clamps(json.dumps(clamps), Limits.one(16, 32))
     assert list(parsed.feature) == [3, 7]
@@ -75,7 +76,7 @@ def test_the_shipped_concept_clamps_are_ready_to_send():
 @pytest.mark.slow
 def test_concept_clamps_built_and_tuned_through_the_engine(tmp_path):
     from steer_plugin.core.sae import SAE
-    from steer_plugin.training.steering_eval import Bench, Job
+    from steer_workbench.steering_eval import Bench, Job
 
     sae = SAE.load(DEFAULT_SAE_DIR)
     labels = [e["label"] for e in read_entries(DEFAULT_SAE_DIR)]
@@ -90,9 +91,9 @@ def test_concept_clamps_built_and_tuned_through_the_engine(tmp_path):
     finally:
         bench.close()
     path = tmp_path / "directions.safetensors"
-    concepts.save_directions(path, {"old": torch.ones(sae.cfg.d_in), "music": torch.zeros(sae.cfg.d_in)}, 1.0, 15)
-    concepts.save_directions(path, built, norm, 15)  # merged by name: music replaced, old kept
-    names, directions, median_norm = concepts.load_directions(path)
+    save_directions(path, {"old": torch.ones(sae.cfg.d_in), "music": torch.zeros(sae.cfg.d_in)}, 1.0, 15)
+    save_directions(path, built, norm, 15)  # merged by name: music replaced, old kept
+    names, directions, median_norm = load_directions(path)
     assert names == ["old", "music", "dogs"] and directions.shape == (3, sae.cfg.d_in) and median_norm == pytest.approx(norm) and norm > 10
     assert [e["concept"] for e in entries] == ["dogs", "music"]  # the sea only contrasted
     directions = [built[e["concept"]] for e in entries]

@@ -9,7 +9,8 @@ import torch
 
 from engines import MODEL
 from steer_plugin.core.sae import SAE, load_max_activations
-from steer_plugin.training.diff_means import alignment, diff_of_sums, stream_sums, write_vector_sae
+from steer_workbench.diff_means import diff_of_sums, stream_sums, write_vector_sae
+from steer_workbench.directions import alignment
 
 
 def test_vector_is_the_mean_over_concept_documents_minus_the_rest(tmp_path):
@@ -37,7 +38,7 @@ def test_vector_is_the_mean_over_concept_documents_minus_the_rest(tmp_path):
 def test_stream_sums_read_the_stream_the_training_capture_reads():
     """Per-document sums at several layers (one forward, padded batches) equal the training capture's
     activations at each layer summed per document, position 0 left out in both."""
-    from steer_plugin.training.capture import capture, load_hf_model
+    from steer_workbench.capture import capture, load_hf_model
 
     model, tok = load_hf_model(MODEL)
     docs = ["The sea is big and blue, and ships sail on it every day.", "Music is the art of arranging sounds."]
@@ -72,7 +73,7 @@ def test_layer_scan_serves_each_layers_vectors_through_the_plugin(tmp_path):
     import sys
 
     out = tmp_path / "scan"
-    subprocess.run([sys.executable, "-m", "steer_plugin.training.layer_scan", "--out", str(out), "--layers", "3,15",
+    subprocess.run([sys.executable, "-m", "steer_workbench.layer_scan", "--out", str(out), "--layers", "3,15",
                     "--doses", "0.25", "--docs-per-concept", "10", "--min-docs", "35"], check=True, timeout=900)
     report = json.loads((out / "results.json").read_text())
     assert report["concepts"] and len(report["rows"]) == 2 * len(report["concepts"])

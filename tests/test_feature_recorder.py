@@ -89,7 +89,11 @@ def test_catalogue_is_written_compressed_and_read_compressed_or_plain(tmp_path):
     from steer_plugin.search.catalogue import read_entries, write_entries
     from steer_plugin.core.sae import CATALOGUE_FILENAME, PLAIN_CATALOGUE_FILENAME, SAEFileError
 
-    entries = [{"id": 0, "label": "café «é»"}, {"id": 1, "label": "two"}]
+    def entry(i: int, label: str) -> dict:
+        return {"id": i, "label": label, "max_activation": 2.0, "mean_activation": 1.0, "frequency": 0.01,
+                "top_tokens": [{"token": label, "count": 3}], "top_contexts": [{"text": f"a «{label}»", "activation": 2.0}]}
+
+    entries = [entry(0, "café «é»"), entry(1, "two")]
     with pytest.raises(SAEFileError, match=CATALOGUE_FILENAME):
         read_entries(tmp_path)
     (tmp_path / PLAIN_CATALOGUE_FILENAME).write_text(json.dumps(entries[:1]))  # a user's own, plain
@@ -99,6 +103,22 @@ def test_catalogue_is_written_compressed_and_read_compressed_or_plain(tmp_path):
     written = (tmp_path / CATALOGUE_FILENAME).read_bytes()
     write_entries(tmp_path, entries)
     assert (tmp_path / CATALOGUE_FILENAME).read_bytes() == written  # same entries, same bytes (no timestamp)
+
+
+def test_catalogue_files_follow_the_one_schema_both_ways(tmp_path):
+    """What the workbench writes and the server reads is `catalogue_schema`: an entry without a field
+    the server reads is refused on the way out and on the way in, naming the entry and the field."""
+    from pydantic import ValidationError
+
+    from steer_plugin.core.sae import PLAIN_CATALOGUE_FILENAME, SAEFileError
+    from steer_plugin.search.catalogue import read_entries, write_entries
+
+    partial = [{"id": 0, "label": "x", "max_activation": 1.0, "frequency": 0.1, "top_tokens": [], "top_contexts": []}]
+    with pytest.raises(ValidationError, match="mean_activation"):
+        write_entries(tmp_path, partial)
+    (tmp_path / PLAIN_CATALOGUE_FILENAME).write_text(json.dumps(partial))
+    with pytest.raises(SAEFileError, match=r"0\.mean_activation"):
+        read_entries(tmp_path)
 
 
 @pytest.mark.parametrize("plural, single", [("trees", "tree"), ("horses", "horse"), ("boxes", "box"),

@@ -13,7 +13,6 @@ from fastapi import FastAPI
 from steer_plugin.api.feature_routes import FeatureService, router
 from steer_plugin.core.config import DEFAULT_SAE_DIR, SAESource, SteerConfig
 from steer_plugin.core.sae import load_config
-from steer_plugin.training.steering_eval import request_sampling
 
 pytestmark = pytest.mark.anyio
 
@@ -72,8 +71,9 @@ async def test_a_swept_feature_carries_its_measured_strength(service):
         listed = (await client.get("/v1/features", params={"offset": swept["id"], "limit": 1})).json()["data"][0]
     assert detail["recommended_strength"] == listed["recommended_strength"] == swept["recommended_strength"]
     assert detail["recommended_tokens"] == swept["recommended_tokens"] in ("all", "generated", "prompt")
-    # the decoding it was measured with travels with it: another decoding, another strength
-    assert detail["recommended_sampling"] == listed["recommended_sampling"] == request_sampling()
+    # the decoding it was measured with travels with it (the shipped sweep's: greedy, frequency penalty
+    # 0.5): another decoding, another strength
+    assert detail["recommended_sampling"] == listed["recommended_sampling"] == {"temperature": 0, "frequency_penalty": 0.5}
     assert detail["sweep"].keys() == swept["sweep"].keys() and swept["recommended_tokens"] in detail["sweep"]
     cells = detail["sweep"][swept["recommended_tokens"]]
     assert f"{swept['recommended_strength']:g}" in cells and all(0 <= c["concept_rate"] <= 1 for c in cells.values())

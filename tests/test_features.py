@@ -69,7 +69,7 @@ def test_inspect_finds_the_concept_feature_on_its_tokens(http):
 
 def test_inspect_reports_what_the_sae_computes_on_the_layer(http):
     """Same SAE, layer and normalisation as steering: recomputed here with transformers on layer 15."""
-    from steer_plugin.training.capture import capture, load_hf_model
+    from steer_workbench.capture import capture, load_hf_model
 
     body = inspect(http, text=GOD_TEXT, top_k=8)
     sae = SAE.load(DEFAULT_SAE_DIR)
@@ -176,8 +176,9 @@ def test_from_search_to_steered_reply(http, feature_server):
     sweep's prompts turn to the concept its `steers` promises, as the sweep measured."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from steer_plugin.training.steering_eval import REPLY_TOKENS, mentions
-    from steer_plugin.training.strengths import MIN_RATE, SWEEP_PROMPTS
+    from steer_workbench.steering_eval import REPLY_TOKENS, mentions
+    from steer_workbench.protocols import SWEEP_PROMPTS
+    from steer_workbench.strengths import MIN_RATE
 
     hit = http.get("/v1/features", params={"q": "god", "limit": 1}).json()["data"][0]
     concept = hit["steers"][0]
@@ -200,8 +201,8 @@ def test_from_search_to_a_concept_clamp(http, feature_server):
     """A search carries the concept clamp; its `feature_clamps`, sent as they are with its
     `recommended_sampling` (both replies), make replies name the concept (the best-measured concept,
     on prompts of its tuning set)."""
-    from steer_plugin.training.steering_eval import mentions
-    from steer_plugin.training.strengths import TUNING_PROMPTS
+    from steer_workbench.steering_eval import mentions
+    from steer_workbench.protocols import TUNING_PROMPTS
 
     listed = [c for c in http.get("/v1/concepts").json()["data"] if c["feature_clamps"]]
     best = max(listed, key=lambda c: c["sweep"][c["recommended_tokens"]][f"{c['recommended_dose']:g}"]["concept_rate"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engines import MODEL
-from steer_plugin.training import package_text as pt
+from steer_workbench import package_text as pt
 
 
 @pytest.fixture(scope="module")

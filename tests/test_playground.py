@@ -22,7 +22,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 @pytest.fixture(scope="module")
 def browser():
     if CHROMIUM is None:
-        pytest.fail("chromium is not installed (setup.sh installs Debian's chromium package)")
+        pytest.fail("chromium is not installed (setup.sh --dev installs Debian's chromium package)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

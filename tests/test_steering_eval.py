@@ -8,12 +8,13 @@ import json
 from steer_plugin.search.catalogue import FeatureCatalogue, read_entries
 from steer_plugin.search.concepts import ConceptBook
 from steer_plugin.core.config import DEFAULT_SAE_DIR
-from steer_plugin.training.efficacy import REPORT_HEADER, candidates_for, control_prompts
-from steer_plugin.training.efficacy_report import comparison_markdown, efficacy_markdown
-from steer_plugin.training.steering_eval import (DECODING, Judged, count_mentions, describe_decoding, distinct_trigrams,
-                                                 mention_rate, mentions, median)
-from steer_plugin.training.strengths import (SWEEP_FIELDS, SWEEP_PROMPTS, TUNING_PROMPTS, drift_words, feature_words, recommend, refinements,
-                                             screen_choice, steered_concepts, stored_cells, swept_features, without_sweeps)
+from steer_workbench.efficacy import REPORT_HEADER, candidates_for, control_prompts
+from steer_workbench.efficacy_report import comparison_markdown, efficacy_markdown
+from steer_workbench.protocols import SWEEP_PROMPTS, TUNING_PROMPTS
+from steer_workbench.steering_eval import (DECODING, Judged, count_mentions, describe_decoding, distinct_trigrams,
+                                           mention_rate, mentions, median)
+from steer_workbench.strengths import (SWEEP_FIELDS, drift_words, feature_words, recommend, refinements, screen_choice,
+                                       steered_concepts, stored_cells, swept_features, without_sweeps)
 
 
 def test_mentions_are_whole_words_with_plurals():
@@ -181,7 +182,7 @@ def test_efficacy_tries_good_steerable_matches_then_steerable_aligned_features()
 
 
 def test_the_journey_counts_what_the_search_offers_first():
-    from steer_plugin.training.efficacy import first_offers, first_steered
+    from steer_workbench.efficacy import first_offers, first_steered
 
     first = first_offers(["dogs", "cats", "pizza", "rain"], with_clamp={"dogs", "rain"}, with_feature={"dogs", "cats"})
     assert first == {"dogs": "concept clamp", "cats": "feature", "pizza": None, "rain": "concept clamp"}
@@ -192,7 +193,7 @@ def test_the_journey_counts_what_the_search_offers_first():
 def test_concept_alignment_reports_the_top_hit_and_the_best_aligned_feature():
     import torch
 
-    from steer_plugin.training.efficacy import concept_alignment
+    from steer_workbench.efficacy import concept_alignment
 
     catalogue = FeatureCatalogue([
         {"id": i, "label": label, "frequency": 0.01, "top_tokens": [{"token": label, "count": 1}], "top_contexts": []}
@@ -212,7 +213,7 @@ def test_a_cached_reply_is_keyed_by_what_the_sae_files_say(tmp_path):
 
     from steer_plugin.core.config import DEFAULT_SAE_DIR
     from steer_plugin.core.sae import STATS_FILENAME
-    from steer_plugin.training.steering_eval import fingerprint
+    from steer_workbench.steering_eval import fingerprint
 
     copy = tmp_path / "sae"
     shutil.copytree(DEFAULT_SAE_DIR, copy, ignore=shutil.ignore_patterns("feature_catalogue.json*", ".*"))

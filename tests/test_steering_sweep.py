@@ -11,9 +11,10 @@ import torch
 from engines import MODEL
 from steer_plugin.search.catalogue import FeatureCatalogue, read_entries
 from steer_plugin.core.config import DEFAULT_SAE_DIR
-from steer_plugin.training import strengths
-from steer_plugin.training.diff_means import write_vector_sae
-from steer_plugin.training.steering_eval import DECODING, Bench, Job, median
+from steer_workbench import strengths
+from steer_workbench.diff_means import write_vector_sae
+from steer_workbench.protocols import SWEEP_PROMPTS, TUNING_PROMPTS
+from steer_workbench.steering_eval import DECODING, Bench, Job, median
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +46,8 @@ def test_sweep_writes_a_measured_strength_per_feature(bench):
         for c in cells.values():  # perplexity judged exactly where the replies could earn a recommendation
             assert (c["median_ppl"] is None) == (c["concept_rate"] < strengths.MIN_RATE)
             # every cell that could be recommended was measured on the confirmation prompts too
-            assert c["prompts"] == len(strengths.SWEEP_PROMPTS) or (
-                c["prompts"] == len(strengths.TUNING_PROMPTS) and not strengths.candidate(c, baseline_ppl))
+            assert c["prompts"] == len(SWEEP_PROMPTS) or (
+                c["prompts"] == len(TUNING_PROMPTS) and not strengths.candidate(c, baseline_ppl))
     assert entries[feature]["recommended_strength"] in (None, 1.25, 1.5)  # never a wrecked strength (30, or 15.75 halfway)
     assert entries[feature]["recommended_tokens"] in ((None,) if entries[feature]["recommended_strength"] is None
                                                       else ("all", "generated"))
@@ -55,8 +56,8 @@ def test_sweep_writes_a_measured_strength_per_feature(bench):
     # the concept its clamp turns replies to, measured at the recommended setting (none without one)
     assert all(c["concept"] == "trees" and c["rate"] >= strengths.MIN_RATE for c in entries[feature]["steers"])
     assert entries[feature]["steers"] == [] or entries[feature]["recommended_strength"] is not None
-    wrecked = bench.run([Job(p, (("sae", feature, 30.0, "max"),)) for p in strengths.TUNING_PROMPTS])
-    fine = bench.run([Job(p, (("sae", feature, 1.5, "max"),)) for p in strengths.TUNING_PROMPTS])
+    wrecked = bench.run([Job(p, (("sae", feature, 30.0, "max"),)) for p in TUNING_PROMPTS])
+    fine = bench.run([Job(p, (("sae", feature, 1.5, "max"),)) for p in TUNING_PROMPTS])
     assert median([j.perplexity for j in wrecked]) > median([j.perplexity for j in fine])
 
     # A second pass adds the prompt scope and keeps what the first measured: its cells are read back
@@ -68,7 +69,7 @@ def test_sweep_writes_a_measured_strength_per_feature(bench):
     assert {t: after[t] for t in kept} == kept and set(after) == {"all", "generated", "prompt"}
     assert "3" in after["prompt"] and set(after["prompt"]) <= {"3", "2"}  # and any halfway refinement below
     setting = (entries[feature]["recommended_strength"], entries[feature]["recommended_tokens"])
-    assert setting == (None, None) or after[setting[1]][f"{setting[0]:g}"]["prompts"] == len(strengths.SWEEP_PROMPTS)
+    assert setting == (None, None) or after[setting[1]][f"{setting[0]:g}"]["prompts"] == len(SWEEP_PROMPTS)
 
     # A catalogue recommended by another rule: kept as it is, unless asked again, then recommended from
     # its cells as they stand, none run again.
@@ -116,7 +117,7 @@ def test_replies_are_decoded_with_the_frequency_penalty_and_cached_apart(bench):
 
 
 def test_a_stopped_run_resumes_from_its_last_engine_batch(bench, monkeypatch):
-    from steer_plugin.training import steering_eval
+    from steer_workbench import steering_eval
 
     monkeypatch.setattr(steering_eval, "SAVE_EVERY", 2)
     jobs = [Job(f"Name a colour, please ({i}).") for i in range(5)]

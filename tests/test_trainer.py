@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steer_plugin.training import trainer
-from steer_plugin.training.trainer import TrainConfig, train_sae
+from steer_workbench import trainer
+from steer_workbench.trainer import TrainConfig, train_sae
 
 
 def _acts(n: int = 6144, d: int = 32) -> torch.Tensor:
@@ -61,7 +61,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_
 
 
 def test_threshold_calibration_is_exact_when_one_chunk_holds_most_of_the_large_values():
-    from steer_plugin.training.trainer import calibrate_threshold
+    from steer_workbench.trainer import calibrate_threshold
 
     gen = torch.Generator().manual_seed(0)
     acts = torch.randn(64, 50, generator=gen)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow  # captures activations with transformers and trai
 
 
 def test_tiny_training_run_writes_a_loadable_sae_and_resumes_from_its_captures(tmp_path):
-    from steer_plugin.training.__main__ import main
+    from steer_workbench.__main__ import main
 
     args = ["--tiny", "--out", str(tmp_path / "tiny"), "--work", str(tmp_path / "work")]
     report = main(args)
@@ -46,10 +46,10 @@ def shipped():
 def test_shipped_sae_reconstructs_the_text_it_was_made_for(shipped):
     """Recomputed here, not read back from evaluation.json, on Wikipedia documents of the corpus's
     per-source split (the shipped SAE was trained on Wikipedia leads and WordNet glosses)."""
-    from steer_plugin.training.__main__ import CACHE
-    from steer_plugin.training.capture import capture, load_hf_model
-    from steer_plugin.training.corpus import build_corpus
-    from steer_plugin.training.evaluate import reconstruction_metrics
+    from steer_workbench.__main__ import CACHE
+    from steer_workbench.capture import capture, load_hf_model
+    from steer_workbench.corpus import build_corpus
+    from steer_workbench.evaluate import reconstruction_metrics
 
     model, tokenizer = load_hf_model(str(default_model_dir()))
     _, held = build_corpus(tokenizer, {"wiki": 1}, CACHE, Path("/nonexistent"), heldout_docs=60)
@@ -61,7 +61,7 @@ def test_shipped_sae_reconstructs_the_text_it_was_made_for(shipped):
 
 
 def test_shipped_sae_has_no_copied_latents(shipped):
-    from steer_plugin.training.trainer import duplicate_latents
+    from steer_workbench.trainer import duplicate_latents
 
     assert int(duplicate_latents(shipped.W_dec).sum()) == 0
 
@@ -84,7 +84,7 @@ def test_catalogued_output_tokens_are_what_the_decoder_row_does_to_the_logits(sh
     """A push along a feature's decoder row at the final norm's input (with the rest of the stream
     orthogonal to it, so the norm's scale does not move to first order) raises most the logits of
     the tokens the catalogue lists as its output side."""
-    from steer_plugin.training.capture import load_hf_model
+    from steer_workbench.capture import load_hf_model
 
     model, tokenizer = load_hf_model(str(default_model_dir()))
     catalogue = read_entries(DEFAULT_SAE_DIR)

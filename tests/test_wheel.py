@@ -1,23 +1,43 @@
-"""`pip install .` (a wheel, not editable) gives a working `steer-server` that finds the shipped SAE."""
+"""The serving wheel: what it holds (the serving package only: no workbench module, no top-level
+module of its own but `steer_plugin`), and that `pip install .` (a wheel, not editable) gives a
+working `steer-server` that finds the shipped SAE."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import httpx
 import pytest
 
 from engines import REPO, Server
 
-pytestmark = pytest.mark.slow
 
 
-def test_wheel_install_serves_and_steers_with_the_shipped_sae(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO),
-                    "-w", str(tmp_path / "wheel")], check=True, capture_output=True, timeout=600)
-    (wheel,) = (tmp_path / "wheel").glob("steer_plugin-*.whl")
+                    "-w", str(out)], check=True, capture_output=True, timeout=600)
+    (built,) = out.glob("steer_plugin-*.whl")
+    return built
+
+
+def test_the_wheel_holds_the_serving_package_only(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"steer_plugin", wheel.name.split("-py")[0] + ".dist-info"}
+    assert not [n for n in names if "workbench" in n or "training" in n]
+    metadata = wheel.name.split("-py")[0] + ".dist-info"
+    assert zipfile.ZipFile(wheel).read(f"{metadata}/top_level.txt").decode().split() == ["steer_plugin"]
+    scripts = zipfile.ZipFile(wheel).read(f"{metadata}/entry_points.txt").decode()
+    assert "steer-server = steer_plugin.launcher.serve:main" in scripts
+
+
+@pytest.mark.slow
+def test_wheel_install_serves_and_steers_with_the_shipped_sae(tmp_path, wheel):
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=600)

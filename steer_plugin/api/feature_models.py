@@ -6,52 +6,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from steer_plugin.core.spec import MAX_TOP_K, FeatureClamp
+from steer_plugin.core.catalogue_schema import ConceptEntry, Context, SteeredConcept, Sweep, TokenCount, TokenGain, TokenLogit
+from steer_plugin.core.spec import MAX_TOP_K
 
 MAX_TOP_FEATURES = 256  # worker.recorder.TOTAL_TOP
-
-
-class TokenCount(BaseModel):
-    token: str
-    count: int
-
-
-class TokenLogit(BaseModel):
-    token: str
-    logit: float
-    """Logit change per unit of the feature's activation, before the final norm's per-token scale."""
-
-
-class TokenGain(BaseModel):
-    token: str
-    gain: float
-    """Next-token probability gained, on average over neutral reply prefixes, when the feature is clamped."""
-
-
-class SweepCell(BaseModel):
-    concept_rate: float
-    """Share of replies containing one of the feature's words or, where more, the share by which
-    replies mentioning a concept (see `steers`) exceed unsteered ones."""
-    median_ppl: float | None
-    """Median perplexity of the replies under the unsteered model; None: not judged (fewer than half
-    the replies showed the feature, so this strength could not be recommended anyway)."""
-    distinct_trigrams: float
-    """Mean share of distinct word trigrams per reply (1: no repetition)."""
-
-
-class Context(BaseModel):
-    text: str
-    """A corpus snippet, the activating token marked «like this»."""
-    activation: float
-
-
-class SteeredConcept(BaseModel):
-    concept: str
-    words: list[str]
-    """A reply mentions the concept when it contains one of these words (a plural too)."""
-    rate: float
-    """Share of replies to the sweep's prompts mentioning it at the recommended strength (unsteered
-    replies mention it at least 0.5 less often)."""
 
 
 class FeatureSummary(BaseModel):
@@ -95,43 +53,15 @@ class FeatureDetail(FeatureSummary):
     mean_activation: float
     """Mean activation over the tokens where the feature is active."""
     top_contexts: list[Context]
-    sweep: dict[str, dict[str, SweepCell]] | None = None
+    sweep: Sweep | None = None
     """The sweep behind the recommendation: per token scope and strength (× max), what the replies did."""
 
 
-class ConceptFeature(BaseModel):
-    feature: int
-    label: str
-    unit_value: float
-    """Its clamp's value (mode add, unit absolute) when the concept clamp adds a vector as long as the
-    layer's median stream norm; the values at a dose are these × the dose."""
+class ConceptClamp(ConceptEntry):
+    """A concept clamp as the API returns it: the concepts.json entry (see `catalogue_schema`), its
+    `feature_clamps` naming the SAE, file fields the schema does not know left out."""
 
-
-class ConceptClamp(BaseModel):
-    """Several features clamped together (mode add) so that what they add points along a concept:
-    at this model's scale a concept's direction is spread over many token-level features."""
-
-    concept: str
-    keywords: list[str]
-    """Words that show the concept in a reply (how the strength was measured)."""
-    cosine: float
-    """Cosine between what the clamps add together and the concept's direction (the difference of mean
-    activations between the model's replies about it and about other concepts); 1: all of the push
-    goes along the concept."""
-    split_half: float | None = None
-    """Cosine between the directions found from two halves of the replies about the concept: near 1,
-    the direction is signal; far below, noise the clamps follow too."""
-    features: list[ConceptFeature]
-    recommended_dose: float | None
-    """Length of what the clamps add, × the layer's median stream norm, that made the most tuning replies
-    name the concept while fluent; None: no dose did both."""
-    recommended_tokens: Literal["all", "generated", "prompt"] | None
-    recommended_sampling: dict[str, float] | None = None
-    """The request's sampling fields the dose was measured with: send them with the clamps."""
-    feature_clamps: list[FeatureClamp] | None
-    """The clamps at that dose and scope, ready to send as a request's `feature_clamps`."""
-    sweep: dict[str, dict[str, SweepCell]] | None = None
-    """Per token scope and dose, what the tuning replies did."""
+    model_config = ConfigDict(extra="ignore")
 
 
 class FeatureList(BaseModel):

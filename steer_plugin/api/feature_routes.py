@@ -38,7 +38,7 @@ from steer_plugin.search.concepts import ConceptBook
 from steer_plugin.core.config import SAESource, SteerConfig, plugin_disabled
 from steer_plugin.core.sae import SAEConfig, SAEFileError, load_config
 from steer_plugin.core.spec import RECORD_FIELD, FeatureRecording, sae_position
-from steer_plugin.vllm_seam import tokenizer_of, validation_error
+from steer_plugin.vllm_surface import tokenizer_of, validation_error
 
 logger = logging.getLogger(__name__)
 MAX_LIMIT = 200

@@ -52,7 +52,7 @@ class FeatureClampMiddleware:
         if self._limits is None:
             from steer_plugin.core.config import SteerConfig
             from steer_plugin.core.spec import limits_for
-            from steer_plugin.vllm_seam import app_vllm_config
+            from steer_plugin.vllm_surface import app_vllm_config
 
             self._limits = limits_for(SteerConfig.from_vllm(app_vllm_config(scope["app"])))
         return self._limits

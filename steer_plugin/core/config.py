@@ -165,7 +165,3 @@ def default_model_dir() -> Path:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "steer_plugin" / "SmolLM2-135M-Instruct"
 
-
-def prefer_v1_model_runner() -> None:
-    """The plugin fills its clamp table from the V1 runner; make vLLM pick it unless told otherwise."""
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from steer_plugin.core.catalogue_schema import validate_entries
 from steer_plugin.core.files import replaced_on_success
 from steer_plugin.core.sae import CATALOGUE_FILENAME, PLAIN_CATALOGUE_FILENAME, SAEFileError
 
@@ -47,19 +48,27 @@ STOPWORDS = frozenset("a an and are as at be by for from in into is it of on or 
 
 
 def read_entries(sae_dir: str | Path) -> list[dict]:
-    """The catalogue entries next to an SAE: the compressed file, else a plain one."""
+    """The catalogue entries next to an SAE (the compressed file, else a plain one), checked against
+    `catalogue_schema.CatalogueEntry`."""
     sae_dir = Path(sae_dir)
     if (sae_dir / CATALOGUE_FILENAME).is_file():
-        return json.loads(gzip.decompress((sae_dir / CATALOGUE_FILENAME).read_bytes()))
-    if (sae_dir / PLAIN_CATALOGUE_FILENAME).is_file():
-        return json.loads((sae_dir / PLAIN_CATALOGUE_FILENAME).read_text())
-    raise SAEFileError(f"steer_plugin: no {CATALOGUE_FILENAME} (or {PLAIN_CATALOGUE_FILENAME}) next to the SAE "
-                       f"in {sae_dir}")
+        path, text = sae_dir / CATALOGUE_FILENAME, gzip.decompress((sae_dir / CATALOGUE_FILENAME).read_bytes())
+    elif (sae_dir / PLAIN_CATALOGUE_FILENAME).is_file():
+        path, text = sae_dir / PLAIN_CATALOGUE_FILENAME, (sae_dir / PLAIN_CATALOGUE_FILENAME).read_text()
+    else:
+        raise SAEFileError(f"steer_plugin: no {CATALOGUE_FILENAME} (or {PLAIN_CATALOGUE_FILENAME}) next to the SAE "
+                           f"in {sae_dir}")
+    try:
+        return validate_entries(json.loads(text))
+    except ValueError as e:  # pydantic's ValidationError is one: it names the entry and the field
+        raise SAEFileError(f"steer_plugin: {path} is not a feature catalogue: {str(e)[:600]}") from None
 
 
 def write_entries(sae_dir: str | Path, entries: list[dict]) -> None:
     """Writes the compressed catalogue (one entry per line inside, and mtime 0, so that the same entries give
-    the same bytes) and removes a plain one, which would otherwise be shadowed but still read by people."""
+    the same bytes) and removes a plain one, which would otherwise be shadowed but still read by people.
+    Entries are checked against the schema first: what is written is what the server reads."""
+    validate_entries(entries)
     text = "[\n" + ",\n".join(json.dumps(e, ensure_ascii=False, separators=(",", ":")) for e in entries) + "\n]\n"
     with replaced_on_success(Path(sae_dir, CATALOGUE_FILENAME)) as written:
         written.write_bytes(gzip.compress(text.encode(), mtime=0))

@@ -1,10 +1,10 @@
 """The concept clamps shipped with an SAE, searchable by words (API process only).
 
-`concepts.json` (written by `python -m steer_plugin.training.concepts`) holds, per concept, the
+`concepts.json` (written by `python -m steer_workbench.concepts`) holds, per concept, the
 features whose clamps together add the concept's direction (`mode: add`), the strength measured to
-steer replies to it fluently, and the `feature_clamps` at that strength, ready to send. A query
-matches a concept by its name and the keywords that show it in a reply, compared as the feature
-search compares words (lower case, plural removed).
+steer replies to it fluently, and the `feature_clamps` at that strength, ready to send (`clamps_at`
+builds them at another dose). A query matches a concept by its name and the keywords that show it in
+a reply, compared as the feature search compares words (lower case, plural removed).
 """
 
 from __future__ import annotations
@@ -13,9 +13,17 @@ import json
 from pathlib import Path
 
 from steer_plugin.search.catalogue import query_words, words
+from steer_plugin.core.catalogue_schema import validate_concepts
 from steer_plugin.core.sae import SAEFileError
 
 CONCEPTS_FILENAME = "concepts.json"
+
+
+def clamps_at(entry: dict, dose: float, tokens: str) -> list[dict]:
+    """A concept entry's clamps (request form) with the mix scaled to `dose` × the median stream norm
+    (its `unit_value`s add a mix whose norm is that median norm), on the `tokens` scope."""
+    return [{"feature": f["feature"], "value": round(f["unit_value"] * dose, 5), "mode": "add", "unit": "absolute",
+             "tokens": tokens} for f in entry["features"]]
 
 
 class ConceptBook:
@@ -33,9 +41,9 @@ class ConceptBook:
         if not path.is_file():
             return cls([])
         try:
-            entries = json.loads(path.read_text())["concepts"]
-        except (ValueError, KeyError) as e:
-            raise SAEFileError(f"steer_plugin: {path} is not a concepts file ({e})") from e
+            entries = validate_concepts(json.loads(path.read_text()))["concepts"]
+        except ValueError as e:  # pydantic's ValidationError names the concept and the field
+            raise SAEFileError(f"steer_plugin: {path} is not a concepts file: {str(e)[:600]}") from None
         return cls(entries)
 
     def search(self, query: str, steerable_only: bool = False) -> list[dict]:

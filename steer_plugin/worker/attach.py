@@ -17,6 +17,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from steer_plugin.core.config import SAESource, SteerConfig, injected_faults
 from steer_plugin.core.sae import SAE, SAEFileError
 from steer_plugin.core.spec import Limits, limits_for
@@ -138,8 +140,10 @@ def _install_one(site, cfg: SteerConfig, limits: Limits, source: SAESource, sae:
     return _Installed(table, recorder, op)
 
 
-def attach(site, cfg: SteerConfig) -> WorkerSteering | None:
-    """site: `vllm_seam.ModelSite` of the loaded model. None when this rank holds none of the SAEs' layers."""
+def attach(site, cfg: SteerConfig) -> tuple[WorkerSteering | None, dict[int, torch.nn.Module]]:
+    """site: `vllm_seam.ModelSite` of the loaded model. Returns the worker's steering state (None when
+    this rank holds none of the SAEs' layers) and, by decoder-layer index, the steered wrapper that
+    replaces that layer (the seam puts them into vLLM's model)."""
     loaded = [(source, *_load(site, source)) for source in cfg.saes]  # every SAE checked, held here or not
     limits = limits_for(cfg)
     installed, keys_at = [], {}  # keys_at: stream point (layer, -1: embeddings) -> SAE ids in order
@@ -149,9 +153,11 @@ def attach(site, cfg: SteerConfig) -> WorkerSteering | None:
             continue
         installed.append(_install_one(site, cfg, limits, source, sae, layer))
         keys_at.setdefault(layer, []).append(source.id)
+    wrappers: dict[int, torch.nn.Module] = {}
     for layer, keys in sorted(keys_at.items(), reverse=True):  # layer 0's output wrapped before its input
         index = max(layer, 0)
-        if layer >= 0 and isinstance(site.layers[index], (SteeredLayer, SteeredInput)):
+        inner = wrappers.get(index, site.layers[index])
+        if layer >= 0 and isinstance(inner, (SteeredLayer, SteeredInput)):
             raise RuntimeError(f"steer_plugin: layer {index} is already steered (model loaded twice?)")
-        site.layers[index] = (SteeredLayer if layer >= 0 else SteeredInput)(site.layers[index], tuple(keys))
-    return WorkerSteering(installed, site.reports_outputs) if installed else None
+        wrappers[index] = (SteeredLayer if layer >= 0 else SteeredInput)(inner, tuple(keys))
+    return (WorkerSteering(installed, site.reports_outputs) if installed else None), wrappers
