@@ -1,12 +1,19 @@
 """steer_plugin: serve-time SAE feature steering for vLLM.
 
 The layout follows the processes vLLM runs:
-    api/      the API server process: HTTP edge (middleware.py), admission.py, return_features.py,
-              feature_routes.py (/v1/features), and the request counters (metrics.py)
-    worker/   the worker process: attach.py (install at model load), step_layout.py (one per step),
-              clamp_table.py, recorder.py (feature inspection), ops.py (the op), metrics.py
-    spec.py, sae.py, config.py, catalogue.py, reference.py: pure parts both sides use
-    vllm_seam.py: the only module that patches vLLM or touches its internals
+    api/       the API server process: HTTP edge (middleware.py, request_body.py), admission.py,
+               return_features.py, feature_routes.py (/v1/features, /playground), request counters
+    worker/    the worker process: attach.py (install at model load), step_layout.py (one per step),
+               clamp_table.py, recorder.py (feature inspection), ops.py (the op), metrics.py
+    core/      pure parts every side uses: spec.py (the request contract), sae.py and sae_formats.py,
+               catalogue_schema.py (the files discovery reads), config.py (the only env reader)
+    search/    the catalogue and concept clamps of an SAE, read and searched (API server)
+    launcher/  `server.py` / `steer-server`, and the default model's preparation
+    vllm_seam.py     every hook into vLLM, on top: it imports api/ and worker/, nothing imports it
+                     but `register` below
+    vllm_surface.py  the read-only part of vLLM the API side reads
+The offline tools (training, catalogue building, calibration) are a separate distribution,
+`steer_workbench` (workbench/), which imports this package and is never imported by it.
 
 Data path: HTTP body -> api/middleware.py (`feature_clamps` -> `vllm_xargs`, 400 on bad input) ->
 api/admission.py (`SamplingParams.extra_args` validated, prefix cache salted) -> worker: the step
