@@ -8,6 +8,7 @@ is sampled throughout. Writes `results.json` and `results.md` to `--out`.
 
     python benchmarks/soak.py --start --requests 2000 --concurrency 32 --out benchmarks/results/soak
     python benchmarks/soak.py --url http://127.0.0.1:8000 --requests 200
+    python benchmarks/soak.py --start --no-plugin --out benchmarks/results/soak-vanilla   # vLLM alone, same prompts
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def rss_of(pid: int) -> dict[int, int]:
 
 async def soak(args, base_url: str, server_pid: int | None) -> dict:
     rng = random.Random(args.seed)
-    d_sae = httpx.get(f"{base_url}/v1/features?limit=1").json()["total"]
+    d_sae = 0 if args.no_plugin else httpx.get(f"{base_url}/v1/features?limit=1").json()["total"]
     timeout = httpx.Timeout(300.0)
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout,
                                  limits=httpx.Limits(max_connections=args.concurrency * 2)) as client:
@@ -114,7 +115,11 @@ async def soak(args, base_url: str, server_pid: int | None) -> dict:
                 plan.append(("canary", "/v1/completions", canary_body(CANARIES[(i // args.canary_every) % 4])))
             else:
                 kind = rng.choices(["steered", "plain", "invalid"], weights=[0.6, 0.35, 0.05])[0]
-                plan.append((kind, *body_for(rng, kind, d_sae, args.max_tokens)))
+                kind = "plain" if args.no_plugin else kind  # the same draws, so both runs send the same prompts
+                path, body = body_for(rng, kind, d_sae, args.max_tokens)
+                if args.no_plugin:
+                    body.pop("return_features", None)
+                plan.append((kind, path, body))
         queue: asyncio.Queue = asyncio.Queue()
         for item in plan:
             queue.put_nowait(item)
@@ -209,12 +214,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-tokens", type=int, default=12)
     p.add_argument("--canary-every", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-plugin", action="store_true",
+                   help="vanilla vLLM (server.py --no-plugin), every request plain: the baseline of the memory figures")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/soak"))
     args = p.parse_args(argv)
     command = argv if argv is not None else sys.argv[1:]
     if not (args.url or args.start):
         p.error("give --url or --start")
-    server = Server([], args.out / "server.log").wait_ready() if args.start else None
+    server = Server(["--no-plugin"] if args.no_plugin else [], args.out / "server.log").wait_ready() if args.start else None
     try:
         results = asyncio.run(soak(args, server.base_url if server else args.url,
                                    server.proc.pid if server else None))
