@@ -44,7 +44,6 @@ import os
 import sys
 from dataclasses import dataclass
 from functools import wraps
-from typing import Any
 
 import numpy as np
 import torch

@@ -315,7 +315,7 @@ def tuned_cells(bench: Bench, jobs_of, groups: list, grid) -> tuple[dict, float]
     baseline_ppl = median([j.perplexity for j in bench.run([Job(p) for p in SWEEP_PROMPTS])])
     cells = swept_cells(bench, {(g, *st): jobs_of((g, *st), TUNING_PROMPTS) for g in groups for st in grid})
     cells |= confirmed(bench, cells, jobs_of, baseline_ppl)
-    return {g: {st: cells[g, *st] for st in grid} for g in groups}, baseline_ppl
+    return {g: {st: cells[(g, *st)] for st in grid} for g in groups}, baseline_ppl
 
 
 def swept_cells(bench: Bench, cells: dict, rate=None) -> dict:
