@@ -154,9 +154,11 @@ def _changes_vllm(node: ast.AST, vllm_names: set[str]) -> str | None:
     VLLM_* environment variable."""
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr":
         return "setattr()"
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
-            "setdefault", "putenv", "update") and "environ" in ast.unparse(node.func.value) + node.func.attr:
-        if any(isinstance(a, ast.Constant) and str(a.value).startswith("VLLM_") for a in node.args):
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
+            node.func.attr == "putenv"
+            or (node.func.attr in ("setdefault", "update") and "environ" in ast.unparse(node.func.value))):
+        if any(isinstance(c, ast.Constant) and str(c.value).startswith("VLLM_")
+               for arg in node.args for c in ast.walk(arg)):
             return ast.unparse(node)
     targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
         node, (ast.AugAssign, ast.AnnAssign)) else []
@@ -190,9 +192,10 @@ def test_the_rule_sees_what_it_forbids():
     """The checker itself, on code that breaks each rule."""
     tree = ast.parse("from vllm.v1.worker.gpu_worker import Worker\nimport os\nWorker.load_model = f\n"
                      "setattr(runner, 'x', 1)\nsite.layers[3] = w\nos.environ.setdefault('VLLM_X', '0')\n"
-                     "os.environ['VLLM_Y'] = '1'\nrows[3] = 1\n")
+                     "os.environ['VLLM_Y'] = '1'\nrows[3] = 1\nos.putenv('VLLM_Z', '1')\n"
+                     "os.environ.update({'VLLM_W': '1'})\nos.environ.setdefault('OMP_NUM_THREADS', '1')\n")
     found = [c for node in ast.walk(tree) if (c := _changes_vllm(node, _vllm_names(tree)))]
-    assert len(found) == 5 and "rows[3]" not in found, found
+    assert len(found) == 7 and "rows[3]" not in found and not any("OMP" in c for c in found), found
 
 
 def test_no_module_points_outside_the_repository():
