@@ -98,7 +98,7 @@ class FeatureService:
         if served.catalogue is None:
             raise HTTPException(404, f"SAE {served.source.id!r} has no feature catalogue: search, feature cards and "
                                      "labels need one. Put its feature_catalogue.json.gz (or .json) in the "
-                                     "SAE's folder and restart the server (README: 'Feature discovery').")
+                                     "SAE's folder and restart the server (README: 'Your own model and SAEs').")
         return served.catalogue
 
     @staticmethod
