@@ -20,6 +20,8 @@ Hooks, by the process that needs them (`install(roles_of_this_load())`):
         GPUModelRunner._model_forward        after every forward: metrics and recordings
         Worker.execute_model, sample_tokens  requests whose steering failed ride on the step's output
         Worker.steer_pop_features            RPC target for recorded features (collective_rpc)
+        Worker.steer_metrics                 RPC target for the worker's metrics (collective_rpc)
+        Worker.steer_installed               RPC target: which SAEs the worker steers (checked at start)
     engine (the EngineCore process)
         Scheduler.update_from_output         those requests are finished with an error, not the step
 
@@ -32,8 +34,9 @@ What else of vLLM the plugin touches (the "Upgrading vLLM" section of README.md 
                       max_num_tokens, max_num_reqs read; the worker state set on the runner;
                       failed request ids set on ModelRunnerOutput; PPMissingLayer, PP/TP groups read
     engine            Scheduler.requests, kv_cache_manager (blocks evicted), encoder_cache_mismatch_reqs
-    read-only (vllm_surface.py)   app.state.vllm_config, engine_client.renderer's tokenizer,
-                      vllm.exceptions.VLLMValidationError
+    read-only (vllm_surface.py)   app.state.vllm_config, app.state.engine_client, engine_client.renderer's
+                      tokenizer, engine_client.engine_core.call_utility_all_async (RPC to every engine),
+                      vllm.exceptions.VLLMValidationError, vLLM's `serve` CLI subcommand
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ OP_VERSION = "steer_plugin-op-2"
 _STATE_ATTR = "_steer_worker"
 """Set on the model runner at load: the worker-side steering state (`worker.attach.WorkerSteering`)."""
 _LIMITS_ATTR = "_steer_limits"
-"""Set on an InputProcessor: the SAE limits admission checks against (loaded once per processor)."""
+"""Set on an InputProcessor: the SAE limits admission checks against and the server's refusal of
+clamps, if any (read once per processor)."""
 _installed: set[str] = set()
 
 
@@ -139,6 +143,19 @@ def _prompt_len(request) -> int:
     return int(request.prompt_embeds.shape[0])
 
 
+def _admission_limits(vllm_config):
+    """(limits, refusal) admission checks every request against (see `admission.steering_refusal`)."""
+    from steer_plugin.api.admission import steering_refusal
+    from steer_plugin.core.config import SteerConfig
+    from steer_plugin.core.spec import limits_for
+    from steer_plugin.vllm_surface import kv_connector_of
+
+    refusal = steering_refusal(kv_connector_of(vllm_config))
+    if refusal is not None:
+        logger.warning("action=steering_refused reason=kv_connector connector=%s", kv_connector_of(vllm_config))
+    return limits_for(SteerConfig.from_vllm(vllm_config)), refusal
+
+
 def _install_frontend() -> None:
     import vllm.entrypoints.launchers.app as app_module
     from vllm.sampling_params import SamplingParams
@@ -148,8 +165,6 @@ def _install_frontend() -> None:
     from steer_plugin.api.middleware import FeatureClampMiddleware
     from steer_plugin.vllm_surface import validation_error
     from steer_plugin.api.routes import log_routes
-    from steer_plugin.core.config import SteerConfig
-    from steer_plugin.core.spec import limits_for
 
     original_process = InputProcessor.process_inputs
 
@@ -158,12 +173,10 @@ def _install_frontend() -> None:
     @wraps(original_process)
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         extra = params.extra_args if isinstance(params, SamplingParams) else None
-        limits = getattr(self, _LIMITS_ATTR, None)
-        if limits is None:
-            limits = limits_for(SteerConfig.from_vllm(self.vllm_config))
-            setattr(self, _LIMITS_ATTR, limits)
+        limits, refusal = getattr(self, _LIMITS_ATTR, None) or _admission_limits(self.vllm_config)
+        setattr(self, _LIMITS_ATTR, (limits, refusal))
         try:
-            admitted = admission.admit(request_id, extra, limits)
+            admitted = admission.admit(request_id, extra, limits, refusal)
         except admission.AdmissionError as e:
             raise validation_error(str(e), e.field) from None
         request = original_process(self, request_id, prompt, params, *args, **kwargs)
@@ -361,6 +374,17 @@ def _install_worker() -> None:
         state = getattr(self.model_runner, _STATE_ATTR, None)
         return None if state is None else state.pop_features(key)
 
+    # Target of `collective_rpc("steer_installed")` from the API process at start: the SAEs this
+    # worker steers (a worker without the plugin has no such method, and the call fails).
+    def steer_installed(self) -> list[str]:
+        state = getattr(self.model_runner, _STATE_ATTR, None)
+        return [] if state is None else state.sae_ids
+
+    # Target of `collective_rpc("steer_metrics")` from the API process, when /metrics is scraped.
+    def steer_metrics(self) -> dict:
+        state = getattr(self.model_runner, _STATE_ATTR, None)
+        return {} if state is None else state.metrics_snapshot()
+
     VllmConfig.compute_hash = compute_hash
     Worker.load_model = load_model
     Worker.execute_model = with_failures(Worker.execute_model)
@@ -369,6 +393,8 @@ def _install_worker() -> None:
     GPUModelRunner._determine_batch_execution_and_padding = _determine_batch_execution_and_padding
     GPUModelRunner._model_forward = _model_forward
     Worker.steer_pop_features = steer_pop_features
+    Worker.steer_metrics = steer_metrics
+    Worker.steer_installed = steer_installed
 
 
 

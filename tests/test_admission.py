@@ -95,3 +95,22 @@ def test_admissions_are_counted_by_steering(processor):
     _process(processor)
     assert _count("steer_requests_total", {"steered": "true"}) == steered + 1
     assert _count("steer_requests_total", {"steered": "false"}) == plain + 1
+
+
+def test_a_server_with_a_kv_connector_refuses_clamps_and_serves_the_rest():
+    """KV blocks leave vLLM's prefix cache through a connector, keyed as the connector keys them: steered
+    KV could serve other requests, so clamps are refused (400 naming feature_clamps); the rest runs."""
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.exceptions import VLLMValidationError
+    from vllm.renderers import renderer_from_config
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    config = EngineArgs(model=str(default_model_dir()), dtype="float32", max_model_len=512,
+                        kv_transfer_config=KVTransferConfig(kv_connector="LMCacheConnectorV1", kv_role="kv_both"),
+                        additional_config={"steer": {"saes": [{"path": str(DEFAULT_SAE_DIR)}]}}).create_engine_config()
+    processor = InputProcessor(config, renderer_from_config(config))
+    with pytest.raises(VLLMValidationError, match="KV connector LMCacheConnectorV1") as refused:
+        _process(processor, {FIELD: json.dumps(CLAMPS)})
+    assert refused.value.parameter == FIELD
+    assert _process(processor).cache_salt is None  # unsteered requests run as on vanilla vLLM

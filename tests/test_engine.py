@@ -141,19 +141,6 @@ def test_sae_width_mismatch_fails_at_start_up(tmp_path):
     assert "has d_in=64, the model's hidden size is 576" in result.stdout + result.stderr
 
 
-def test_pipeline_parallel_2_steers_on_the_rank_holding_the_layer(random_sae_dir, monkeypatch):
-    """PP=2 (two worker processes, compiled mode: eager PP crashes on CPU in vLLM 0.32): the op
-    is installed on the rank that holds layer 15; steering takes effect, unclamped requests are
-    untouched, as under one worker."""
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    with offline_llm(random_sae_dir, enforce_eager=False, pipeline_parallel_size=2,
-                     distributed_executor_backend="mp") as engine:
-        base = token_ids(engine.generate(PROMPTS, [params()] * len(PROMPTS)))
-        mixed = token_ids(engine.generate(PROMPTS, [params(STRONG), params(), params(OTHER), params()]))
-    assert mixed[1] == base[1] and mixed[3] == base[3]
-    assert mixed[0] != base[0] and mixed[2] != base[2]
-
-
 def test_a_request_whose_steering_fails_gets_an_error_and_the_rest_go_on(random_sae_dir, monkeypatch):
     """Faults injected in the worker: preparing any clamp of feature 13, applying a step that clamps
     feature 14. Those requests finish with an error and no tokens; the engine and the others go on."""

@@ -23,39 +23,35 @@ def test_defaults_reach_vllm_as_additional_config():
     assert argv[0] == "/models/m" and argv[-2:] == ["--max-num-seqs", "4"]
 
 
-def test_no_plugin_means_no_steer_config_and_the_plugin_off(tmp_path, monkeypatch):
-    monkeypatch.setattr(server.tempfile, "gettempdir", lambda: str(tmp_path))
+def test_no_plugin_means_no_steer_config_and_the_plugin_off():
     args = _args("--no-plugin")
     assert "--additional-config" not in server.vllm_argv(args, [])
     assert server.prepare_environment(args)["STEER_PLUGIN_DISABLE"] == "1"
 
 
-def test_environment_for_metrics_kv_cache_and_plugins(tmp_path, monkeypatch):
-    monkeypatch.setattr(server.tempfile, "gettempdir", lambda: str(tmp_path))
+def test_environment_for_kv_cache_and_plugins_and_no_metrics_directory(monkeypatch):
+    """Worker metrics travel over vLLM's RPC: the launcher sets no PROMETHEUS_MULTIPROC_DIR (vLLM makes
+    its own where it runs several API servers)."""
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     env = server.prepare_environment(_args("--port", "8123"))
     assert env["VLLM_PLUGINS"] == "steer,steer_features" and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert "STEER_PLUGIN_DISABLE" not in env or env["STEER_PLUGIN_DISABLE"] in ("", "0")
-    metrics_dir = Path(env["PROMETHEUS_MULTIPROC_DIR"])
-    assert metrics_dir.is_dir() and not any(metrics_dir.iterdir())
+    assert "PROMETHEUS_MULTIPROC_DIR" not in env
 
 
-def test_a_restart_starts_with_an_empty_metrics_directory(tmp_path, monkeypatch):
-    """Multiprocess metric files of a previous run on the same port must not be read again."""
-    monkeypatch.setattr(server.tempfile, "gettempdir", lambda: str(tmp_path))
-    first = Path(server.prepare_environment(_args("--port", "8124"))["PROMETHEUS_MULTIPROC_DIR"])
-    (first / "counter_123.db").write_bytes(b"stale")
-    second = Path(server.prepare_environment(_args("--port", "8124"))["PROMETHEUS_MULTIPROC_DIR"])
-    assert second == first and not any(second.iterdir())
-
-
-def test_user_settings_win(tmp_path, monkeypatch):
-    monkeypatch.setattr(server.tempfile, "gettempdir", lambda: str(tmp_path))
+def test_user_settings_win(monkeypatch):
     monkeypatch.setenv("VLLM_PLUGINS", "steer")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "6")
     env = server.prepare_environment(_args())
     assert env["VLLM_PLUGINS"] == "steer" and env["VLLM_CPU_KVCACHE_SPACE"] == "6"
+
+
+def test_vllm_serve_options_pass_through_unchanged():
+    """Data parallel, API servers, nodes: whatever follows `--` reaches `vllm serve` as given."""
+    shape = ["--data-parallel-size", "2", "--api-server-count", "2", "--nnodes", "2", "--headless"]
+    assert server.vllm_argv(_args(), shape)[-len(shape):] == shape
 
 
 def test_context_length_comes_from_the_model_unless_set(monkeypatch):

@@ -1,31 +1,47 @@
-"""Worker-side metrics on a real SAE, read back from prometheus_client's registry."""
+"""Worker-side metrics on a real SAE, read back as the API server exposes them (snapshot, merge,
+prometheus_client's exposition, parsed by prometheus_client's parser)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from prometheus_client import REGISTRY, Histogram
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sae_factory import make_sae
+from steer_plugin.api import worker_metrics
+from steer_plugin.core.metric_families import Family, merge
 from steer_plugin.core.spec import Limits, parse_clamps
 from steer_plugin.worker import metrics
 
 
+def _samples(text: str) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def _value(name: str, labels: dict | None = None) -> float:
-    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+    exposed = _samples(worker_metrics.exposition(merge([metrics.snapshot()])).decode())
+    return exposed.get((name, tuple(sorted((labels or {}).items()))), 0.0)
 
 
-def test_observe_many_equals_one_observe_per_value():
+def test_a_worker_histogram_is_exposed_as_prometheus_client_would_expose_it():
+    """Buckets, sum and count of the worker's Series equal prometheus_client's own Histogram fed one
+    value at a time (the same `le` edges), once two workers' snapshots are merged."""
     values = np.array([0.0, 0.5, 1.0, 3.0, 3.0, 100.0])
-    one, many = (Histogram(f"steer_test_{n}", "test", buckets=(0.5, 1, 4)) for n in ("one", "many"))
-    for v in values:
+    registry = CollectorRegistry()
+    one = Histogram("steer_test_hist", "test", buckets=(0.5, 1, 4), registry=registry)
+    for v in np.concatenate([values, values]):
         one.observe(float(v))
-    metrics.observe_many(many, values)
-    for suffix in ("_bucket", "_sum", "_count"):
-        ones = {tuple(s.labels.items()): s.value for m in one.collect() for s in m.samples if s.name.endswith(suffix)}
-        manys = {tuple(s.labels.items()): s.value for m in many.collect() for s in m.samples if s.name.endswith(suffix)}
-        assert ones == pytest.approx(manys)
+    family = Family("steer_test_hist", "test", "histogram", (), (0.5, 1, 4))
+    many = metrics.Series(family)
+    many.observe_many(values)
+    snapshot = {family.name: {(): many.snapshot_value()}}
+    theirs = {k: v for k, v in _samples(generate_latest(registry).decode()).items() if not k[0].endswith("_created")}
+    merged = merge([snapshot, snapshot], (family,))
+    ours = _samples(worker_metrics.exposition(merged, families=(family,)).decode())
+    assert ours == pytest.approx(theirs)
 
 
 def test_feature_activity_counts_watched_clamped_and_top_features():
@@ -45,8 +61,8 @@ def test_feature_activity_counts_watched_clamped_and_top_features():
     fired = (f > 0).sum(0)
     for feature in (5, 9):  # watched and clamped: exported, with their exact count
         assert _value("steer_feature_active_tokens_total", {"sae": "sae", "feature": str(feature)}) >= fired[feature].item()
-    exported = {int(s.labels["feature"]) for m in metrics.FEATURE_ACTIVE.collect() for s in m.samples
-                if s.name.endswith("_total")}
+    exported = {int(feature) for sae_id, feature in metrics.snapshot()["steer_feature_active_tokens"]
+                if sae_id == "sae"}
     assert set(torch.topk(fired, 3).indices.tolist()) <= exported | set(np.flatnonzero(activity.pinned))
 
 

@@ -1,6 +1,6 @@
 """Several SAEs in one server: three layouts written by three libraries at three layers of a model the
-project never shipped, steered from one request; two SAEs at one point of the stream, in order;
-tensor parallel 2."""
+project never shipped, steered from one request; two SAEs at one point of the stream, in order.
+(Tensor and pipeline parallel: test_distributed.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from engines import Server, offline_llm, recorded
+from engines import offline_llm, recorded
 from sae_factory import write_sae
 from steer_plugin.api.admission import new_recording_key
 from steer_plugin.core.reference import reference_steer
@@ -125,28 +125,3 @@ def test_the_api_key_guards_steering_and_feature_routes(three_saes):
         assert httpx.get(server.base_url + path).status_code == 401
     r = httpx.post(server.base_url + "/v1/completions", json={"model": "m", "prompt": "x", "feature_clamps": "bad"})
     assert r.status_code == 401  # the key is checked before the clamps are read
-
-
-def test_tensor_parallel_2_steers_records_and_counts_once(tiny_model, tmp_path):
-    """TP=2 on CPU (two worker processes, compiled mode): every rank steers the replicated stream alike;
-    recordings come back once; metrics count each clamp once, not once per rank."""
-    sae = write_sae(tmp_path / "tp_sae", architecture="jumprelu", d_in=HIDDEN, d_sae=256, layer=1)
-    server = Server(["--model", str(tiny_model("llama")), "--max-model-len", "512", "--kv-cache-gib", "1",
-                     "--sae", str(sae), "--", "--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"],
-                    tmp_path / "server.log", env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}).wait_ready()
-    try:
-        with httpx.Client(base_url=server.base_url, timeout=300) as http:
-            plain = _text(http)
-            before = _scrape(server)
-            assert _text(http, [{"feature": 3, "value": 60.0}]) != plain
-            assert _text(http, [{"feature": 3, "value": 1.0, "mode": "scale"}]) == plain
-            after = _scrape(server)
-            for mode in ("set", "scale"):
-                key = ("steer_clamps_applied_total", (("mode", mode), ("sae", "tp_sae")))
-                assert after[key] - before.get(key, 0) == 1, mode
-            features = _complete(http, return_features=4).json()["choices"][0]["features"]
-            assert [f["index"] for f in features] == list(range(8))
-            inspected = http.post("/v1/features/inspect", json={"text": TEXT, "top_k": 2}).json()
-            assert inspected["num_tokens"] == len(inspected["tokens"]) == len(PROMPT) - 1
-    finally:
-        server.stop()

@@ -1,6 +1,6 @@
 """The serving wheel: what it holds (the serving package only: no workbench module, no top-level
 module of its own but `steer_plugin`), and that `pip install .` (a wheel, not editable) gives a
-working `steer-server` that finds the shipped SAE."""
+working `steer-server` that finds the shipped SAE, and a `steer-vllm` that starts where `vllm` cannot."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def test_the_wheel_holds_the_serving_package_only(wheel):
     assert zipfile.ZipFile(wheel).read(f"{metadata}/top_level.txt").decode().split() == ["steer_plugin"]
     scripts = zipfile.ZipFile(wheel).read(f"{metadata}/entry_points.txt").decode()
     assert "steer-server = steer_plugin.launcher.serve:main" in scripts
+    assert "steer-vllm = steer_plugin.launcher.vllm_serve:main" in scripts
 
 
 @pytest.mark.slow
@@ -47,6 +48,10 @@ def test_wheel_install_serves_and_steers_with_the_shipped_sae(tmp_path, wheel):
     where = subprocess.run([sys.executable, "-c", "import steer_plugin.core.config as c; print(c.DEFAULT_SAE_DIR)"],
                            env={**os.environ, **env}, cwd=tmp_path, capture_output=True, text=True, check=True)
     assert where.stdout.strip().startswith(str(site / "steer_plugin" / "sae_weights"))
+    # `vllm serve` as `steer-vllm serve`: it starts on vLLM's CPU wheel, where the `vllm` command cannot
+    usage = subprocess.run([sys.executable, str(site / "bin" / "steer-vllm"), "serve", "--help=all"],
+                           env={**os.environ, **env}, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert usage.returncode == 0 and "--api-server-count" in usage.stdout + usage.stderr, usage.stderr[-2000:]
 
     server = Server(["--enforce-eager", "--kv-cache-gib", "1"], tmp_path / "server.log", env=env,
                     launcher=[sys.executable, str(site / "bin" / "steer-server")], cwd=tmp_path).wait_ready()

@@ -10,7 +10,9 @@ passes through (HTTP chat/completions, `vllm_xargs`, offline `LLM.generate`) bef
   computed under one clamp set are never reused by a request with another (or none);
 - `extra_args["steer_record_features"]` (feature inspection) is validated the same way; a request
   that records its prompt gets a cache salt of its own, so every prompt position is computed, and
-  read, rather than served from the prefix cache.
+  read, rather than served from the prefix cache;
+- on a server with a KV connector (`steering_refusal`) clamps are refused: KV blocks leave vLLM's
+  prefix cache there, keyed by whatever the connector keys them by.
 """
 
 from __future__ import annotations
@@ -74,11 +76,27 @@ class Admitted:
         return cache_salt(client_salt, self.plan, prompt_len, self.recording.key if prompt_recording else None)
 
 
-def admit(request_id: str, extra_args: dict | None, limits: Limits) -> Admitted:
-    """Validate one request's `extra_args` (a refusal is counted here, an admission by `Admitted.count`)."""
+def steering_refusal(kv_connector: str | None) -> str | None:
+    """Why this server refuses clamps, None if it takes them. A KV connector (`--kv-transfer-config`)
+    moves KV blocks between vLLM and an outside cache or another instance; not every connector keys
+    them by the request's cache salt (LMCache's did not, vLLM issue #44250), so KV computed under
+    clamps could be served to a request with other clamps or none. The plugin cannot prove the
+    isolation of a connector, so it steers none."""
+    if kv_connector is None:
+        return None
+    return (f"{FIELD}: this server runs the KV connector {kv_connector} (--kv-transfer-config), which may share KV "
+            "cache between requests without their steering; steering is off here. Serve steered traffic from "
+            "instances without a KV connector")
+
+
+def admit(request_id: str, extra_args: dict | None, limits: Limits, refusal: str | None = None) -> Admitted:
+    """Validate one request's `extra_args` (a refusal is counted here, an admission by `Admitted.count`).
+    refusal: `steering_refusal` of the server (clamps are refused with it)."""
     extra = extra_args or {}
     try:
         plan = parse_clamps(extra.get(FIELD), limits)
+        if plan is not None and refusal is not None:
+            raise ClampError(refusal)
         recording = parse_recording(extra.get(RECORD_FIELD))
         if recording is not None:
             if not _signed(recording.key):

@@ -12,7 +12,7 @@
 Inspection runs the text through the server's engine as an ordinary one-token request carrying
 `steer_record_features`, so it is scheduled like any request and uses the very SAE, layer and
 normalisation that clamps act on; the worker keeps the per-token top-k and the API fetches them
-with `collective_rpc` when the request is done (see worker/recorder.py). No model runs here.
+from every engine's workers over vLLM's RPC when the request is done (see worker/recorder.py). No model runs here.
 
 vLLM loads endpoint plugins only when named in VLLM_PLUGINS (server.py sets
 `VLLM_PLUGINS=steer,steer_features`).
@@ -38,7 +38,7 @@ from steer_plugin.search.concepts import ConceptBook
 from steer_plugin.core.config import SAESource, SteerConfig, plugin_disabled
 from steer_plugin.core.sae import SAEConfig, SAEFileError, load_config
 from steer_plugin.core.spec import RECORD_FIELD, FeatureRecording, sae_position
-from steer_plugin.vllm_surface import tokenizer_of, validation_error
+from steer_plugin.vllm_surface import collective_rpc_all, collective_rpc_engines, tokenizer_of, validation_error
 
 logger = logging.getLogger(__name__)
 MAX_LIMIT = 200
@@ -142,9 +142,27 @@ class FeatureService:
     def _active(served: _ServedSAE, ids: list[int], values: list[float]) -> list[ActiveFeature]:
         return [ActiveFeature(id=f, activation=v, label=served.label(f)) for f, v in zip(ids, values) if v > 0]
 
+    async def check_workers(self) -> None:
+        """At start: every engine steers every configured SAE on some worker. A worker started without
+        the plugin (a node whose environment lacks it, or has it disabled) would run steered requests
+        unsteered, so the server does not start."""
+        wanted = set(self._saes)
+        try:
+            engines = await collective_rpc_engines(self.engine, "steer_installed")
+        except Exception as e:
+            raise RuntimeError(f"steer_plugin: a worker does not run the steering plugin ({e}); install steer_plugin "
+                               "in every node's environment (and leave STEER_PLUGIN_DISABLE unset there)") from None
+        for index, replies in enumerate(engines):
+            missing = wanted - {sae for reply in replies for sae in reply}
+            if missing:
+                raise RuntimeError(f"steer_plugin: engine {index} steers no layer for SAE(s) {sorted(missing)}; every "
+                                   "node must run the plugin with the same configuration")
+        logger.info("action=workers_checked engines=%d saes=%s", len(engines), ",".join(self._saes))
+
     async def _pop(self, key: str) -> dict | None:
-        """A finished request's records, from whichever rank holds the SAE's layer."""
-        replies = await self.engine.collective_rpc("steer_pop_features", args=(key,))
+        """A finished request's records, from the worker that recorded them: every worker of every
+        engine is asked (under data parallel the request ran on one engine of several)."""
+        replies = await collective_rpc_all(self.engine, "steer_pop_features", args=(key,))
         return next((r for r in replies if r is not None), None)
 
     async def generated_features(self, key: str) -> list[dict]:
@@ -268,4 +286,6 @@ class FeatureEndpoints:
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         if engine_client is None or plugin_disabled():
             return
-        state.steer_features = FeatureService(engine_client, SteerConfig.from_vllm(engine_client.vllm_config))
+        service = FeatureService(engine_client, SteerConfig.from_vllm(engine_client.vllm_config))
+        await service.check_workers()
+        state.steer_features = service

@@ -11,7 +11,8 @@ vLLM's own decoders, every reading a route may make; what cannot be read so is r
 - on every other route, and in every form, a body carrying either field is refused (it would run
   unsteered);
 - everywhere: bodies over the size, nesting or number limits, near-miss field names and the
-  internal `steer_record_features` get a 400 naming the field (`request_body.py`).
+  internal `steer_record_features` get a 400 naming the field (`request_body.py`);
+- on /metrics it adds the workers' steering metrics to vLLM's reply (`worker_metrics.py`).
 Clamps are validated here too (same parser as admission), because a streamed response has already
 sent its 200 header when the engine rejects a request; the edge is where a clean 400 is possible.
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 
-from steer_plugin.api import request_body, return_features, routes
+from steer_plugin.api import request_body, return_features, routes, worker_metrics
 from steer_plugin.api.metrics import REJECTED
 from steer_plugin.api.request_body import ERROR_CHARS, BodyError, clip
 from steer_plugin.core.spec import FIELD, RECORD_FIELD, ClampError, FeatureRecording, Limits, RecordingError, parse_clamps
@@ -43,21 +44,28 @@ def error_body(message: str, param: str) -> bytes:
 
 
 class FeatureClampMiddleware:
-    def __init__(self, app, limits: Limits | None = None):
+    def __init__(self, app, limits: Limits | None = None, refusal: str | None = None):
         self.app = app
         self._limits = limits
         """What clamps may ask; None: read from the SAEs of the app's vLLM config on first use."""
+        self._refusal = refusal
+        """Why this server refuses clamps (`admission.steering_refusal`), read with the limits."""
 
     def _get_limits(self, scope) -> Limits:
         if self._limits is None:
+            from steer_plugin.api.admission import steering_refusal
             from steer_plugin.core.config import SteerConfig
             from steer_plugin.core.spec import limits_for
-            from steer_plugin.vllm_surface import app_vllm_config
+            from steer_plugin.vllm_surface import app_vllm_config, kv_connector_of
 
-            self._limits = limits_for(SteerConfig.from_vllm(app_vllm_config(scope["app"])))
+            vllm_config = app_vllm_config(scope["app"])
+            self._limits = limits_for(SteerConfig.from_vllm(vllm_config))
+            self._refusal = steering_refusal(kv_connector_of(vllm_config))
         return self._limits
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "GET" and routes.route_path(scope).startswith("/metrics"):
+            return await worker_metrics.serve(self.app, scope, receive, send)
         if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
             return await self.app(scope, receive, send)
         chunks, size = [], 0
@@ -135,6 +143,8 @@ class FeatureClampMiddleware:
             if data.get("use_beam_search"):
                 raise ClampError(f"{FIELD}: not supported with use_beam_search")
             plan = parse_clamps(raw, self._get_limits(scope))
+            if plan is not None and self._refusal is not None:
+                raise ClampError(self._refusal)
             if plan is None:
                 xargs.pop(FIELD, None)  # an empty list means no steering
             else:

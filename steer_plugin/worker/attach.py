@@ -76,11 +76,22 @@ class WorkerSteering:
         """Requests that failed in the steps since the last call, to be finished with an error."""
         failed = sorted(set().union(*(sae.table.drain_failed() for sae in self.saes)))
         if failed:
-            metrics.FAILED.inc(len(failed))
+            metrics.FAILED.labels().inc(len(failed))
             if not self.reports_outputs:
                 raise RuntimeError(f"steer_plugin: steering failed for requests {failed} on a pipeline rank "
                                    "that cannot fail single requests")
         return failed
+
+    @property
+    def sae_ids(self) -> list[str]:
+        return [sae.table.sae_id for sae in self.saes]
+
+    def metrics_snapshot(self) -> dict:
+        """This worker's metrics (`worker/metrics.py`), with every sampled step already on the host."""
+        for sae in self.saes:
+            if sae.op.activity is not None:
+                sae.op.activity.export()
+        return metrics.snapshot()
 
     def pop_features(self, key: str) -> dict | None:
         """One finished request's recorded features, or None if this rank recorded none."""

@@ -1,8 +1,10 @@
-"""Worker-side Prometheus metrics: clamps, steered tokens, SAE feature activity, op time (`steer_*`).
+"""Worker-side metrics: clamps, steered tokens, SAE feature activity, op time (the `steer_*` families
+of `core/metric_families.py`).
 
-Worker-side series reach the API server's /metrics through prometheus_client's multiprocess
-mode: `server.py` sets a fresh, empty PROMETHEUS_MULTIPROC_DIR before vLLM starts (it must be
-set before prometheus_client is imported, which vLLM does before plugins load).
+They are kept in this process's memory, by plain counters and bucket arrays, and leave it only as a
+snapshot: the API server asks every worker of every engine for one over vLLM's RPC
+(`Worker.steer_metrics`) when /metrics is scraped, merges them and exposes them with its own. So they
+reach /metrics from any rank, node or data-parallel engine vLLM runs, with no shared directory.
 
 Label cardinality is bounded: per-feature series exist only for the watch-list, for features
 some request clamped (at most MAX_CLAMPED_EXPORTED), and for features that were among the top-N
@@ -16,8 +18,9 @@ import time
 
 import numpy as np
 import torch
-from prometheus_client import Counter, Gauge, Histogram
 
+from steer_plugin.core import metric_families as families
+from steer_plugin.core.metric_families import Family, Snapshot
 from steer_plugin.core.spec import ClampPlan
 from steer_plugin.worker.host_copy import HostCopy
 
@@ -29,42 +32,64 @@ MAX_SAMPLED_TOKENS = 256
 """Most tokens of one sampled step encoded for feature metrics."""
 MODE_NAMES = ("set", "add", "scale")
 
-CLAMPS_APPLIED = Counter("steer_clamps_applied", "Clamps of admitted requests taken into the clamp table, by mode",
-                         ["sae", "mode"])
-FAILED = Counter("steer_requests_failed", "Requests failed with an error because their clamps could not be "
-                 "prepared or applied (the engine and the other requests go on)")
-STEERED_TOKENS = Counter("steer_steered_tokens", "Token positions whose residual stream the op edited", ["sae"])
-FEATURE_ACTIVE = Counter("steer_feature_active_tokens",
-                         "Sampled tokens on which the feature was active (watch-list, clamped and top-N features)",
-                         ["sae", "feature"])
-SAMPLED_TOKENS = Counter("steer_feature_sampled_tokens", "Tokens encoded for feature-activity metrics", ["sae"])
-L0 = Histogram("steer_active_features", "Active SAE features per sampled token (L0)", ["sae"],
-               buckets=(0, 1, 2, 4, 8, 16, 24, 32, 40, 48, 64, 96, 128, 256, 512, 1024))
-RECON_ERROR = Histogram("steer_reconstruction_relative_error",
-                        "Per sampled token |x - sae(x)|^2 / |x|^2 at the SAE layer (finite values only: "
-                        "see steer_reconstruction_nonfinite_tokens)", ["sae"],
-                        buckets=(0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0))
-RECON_NONFINITE = Counter("steer_reconstruction_nonfinite_tokens",
-                          "Sampled tokens whose relative reconstruction error is not a finite number (a stream "
-                          "overflowed by a huge clamp, say); kept out of steer_reconstruction_relative_error, "
-                          "whose sum one NaN would spoil for the life of the server", ["sae"])
-OP_SECONDS = Histogram("steer_op_seconds", "Wall time of one SAE's step per forward pass (host-measured)", ["sae"],
-                       buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25))
-SAE_INFO = Gauge("steer_sae_info", "The loaded SAE (value 1)", ["sae", "layer", "d_sae", "architecture"],
-                 multiprocess_mode="max")
+
+class Series:
+    """One labelled series of a family, in this process: a value (counters, gauges), or bucket counts
+    and a sum (histograms)."""
+
+    def __init__(self, family: Family):
+        self.family = family
+        self.value = 0.0
+        self.counts = np.zeros(len(family.buckets) + 1, dtype=np.int64)  # [buckets + 1]: the last is +Inf
+        self.sum = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+    def observe(self, value: float) -> None:
+        self.observe_many(np.asarray([value]))
+
+    def observe_many(self, values: np.ndarray) -> None:
+        """values: [n]; one bucket pass for the whole array (no per-value Python loop)."""
+        if values.size == 0:
+            return
+        self.counts += np.bincount(np.searchsorted(self.family.buckets, values, side="left"),
+                                   minlength=len(self.counts))
+        self.sum += float(values.sum())
+
+    def snapshot_value(self):
+        if self.family.kind == "histogram":
+            return self.counts.tolist(), self.sum
+        return self.value
 
 
-def observe_many(histogram: Histogram, values: np.ndarray) -> None:
-    """Histogram.observe for a whole array at once (one bucket pass, no per-value Python loop).
-    Uses prometheus_client's per-bucket value objects, the same ones `observe` increments."""
-    if values.size == 0:
-        return
-    upper = np.asarray(histogram._upper_bounds)
-    counts = np.bincount(np.searchsorted(upper, values, side="left"), minlength=len(upper))
-    for bucket, count in zip(histogram._buckets, counts):
-        if count:
-            bucket.inc(int(count))
-    histogram._sum.inc(float(values.sum()))
+class WorkerFamily:
+    """A family's series in this process, by label values."""
+
+    def __init__(self, family: Family):
+        self.family = family
+        self.series: dict[tuple[str, ...], Series] = {}
+
+    def labels(self, **labels: str) -> Series:
+        key = tuple(labels[name] for name in self.family.labels)
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = Series(self.family)
+        return series
+
+
+_REGISTRY = {f.name: WorkerFamily(f) for f in families.FAMILIES}
+CLAMPS_APPLIED, FAILED, STEERED_TOKENS, FEATURE_ACTIVE, SAMPLED_TOKENS, L0, RECON_ERROR, RECON_NONFINITE, \
+    OP_SECONDS, SAE_INFO = (_REGISTRY[f.name] for f in families.FAMILIES)
+
+
+def snapshot() -> Snapshot:
+    """Every series of this process, as the API server collects them (see `core/metric_families.py`)."""
+    return {name: {labels: s.snapshot_value() for labels, s in family.series.items()}
+            for name, family in _REGISTRY.items() if family.series}
 
 
 def record_new_plan(sae: str, plan: ClampPlan) -> None:
@@ -122,7 +147,7 @@ class FeatureActivity:
         self.export()
 
     def export(self, wait: bool = False) -> None:
-        """Move the sampled steps whose results are on the host into the Prometheus series."""
+        """Move the sampled steps whose results are on the host into the series."""
         while self._pending and (wait or self._pending[0].ready()):
             fired, l0, err = self._pending.pop(0).get()
             self._export(fired, l0, err)
@@ -130,9 +155,9 @@ class FeatureActivity:
     def _export(self, fired: np.ndarray, l0: np.ndarray, err: np.ndarray) -> None:
         """fired: [d_sae] active-token counts of one sampled step; l0, err: [n] per sampled token."""
         self.fired += fired
-        observe_many(self._l0, l0)
+        self._l0.observe_many(l0)
         finite = np.isfinite(err)
-        observe_many(self._error, err[finite])
+        self._error.observe_many(err[finite])
         if not finite.all():
             self._nonfinite.inc(int((~finite).sum()))
         self._sampled.inc(len(l0))
@@ -151,7 +176,7 @@ class OpTimer:
     """Host wall time of the op into `histogram` (steps the op runs eagerly: a replayed CUDA graph
     runs no Python). histogram None: not measured."""
 
-    def __init__(self, histogram: Histogram | None):
+    def __init__(self, histogram: Series | None):
         self.histogram = histogram
 
     def __enter__(self):

@@ -25,13 +25,12 @@ import inspect
 import logging
 
 import torch
-from prometheus_client import Histogram
 from torch import nn
 
 from steer_plugin.core.sae import SAE
 from steer_plugin.worker.clamp_table import ClampTable
 from steer_plugin.worker.graph_columns import GraphColumns
-from steer_plugin.worker.metrics import FeatureActivity, OpTimer
+from steer_plugin.worker.metrics import FeatureActivity, OpTimer, Series
 from steer_plugin.worker.recorder import FeatureRecorder
 
 logger = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ class LayerSteer:
 
     def __init__(self, sae: SAE, table: ClampTable, graph_safe: bool, activity: FeatureActivity | None = None,
                  recorder: FeatureRecorder | None = None, fault_feature: int | None = None,
-                 timer: Histogram | None = None, graph_columns: int = 512):
+                 timer: Series | None = None, graph_columns: int = 512):
         self.sae = sae
         self.table = table
         self.graph_safe = graph_safe
