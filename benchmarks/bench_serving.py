@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from steer_plugin.core.config import DEFAULT_SAE_DIR, default_model_dir
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness that starts server.py
-from server_process import Server  # noqa: E402
+from server_process import Server, free_port  # noqa: E402
 
 PROMPTS = [
     "Tell me about your weekend.", "What is your favourite book?", "Describe a good breakfast.",
@@ -305,10 +305,16 @@ def build_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--servers", default="vanilla,plugin,plugin+metrics")
     p.add_argument("--mode", choices=("compiled", "eager"), default="compiled")
     p.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size (2 needs VLLM_CPU_OMP_THREADS_BIND)")
+    p.add_argument("--dp", type=int, default=1, help="data_parallel_size (vLLM's internal load balancer, one node)")
+    p.add_argument("--nodes", type=int, choices=(1, 2), default=1,
+                   help="2: each server's engine over two node processes (--nnodes 2, the second --headless; "
+                        "with --pp 2, one core each)")
     p.add_argument("--kv-cache-gib", type=int, default=1, help="per server, on CPU (0: vLLM's own choice)")
     p.add_argument("--cross-check", action="store_true", help="also run vLLM's bench serve on vanilla and plugin")
     p.add_argument("--dry-run", action="store_true", help="print the servers' command lines and the plan, start nothing")
     args = p.parse_args(argv)
+    if args.nodes == 2 and args.pp != 2:
+        p.error("--nodes 2 splits each engine's pipeline over the two nodes: give --pp 2")
     if args.quick:
         args.reps, args.max_tokens, args.concurrency, args.mode, args.requests_per_stream = 1, 8, "1,4", "eager", 2
         args.workloads = "none,distinct,features"
@@ -328,20 +334,32 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model_config:
         common = ["--model", str(model_dir), "--served-model-name", SERVED_NAME, "--max-model-len", "4096", *common]
     common += ["--enforce-eager"] if args.mode == "eager" else []
-    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if args.pp > 1 else {}
-    passthrough = ["--", "--pipeline-parallel-size", str(args.pp)] if args.pp > 1 else []
-    if args.model_config:
-        passthrough = (passthrough or ["--"]) + ["--load-format", "dummy"]
+    vllm_opts = ["--pipeline-parallel-size", str(args.pp)] if args.pp > 1 else []
+    vllm_opts += ["--data-parallel-size", str(args.dp)] if args.dp > 1 else []
+    vllm_opts += ["--load-format", "dummy"] if args.model_config else []
+    node_opts = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--distributed-executor-backend", "mp"]
+    # Per node process: the cores its workers bind to (one node: "0|1" splits them over its PP ranks).
+    binds = ["0|1"] if args.nodes == 1 else ["0", "1"]
     specs = {"vanilla": ["--no-plugin"], "plugin": [], "plugin+metrics": ["--metrics-sample-every", "1"]}
+
+    def node_args(name: str, rank: int, master_port: int) -> list[str]:
+        """server.py's arguments for one server's node process `rank` (the head is rank 0)."""
+        if args.nodes == 1:
+            return [*common, *specs[name], *(["--", *vllm_opts] if vllm_opts else [])]
+        nodes = [*node_opts, "--master-port", str(master_port), "--node-rank", str(rank)]
+        return [*common, *specs[name], "--", *vllm_opts, *nodes, *(["--headless"] if rank else [])]
+
     plan = [("vanilla", "none")] if "vanilla" in server_names else []
     plan += [("plugin", w) for w in workloads if "plugin" in server_names]
     plan += [("plugin+metrics", w) for w in ("none", "distinct") if "plugin+metrics" in server_names and w in workloads]
     if args.dry_run:
-        for name in dict.fromkeys(s for s, _ in plan):
-            print(name, " ".join(["server.py", *common, *specs[name], *passthrough]))
+        commands = {name: [node_args(name, rank, 0) for rank in range(args.nodes)] for name, _ in plan}
+        for name, nodes in commands.items():
+            for argv in nodes:
+                print(name, " ".join(["server.py", *argv]))
         print("plan:", plan, "concurrencies:", concurrencies)
         shutil.rmtree(scratch, ignore_errors=True)
-        return {"plan": plan, "servers": {name: [*common, *specs[name], *passthrough] for name, _ in plan}}
+        return {"plan": plan, "servers": commands}
     if args.random_sae:
         random_sae(args.random_sae, model_dir, sae)
     from steer_plugin.core.sae import load_config, load_max_activations
@@ -352,10 +370,16 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [FILLER * (args.prompt_words // len(FILLER.split())) + p for p in PROMPTS]
 
     servers: dict[str, Server] = {}
+    headless: list[Server] = []  # second node processes (no HTTP)
     try:
         for name in dict.fromkeys(s for s, _ in plan):  # one at a time: start-up is CPU-heavy
-            servers[name] = Server(common + specs[name] + passthrough, out / f"server-{name}.log",
-                                   env=env).wait_ready(timeout=1800)
+            port = free_port()
+            for rank in range(args.nodes - 1, 0, -1):
+                headless.append(Server(node_args(name, rank, port), out / f"server-{name}-node{rank}.log",
+                                       env={"VLLM_CPU_OMP_THREADS_BIND": binds[rank]}))
+            servers[name] = Server(node_args(name, 0, port), out / f"server-{name}.log",
+                                   env={"VLLM_CPU_OMP_THREADS_BIND": binds[0]} if args.pp > 1 else {}
+                                   ).wait_ready(timeout=1800)
         before = {name: op_seconds(srv.base_url) for name, srv in servers.items() if name != "vanilla"}
         cells = {(s, w, c): Cell(s, w, c) for s, w in plan for c in concurrencies}
         order = [(s, w, c) for _rep in range(args.reps) for c in concurrencies for s, w in plan]
@@ -382,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
                 base = next(r for r in checks if r["server"] == "vanilla" and r["concurrency"] == row["concurrency"])
                 row["ratio"] = row["output_throughput"] / base["output_throughput"]
     finally:
-        for srv in servers.values():
+        for srv in [*servers.values(), *headless]:
             srv.stop()
 
     rows = []
@@ -412,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "hidden_size": hf["hidden_size"], "num_layers": hf["num_hidden_layers"], "d_sae": sae_cfg.d_sae,
                    "architecture": sae_cfg.architecture, "sae_layer": sae_cfg.layer, "device": device_name(),
                    "compile_mode": args.mode, "dtype": "float32" if device_name().endswith("cores") else "model's own",
-                   "pp": args.pp, "reps": args.reps, "requests_per_stream": args.requests_per_stream,
+                   "pp": args.pp, "dp": args.dp, "nodes": args.nodes, "reps": args.reps, "requests_per_stream": args.requests_per_stream,
                    "max_tokens": args.max_tokens, "prompt_tokens": round(1.1 * (args.prompt_words + 8)),
                    "concurrencies": concurrencies},
         "summary": {"idle_ratio_min": lowest("plugin", "none"), "distinct_ratio_min": lowest("plugin", "distinct"),

@@ -11,7 +11,6 @@ through `--additional-config` (server.py), never the environment.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
@@ -76,6 +75,7 @@ def check_serving(server: Server, sae: str, engines: int) -> None:
                                                       "temperature": 0, "stream": True, "return_features": 2})
         assert streamed.status_code == 200 and '"steer.features"' in streamed.text
 
+        assert [s["id"] for s in http.get("/v1/saes").json()["data"]] == [sae]  # the API servers' own routes
         inspected = _concurrently(lambda: http.post("/v1/features/inspect", json={"text": PROMPT, "top_k": 2}))
         assert all(r.status_code == 200 and r.json()["num_tokens"] == len(r.json()["tokens"]) > 0
                    for r in inspected), [r.text[:200] for r in inspected]
@@ -174,9 +174,17 @@ def test_a_node_without_the_plugin_stops_the_start(model_and_sae, tmp_path):
         assert "does not run the steering plugin" in head.log_path.read_text()
 
 
-@pytest.mark.skipif(not os.environ.get("STEER_TEST_RAY"), reason="Ray runs on GPU platforms only (vLLM's CPU "
-                    "platform: 'current platform cpu does not support ray'); set STEER_TEST_RAY=1 on a GPU machine")
+def _two_gpus_and_ray() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.device_count() >= 2 and importlib.util.find_spec("ray") is not None
+
+
 @pytest.mark.gpu
+@pytest.mark.skipif(not _two_gpus_and_ray(), reason="Ray runs on GPU platforms only (vLLM's CPU platform: 'current "
+                    "platform cpu does not support ray'); needs two GPUs and `pip install ray`")
 def test_ray_tensor_parallel_2(model_and_sae, tmp_path):
     """Ray's executor (`--distributed-executor-backend ray`) forwards only some environment variables to
     its workers; the plugin's configuration travels in vLLM's config, so the same checks hold."""
