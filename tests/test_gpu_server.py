@@ -71,3 +71,21 @@ def test_metrics_and_recording_under_cuda_graphs(gpu_server):
     assert after[sampled] > before.get(sampled, 0)
     active = ("steer_feature_active_tokens_total", (("feature", "3"), ("sae", "sae")))
     assert after[active] - before.get(active, 0) >= 8  # clamped on every generated token
+
+
+def test_the_kv_cache_is_sized_after_the_saes_are_on_the_gpu(tiny_model, tmp_path):
+    """vLLM sizes its KV cache from the memory left once the model is loaded; the SAEs are loaded with
+    it (in Worker.load_model), so a 1 GiB SAE shrinks the KV cache by about 1 GiB of blocks instead of
+    overcommitting the GPU."""
+    from engines import offline_llm
+
+    model = str(tiny_model("llama"))
+    sae = write_sae(tmp_path / "wide", architecture="jumprelu", d_in=HIDDEN, d_sae=2**20, layer=1)
+    blocks = {}
+    for name, saes in (("vanilla", None), ("plugin", sae)):
+        with offline_llm(saes, plugin=saes is not None, model=model, max_model_len=512, dtype="float32",
+                         gpu_memory_utilization=0.3) as llm:
+            blocks[name] = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    block_bytes = 2 * 3 * 16 * 2 * (HIDDEN // 2) * 4  # K and V, 3 layers, 16 tokens, 2 heads of 64, float32
+    sae_bytes = 4 * (2 * HIDDEN * 2**20 + 2 * 2**20 + HIDDEN)  # W_enc, W_dec, b_enc, threshold, b_dec
+    assert (blocks["vanilla"] - blocks["plugin"]) * block_bytes >= 0.9 * sae_bytes, blocks

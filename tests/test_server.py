@@ -232,6 +232,10 @@ def test_metrics_on_the_servers_own_endpoint(server, client):
                  "steer_reconstruction_relative_error_count", "steer_op_seconds_count"):
         assert delta(name, sae.items()) > 0, name
     assert any(dict(k).get("layer") == "15" for k in after["steer_sae_info"])
+    # The SAE's device memory: its weights exactly (W_enc, W_dec 576 x 1024, b_enc 1024, b_dec 576; float32)
+    weights = after["steer_sae_device_bytes"][(("device", "cpu"), ("dtype", "float32"), ("part", "weights"), *sae.items())]
+    assert weights == 4 * (2 * 576 * 1024 + 1024 + 576)
+    assert after["steer_sae_device_bytes"][(("device", "cpu"), ("dtype", "float32"), ("part", "buffers"), *sae.items())] > 0
     assert "vllm:num_requests_running" in after  # vLLM's own metrics are still there
     assert len(after["steer_feature_active_tokens_total"]) <= 1 + 2 + 4 * 20  # watch + clamped + top-N slots
 

@@ -56,9 +56,12 @@ RECON_NONFINITE = Family("steer_reconstruction_nonfinite_tokens",
 OP_SECONDS = Family("steer_op_seconds", "Wall time of one SAE's step per forward pass (host-measured)", "histogram",
                     ("sae",), (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25))
 SAE_INFO = Family("steer_sae_info", "The loaded SAE (value 1)", "gauge", ("sae", "layer", "d_sae", "architecture"))
+DEVICE_BYTES = Family("steer_sae_device_bytes", "Device memory an SAE takes on one worker that steers it: its weights "
+                      "and the op's persistent buffers (part); taken before vLLM sizes its KV cache", "gauge",
+                      ("sae", "part", "device", "dtype"))
 
 FAMILIES = (CLAMPS_APPLIED, FAILED, STEERED_TOKENS, FEATURE_ACTIVE, SAMPLED_TOKENS, L0, RECON_ERROR, RECON_NONFINITE,
-            OP_SECONDS, SAE_INFO)
+            OP_SECONDS, SAE_INFO, DEVICE_BYTES)
 
 
 def merge(snapshots: list[Snapshot], families: tuple[Family, ...] = FAMILIES) -> Snapshot:

@@ -224,6 +224,11 @@ class SAE:
             tensors["threshold"] = self.threshold.float().contiguous().cpu()
         save_file(tensors, str(path / WEIGHTS_FILENAME))
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes its weights take on their device."""
+        return tensor_bytes(self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold)
+
     def to(self, device: str | torch.device) -> "SAE":
         names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if self.threshold is not None else [])
         return SAE(self.cfg, {n: getattr(self, n).to(device) for n in names})
@@ -306,6 +311,11 @@ class SAE:
     def decode(self, f: torch.Tensor, norm: Normalization) -> torch.Tensor:
         """f: [tokens, d_sae] -> reconstruction [tokens, d_in] in residual-stream units."""
         return torch.addmm(self.b_dec, f, self.W_dec) * norm.scale + norm.shift
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes the given tensors take on their devices (None entries count nothing)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class FeatureSlice(NamedTuple):

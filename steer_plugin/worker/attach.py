@@ -142,12 +142,17 @@ def _install_one(site, cfg: SteerConfig, limits: Limits, source: SAESource, sae:
                     fault_feature=faults.get("apply"), graph_columns=cfg.graph_columns,
                     timer=metrics.OP_SECONDS.labels(sae=source.id) if exporting else None)
     register_sae(source.id, op)
+    memory = {"weights": sae.nbytes, "buffers": op.buffer_bytes}
     if exporting:
         metrics.SAE_INFO.labels(sae=source.id, layer=str(layer), d_sae=str(sae.cfg.d_sae),
                                 architecture=sae.cfg.architecture).set(1)
-    logger.info("action=installed sae=%s layer=%d path=%s arch=%s d_sae=%d device=%s graph_safe=%s compile_mode=%s",
-                source.id, layer, source.path, sae.cfg.architecture, sae.cfg.d_sae, site.device, site.graph_safe,
-                site.compile_mode)
+        dtype = str(sae.W_enc.dtype).removeprefix("torch.")
+        for part, size in memory.items():
+            metrics.DEVICE_BYTES.labels(sae=source.id, part=part, device=site.device.type, dtype=dtype).set(size)
+    logger.info("action=installed sae=%s layer=%d path=%s arch=%s d_sae=%d device=%s graph_safe=%s compile_mode=%s "
+                "weights_mib=%.1f buffers_mib=%.1f", source.id, layer, source.path, sae.cfg.architecture,
+                sae.cfg.d_sae, site.device, site.graph_safe, site.compile_mode, memory["weights"] / 2**20,
+                memory["buffers"] / 2**20)
     return _Installed(table, recorder, op)
 
 

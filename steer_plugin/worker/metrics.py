@@ -83,7 +83,7 @@ class WorkerFamily:
 
 _REGISTRY = {f.name: WorkerFamily(f) for f in families.FAMILIES}
 CLAMPS_APPLIED, FAILED, STEERED_TOKENS, FEATURE_ACTIVE, SAMPLED_TOKENS, L0, RECON_ERROR, RECON_NONFINITE, \
-    OP_SECONDS, SAE_INFO = (_REGISTRY[f.name] for f in families.FAMILIES)
+    OP_SECONDS, SAE_INFO, DEVICE_BYTES = (_REGISTRY[f.name] for f in families.FAMILIES)
 
 
 def snapshot() -> Snapshot:

@@ -27,7 +27,7 @@ import logging
 import torch
 from torch import nn
 
-from steer_plugin.core.sae import SAE
+from steer_plugin.core.sae import SAE, tensor_bytes
 from steer_plugin.worker.clamp_table import ClampTable
 from steer_plugin.worker.graph_columns import GraphColumns
 from steer_plugin.worker.metrics import FeatureActivity, OpTimer, Series
@@ -91,6 +91,14 @@ class LayerSteer:
         self._observe = False
         self._num_tokens = 0
         self._ran_host = False
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Device bytes of the op's persistent buffers beside the SAE's weights: the stream snapshot, the
+        clamp table and, on the graph path, the feature slice."""
+        t, c = self.table, self.columns
+        graph = () if c is None else (*c.part, c.slot)
+        return tensor_bytes(self.snapshot, t.tok_row, t.feature, t.mul, t.add, *graph)
 
     # ---- between steps (host) -----------------------------------------------------------------
     def prepare(self, num_tokens: int) -> None:
