@@ -282,7 +282,7 @@ def _step_layout(runner, num_scheduled_tokens: np.ndarray):
         return params.extra_args if params is not None else None
 
     return StepLayout(batch.req_ids[:n], num_scheduled_tokens[:n], batch.num_computed_tokens_cpu[:n],
-                      batch.num_prompt_tokens[:n], extra_args_of)
+                      batch.num_prompt_tokens[:n], extra_args_of, alive=requests)
 
 
 def _install_worker() -> None:

@@ -36,7 +36,20 @@ def test_gpu_command_at_realistic_width_is_well_formed(tmp_path):
     plan = bench_serving.main(["--dry-run", "--out", str(tmp_path), "--model-config",
                                str(REPO / "benchmarks" / "models" / "llama-3.1-8b-shaped"),
                                "--random-sae", "jumprelu:65536", "--concurrency", "1,8,32,128", "--kv-cache-gib", "0"])
-    vanilla, plugin = plan["servers"]["vanilla"], plan["servers"]["plugin"]
+    (vanilla,), (plugin,) = plan["servers"]["vanilla"], plan["servers"]["plugin"]  # one node process each
     assert "--no-plugin" in vanilla and "--no-plugin" not in plugin
     assert plugin[plugin.index("--") + 1:] == ["--load-format", "dummy"]
     assert {w for s, w in plan["plan"] if s == "plugin"} == set(bench_serving.WORKLOADS)
+
+
+def test_two_node_command_starts_a_head_and_a_headless_node(tmp_path):
+    plan = bench_serving.main(["--dry-run", "--out", str(tmp_path), "--pp", "2", "--nodes", "2",
+                               "--servers", "vanilla,plugin", "--workloads", "none,distinct"])
+    for name, (head, node1) in plan["servers"].items():
+        assert head[head.index("--"):].count("--headless") == 0 and node1[-1] == "--headless", name
+        for argv, rank in ((head, "0"), (node1, "1")):
+            tail = argv[argv.index("--") + 1:]
+            assert tail[:2] == ["--pipeline-parallel-size", "2"] and tail[tail.index("--node-rank") + 1] == rank
+            assert tail[tail.index("--nnodes") + 1] == "2"
+    with pytest.raises(SystemExit):
+        bench_serving.main(["--dry-run", "--out", str(tmp_path), "--nodes", "2"])  # two nodes need --pp 2

@@ -98,3 +98,24 @@ def test_reset_leaves_no_rows_behind():
     table.fill(_layout({"a": [{"feature": 1, "value": 1.0}]}, [4], [0], [4]))
     table.reset()
     assert (table.tok_row == -1).all() and table.num_steered_tokens == 0
+
+
+def test_a_plan_is_prepared_once_while_its_request_lives_across_micro_batches():
+    """Under pipeline parallel vLLM alternates micro-batches: a request absent from one step is not
+    finished. Its plan is kept (and counted once) until the runner no longer holds it."""
+    plans = []
+    table = _table(on_new_plan=plans.append)
+    clamps = {"a": [{"feature": 1, "value": 1.0}], "b": [{"feature": 2, "value": 1.0}]}
+    args = {rid: {"feature_clamps": json.dumps(c)} for rid, c in clamps.items()}
+
+    def step(rid: str, alive: set[str]) -> None:
+        table.fill(StepLayout([rid], np.array([1]), np.array([5]), np.array([4]), args.get, alive=alive))
+
+    for _ in range(3):  # a, b, a, b, ... each in its own micro-batch
+        step("a", {"a", "b"})
+        step("b", {"a", "b"})
+    assert len(plans) == 2 and table.step_steered == ["b"]
+    step("b", {"b"})  # a finished: its rows are dropped
+    assert set(table._rows_of) == {"b"}
+    step("a", {"a", "b"})  # the same id again (a new request): prepared anew
+    assert len(plans) == 3

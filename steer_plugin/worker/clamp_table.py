@@ -116,20 +116,24 @@ class ClampTable:
         """Fill the table for one step. A request whose clamps cannot be prepared joins `failed` and
         gets no rows; the others are steered as asked."""
         req_ids = layout.req_ids
-        self._broken &= set(req_ids)  # requests that left the batch
-        rows_of: dict[str, _RequestRows | None] = {}
+        alive = layout.alive
+        self._broken = {rid for rid in self._broken if rid in alive}  # finished requests leave
+        # A request's rows are prepared once and kept while the runner holds it (the clamps of a
+        # request never change), so each plan is parsed and counted once.
+        rows_of: dict[str, _RequestRows | None] = {rid: rows for rid, rows in self._rows_of.items() if rid in alive}
+        self._rows_of = rows_of
         for rid in req_ids:
-            rows_of[rid] = None
             if rid in self._broken:  # failed in an earlier step and not finished yet
+                rows_of[rid] = None
                 self.failed.add(rid)
                 continue
             try:
                 rows_of[rid] = self._rows(rid, layout.extra_args_of(rid))
             except Exception:
                 logger.exception("action=failed req=%s reason=clamps_not_prepared", rid)
+                rows_of[rid] = None
                 self._broken.add(rid)
                 self.failed.add(rid)
-        self._rows_of = rows_of
         self.step_steered = [rid for rid in req_ids if rows_of[rid] is not None]
         kind_row = np.full((3, len(req_ids)), -1, dtype=np.int32)  # [kind, R] table row of each request
         used = 0

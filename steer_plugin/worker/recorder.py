@@ -87,8 +87,8 @@ class FeatureRecorder:
 
     def fill(self, layout: StepLayout) -> None:
         """Plan one step."""
-        self._specs = {rid: self._specs[rid] if rid in self._specs else self._spec(layout.extra_args_of(rid))
-                       for rid in layout.req_ids}
+        kept = {rid: spec for rid, spec in self._specs.items() if rid in layout.alive}  # held by the runner
+        self._specs = kept | {rid: self._spec(layout.extra_args_of(rid)) for rid in layout.req_ids if rid not in kept}
         recording = [(i, spec) for i, spec in enumerate(self._specs[rid] for rid in layout.req_ids)
                      if spec is not None]
         self._targets, self._top_k = [], 0

@@ -10,7 +10,7 @@ so a step that steers and records nothing pays only for the per-request arrays.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from functools import cached_property
 
 import numpy as np
@@ -20,8 +20,13 @@ class StepLayout:
     """One step's batch. Per-request arrays are [R] in the batch's token order; per-token ones [T]."""
 
     def __init__(self, req_ids: Sequence[str], num_scheduled: np.ndarray, num_computed: np.ndarray,
-                 num_prompt: np.ndarray, extra_args_of: Callable[[str], dict | None]):
+                 num_prompt: np.ndarray, extra_args_of: Callable[[str], dict | None],
+                 alive: Container[str] | None = None):
         self.req_ids = req_ids
+        self.alive = set(req_ids) if alive is None else alive
+        """Requests the runner still holds, in this step's batch or not: under pipeline parallel the
+        steps alternate between micro-batches, so a request absent from one step is not finished.
+        What the per-request caches keep (default: this step's requests)."""
         self.num_scheduled = np.asarray(num_scheduled, dtype=np.int64)  # [R]
         self.num_computed = np.asarray(num_computed, dtype=np.int64)  # [R] positions already in the KV cache
         self.num_prompt = np.asarray(num_prompt, dtype=np.int64)  # [R]
