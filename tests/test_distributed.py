@@ -12,7 +12,7 @@ through `--additional-config` (server.py), never the environment.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 import httpx
 import pytest
@@ -118,19 +118,24 @@ def test_data_parallel_2_behind_the_load_balancer(model_and_sae, tmp_path):
         server.stop()
 
 
-def test_data_parallel_2_with_the_second_engine_on_a_headless_node(model_and_sae, tmp_path):
-    """Rank 0 with the API server on the head node; rank 1 started apart with `--headless`, as on a
-    second host: the plugin on that node gets its configuration from --additional-config alone."""
-    model, sae = model_and_sae
-    rpc = str(free_port())
+@contextmanager
+def _data_parallel_over_two_nodes(model: str, sae: str, tmp_path, node1_env: dict | None = None):
+    """DP 2, rank 0 and the API server on the head node, rank 1 on a `--headless` node started apart
+    (as on a second host). Yields the head (not waited for)."""
     dp = ["--data-parallel-size", "2", "--data-parallel-size-local", "1", "--data-parallel-address", "127.0.0.1",
-          "--data-parallel-rpc-port", rpc, "--enforce-eager"]
+          "--data-parallel-rpc-port", str(free_port()), "--enforce-eager"]
     with ExitStack() as stack:
         node1 = Server(_plugin_args(model, sae, *dp, "--data-parallel-start-rank", "1", "--headless"),
-                       tmp_path / "node1.log")
+                       tmp_path / "node1.log", env=node1_env)
         stack.callback(node1.stop)
         head = Server(_plugin_args(model, sae, *dp), tmp_path / "head.log")
         stack.callback(head.stop)
+        yield head
+
+
+def test_data_parallel_2_with_the_second_engine_on_a_headless_node(model_and_sae, tmp_path):
+    """The plugin on the headless node gets its configuration from --additional-config alone."""
+    with _data_parallel_over_two_nodes(*model_and_sae, tmp_path) as head:
         check_serving(head.wait_ready(), "dist_sae", engines=2)
 
 
@@ -159,16 +164,7 @@ def test_two_node_processes_split_one_engine(model_and_sae, tmp_path, parallel):
 def test_a_node_without_the_plugin_stops_the_start(model_and_sae, tmp_path):
     """A headless data-parallel node whose environment has the plugin off: its engine would run steered
     requests unsteered, so the head refuses to start, naming the cause."""
-    model, sae = model_and_sae
-    rpc = str(free_port())
-    dp = ["--data-parallel-size", "2", "--data-parallel-size-local", "1", "--data-parallel-address", "127.0.0.1",
-          "--data-parallel-rpc-port", rpc, "--enforce-eager"]
-    with ExitStack() as stack:
-        node1 = Server(_plugin_args(model, sae, *dp, "--data-parallel-start-rank", "1", "--headless"),
-                       tmp_path / "node1.log", env={"STEER_PLUGIN_DISABLE": "1"})
-        stack.callback(node1.stop)
-        head = Server(_plugin_args(model, sae, *dp), tmp_path / "head.log")
-        stack.callback(head.stop)
+    with _data_parallel_over_two_nodes(*model_and_sae, tmp_path, node1_env={"STEER_PLUGIN_DISABLE": "1"}) as head:
         with pytest.raises(RuntimeError, match="server exited"):
             head.wait_ready(timeout=600)
         assert "does not run the steering plugin" in head.log_path.read_text()
