@@ -2,13 +2,15 @@
 
 The layout follows the processes vLLM runs:
     api/       the API server process: HTTP edge (middleware.py, request_body.py), admission.py,
-               return_features.py, feature_routes.py (/v1/features, /playground), request counters
+               return_features.py, feature_routes.py (/v1/features, /playground), request counters,
+               worker_metrics.py (every worker's metrics, fetched over vLLM's RPC, on /metrics)
     worker/    the worker process: attach.py (install at model load), step_layout.py (one per step),
                clamp_table.py, recorder.py (feature inspection), ops.py (the op), metrics.py
     core/      pure parts every side uses: spec.py (the request contract), sae.py and sae_formats.py,
-               catalogue_schema.py (the files discovery reads), config.py (the only env reader)
+               catalogue_schema.py (the files discovery reads), metric_families.py (the worker metrics'
+               schema), config.py (the only env reader)
     search/    the catalogue and concept clamps of an SAE, read and searched (API server)
-    launcher/  `server.py` / `steer-server`, and the default model's preparation
+    launcher/  `server.py` / `steer-server`, `steer-vllm` (vLLM's `vllm serve`), the default model's preparation
     vllm_seam.py     every hook into vLLM, on top: it imports api/ and worker/, nothing imports it
                      but `register` below
     vllm_surface.py  the read-only part of vLLM the API side reads

@@ -1,5 +1,6 @@
 """API-side Prometheus counters: requests admitted and refused. They live in the API server
-process's registry; the worker's series join them on /metrics through multiprocess mode."""
+process's registry (vLLM's multiprocess directory when it runs several API servers); the workers'
+series join them on /metrics through `worker_metrics.py`."""
 
 from __future__ import annotations
 
