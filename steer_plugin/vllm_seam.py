@@ -173,8 +173,11 @@ def _install_frontend() -> None:
     @wraps(original_process)
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         extra = params.extra_args if isinstance(params, SamplingParams) else None
-        limits, refusal = getattr(self, _LIMITS_ATTR, None) or _admission_limits(self.vllm_config)
-        setattr(self, _LIMITS_ATTR, (limits, refusal))
+        checks = getattr(self, _LIMITS_ATTR, None)
+        if checks is None:
+            checks = _admission_limits(self.vllm_config)
+            setattr(self, _LIMITS_ATTR, checks)
+        limits, refusal = checks
         try:
             admitted = admission.admit(request_id, extra, limits, refusal)
         except admission.AdmissionError as e:

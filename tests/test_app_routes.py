@@ -21,7 +21,7 @@ KEY = "sk-test"
 CLAMPS = [{"feature": 3, "value": 1.0}]
 
 
-def _build(*flags: str):
+def _build(*flags: str, **engine_args):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.entrypoints.launchers.app import build_app
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -40,7 +40,7 @@ def _build(*flags: str):
             os.environ["VLLM_PLUGINS"] = previous
     app.state.vllm_config = EngineArgs(
         model=str(default_model_dir()), dtype="float32", max_model_len=512,
-        additional_config={"steer": {"saes": [{"path": str(DEFAULT_SAE_DIR)}]}}).create_engine_config()
+        additional_config={"steer": {"saes": [{"path": str(DEFAULT_SAE_DIR)}]}}, **engine_args).create_engine_config()
     return app
 
 
@@ -94,3 +94,14 @@ async def test_routes_under_a_root_path():
     r = await _post(app, "/api/v1/completions", {"model": "m", "prompt": "x", "feature_clamps": [{"feature": -1}]},
                     root_path="/api")
     assert r.status_code == 400 and "feature_clamps[0]" in r.json()["error"]["message"]
+
+
+async def test_with_a_kv_connector_streamed_clamps_are_refused_before_the_stream_starts():
+    """At the edge too (a streamed reply has sent its 200 once the engine sees the request): a server
+    with a KV connector answers clamps with a 400 naming the field."""
+    from vllm.config import KVTransferConfig
+
+    app = _build(kv_transfer_config=KVTransferConfig(kv_connector="LMCacheConnectorV1", kv_role="kv_both"))
+    r = await _post(app, "/v1/completions", {"model": "m", "prompt": "x", "stream": True, "feature_clamps": CLAMPS})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "feature_clamps"
+    assert "KV connector LMCacheConnectorV1" in r.json()["error"]["message"]

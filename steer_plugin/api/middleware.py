@@ -44,11 +44,11 @@ def error_body(message: str, param: str) -> bytes:
 
 
 class FeatureClampMiddleware:
-    def __init__(self, app, limits: Limits | None = None, refusal: str | None = None):
+    def __init__(self, app, limits: Limits | None = None):
         self.app = app
         self._limits = limits
         """What clamps may ask; None: read from the SAEs of the app's vLLM config on first use."""
-        self._refusal = refusal
+        self._refusal: str | None = None
         """Why this server refuses clamps (`admission.steering_refusal`), read with the limits."""
 
     def _get_limits(self, scope) -> Limits:
