@@ -143,19 +143,6 @@ def _prompt_len(request) -> int:
     return int(request.prompt_embeds.shape[0])
 
 
-def _admission_limits(vllm_config):
-    """(limits, refusal) admission checks every request against (see `admission.steering_refusal`)."""
-    from steer_plugin.api.admission import steering_refusal
-    from steer_plugin.core.config import SteerConfig
-    from steer_plugin.core.spec import limits_for
-    from steer_plugin.vllm_surface import kv_connector_of
-
-    refusal = steering_refusal(kv_connector_of(vllm_config))
-    if refusal is not None:
-        logger.warning("action=steering_refused reason=kv_connector connector=%s", kv_connector_of(vllm_config))
-    return limits_for(SteerConfig.from_vllm(vllm_config)), refusal
-
-
 def _install_frontend() -> None:
     import vllm.entrypoints.launchers.app as app_module
     from vllm.sampling_params import SamplingParams
@@ -175,7 +162,7 @@ def _install_frontend() -> None:
         extra = params.extra_args if isinstance(params, SamplingParams) else None
         checks = getattr(self, _LIMITS_ATTR, None)
         if checks is None:
-            checks = _admission_limits(self.vllm_config)
+            checks = admission.server_checks(self.vllm_config)
             setattr(self, _LIMITS_ATTR, checks)
         limits, refusal = checks
         try:

@@ -89,6 +89,20 @@ def steering_refusal(kv_connector: str | None) -> str | None:
             "instances without a KV connector")
 
 
+def server_checks(vllm_config) -> tuple[Limits, str | None]:
+    """What every request of this server is checked against, read from its vLLM config: the SAEs'
+    limits and the server's refusal of clamps (`steering_refusal`), the latter logged."""
+    from steer_plugin.core.config import SteerConfig
+    from steer_plugin.core.spec import limits_for
+    from steer_plugin.vllm_surface import kv_connector_of
+
+    connector = kv_connector_of(vllm_config)
+    refusal = steering_refusal(connector)
+    if refusal is not None:
+        logger.warning("action=steering_refused reason=kv_connector connector=%s", connector)
+    return limits_for(SteerConfig.from_vllm(vllm_config)), refusal
+
+
 def admit(request_id: str, extra_args: dict | None, limits: Limits, refusal: str | None = None) -> Admitted:
     """Validate one request's `extra_args` (a refusal is counted here, an admission by `Admitted.count`).
     refusal: `steering_refusal` of the server (clamps are refused with it)."""

@@ -53,14 +53,10 @@ class FeatureClampMiddleware:
 
     def _get_limits(self, scope) -> Limits:
         if self._limits is None:
-            from steer_plugin.api.admission import steering_refusal
-            from steer_plugin.core.config import SteerConfig
-            from steer_plugin.core.spec import limits_for
-            from steer_plugin.vllm_surface import app_vllm_config, kv_connector_of
+            from steer_plugin.api.admission import server_checks
+            from steer_plugin.vllm_surface import app_vllm_config
 
-            vllm_config = app_vllm_config(scope["app"])
-            self._limits = limits_for(SteerConfig.from_vllm(vllm_config))
-            self._refusal = steering_refusal(kv_connector_of(vllm_config))
+            self._limits, self._refusal = server_checks(app_vllm_config(scope["app"]))
         return self._limits
 
     async def __call__(self, scope, receive, send):
