@@ -17,6 +17,7 @@ import re
 import statistics
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -32,8 +33,37 @@ CACHE_EVENTS = {
 }
 
 
+MILESTONES = {
+    "engine": "Initializing a V1 LLM engine",
+    "weights": "Loading weights took",
+    "sae": "action=installed",
+    "engine_ready": "init engine (profile, create kv cache, warmup model) took",
+    "serving": "Starting vLLM server",
+    "catalogues": "action=catalogues_loaded",
+}
+"""Log lines that mark the phases of a start; each is timed from the launch (to the second: vLLM's
+log stamps, local time, carry no fraction)."""
+_STAMP = re.compile(r"(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)")
+
+
+def milestones(text: str, launched: float) -> dict[str, float]:
+    """Seconds from the launch (a time.time()) to each milestone's first log line (those that occur)."""
+    at = datetime.fromtimestamp(launched)
+    found = {}
+    for line in text.splitlines():
+        stamp = _STAMP.search(line)
+        if stamp is None:
+            continue
+        month, day, h, mi, sec = map(int, stamp.groups())
+        when = at.replace(month=month, day=day, hour=h, minute=mi, second=sec, microsecond=0)
+        for name, marker in MILESTONES.items():
+            if name not in found and marker in line:
+                found[name] = round((when - at).total_seconds(), 1)
+    return found
+
+
 def one_start(name: str, log: Path) -> dict:
-    started = time.perf_counter()
+    launched, started = time.time(), time.perf_counter()
     server = Server(SERVERS[name], log).wait_ready(timeout=1800)
     try:
         r = httpx.post(f"{server.base_url}/v1/completions", timeout=300,
@@ -45,7 +75,8 @@ def one_start(name: str, log: Path) -> dict:
     text = log.read_text(errors="replace")
     events = {kind: len(pattern.findall(text)) for kind, pattern in CACHE_EVENTS.items()}
     reason = CACHE_EVENTS["recompiled"].search(text)
-    return {"server": name, "seconds": seconds, "cache": events, "recompile_reason": reason.group(0)[:300] if reason else None}
+    return {"server": name, "seconds": seconds, "cache": events, "milestones": milestones(text, launched),
+            "recompile_reason": reason.group(0)[:300] if reason else None}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -77,6 +108,13 @@ def main(argv: list[str] | None = None) -> dict:
         lines.append(f"| {name} | {', '.join(f'{x:.1f}' for x in summary[name]['seconds'])} | "
                      f"{summary[name]['median']:.1f} | recompiled in {sum(c['recompiled'] > 0 for c in cache)} of "
                      f"{len(cache)} starts |")
+    lines += ["", "Where the time goes: median seconds from the launch to each milestone's log line (vLLM's log "
+              "stamps: whole seconds).",
+              "", "| server | " + " | ".join(MILESTONES) + " |", "|---|" + "---|" * len(MILESTONES)]
+    for name in SERVERS:
+        cells = [[s["milestones"].get(m) for s in starts if s["server"] == name] for m in MILESTONES]
+        lines.append(f"| {name} | " + " | ".join(f"{statistics.median([x for x in c if x is not None]):.0f}"
+                                                if any(x is not None for x in c) else "" for c in cells) + " |")
     reasons = {s["recompile_reason"] for s in starts if s["recompile_reason"]}
     lines += ["", *[f"vLLM: `{r}`" for r in sorted(reasons)]]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")

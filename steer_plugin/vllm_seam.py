@@ -214,6 +214,8 @@ class ModelSite:
     held: tuple[bool, ...]
     """Per layer: whether this pipeline rank holds it (False for vLLM's PPMissingLayer)."""
     device: torch.device
+    dtype: torch.dtype
+    """The model's dtype (what vLLM computes the forward pass in)."""
     hidden_size: int
     max_num_tokens: int
     """Most tokens one forward step carries (the clamp table's token dimension)."""
@@ -246,7 +248,7 @@ def _model_site(runner, vllm_config, graph_path: bool | None) -> ModelSite:
     model = runner.get_model()  # unwraps vLLM's CUDAGraphWrapper
     layers = _decoder_layers(model, vllm_config.model_config.get_total_num_hidden_layers())
     return ModelSite(layers=layers, held=tuple(not isinstance(layer, PPMissingLayer) for layer in layers),
-                     device=next(model.parameters()).device,
+                     device=next(model.parameters()).device, dtype=vllm_config.model_config.dtype,
                      hidden_size=vllm_config.model_config.get_hidden_size(),
                      max_num_tokens=runner.max_num_tokens, max_num_reqs=runner.max_num_reqs,
                      graph_safe=runs_graph_safe(vllm_config, graph_path), compile_mode=str(vllm_config.compilation_config.mode),

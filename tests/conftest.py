@@ -52,23 +52,41 @@ THREE_SAES_KEY = "sk-steer-test"
 
 
 @pytest.fixture(scope="session")
-def three_saes(tiny_model, tmp_path_factory):
-    """A tiny Qwen2 with SAEs written by sae-lens (JumpReLU, blocks.2.hook_resid_pre: output of layer 1),
-    eai-sparsify (TopK, layers.0) and in Gemma Scope's layout (layer_2), none with a catalogue, served
-    by server.py with --api-key. Yields the server and an httpx client that sends the key."""
+def own_catalogue(tiny_model, tmp_path_factory):
+    """A tiny Qwen2 and an SAE written by sae-lens (JumpReLU, 128 features, blocks.2.hook_resid_pre:
+    the output of layer 1) in a read-only folder, and the catalogue the three steer-catalogue commands
+    made for it elsewhere (own_catalogue.py). Yields (model, SAE folder, catalogue folder, reports)."""
+    import own_catalogue
+    from sae_factory import written_by
+    from tiny_models import HIDDEN
+
+    root = tmp_path_factory.mktemp("own")
+    model = tiny_model("qwen2")
+    sae = own_catalogue.read_only_copy(written_by("fixtures_saelens.py", root / "saelens", HIDDEN) / "jumprelu",
+                                       root / "shared-cache" / "jumprelu")
+    reports = own_catalogue.make(model, sae, root / "catalogue")
+    return model, sae, root / "catalogue", reports
+
+
+@pytest.fixture(scope="session")
+def three_saes(own_catalogue, tmp_path_factory):
+    """The tiny Qwen2 of `own_catalogue` with SAEs written by sae-lens (that one, with the catalogue
+    built for it), eai-sparsify (TopK, layers.0) and in Gemma Scope's layout (layer_2), those two
+    without a catalogue, served by server.py with --api-key. Yields the server and an httpx client
+    that sends the key."""
     import httpx
 
     from sae_factory import write_gemma_scope, written_by
     from tiny_models import HIDDEN
 
+    model, saelens, catalogue, _ = own_catalogue
     root = tmp_path_factory.mktemp("three")
-    saelens = written_by("fixtures_saelens.py", root / "saelens", HIDDEN) / "jumprelu"
     sparsify = written_by("fixtures_sparsify.py", root / "sparsify", HIDDEN, 0) / "layers.0"
     gemma = root / "gemma-scope" / "layer_2" / "width_16k" / "average_l0_10"
     write_gemma_scope(gemma, d_in=HIDDEN, d_sae=256)
-    args = ["--model", str(tiny_model("qwen2")), "--max-model-len", "512", "--kv-cache-gib", "1",
-            "--max-clamps", "4", "--sae", f"lens={saelens}", "--sae", f"sparsify={sparsify}",
-            "--sae", f"scope={gemma}", "--", "--api-key", THREE_SAES_KEY]
+    args = ["--model", str(model), "--max-model-len", "512", "--kv-cache-gib", "1",
+            "--max-clamps", "4", "--sae", f"lens={saelens}", "--catalogue", f"lens={catalogue}",
+            "--sae", f"sparsify={sparsify}", "--sae", f"scope={gemma}", "--", "--api-key", THREE_SAES_KEY]
     server = Server(args, root / "server.log").wait_ready()
     with httpx.Client(base_url=server.base_url, timeout=300,
                       headers={"Authorization": f"Bearer {THREE_SAES_KEY}"}) as http:

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
+from steer_plugin.api import feature_routes
 from steer_plugin.api.feature_routes import FeatureService, router
 from steer_plugin.core.config import DEFAULT_SAE_DIR, SAESource, SteerConfig
-from steer_plugin.core.sae import load_config
+from steer_plugin.core.sae import SAEFileError, load_config
 
 pytestmark = pytest.mark.anyio
 
@@ -31,7 +33,7 @@ def _client(service) -> httpx.AsyncClient:
 
 async def test_search_does_not_block_other_requests(service, monkeypatch):
     started, release = threading.Event(), threading.Event()
-    catalogue = service._saes["smollm2-135m-instruct-l15"].catalogue
+    catalogue = (await service.ready())._saes["smollm2-135m-instruct-l15"].catalogue
     search = catalogue.search
     first = search("God", 1)[0][0][0]["id"]
 
@@ -64,7 +66,7 @@ async def test_search_and_detail_answer_as_before(service):
 
 
 async def test_a_swept_feature_carries_its_measured_strength(service):
-    catalogue = service._saes["smollm2-135m-instruct-l15"].catalogue
+    catalogue = (await service.ready())._saes["smollm2-135m-instruct-l15"].catalogue
     swept = next(e for e in catalogue.entries if e.get("recommended_strength"))
     async with _client(service) as client:
         detail = (await client.get(f"/v1/features/{swept['id']}")).json()
@@ -80,7 +82,7 @@ async def test_a_swept_feature_carries_its_measured_strength(service):
 
 
 async def test_a_search_offers_first_the_features_measured_to_steer_towards_it(service):
-    catalogue = service._saes["smollm2-135m-instruct-l15"].catalogue
+    catalogue = (await service.ready())._saes["smollm2-135m-instruct-l15"].catalogue
     steering = next(e for e in catalogue.entries if e.get("steers"))
     concept = steering["steers"][0]
     async with _client(service) as client:
@@ -91,7 +93,7 @@ async def test_a_search_offers_first_the_features_measured_to_steer_towards_it(s
 
 
 async def test_concept_clamps_come_with_a_search_and_on_their_own_route(service):
-    book = service._saes["smollm2-135m-instruct-l15"].concepts
+    book = (await service.ready())._saes["smollm2-135m-instruct-l15"].concepts
     name = next(e["concept"] for e in book.entries if e["recommended_dose"] is not None)
     async with _client(service) as client:
         found = (await client.get("/v1/features", params={"q": name, "limit": 2})).json()
@@ -114,3 +116,45 @@ async def test_an_sae_without_a_catalogue_gets_a_404_naming_it_not_its_path(rand
         r = await client.get("/v1/features", params={"q": "dogs", "sae": "mine"})
     assert r.status_code == 404 and "'mine' has no feature catalogue" in r.text and "feature_catalogue" in r.text
     assert str(random_sae_dir) not in r.text and str(random_sae_dir.parent) not in r.text
+
+
+async def test_what_steered_best_is_offered_first_whatever_its_kind(service):
+    """A concept clamp is not put above a feature that was measured to steer more (the shipped
+    calibration: the feature for rivers and the one for religion beat their concept clamps)."""
+    async with _client(service) as client:
+        replies = {q: (await client.get("/v1/features", params={"q": q})).json() for q in ("rivers", "religion")}
+        later = (await client.get("/v1/features", params={"q": "rivers", "offset": 20})).json()
+    for concept, reply in replies.items():
+        rates = [o["rate"] for o in reply["offers"]]
+        assert rates == sorted(rates, reverse=True) and reply["offers_order"].startswith("rate")
+        clamp = next(o for o in reply["offers"] if o["kind"] == "concept" and o["concept"] == concept)
+        top = reply["offers"][0]
+        assert top["kind"] == "feature" and top["rate"] > clamp["rate"]
+        assert top["feature"] in [h["id"] for h in reply["data"]]
+    assert later["offers"] == [] and later["concepts"] == []
+
+
+async def test_catalogues_load_after_start_and_the_routes_wait_for_them(monkeypatch):
+    release = threading.Event()
+    load = feature_routes._ServedSAE.load
+
+    def held(cls, source):
+        release.wait(30)
+        return load(source)
+
+    monkeypatch.setattr(feature_routes._ServedSAE, "load", classmethod(held))
+    started = time.perf_counter()
+    service = FeatureService(None, SteerConfig())
+    assert time.perf_counter() - started < 1  # the server's start does not wait for the index
+    async with _client(service) as client:
+        pending = asyncio.create_task(client.get("/v1/features", params={"q": "God"}))
+        await asyncio.sleep(0.3)
+        assert not pending.done()
+        release.set()
+        searched = await pending
+    assert searched.status_code == 200 and searched.json()["data"]
+
+
+def test_a_catalogue_folder_without_a_catalogue_stops_the_start(tmp_path):
+    with pytest.raises(SAEFileError, match="no feature_catalogue.json.gz"):
+        FeatureService(None, SteerConfig(saes=(SAESource(path=str(DEFAULT_SAE_DIR), catalogue=str(tmp_path)),)))

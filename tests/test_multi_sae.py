@@ -115,8 +115,8 @@ def test_clamps_and_feature_routes_name_their_sae(three_saes):
     assert (inspected["sae"], inspected["layer"], inspected["num_tokens"]) == ("scope", 2, len(PROMPT) - 1)
     r = http.get("/v1/features", params={"q": "x", "sae": "nope"})
     assert r.status_code == 400 and "unknown SAE 'nope'" in r.text
-    r = http.get("/v1/features", params={"q": "x", "sae": "lens"})  # no catalogue: named, no server path in it
-    assert r.status_code == 404 and "'lens' has no feature catalogue" in r.text and "/tmp" not in r.text
+    r = http.get("/v1/features", params={"q": "x", "sae": "scope"})  # no catalogue: named, no server path in it
+    assert r.status_code == 404 and "'scope' has no feature catalogue" in r.text and "/tmp" not in r.text
 
 
 def test_the_api_key_guards_steering_and_feature_routes(three_saes):

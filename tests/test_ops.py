@@ -8,6 +8,7 @@ from sae_factory import make_sae
 from steer_plugin.worker.clamp_table import ClampTable
 from steer_plugin.worker.ops import LayerSteer, register_sae
 from steer_plugin.core.reference import reference_steer
+from steer_plugin.core.sae import SAE
 from steer_plugin.core.spec import Limits, parse_clamps
 from steer_plugin.worker.step_layout import StepLayout
 
@@ -110,6 +111,24 @@ def test_op_under_torch_compile_follows_table_changes():
     assert torch.equal(layer(hidden, residual), hidden)
 
 
+def _three_requests(dtype, graph_safe: bool, key: str, sae, reference, steered: list[dict]):
+    """One step of a `dtype` stream: `steered` clamps on request s (3 tokens), an identity clamp on i
+    (2), none on u (2). Checks that i and u come back bit-identical; returns (out, hidden, the float32
+    reference's change of s's tokens, computed with the SAE `reference`)."""
+    limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)
+    table = ClampTable(limits, "sae", max_tokens=16, max_reqs=4, device=torch.device("cpu"))
+    clamps = {"s": steered, "i": [{"feature": 2, "value": 1.0, "mode": "scale"}], "u": None}
+    _step(table, _install(key, sae, table, graph_safe),
+          StepLayout(["s", "i", "u"], np.array([3, 2, 2]), np.array([0, 0, 0]), np.array([3, 2, 2]),
+                     lambda rid: {"feature_clamps": clamps[rid]} if clamps[rid] else None))
+    hidden, residual = (torch.randn(7, D_IN) * 2).to(dtype), (torch.randn(7, D_IN) * 2).to(dtype)
+    out = torch.ops.steer_plugin.steer(hidden, residual, key)
+    assert out.dtype == dtype and torch.equal(out[3:], hidden[3:])
+    h32, r32 = hidden[:3].float(), residual[:3].float()
+    return out, hidden, reference_steer(reference, h32, r32, [parse_clamps(steered, limits)] * 3, [0, 1, 2],
+                                        [3] * 3) - h32
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("graph_safe", [False, True])
 def test_half_precision_stream_is_steered_in_float32(dtype, graph_safe):
@@ -117,19 +136,8 @@ def test_half_precision_stream_is_steered_in_float32(dtype, graph_safe):
     cast back: out == hidden + (reference delta of the float32 stream).to(dtype); identity clamps and
     unclamped tokens are bit-identical."""
     sae = make_sae("jumprelu", d_in=D_IN, d_sae=D_SAE)
-    limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)
-    table = ClampTable(limits, "sae", max_tokens=16, max_reqs=4, device=torch.device("cpu"))
-    clamps = {"s": [{"feature": 3, "value": 5.0}], "i": [{"feature": 2, "value": 1.0, "mode": "scale"}], "u": None}
-    key = f"half-{dtype}-{graph_safe}"
-    _step(table, _install(key, sae, table, graph_safe),
-          StepLayout(["s", "i", "u"], np.array([3, 2, 2]), np.array([0, 0, 0]), np.array([3, 2, 2]),
-                     lambda rid: {"feature_clamps": clamps[rid]} if clamps[rid] else None))
-    hidden, residual = (torch.randn(7, D_IN) * 2).to(dtype), (torch.randn(7, D_IN) * 2).to(dtype)
-    out = torch.ops.steer_plugin.steer(hidden, residual, key)
-    assert out.dtype == dtype and torch.equal(out[3:], hidden[3:])
-    plan = parse_clamps(clamps["s"], limits)
-    h32, r32 = hidden[:3].float(), residual[:3].float()
-    delta = reference_steer(sae, h32, r32, [plan] * 3, [0, 1, 2], [3] * 3) - h32
+    out, hidden, delta = _three_requests(dtype, graph_safe, f"half-{dtype}-{graph_safe}", sae, sae,
+                                         [{"feature": 3, "value": 5.0}])
     assert torch.equal(out[:3], hidden[:3] + delta.to(dtype))
 
 
@@ -228,3 +236,21 @@ def test_metrics_and_recording_read_the_steered_stream_after_the_forward(graph_s
     record = recorder.pop(key)
     np.testing.assert_allclose(record["values"], f.topk(3).values.numpy(), rtol=1e-4, atol=1e-5)
     assert activity.fired.sum() == int((f > 0).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("graph_safe", [False, True])
+def test_an_sae_stored_in_the_models_16_bit_dtype_steers_within_that_dtypes_tolerance(dtype, graph_safe):
+    """The GPU default for a 16-bit model (`sae_dtype: auto`): the SAE's matrices in the model's dtype,
+    biases in float32, the math in float32. Half the weight memory; against the float32 SAE's
+    reference the steered tokens agree within the model dtype's own rounding, and unclamped tokens
+    and identity clamps stay bit-identical."""
+    full = make_sae("standard", d_in=D_IN, d_sae=D_SAE)  # ReLU: no threshold for rounding to cross
+    sae = SAE(full.cfg, {n: getattr(full, n) for n in ("W_enc", "b_enc", "W_dec", "b_dec")}, dtype)
+    assert sae.W_enc.dtype == sae.W_dec.dtype == dtype and sae.b_enc.dtype == sae.b_dec.dtype == torch.float32
+    assert sae.nbytes < 0.6 * full.nbytes
+    out, hidden, delta = _three_requests(dtype, graph_safe, f"stored-{dtype}-{graph_safe}", sae, full,
+                                         [{"feature": 3, "value": 5.0}, {"feature": 9, "value": -2.0, "mode": "add"}])
+    assert delta.abs().max() > 0.5  # the clamps do move the stream
+    torch.testing.assert_close(out[:3].float(), (hidden[:3] + delta.to(dtype)).float(), rtol=2e-2,
+                               atol=0.03 * float(delta.abs().max()))

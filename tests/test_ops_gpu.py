@@ -10,6 +10,7 @@ import torch
 
 from sae_factory import make_sae
 from steer_plugin.core.reference import reference_steer
+from steer_plugin.core.sae import SAE
 from steer_plugin.core.spec import RECORD_FIELD, Limits, parse_clamps
 from steer_plugin.worker.clamp_table import ClampTable
 from steer_plugin.worker.metrics import FeatureActivity
@@ -23,13 +24,16 @@ D_IN, D_SAE, T = 576, 1024, 8
 REAL = 6  # two requests of 3 tokens; the last 2 of T are CUDA-graph padding
 
 
-def _setup(key, architecture="jumprelu"):
+def _setup(key, architecture="jumprelu", dtype=torch.float32):
+    """The float32 SAE (the reference's), limits, table, and an op whose SAE stores its matrices in `dtype`."""
     sae = make_sae(architecture, d_in=D_IN, d_sae=D_SAE, k=32).to("cuda")
+    stored = SAE(sae.cfg, {n: getattr(sae, n) for n in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+                           if getattr(sae, n) is not None}, dtype)
     limits = Limits.one(d_sae=D_SAE, max_clamps=5, max_activation=None)
     table = ClampTable(limits, "sae", max_tokens=64, max_reqs=8, device=torch.device("cuda"))
     activity = FeatureActivity(key, D_SAE, sample_every=1, watch=(), top_n=0)
     recorder = FeatureRecorder("sae")
-    op = LayerSteer(sae, table, graph_safe=True, activity=activity, recorder=recorder, graph_columns=8)
+    op = LayerSteer(stored, table, graph_safe=True, activity=activity, recorder=recorder, graph_columns=8)
     register_sae(key, op)
     return sae, limits, table, op
 
@@ -153,3 +157,25 @@ def test_torch_compile_on_cuda():
         out = layer(hidden, residual)
         torch.testing.assert_close(out.cpu(), _expected(sae, limits, hidden, residual, a, None),
                                    rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_sae_stored_in_16_bit_under_a_cuda_graph_matches_the_float32_reference(dtype):
+    """`sae_dtype: auto` for a 16-bit model on a GPU: the matrices in the model's dtype (products on its
+    16-bit kernels, accumulated in float32); a replayed graph agrees with the float32 SAE's reference
+    within that dtype's rounding, and unsteered rows stay bit-identical."""
+    key = f"gpu-stored-{dtype}"
+    sae, limits, table, op = _setup(key, "standard", dtype)  # ReLU: no threshold for rounding to cross
+    assert op.sae.W_enc.dtype == dtype and op.sae.b_enc.dtype == torch.float32
+    hidden = torch.randn(T, D_IN, device="cuda") * 3
+    residual = torch.randn(T, D_IN, device="cuda") * 3
+    _step(table, op, None, None, 0)
+    graph, static_out = _capture(key, hidden, residual)
+    a, b = [{"feature": 3, "value": 40.0}], [{"feature": 9, "value": 2.0, "mode": "scale"}]
+    _step(table, op, a, b, 1)
+    _replay(graph, op)
+    expected = _expected(sae, limits, hidden, residual, a, b)
+    moved = float((expected - hidden.cpu()).abs().max())
+    assert moved > 1.0
+    torch.testing.assert_close(static_out.cpu(), expected, rtol=2e-2, atol=0.02 * moved)
+    assert torch.equal(static_out[REAL:], hidden[REAL:])

@@ -70,10 +70,12 @@ def test_page_loads_offline_with_no_console_errors(page, feature_server, shots):
     assert page.console_errors == []
 
 
-def test_search_shows_the_feature_the_api_ranks_first(page, http):
-    first = http.get("/v1/features", params={"q": "God", "limit": 10}).json()["data"][0]
+def test_search_shows_first_what_the_api_offers_first(page, http):
+    reply = http.get("/v1/features", params={"q": "God", "limit": 10}).json()
+    offered = [o["feature"] for o in reply["offers"] if o["kind"] == "feature"]  # measured to steer, by rate
+    first = next(h for h in reply["data"] if h["id"] == (offered[0] if offered else reply["data"][0]["id"]))
     _search(page, "God")
-    hits = page.locator("#search-results li[data-feature]")  # concept clamps, where any match, come first
+    hits = page.locator("#search-results li[data-feature]")
     assert hits.first.get_attribute("data-feature") == str(first["id"])
     hits.first.get_by_role("button").first.click()
     card = page.locator("#feature-card")
@@ -81,6 +83,17 @@ def test_search_shows_the_feature_the_api_ranks_first(page, http):
     assert f"Feature {first['id']}" in card.inner_text() and card.locator("mark").count() > 0
     assert "Clamping it says" in card.inner_text()  # the measured output side beside the input side
     assert ("Steers towards" in card.inner_text()) == bool(first["steers"])  # what its clamp was measured to do
+
+
+def test_a_feature_that_steered_more_is_listed_above_the_concept_clamp(page, http):
+    reply = http.get("/v1/features", params={"q": "rivers", "limit": 10}).json()
+    rates = {(o["kind"], o["concept"] or o["feature"]): o["rate"] for o in reply["offers"]}
+    assert reply["offers"][0]["kind"] == "feature" and ("concept", "rivers") in rates
+    assert reply["offers"][0]["rate"] > rates[("concept", "rivers")] and "rate" in reply["offers_order"]
+    _search(page, "rivers")
+    first = page.locator("#search-results li").first
+    assert first.get_attribute("data-feature") == str(reply["offers"][0]["feature"])
+    assert "% of calibration replies" in first.inner_text()
 
 
 def test_clamp_send_compare_heatmap_and_copy(page, shots):
@@ -221,4 +234,27 @@ def test_the_page_works_on_a_server_with_an_api_key(browser, three_saes):
     page.get_by_role("button", name="Copy as Python (openai client)").click()
     assert f'api_key="{THREE_SAES_KEY}"' in page.locator("#copy-output").input_value()
     assert errors == []
+    context.close()
+
+
+def test_an_sae_with_a_catalogue_of_its_own_gets_cards(browser, three_saes):
+    """The SAE whose catalogue steer-catalogue built (conftest `own_catalogue`): search finds its imported
+    label, and its card shows it with the contexts the build recorded."""
+    from conftest import THREE_SAES_KEY
+
+    server, _ = three_saes
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.goto(f"{server.base_url}/playground")
+    page.get_by_label("API key").fill(THREE_SAES_KEY)
+    page.get_by_role("button", name="Use key").click()
+    page.wait_for_function("document.getElementById('sae-select').options.length === 3")
+    page.locator("#sae-select").select_option("lens")
+    _search(page, "lighthouse")
+    hit = page.locator("#search-results li[data-feature]").first
+    assert hit.get_attribute("data-feature") == "5"
+    hit.locator("button.open").click()
+    card = page.locator("#feature-card")
+    card.wait_for(state="visible")
+    assert "references to lighthouses" in card.inner_text() and "Feature 5" in card.inner_text()
     context.close()

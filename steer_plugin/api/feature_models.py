@@ -6,7 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from steer_plugin.core.catalogue_schema import ConceptEntry, Context, SteeredConcept, Sweep, TokenCount, TokenGain, TokenLogit
+from steer_plugin.core.catalogue_schema import (ConceptEntry, Context, Label, SteeredConcept, Sweep, TokenCount, TokenGain,
+                                               TokenLogit)
 from steer_plugin.core.spec import MAX_TOP_K
 
 MAX_TOP_FEATURES = 256  # worker.recorder.TOTAL_TOP
@@ -15,7 +16,9 @@ MAX_TOP_FEATURES = 256  # worker.recorder.TOTAL_TOP
 class FeatureSummary(BaseModel):
     id: int
     label: str
-    """Automatic label from the top-activating tokens."""
+    """An imported explanation where there is one, else the automatic label (top-activating tokens)."""
+    labels: list[Label] = []
+    """Every label, with its source."""
     max_activation: float
     """What `unit: "max"` multiplies."""
     frequency: float
@@ -64,6 +67,25 @@ class ConceptClamp(ConceptEntry):
     model_config = ConfigDict(extra="ignore")
 
 
+OFFERS_ORDER = ("rate: share of the calibration replies that named the searched concept at the recommended "
+                "setting (a concept clamp: its sweep at the recommended dose; a feature: its `steers` entry at "
+                "the recommended strength), highest first; ties: concept clamps first")
+"""What `FeatureList.offers` is ordered by, as the reply states it."""
+
+
+class SteeringOffer(BaseModel):
+    """A way to steer towards what was searched for, with the rate it was measured to steer at."""
+
+    kind: Literal["concept", "feature"]
+    concept: str | None = None
+    """kind concept: the concept clamp's name (the clamp is in the reply's `concepts`)."""
+    feature: int | None = None
+    """kind feature: the feature's id (its summary is in the reply's `data`)."""
+    label: str
+    rate: float
+    """See `FeatureList.offers_order`."""
+
+
 class FeatureList(BaseModel):
     object: Literal["list"] = "list"
     sae: str
@@ -74,10 +96,13 @@ class FeatureList(BaseModel):
     offset: int
     data: list[FeatureSummary]
     concepts: list[ConceptClamp] = []
-    """Concept clamps matching the query (first page of a search only), steerable first: what a search
-    offers first where one has a dose (the playground lists them above the features). Whether it or
-    the top feature hit steers a given concept better varies by concept: an SAE's efficacy.md measures
-    both (see /v1/concepts)."""
+    """Concept clamps matching the query (first page of a search only), steerable first (see /v1/concepts)."""
+    offers: list[SteeringOffer] = []
+    """First page of a search: the concept clamps and this page's features that were measured to steer
+    towards the query, in one list ordered by that measurement (`offers_order`): what to try first. A
+    concept clamp does not outrank a feature that steered more."""
+    offers_order: str | None = None
+    """The number `offers` is ordered by (None: no search)."""
 
 
 class ConceptList(BaseModel):

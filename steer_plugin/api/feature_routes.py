@@ -23,20 +23,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from argparse import Namespace
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 
 from steer_plugin.api import playground
 from steer_plugin.api.admission import new_recording_key
-from steer_plugin.api.feature_models import (ActiveFeature, ConceptClamp, ConceptList, FeatureDetail, FeatureList,
+from steer_plugin.api.feature_models import (OFFERS_ORDER, ActiveFeature, ConceptClamp, ConceptList, FeatureDetail, FeatureList,
                                              FeatureSummary, GeneratedTokenFeatures, InspectRequest, InspectResponse, RankedFeature,
-                                             SAEList, SAESummary, TokenFeatures)
-from steer_plugin.search.catalogue import FeatureCatalogue
-from steer_plugin.search.concepts import ConceptBook
+                                             SAEList, SAESummary, SteeringOffer, TokenFeatures)
+from steer_plugin.search.catalogue import FeatureCatalogue, steering_rate
+from steer_plugin.search.concepts import ConceptBook, measured_rate
 from steer_plugin.core.config import SAESource, SteerConfig, plugin_disabled
-from steer_plugin.core.sae import SAEConfig, SAEFileError, load_config
+from steer_plugin.core.sae import CATALOGUE_FILENAME, PLAIN_CATALOGUE_FILENAME, SAEConfig, SAEFileError, load_config
 from steer_plugin.core.spec import RECORD_FIELD, FeatureRecording, sae_position
 from steer_plugin.vllm_surface import collective_rpc_all, collective_rpc_engines, tokenizer_of, validation_error
 
@@ -58,11 +59,11 @@ class _ServedSAE:
     def load(cls, source: SAESource) -> "_ServedSAE":
         cfg = load_config(source.path)
         try:
-            catalogue = FeatureCatalogue.load(source.path)
+            catalogue = FeatureCatalogue.load(source.catalogue_dir)
         except SAEFileError as e:
             logger.warning("action=no_catalogue sae=%s reason=%s", source.id, e)
             catalogue = None
-        return cls(source, cfg, source.stream_layer(cfg), catalogue, ConceptBook.load(source.path))
+        return cls(source, cfg, source.stream_layer(cfg), catalogue, ConceptBook.load(source.catalogue_dir))
 
     def concept(self, entry: dict) -> ConceptClamp:
         """A concepts.json entry, its clamps naming this SAE."""
@@ -79,17 +80,41 @@ class _ServedSAE:
 
 
 class FeatureService:
-    """Per-app state: the SAEs' catalogues and what inspection needs from the engine."""
+    """Per-app state: the SAEs' catalogues and what inspection needs from the engine.
+
+    The catalogues load in a thread once the server is up: checking and indexing one of 16k features
+    takes seconds, and completions need none of it. Until it is done the feature routes (and
+    `return_features` labels) wait for it; see `ready`."""
 
     def __init__(self, engine_client, cfg: SteerConfig):
         self.engine = engine_client
         self.cfg = cfg
-        self._saes = {source.id: _ServedSAE.load(source) for source in cfg.saes}  # configuration order
+        self._ids = tuple(source.id for source in cfg.saes)  # configuration order
+        for source in cfg.saes:  # a catalogue named at start is checked at start, not at the first search
+            if source.catalogue is not None and not any(
+                    (source.catalogue_dir / name).is_file() for name in (CATALOGUE_FILENAME, PLAIN_CATALOGUE_FILENAME)):
+                raise SAEFileError(f"steer_plugin: SAE {source.id}: no {CATALOGUE_FILENAME} (or "
+                                   f"{PLAIN_CATALOGUE_FILENAME}) in its catalogue folder {source.catalogue}")
+        self._saes: dict[str, _ServedSAE] = {}
+        loader = ThreadPoolExecutor(1, thread_name_prefix="steer-catalogues")
+        self._loading = loader.submit(self._load)  # a thread's future: no event loop is needed to start it
+        loader.shutdown(wait=False)
         self._token_chars: int | None = None
 
+    def _load(self) -> None:
+        self._saes = {source.id: _ServedSAE.load(source) for source in self.cfg.saes}
+        logger.info("action=catalogues_loaded %s", " ".join(
+            f"{i}={len(s.catalogue) if s.catalogue is not None else 'none'}" for i, s in self._saes.items()))
+
+    async def ready(self) -> "FeatureService":
+        """This service once its catalogues are loaded (a load that failed raises here, for every
+        request that needs it)."""
+        await asyncio.wrap_future(self._loading)
+        return self
+
     def _sae(self, sae: str | None) -> _ServedSAE:
-        served = tuple(self._saes.values())
-        return served[sae_position(tuple(self._saes), sae, "sae", lambda message: validation_error(message, "sae"))]
+        return self._saes[self._ids[sae_position(self._ids, sae, "sae",
+                                                 lambda message: validation_error(message, "sae"))]]
 
     def saes(self) -> SAEList:
         return SAEList(data=[served.summary() for served in self._saes.values()])
@@ -105,7 +130,7 @@ class FeatureService:
     def summary(entry: dict, score: float | None = None) -> FeatureSummary:
         measured = {k: entry[k] for k in ("output_tokens", "steered_tokens", "output_score", "steered_mass",
                                           "recommended_strength", "recommended_tokens", "recommended_sampling",
-                                          "steers")
+                                          "steers", "labels")
                     if entry.get(k) is not None}
         return FeatureSummary(**{k: entry[k] for k in ("id", "label", "max_activation", "frequency")},
                               top_tokens=entry["top_tokens"], **measured, examples=entry["top_contexts"][:2],
@@ -119,9 +144,22 @@ class FeatureService:
             return FeatureList(sae=served.source.id, query=None, total=len(catalogue), offset=offset,
                                data=[self.summary(e) for e in entries])
         hits, total = catalogue.search(q, limit, offset)
-        concepts = [served.concept(e) for e in served.concepts.search(q)] if offset == 0 else []
+        found = served.concepts.search(q) if offset == 0 else []
         return FeatureList(sae=served.source.id, query=q, total=total, offset=offset,
-                           data=[self.summary(e, s) for e, s in hits], concepts=concepts)
+                           data=[self.summary(e, s) for e, s in hits], concepts=[served.concept(e) for e in found],
+                           offers=self.offers(q, found, [e for e, _ in hits]) if offset == 0 else [],
+                           offers_order=OFFERS_ORDER)
+
+    @staticmethod
+    def offers(q: str, concepts: list[dict], features: list[dict]) -> list[SteeringOffer]:
+        """Concept clamps and features with a measured rate for the query, by that rate (see OFFERS_ORDER)."""
+        candidates = [(measured_rate(c), {"kind": "concept", "concept": c["concept"], "label": c["concept"]})
+                      for c in concepts]
+        candidates += [(steering_rate(e, q), {"kind": "feature", "feature": e["id"], "label": e["label"]})
+                       for e in features]
+        # sorted() is stable: on a tie concept clamps stay first, and each kind keeps its search order
+        ranked = sorted((c for c in candidates if c[0] is not None), key=lambda c: -c[0])
+        return [SteeringOffer(rate=rate, **fields) for rate, fields in ranked]
 
     def concepts(self, q: str | None, sae: str | None = None) -> ConceptList:
         served = self._sae(sae)
@@ -146,7 +184,7 @@ class FeatureService:
         """At start: every engine steers every configured SAE on some worker. A worker started without
         the plugin (a node whose environment lacks it, or has it disabled) would run steered requests
         unsteered, so the server does not start."""
-        wanted = set(self._saes)
+        wanted = set(self._ids)
         try:
             engines = await collective_rpc_engines(self.engine, "steer_installed")
         except Exception as e:
@@ -157,7 +195,7 @@ class FeatureService:
             if missing:
                 raise RuntimeError(f"steer_plugin: engine {index} steers no layer for SAE(s) {sorted(missing)}; every "
                                    "node must run the plugin with the same configuration")
-        logger.info("action=workers_checked engines=%d saes=%s", len(engines), ",".join(self._saes))
+        logger.info("action=workers_checked engines=%d saes=%s", len(engines), ",".join(self._ids))
 
     async def _pop(self, key: str) -> dict | None:
         """A finished request's records, from the worker that recorded them: every worker of every
@@ -170,6 +208,7 @@ class FeatureService:
         record = await self._pop(key)
         if record is None:
             return []
+        await self.ready()
         served = self._saes[record["sae"]]
         first = record["prompt_len"] - 1  # the last prompt position produces generated token 0
         return [GeneratedTokenFeatures(index=p - first, features=self._active(served, fs, vs)).model_dump()
@@ -237,39 +276,42 @@ class FeatureService:
 router = APIRouter()
 
 
-def _service(request: Request) -> FeatureService:
-    return request.app.state.steer_features
+async def _ready_service(request: Request) -> FeatureService:
+    return await request.app.state.steer_features.ready()
+
+
+Service = Annotated[FeatureService, Depends(_ready_service)]
 
 
 @router.get("/v1/saes", response_model=SAEList)
-async def list_saes(request: Request) -> SAEList:
-    return _service(request).saes()
+async def list_saes(service: Service) -> SAEList:
+    return service.saes()
 
 
 @router.get("/v1/features", response_model=FeatureList)
-async def search_features(request: Request,
+async def search_features(service: Service,
                           q: Annotated[str | None, Query(max_length=500)] = None,
                           limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 20,
                           offset: Annotated[int, Query(ge=0)] = 0,
                           sae: Annotated[str | None, Query(max_length=64)] = None) -> FeatureList:
-    return await asyncio.to_thread(_service(request).search, q, limit, offset, sae)
+    return await asyncio.to_thread(service.search, q, limit, offset, sae)
 
 
 @router.get("/v1/concepts", response_model=ConceptList)
-async def list_concepts(request: Request, q: Annotated[str | None, Query(max_length=500)] = None,
+async def list_concepts(service: Service, q: Annotated[str | None, Query(max_length=500)] = None,
                         sae: Annotated[str | None, Query(max_length=64)] = None) -> ConceptList:
-    return _service(request).concepts(q, sae)
+    return service.concepts(q, sae)
 
 
 @router.get("/v1/features/{feature_id}", response_model=FeatureDetail)
-async def get_feature(request: Request, feature_id: int,
+async def get_feature(service: Service, feature_id: int,
                       sae: Annotated[str | None, Query(max_length=64)] = None) -> FeatureDetail:
-    return _service(request).detail(feature_id, sae)
+    return service.detail(feature_id, sae)
 
 
 @router.post("/v1/features/inspect", response_model=InspectResponse)
-async def inspect_features(request: Request, body: InspectRequest) -> InspectResponse:
-    return await _service(request).inspect(body)
+async def inspect_features(service: Service, body: InspectRequest) -> InspectResponse:
+    return await service.inspect(body)
 
 
 class FeatureEndpoints:

@@ -71,12 +71,21 @@ class SteeredConcept(_Entry):
     replies mention it at least 0.5 less often)."""
 
 
+class Label(_Entry):
+    text: str
+    source: str
+    """Where it came from: "tokens" (automatic, from the top-activating tokens), "neuronpedia:<explainer
+    model>" (a Neuronpedia explanation export), "csv:<file name>" (an index,label file)."""
+
+
 class CatalogueEntry(_Entry):
     """One feature of the catalogue; entries list features 0..d_sae-1 in order."""
 
     id: int
     label: str
-    """Automatic label from the top-activating tokens (or imported)."""
+    """The label shown: the latest imported one where there is one, else the automatic one."""
+    labels: list[Label] = []
+    """Every label, with its source (search reads the imported ones as explanations)."""
     max_activation: float
     """What a clamp's `unit: "max"` multiplies."""
     mean_activation: float

@@ -77,6 +77,14 @@ class SAESource:
     """Name clamps, feature routes and metrics use for it; default: the folder name."""
     layer: int | None = None
     """Decoder layer whose output the SAE reads; None: taken from the SAE (its hook point or path)."""
+    catalogue: str | None = None
+    """Folder holding its feature catalogue and concept clamps (`steer-catalogue build` writes one);
+    None: the SAE's own folder. Lets an SAE in a read-only, shared cache have a catalogue."""
+
+    @property
+    def catalogue_dir(self) -> Path:
+        """Where the feature routes read this SAE's catalogue and concept clamps."""
+        return Path(self.catalogue if self.catalogue is not None else self.path)
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -112,6 +120,11 @@ class SteerConfig:
     """Under CUDA graphs: how many distinct clamped features of one SAE a step can carry on the graph
     path, which encodes and decodes every token through that many features (cost ~ graph_columns·d_in
     per token, whether or not anything is steered). A step clamping more runs without CUDA graphs."""
+    sae_dtype: str = "auto"
+    """What the SAEs' encoder and decoder matrices are stored in on the device: "float32", "bfloat16",
+    "float16", or "auto": the model's dtype on a GPU when it is 16-bit (half the memory, taken from the
+    KV cache otherwise), float32 elsewhere (16-bit matrix products are slow on CPUs). Biases and
+    JumpReLU thresholds stay float32, and the op computes in float32 either way."""
     graph_path: bool | None = None
     """Run the op as CUDA graphs need it (fixed shapes, host work between steps) whatever the device.
     None: exactly when vLLM captures CUDA graphs. True on a CPU runs the code graphs replay, step for
@@ -135,6 +148,8 @@ class SteerConfig:
             raise ValueError("steer.metrics_top_n must be >= 0")
         if not 1 <= self.graph_columns <= 65536:
             raise ValueError(f"steer.graph_columns must be in [1, 65536], got {self.graph_columns}")
+        if self.sae_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"steer.sae_dtype must be auto, float32, bfloat16 or float16, got {self.sae_dtype!r}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "SteerConfig":

@@ -168,12 +168,15 @@ class Normalization(NamedTuple):
 
 
 class SAE:
-    """An SAE's weights on one device, in float32.
+    """An SAE's weights on one device.
 
     Shapes: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], threshold [d_sae].
+    The two matrices are stored in `dtype` (float32, or a GPU model's 16-bit dtype, which halves what
+    the SAE takes from the KV cache); biases and thresholds always in float32, and every product comes
+    out in float32 (`_affine`), so activations, thresholds and clamps are float32 math throughout.
     """
 
-    def __init__(self, cfg: SAEConfig, weights: dict[str, torch.Tensor]):
+    def __init__(self, cfg: SAEConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
         self.cfg = cfg
         expect = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,),
                   "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
@@ -190,28 +193,31 @@ class SAE:
                 raise SAEFileError(f"SAE weights lack tensor {name!r}")
             if tuple(weights[name].shape) != shape:
                 raise SAEFileError(f"SAE tensor {name} has shape {tuple(weights[name].shape)}, cfg says {shape}")
-        # JumpReLU thresholds must stay float32 (SAELens#728: bf16 moves them); everything is f32.
-        self.W_enc = weights["W_enc"].float().contiguous()
+        if dtype not in STORAGE_DTYPES.values():
+            raise ValueError(f"SAE storage dtype {dtype} is not one of {sorted(STORAGE_DTYPES)}")
+        # JumpReLU thresholds must stay float32 (SAELens#728: bf16 moves them), and so do the biases.
+        self.W_enc = weights["W_enc"].to(dtype).contiguous()
         self.b_enc = weights["b_enc"].float().contiguous()
-        self.W_dec = weights["W_dec"].float().contiguous()
+        self.W_dec = weights["W_dec"].to(dtype).contiguous()
         self.b_dec = weights["b_dec"].float().contiguous()
         self.threshold = weights["threshold"].float().contiguous() if "threshold" in expect else None
 
     # ---- on-disk format -------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SAE":
-        """An SAE in any layout `sae_formats` reads (SAELens, sparsify, Gemma Scope)."""
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "SAE":
+        """An SAE in any layout `sae_formats` reads (SAELens, sparsify, Gemma Scope), its matrices
+        stored in `dtype`."""
         path = Path(path)
         cfg = load_config(path)
         kind = sae_formats.layout(path)
         if kind == "sparsify":
-            return cls(cfg, sae_formats.sparsify_weights(path, str(device)))
+            return cls(cfg, sae_formats.sparsify_weights(path, str(device)), dtype)
         if kind == "gemma_scope":
-            return cls(cfg, sae_formats.gemma_scope_weights(path, str(device)))
+            return cls(cfg, sae_formats.gemma_scope_weights(path, str(device)), dtype)
         weights_file = path / WEIGHTS_FILENAME
         if not weights_file.is_file():
             raise _layout_error(path, WEIGHTS_FILENAME)
-        return cls(cfg, load_file(str(weights_file), device=str(device)))
+        return cls(cfg, load_file(str(weights_file), device=str(device)), dtype)
 
     def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
         """Write cfg.json + sae_weights.safetensors; `threshold` is always kept in float32."""
@@ -229,9 +235,14 @@ class SAE:
         """Bytes its weights take on their device."""
         return tensor_bytes(self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The matrices' storage dtype."""
+        return self.W_enc.dtype
+
     def to(self, device: str | torch.device) -> "SAE":
         names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if self.threshold is not None else [])
-        return SAE(self.cfg, {n: getattr(self, n).to(device) for n in names})
+        return SAE(self.cfg, {n: getattr(self, n).to(device) for n in names}, self.dtype)
 
     # ---- math -------------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, Normalization]:
@@ -256,7 +267,7 @@ class SAE:
         """x_in: [tokens, d_in] normalised input -> pre-activations [tokens, d_sae]."""
         if self.cfg.apply_b_dec_to_input:
             x_in = x_in - self.b_dec
-        return torch.addmm(self.b_enc, x_in, self.W_enc)
+        return _affine(self.b_enc, x_in, self.W_enc)
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         """pre: [tokens, d_sae] -> feature activations f [tokens, d_sae] (fixed shapes, no host sync)."""
@@ -294,7 +305,7 @@ class SAE:
         x_in, norm = self.normalize(x)
         if self.cfg.apply_b_dec_to_input:
             x_in = x_in - self.b_dec
-        pre = torch.addmm(part.b_enc, x_in, part.W_enc)  # [tokens, U]
+        pre = _affine(part.b_enc, x_in, part.W_enc)  # [tokens, U]
         if part.threshold is None:
             return torch.relu(pre), norm
         return pre * (pre > part.threshold), norm
@@ -310,7 +321,22 @@ class SAE:
 
     def decode(self, f: torch.Tensor, norm: Normalization) -> torch.Tensor:
         """f: [tokens, d_sae] -> reconstruction [tokens, d_in] in residual-stream units."""
-        return torch.addmm(self.b_dec, f, self.W_dec) * norm.scale + norm.shift
+        return _affine(self.b_dec, f, self.W_dec) * norm.scale + norm.shift
+
+
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtypes an SAE's matrices may be stored in, by name."""
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [n, a] float32 @ w [a, b] in w's storage dtype -> [n, b] float32. A 16-bit w runs on the
+    device's 16-bit kernels (which accumulate in float32); x is rounded to w's dtype for it."""
+    return x @ w if w.dtype == x.dtype else (x.to(w.dtype) @ w).float()
+
+
+def _affine(bias: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """bias + x @ w in float32 (one fused addmm when w is float32, as the float32 path always was)."""
+    return torch.addmm(bias, x, w) if w.dtype == x.dtype else matmul(x, w) + bias
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
@@ -329,11 +355,12 @@ class FeatureSlice(NamedTuple):
 
     @classmethod
     def empty(cls, sae: "SAE", size: int) -> "FeatureSlice":
-        """A slice of `size` features' room, zero-filled (a buffer for `SAE.slice(..., out=)`)."""
+        """A slice of `size` features' room, zero-filled (a buffer for `SAE.slice(..., out=)`), in the
+        SAE's dtypes."""
         d_in, device = sae.cfg.d_in, sae.W_enc.device
-        return cls(torch.zeros(d_in, size, device=device), torch.zeros(size, device=device),
+        return cls(torch.zeros(d_in, size, device=device, dtype=sae.dtype), torch.zeros(size, device=device),
                    None if sae.threshold is None else torch.zeros(size, device=device),
-                   torch.zeros(size, d_in, device=device))
+                   torch.zeros(size, d_in, device=device, dtype=sae.dtype))
 
 
 def _layout_error(path: Path, missing: str) -> SAEFileError:

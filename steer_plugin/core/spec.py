@@ -106,7 +106,7 @@ def limits_for(cfg) -> Limits:
 
     saes = {}
     for source in cfg.saes:
-        max_act = load_max_activations(source.path)
+        max_act = load_max_activations(source.catalogue_dir)  # the statistics travel with the catalogue
         saes[source.id] = SAELimits(d_sae=load_config(source.path).d_sae,
                                     max_activation=None if max_act is None else max_act.numpy())
     return Limits(saes, cfg.max_clamps)

@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", action="append", default=[], metavar="[ID=]N",
                    help="decoder layer whose output an SAE reads, when its files do not say (repeatable; N alone: "
                         "the first SAE)")
+    p.add_argument("--catalogue", action="append", default=[], metavar="[ID=]DIR",
+                   help="folder of an SAE's feature catalogue and concept clamps, when they are not beside the SAE "
+                        "(repeatable; DIR alone: the first SAE; built by steer-catalogue)")
+    p.add_argument("--sae-dtype", default=SteerConfig.sae_dtype, choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype of the SAEs' matrices on the device (auto: the model's 16-bit dtype on a GPU, "
+                        "else float32)")
     p.add_argument("--max-clamps", type=int, default=SteerConfig.max_clamps, help="most clamps per request")
     p.add_argument("--metrics-sample-every", type=int, default=SteerConfig.metrics_sample_every,
                    help="feature-activity metrics on every n-th step (0: off)")
@@ -75,10 +81,11 @@ def vllm_argv(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
     if args.enforce_eager:
         argv.append("--enforce-eager")
     if not args.no_plugin:
-        steer = SteerConfig(saes=sae_sources(args.sae, args.layer), max_clamps=args.max_clamps,
+        steer = SteerConfig(saes=sae_sources(args.sae, args.layer, args.catalogue), max_clamps=args.max_clamps,
                             metrics_sample_every=args.metrics_sample_every,
                             metrics_watch=tuple(int(i) for i in args.metrics_watch.split(",") if i.strip()),
-                            metrics_top_n=args.metrics_top_n, graph_columns=args.graph_columns)
+                            metrics_top_n=args.metrics_top_n, graph_columns=args.graph_columns,
+                            sae_dtype=args.sae_dtype)
         argv += ["--additional-config", json.dumps({"steer": steer.to_dict()})]
     return argv + passthrough
 
@@ -89,16 +96,18 @@ def _id_value(item: str) -> tuple[str | None, str]:
     return (head, tail) if sep and head and "/" not in head else (None, item)
 
 
-def sae_sources(saes: list[str] | None, layers: list[str]) -> tuple[SAESource, ...]:
-    """--sae [ID=]PATH and --layer [ID=]N options as SAE sources, in the order given."""
+def sae_sources(saes: list[str] | None, layers: list[str], catalogues: list[str] = ()) -> tuple[SAESource, ...]:
+    """--sae [ID=]PATH, --layer [ID=]N and --catalogue [ID=]DIR options as SAE sources, in the order given."""
     sources = [SAESource(str(Path(path).resolve()), id=sae_id or "")
                for sae_id, path in map(_id_value, saes or [str(DEFAULT_SAE_DIR)])]
     by_id = {s.id: i for i, s in enumerate(sources)}
-    for sae_id, layer in map(_id_value, layers):
-        i = 0 if sae_id is None else by_id.get(sae_id)
-        if i is None:
-            raise SystemExit(f"--layer {sae_id}={layer}: no --sae has id {sae_id!r} (ids: {', '.join(by_id)})")
-        sources[i] = replace(sources[i], layer=int(layer))
+    for option, items, field, value_of in (("--layer", layers, "layer", int),
+                                           ("--catalogue", catalogues, "catalogue", lambda d: str(Path(d).resolve()))):
+        for sae_id, value in map(_id_value, items):
+            i = 0 if sae_id is None else by_id.get(sae_id)
+            if i is None:
+                raise SystemExit(f"{option} {sae_id}={value}: no --sae has id {sae_id!r} (ids: {', '.join(by_id)})")
+            sources[i] = replace(sources[i], **{field: value_of(value)})
     return tuple(sources)
 
 

@@ -11,6 +11,8 @@ A query is matched word by word against, in order of weight:
                   (`steered_tokens`, where the catalogue has them: what steering with it says)
     promoted      the share of the tokens its decoder row promotes that are a query word × 1
                   (`output_tokens`: the direct path only, a weaker signal at middle layers)
+    explained     the share of query words found in an imported explanation           × 2
+                  (`labels` from Neuronpedia or a CSV: steer-catalogue import-labels)
     label         the share of query words found in the label                          × 1
     contexts      the share of top contexts whose marked token is a query word         × 1
     around        the share of top contexts with a query word anywhere in them          × 0.5
@@ -98,7 +100,16 @@ def query_words(query: str) -> set[str]:
     return found - STOPWORDS or found
 
 
-_ADDITIVE = ("tokens", "steered", "promoted", "label", "contexts", "around")
+def steering_rate(entry: dict, query: str) -> float | None:
+    """Share of the calibration replies that named a concept the query names, with this feature clamped
+    at its recommended strength (its `steers` matching a query word; None: none measured)."""
+    wanted = query_words(query)
+    rates = [c["rate"] for c in entry.get("steers") or []
+             if wanted & (words(" ".join([c["concept"], *c["words"]])) - STOPWORDS)]
+    return max(rates) if rates else None
+
+
+_ADDITIVE = ("tokens", "steered", "promoted", "explained", "label", "contexts", "around")
 """Score parts that add up over a query's words (`steers` takes the largest instead)."""
 
 
@@ -133,6 +144,8 @@ def _parts(entry: dict) -> dict[str, dict[str, float]]:
     return {"steers": steers, "tokens": _word_shares(counts, lambda t: t["count"] / total),
             "steered": _word_shares(steered, lambda t: t["gain"] / gained),
             "promoted": _word_shares(promoted, lambda t: 1 / len(promoted)),
+            "explained": dict.fromkeys(words(" ".join(lab["text"] for lab in entry.get("labels", [])
+                                                      if lab["source"] != "tokens")), 1.0),
             "label": dict.fromkeys(words(entry.get("label", "")), 1.0), "contexts": context_share,
             "around": around_share}
 
@@ -187,9 +200,9 @@ class FeatureCatalogue:
                     steers[ids] = np.maximum(steers[ids], values)
                 else:
                     sums[part][ids] += values  # a word reaches a feature once per part: ids are unique
-        label = sums["label"] / len(wanted)
-        score = (3 * steers + 3 * sums["tokens"] + 2 * sums["steered"] + sums["promoted"] + label + sums["contexts"]
-                 + 0.5 * sums["around"])
+        label, explained = sums["label"] / len(wanted), sums["explained"] / len(wanted)
+        score = (3 * steers + 3 * sums["tokens"] + 2 * sums["steered"] + sums["promoted"] + 2 * explained + label
+                 + sums["contexts"] + 0.5 * sums["around"])
         return score, steers
 
     def _ranked(self, query: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -26,6 +26,16 @@ def clamps_at(entry: dict, dose: float, tokens: str) -> list[dict]:
              "tokens": tokens} for f in entry["features"]]
 
 
+def measured_rate(entry: dict) -> float | None:
+    """Share of the calibration replies that named the concept at its recommended dose and scope
+    (None: no dose was recommended)."""
+    dose, tokens = entry.get("recommended_dose"), entry.get("recommended_tokens")
+    if dose is None or tokens is None:
+        return None
+    cell = (entry.get("sweep") or {}).get(tokens, {}).get(f"{dose:g}")
+    return None if cell is None else cell["concept_rate"]
+
+
 class ConceptBook:
     """An SAE's concept clamps (entries of concepts.json) and a word search over them."""
 

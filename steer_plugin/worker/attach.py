@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from steer_plugin.core.config import SAESource, SteerConfig, injected_faults
-from steer_plugin.core.sae import SAE, SAEFileError
+from steer_plugin.core.sae import SAE, STORAGE_DTYPES, SAEFileError
 from steer_plugin.core.spec import Limits, limits_for
 from steer_plugin.worker import metrics
 from steer_plugin.worker.clamp_table import ClampTable
@@ -102,11 +102,19 @@ class WorkerSteering:
         return None
 
 
-def _load(site, source: SAESource) -> tuple[SAE, int]:
+def storage_dtype(choice: str, site) -> torch.dtype:
+    """`SteerConfig.sae_dtype` resolved for this model and device."""
+    if choice != "auto":
+        return STORAGE_DTYPES[choice]
+    sixteen_bit = site.dtype in (torch.bfloat16, torch.float16)
+    return site.dtype if site.device.type == "cuda" and sixteen_bit else torch.float32
+
+
+def _load(site, source: SAESource, dtype: torch.dtype) -> tuple[SAE, int]:
     """The SAE on the model's device and the layer whose output it reads (-1: the embeddings)."""
     if not Path(source.path).exists():
         raise SAEFileError(f"steer_plugin: SAE {source.id} not found: {source.path}")
-    sae = SAE.load(source.path, device=site.device)
+    sae = SAE.load(source.path, device=site.device, dtype=dtype)
     if sae.cfg.d_in != site.hidden_size:
         raise SAEFileError(f"steer_plugin: SAE {source.id} has d_in={sae.cfg.d_in}, the model's hidden size is "
                            f"{site.hidden_size} ({source.path})")
@@ -146,13 +154,13 @@ def _install_one(site, cfg: SteerConfig, limits: Limits, source: SAESource, sae:
     if exporting:
         metrics.SAE_INFO.labels(sae=source.id, layer=str(layer), d_sae=str(sae.cfg.d_sae),
                                 architecture=sae.cfg.architecture).set(1)
-        dtype = str(sae.W_enc.dtype).removeprefix("torch.")
         for part, size in memory.items():
-            metrics.DEVICE_BYTES.labels(sae=source.id, part=part, device=site.device.type, dtype=dtype).set(size)
-    logger.info("action=installed sae=%s layer=%d path=%s arch=%s d_sae=%d device=%s graph_safe=%s compile_mode=%s "
-                "weights_mib=%.1f buffers_mib=%.1f", source.id, layer, source.path, sae.cfg.architecture,
-                sae.cfg.d_sae, site.device, site.graph_safe, site.compile_mode, memory["weights"] / 2**20,
-                memory["buffers"] / 2**20)
+            metrics.DEVICE_BYTES.labels(sae=source.id, part=part, device=site.device.type,
+                                        dtype=str(sae.dtype).removeprefix("torch.")).set(size)
+    logger.info("action=installed sae=%s layer=%d path=%s arch=%s d_sae=%d device=%s dtype=%s graph_safe=%s "
+                "compile_mode=%s weights_mib=%.1f buffers_mib=%.1f", source.id, layer, source.path,
+                sae.cfg.architecture, sae.cfg.d_sae, site.device, str(sae.dtype).removeprefix("torch."),
+                site.graph_safe, site.compile_mode, memory["weights"] / 2**20, memory["buffers"] / 2**20)
     return _Installed(table, recorder, op)
 
 
@@ -160,7 +168,8 @@ def attach(site, cfg: SteerConfig) -> tuple[WorkerSteering | None, dict[int, tor
     """site: `vllm_seam.ModelSite` of the loaded model. Returns the worker's steering state (None when
     this rank holds none of the SAEs' layers) and, by decoder-layer index, the steered wrapper that
     replaces that layer (the seam puts them into vLLM's model)."""
-    loaded = [(source, *_load(site, source)) for source in cfg.saes]  # every SAE checked, held here or not
+    dtype = storage_dtype(cfg.sae_dtype, site)
+    loaded = [(source, *_load(site, source, dtype)) for source in cfg.saes]  # every SAE checked, held here or not
     limits = limits_for(cfg)
     installed, keys_at = [], {}  # keys_at: stream point (layer, -1: embeddings) -> SAE ids in order
     for source, sae, layer in loaded:

@@ -6,9 +6,10 @@ tracing (and freezing) Python, and CUDA graphs capture its kernels. It reads and
 persistent buffers (the SAE weights, the `ClampTable`, `GraphColumns`, the stream snapshot), looked
 up by `sae_key` (one per loaded SAE).
 
-Precision: the SAE math runs in float32 whatever the model's dtype; for a bfloat16 or float16 model
-the stream is read into float32 and only the change is cast back (a zero change stays zero, so
-unclamped tokens and identity clamps are bit-identical in every dtype).
+Precision: the SAE math runs in float32 whatever the model's dtype (its matrices may be stored in the
+model's 16-bit dtype on a GPU; their products still come out in float32, see `sae.matmul`); for a
+bfloat16 or float16 model the stream is read into float32 and only the change is cast back (a zero
+change stays zero, so unclamped tokens and identity clamps are bit-identical in every dtype).
 
 Math, per token t with a clamp row r (Anthropic's clamp with the SAE error term kept):
     x   = hidden + residual                              the residual stream, [T, d_in]
@@ -27,7 +28,7 @@ import logging
 import torch
 from torch import nn
 
-from steer_plugin.core.sae import SAE, tensor_bytes
+from steer_plugin.core.sae import SAE, matmul, tensor_bytes
 from steer_plugin.worker.clamp_table import ClampTable
 from steer_plugin.worker.graph_columns import GraphColumns
 from steer_plugin.worker.metrics import FeatureActivity, OpTimer, Series
@@ -45,7 +46,7 @@ def clamp_delta(f_cols: torch.Tensor, scale: torch.Tensor, W_dec_rows: torch.Ten
     f_slot = torch.cat([f_cols, f_cols.new_zeros(f_cols.shape[0], 1)], dim=1).gather(1, slot)  # [S, K]
     change = f_slot * (mul - 1.0) + add  # f' - f at the clamped features
     df = change.new_zeros(f_cols.shape[0], f_cols.shape[1] + 1).scatter_add_(1, slot, change)[:, :-1]  # [S, U]
-    return (df @ W_dec_rows) * scale
+    return matmul(df, W_dec_rows) * scale
 
 
 class LayerSteer:

@@ -50,8 +50,9 @@ class _Record:
         fire on every text first, whatever the text is about."""
         positions = np.concatenate(self.positions)
         order = np.argsort(positions, kind="stable")  # chunked prefill may arrive in pieces
-        total = self.total if self.total is not None else np.zeros(0)
-        relative = total / np.maximum(max_activation, 1e-6) if max_activation is not None else total
+        total = self.total if self.total is not None else np.zeros(0)  # a generation records no sums
+        relative = (total / np.maximum(max_activation, 1e-6)
+                    if max_activation is not None and len(total) else total)
         top = np.argsort(-relative, kind="stable")[:TOTAL_TOP]
         top = top[total[top] > 0]
         return {"prompt_len": self.prompt_len, "positions": positions[order].tolist(),
@@ -78,6 +79,7 @@ class FeatureRecorder:
         self._targets: list[tuple[_Record, int, int, np.ndarray]] = []  # record, start, end in tokens, positions
         self._target_of = _NO_TOKENS  # [N] index into _targets of each token to read
         self._summed = torch.zeros(0, dtype=torch.bool)  # [N] whether a token counts towards the sums
+        self._sums = False  # whether any request of the step needs the sums (inspection does, generation does not)
         self._top_k = 0
         self._pending: list[tuple[list, HostCopy]] = []  # recorded steps on their way to the host
 
@@ -112,6 +114,9 @@ class FeatureRecorder:
             # Position 0 is an attention sink the SAE was not trained on; its huge activations
             # would drown every ranking by sum, so it is reported per token but not summed.
             self._summed = torch.from_numpy(np.concatenate([p > 0 for *_, p in self._targets]))
+            # Only a prompt's ranking reads the sums: a generating step skips the [N, d_sae] float64
+            # sums and their copy to the host, most of what recording a generated token costs.
+            self._sums = any(spec.scope == "prompt" for _, spec in recording)
 
     def _spec(self, extra_args: dict | None) -> FeatureRecording | None:
         spec = parse_recording((extra_args or {}).get(RECORD_FIELD))
@@ -133,12 +138,14 @@ class FeatureRecorder:
         summed = self._summed.to(device, stream.dtype).unsqueeze(1)  # [N, 1]
         values = torch.empty(len(tokens), self._top_k, device=device)  # [N, top_k]
         ids = torch.empty(len(tokens), self._top_k, dtype=torch.long, device=device)
-        totals = torch.zeros(len(self._targets), sae.cfg.d_sae, dtype=torch.float64, device=device)
+        totals = torch.zeros(len(self._targets) if self._sums else 0, sae.cfg.d_sae, dtype=torch.float64,
+                             device=device)  # [targets or 0, d_sae]
         for start in range(0, len(tokens), RECORD_CHUNK):  # per chunk of a long prompt, not per token
             part = slice(start, start + RECORD_CHUNK)
             f, _ = sae.encode(stream.index_select(0, tokens[part]))  # [chunk, d_sae]
             values[part], ids[part] = f.topk(self._top_k, dim=-1)
-            totals.index_add_(0, target_of[part], (f * summed[part]).double())
+            if self._sums:
+                totals.index_add_(0, target_of[part], (f * summed[part]).double())
         self._pending.append((self._targets, HostCopy(values, ids, totals)))
         self._land(wait=False)
 
@@ -147,11 +154,12 @@ class FeatureRecorder:
         while self._pending and (wait or self._pending[0][1].ready()):
             targets, copy = self._pending.pop(0)
             values, ids, totals = copy.get()
-            for (record, start, end, positions), total in zip(targets, totals):
+            for i, (record, start, end, positions) in enumerate(targets):
                 record.positions.append(positions)
                 record.ids.append(ids[start:end, : record.top_k])
                 record.values.append(values[start:end, : record.top_k])
-                record.total = total if record.total is None else record.total + total
+                if len(totals):
+                    record.total = totals[i] if record.total is None else record.total + totals[i]
 
     def pop(self, key: str) -> dict | None:
         """The records of one request as plain lists, or None if this rank has none."""

@@ -71,6 +71,9 @@ class PipelineConfig:
     """Seed of the corpus shuffle and of training."""
     capture_only: bool = False
     """Stop after the captures (they stay in --work for the run that trains)."""
+    export_corpus: str = ""
+    """Write the training documents to this JSONL file (one {"text"} per line, in training order) and
+    stop: the corpus `steer-catalogue build` reads to rebuild the catalogue from them."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,6 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
                               pipe.layer, pipe.ctx, pipe.capture_batch, desc=f"capture {name}").without_sinks()
 
     sources = [s for s, docs in train_docs.items() if docs]
+    if pipe.export_corpus:
+        Path(pipe.export_corpus).write_text("".join(json.dumps({"text": d.text}) + "\n" for s in sources
+                                                    for d in train_docs[s]))
+        return {"exported": {s: len(train_docs[s]) for s in sources}}
     parts = timed("capture_train", lambda: {s: capture_of(f"train-{s}", train_docs[s]) for s in sources})
     cap = Capture.concat(list(parts.values()))
     held = timed("capture_heldout", lambda: {s: capture_of(f"heldout-{s}", docs) for s, docs in held_docs.items()
@@ -142,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
         }
     stats, top_vals, top_rows = timed("stats", feature_statistics, sae, cap)
     save_file({k: v.contiguous() for k, v in stats.items()}, str(out / STATS_FILENAME))
-    catalogue = timed("catalogue", build_catalogue, tokenizer, cap, stats, top_vals, top_rows)
+    catalogue = timed("catalogue", build_catalogue, tokenizer, cap.tokens, stats, top_vals, cap.doc[top_rows.numpy()],
+                      cap.pos[top_rows.numpy()])
     timed("output_side", add_output_side, catalogue, sae, model, tokenizer)
     scores = timed("output_score", score_features, sae, stats["max_activation"], model, tokenizer)
     for entry, scored in zip(catalogue, scores, strict=True):

@@ -68,6 +68,15 @@ def load_hf_model(model_dir: str):
     return model, tokenizer
 
 
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """A transformers causal LM's decoder layers: the first ModuleList with one entry per hidden layer
+    (`model.layers` in Llama-like models, `transformer.h` in GPT-2, ...)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == model.config.num_hidden_layers:
+            return module
+    raise ValueError(f"{type(model).__name__}: no ModuleList of its {model.config.num_hidden_layers} layers")
+
+
 def streams(model, token_lists: list[list[int]], layers: list[int], batch_size: int, pad_id: int = 0):
     """Yields (document indices, mask [batch, width], {layer: its output stream [batch, width, d_model]})
     per batch of documents of similar length (right-padded), the forward stopped after the deepest of
@@ -82,7 +91,7 @@ def streams(model, token_lists: list[list[int]], layers: list[int], batch_size: 
                 raise _StopForward
         return hook
 
-    handles = [model.model.layers[layer].register_forward_hook(hook_for(layer)) for layer in layers]
+    handles = [decoder_layers(model)[layer].register_forward_hook(hook_for(layer)) for layer in layers]
     order = np.argsort([len(t) for t in token_lists], kind="stable")  # similar lengths share a batch
     try:
         for start in range(0, len(order), batch_size):

@@ -131,14 +131,15 @@ def concept_jobs(entry: dict, prompts, sae_id: str, dose: float, tokens: str) ->
 
 
 def build(sae: SAE, labels: list[str], model_dir: str, bench: Bench, concepts: dict[str, list[str]], k: int,
-          only: set[str] | None = None) -> tuple[list[dict], dict[str, torch.Tensor], float]:
+          only: set[str] | None = None, layer: int | None = None) -> tuple[list[dict], dict[str, torch.Tensor], float]:
     """The concept clamps of `only` (default: all the concepts; the others are the contrast), untuned
-    (no recommended dose yet), their directions by name, and the layer's median stream norm."""
+    (no recommended dose yet), their directions by name, and the median stream norm at the SAE's
+    layer (`layer`, where the SAE's files do not say it)."""
     pairs = [(template.format(name), name) for name in concepts for template in WRITING_PROMPTS]
     replies = [j.text for j in bench.run([Job(p, max_tokens=WRITING_TOKENS) for p, _ in pairs], fluency=False)]
     model, tokenizer = load_hf_model(model_dir)
     sums, counts, _, sample = reply_streams(model, tokenizer, [(p, r) for (p, _), r in zip(pairs, replies)],
-                                            sae.cfg.layer)
+                                            sae.cfg.layer if layer is None else layer)
     about = [name for _, name in pairs]
     directions = one_vs_rest(sums, counts, about, replies, concepts)  # [concepts, d]
     halves = [one_vs_rest(sums[part], counts[part], [about[i] for i in part], [replies[i] for i in part], concepts)
@@ -220,16 +221,28 @@ def main(argv: list[str] | None = None) -> dict:
     sae = SAE.load(sae_dir)
     labels = [e["label"] for e in read_entries(sae_dir)]
     # Your own concepts are contrasted with the default ones too, and join the file's entries.
-    kept = [e for e in json.loads(path.read_text())["concepts"] if e["concept"] not in own] if own and path.is_file() else []
     try:
         entries, directions, median_norm = build(sae, labels, args.model_dir, bench, default_concepts() | own,
                                                  args.features, set(own) or None)
         report = tune(bench, entries, "sae")
     finally:
         bench.close()
-    save_directions(sae_dir / DIRECTIONS_FILENAME, directions, median_norm, sae.cfg.layer)
-    _write(path, kept + entries, args.features, report, started)
+    if own:
+        add_concepts(path, entries, directions, median_norm, sae.cfg.layer, args.features, report, started)
+    else:
+        save_directions(sae_dir / DIRECTIONS_FILENAME, directions, median_norm, sae.cfg.layer)
+        _write(path, entries, args.features, report, started)
     return report
+
+
+def add_concepts(path: Path, entries: list[dict], directions: dict[str, torch.Tensor], median_norm: float,
+                 layer: int, features: int, report: dict, started: float) -> None:
+    """Concept clamps built for concepts of one's own, written into the concepts.json at `path` (those
+    of the same names replaced, the others kept) and their directions beside it."""
+    kept = [e for e in json.loads(path.read_text())["concepts"]
+            if e["concept"] not in {n["concept"] for n in entries}] if path.is_file() else []
+    save_directions(path.parent / DIRECTIONS_FILENAME, directions, median_norm, layer)
+    _write(path, kept + entries, features, report, started)
 
 
 def _write(path: Path, entries: list[dict], features: int, report: dict, started: float) -> None:

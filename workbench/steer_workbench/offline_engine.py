@@ -32,10 +32,12 @@ def _environment(values: dict[str, str]):
                 os.environ[name] = value
 
 
-def offline_llm(model_dir: str, plugin: bool = True, kv_cache_gib: int = 2, own_process: bool = False, **kwargs):
-    """An offline `vllm.LLM` on the model, float32 and eager (as fast as compiled on CPU, no
-    compile time); `plugin=False` is vanilla vLLM; `own_process`: the caller's process serves no other
-    engine (see above); kwargs (seed, max_model_len, ...) go to `LLM`."""
+def offline_llm(model_dir: str, plugin: bool = True, kv_cache_gib: int = 2, own_process: bool = False,
+                dtype: str = "float32", **kwargs):
+    """An offline `vllm.LLM` on the model, eager (as fast as compiled on CPU, no compile time), in
+    `dtype` (float32 by default, what the CPU build runs well; "auto" on a GPU); `plugin=False` is
+    vanilla vLLM; `own_process`: the caller's process serves no other engine (see above); kwargs
+    (seed, max_model_len, ...) go to `LLM`."""
     import torch
     from vllm import LLM
 
@@ -45,4 +47,4 @@ def offline_llm(model_dir: str, plugin: bool = True, kv_cache_gib: int = 2, own_
     if not plugin:
         env["STEER_PLUGIN_DISABLE"] = "1"
     with _environment(env):
-        return LLM(model=model_dir, dtype="float32", enforce_eager=True, **{"seed": 0, **kwargs})
+        return LLM(model=model_dir, dtype=dtype, enforce_eager=True, **{"seed": 0, **kwargs})

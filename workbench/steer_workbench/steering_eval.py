@@ -145,10 +145,11 @@ class Bench:
     """One engine (the model and the given SAEs, plugin on) that answers and judges jobs."""
 
     def __init__(self, model_dir: str, saes: list[dict], max_tokens: int = REPLY_TOKENS, cache: Path | None = None,
-                 own_process: bool = False, decoding: dict | None = None):
+                 own_process: bool = False, decoding: dict | None = None, dtype: str = "float32"):
         """own_process: the calling process starts no other engine (see offline_engine); decoding:
-        SamplingParams fields every reply is decoded with besides greedy (None: DECODING)."""
-        self.llm = offline_llm(model_dir, own_process=own_process, max_model_len=1024,
+        SamplingParams fields every reply is decoded with besides greedy (None: DECODING); dtype: the
+        engine's (offline_engine)."""
+        self.llm = offline_llm(model_dir, own_process=own_process, max_model_len=1024, dtype=dtype,
                                additional_config={"steer": {"saes": saes}})
         self.tokenizer = self.llm.get_tokenizer()
         self.model_dir = model_dir

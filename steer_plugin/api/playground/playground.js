@@ -86,27 +86,45 @@ async function loadSaes() {
   state.sae = select.value || null;
 }
 
+function conceptItem(concept, rate) {
+  const usable = concept.feature_clamps !== null;
+  return el("li", {class: "concept", "data-concept": concept.concept},
+    el("span", {}, `Concept "${concept.concept}": ${concept.features.length} features` +
+                   (usable ? ` at ${concept.recommended_dose} × the stream's norm` : " (no fluent strength found)") +
+                   measured(rate)),
+    " ", el("button", {type: "button", class: "add-concept", disabled: usable ? null : "",
+                       "aria-label": `Add the concept clamp for ${concept.concept}`,
+                       onclick: () => addConcept(concept)}, "+ concept clamp"));
+}
+
+function featureItem(hit, rate) {
+  return el("li", {"data-feature": hit.id},
+    el("button", {type: "button", class: "open", onclick: () => openCard(hit.id)}, `#${hit.id} ${hit.label}`),
+    measured(rate), " ",
+    el("button", {type: "button", class: "add", "aria-label": `Add feature ${hit.id} as a clamp`,
+                  onclick: () => addClamp(hit.id)}, "+ clamp"));
+}
+
+function measured(rate) {
+  return rate === undefined ? "" : ` (steered ${Math.round(rate * 100)} % of calibration replies)`;
+}
+
 async function search(query) {
   const result = await request(`v1/features?q=${encodeURIComponent(query)}&limit=10&${saeQuery()}`);
   const list = $("search-results");
   list.replaceChildren();
   if (!result.ok) return showError(result.body.error || result.body);
-  for (const concept of result.body.concepts || []) {
-    const usable = concept.feature_clamps !== null;
-    list.append(el("li", {class: "concept", "data-concept": concept.concept},
-      el("span", {}, `Concept "${concept.concept}": ${concept.features.length} features` +
-                     (usable ? ` at ${concept.recommended_dose} × the stream's norm` : " (no fluent strength found)")),
-      " ", el("button", {type: "button", class: "add-concept", disabled: usable ? null : "",
-                         "aria-label": `Add the concept clamp for ${concept.concept}`,
-                         onclick: () => addConcept(concept)}, "+ concept clamp")));
+  const {concepts = [], data, offers = []} = result.body;
+  // What was measured to steer towards the query comes first, by that measurement (the reply's
+  // offers_order); then the other concept clamps and features in search order.
+  for (const offer of offers) {
+    list.append(offer.kind === "concept" ? conceptItem(concepts.find((c) => c.concept === offer.concept), offer.rate)
+                                         : featureItem(data.find((h) => h.id === offer.feature), offer.rate));
   }
-  for (const hit of result.body.data) {
-    list.append(el("li", {"data-feature": hit.id},
-      el("button", {type: "button", class: "open", onclick: () => openCard(hit.id)}, `#${hit.id} ${hit.label}`), " ",
-      el("button", {type: "button", class: "add", "aria-label": `Add feature ${hit.id} as a clamp`,
-                    onclick: () => addClamp(hit.id)}, "+ clamp")));
-  }
-  if (!result.body.data.length) list.append(el("li", {}, "No feature matches."));
+  const offered = (kind, key) => offers.some((o) => o.kind === kind && o[kind] === key);
+  for (const concept of concepts) if (!offered("concept", concept.concept)) list.append(conceptItem(concept));
+  for (const hit of data) if (!offered("feature", hit.id)) list.append(featureItem(hit));
+  if (!data.length) list.append(el("li", {}, "No feature matches."));
 }
 
 function saeQuery() {
