@@ -12,13 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from steer_plugin.search.catalogue import STOPWORDS, read_entries
+
 NEURONPEDIA = [  # what GET /api/explanation/export returns: one record per explanation
     {"modelId": "tiny-test", "layer": "2-res-tiny", "index": "5", "description": " references to lighthouses",
      "explanationModelName": "gpt-4o-mini", "typeName": "oai_token-act-pair"},
     {"modelId": "tiny-test", "layer": "2-res-tiny", "index": "17", "description": "words about the weather",
      "explanationModelName": "claude-3-5-haiku", "typeName": "oai_token-act-pair"},
 ]
-CALIBRATED = (5, 17)
 COMMAND = Path(sys.executable).parent / "steer-catalogue"
 
 
@@ -40,16 +41,25 @@ def _run(log: Path, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def worded(entries: list[dict], n: int = 2) -> list[int]:
+    """The first n features that fire on words (a reply can be checked for them: what the sweep
+    measures a feature by where no concept is named)."""
+    def word(token: str) -> bool:
+        return len(token) >= 3 and token.isalpha() and token.lower() not in STOPWORDS
+
+    return [e["id"] for e in entries if any(word(t["token"]) for t in e["top_tokens"][:3])][:n]
+
+
 def make(model: Path, sae: Path, out: Path) -> dict:
-    """Runs the three commands; returns their reports by command."""
+    """Runs the three commands; returns their reports by command, and the calibrated features."""
     log = out.parent / "steer-catalogue.log"
     labels = out.parent / "explanations.json"
     labels.write_text(json.dumps(NEURONPEDIA))
     engine = ["--model", str(model), "--sae", str(sae)]
-    return {
-        "build": _run(log, "build", *engine, "--out", str(out), "--max-documents", "48", "--ctx", "128"),
-        "import-labels": _run(log, "import-labels", "--catalogue", str(out), str(labels)),
-        "calibrate": _run(log, "calibrate", *engine, "--catalogue", str(out),
-                          "--features", ",".join(map(str, CALIBRATED)), "--strengths", "2", "--scopes", "all",
-                          "--reply-tokens", "8"),
-    }
+    reports = {"build": _run(log, "build", *engine, "--out", str(out), "--max-documents", "48", "--ctx", "128")}
+    reports["import-labels"] = _run(log, "import-labels", "--catalogue", str(out), str(labels))
+    features = worded(read_entries(out))
+    reports["calibrate"] = _run(log, "calibrate", *engine, "--catalogue", str(out), "--features",
+                                ",".join(map(str, features)), "--strengths", "2", "--scopes", "all",
+                                "--reply-tokens", "8")
+    return reports

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from own_catalogue import CALIBRATED, NEURONPEDIA
+from own_catalogue import NEURONPEDIA
 from steer_plugin.search.catalogue import read_entries
 
 pytestmark = pytest.mark.slow
@@ -27,9 +27,11 @@ def test_the_commands_built_a_catalogue_beside_a_read_only_sae(own_catalogue):
     assert all(e["top_tokens"] and e["top_contexts"] and "«" in e["top_contexts"][0]["text"] for e in live)
     assert all(len(e["output_tokens"]) == 10 for e in entries)  # through the model's final norm and unembedding
     assert reports["import-labels"] == {"read": 2, "added": 2, "features": 2}
-    assert reports["calibrate"]["features"] == list(CALIBRATED)
-    for feature in CALIBRATED:  # calibrated: the sweep is kept whether or not a strength was found
-        assert entries[feature]["sweep"] and "all" in entries[feature]["sweep"]
+    calibrated = reports["calibrate"]["features"]
+    assert len(calibrated) == 2 and reports["calibrate"]["strengths"]["features"] == 2
+    for feature in calibrated:  # the sweep is kept whether or not a strength was found
+        assert entries[feature]["sweep"]["all"]["2"]["prompts"] >= 8 and entries[feature]["sweep_words"]
+        assert "recommended_strength" in entries[feature]
     assert (catalogue / "feature_stats.safetensors").is_file()
 
 
@@ -42,8 +44,9 @@ def test_search_detail_inspection_and_return_features_use_it(three_saes, own_cat
     assert http.get("/v1/saes").json()["data"][0]["catalogue"] is True
 
     detail = http.get("/v1/features/17", params={"sae": "lens"}).json()
-    assert detail["label"] == "words about the weather" and detail["sweep"]["all"]
-    assert detail["top_contexts"] or detail["frequency"] == 0
+    assert detail["label"] == "words about the weather" and detail["top_contexts"] and detail["output_tokens"]
+    calibrated = http.get(f"/v1/features/{own_catalogue[3]['calibrate']['features'][0]}", params={"sae": "lens"})
+    assert calibrated.json()["sweep"]["all"]
 
     labels = [e["label"] for e in read_entries(own_catalogue[2])]
     inspected = http.post("/v1/features/inspect", json={"text": "Once upon a time, in a land far away",

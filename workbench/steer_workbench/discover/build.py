@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from steer_plugin.api.admission import new_recording_key
 from steer_plugin.core.catalogue_schema import validate_entries
 from steer_plugin.core.sae import CATALOGUE_FILENAME, PLAIN_CATALOGUE_FILENAME, SAE, STATS_FILENAME, load_config
 from steer_plugin.core.spec import MAX_TOP_K, RECORD_FIELD, FeatureRecording
@@ -111,7 +111,7 @@ def _read_corpus(cfg: BuildConfig, llm, state: TopFeatures, docs: list[list[int]
                desc="recording features", unit_scale=True)
     for at in range(state.documents, len(docs), cfg.batch):
         part = docs[at:at + cfg.batch]
-        keys = [f"build-{uuid.uuid4().hex}" for _ in part]
+        keys = [new_recording_key() for _ in part]  # signed by this process, whose engine admits them
         params = [SamplingParams(max_tokens=1, temperature=0.0, extra_args={RECORD_FIELD: FeatureRecording(
             key=k, sae=sae_id, top_k=cfg.top_k, scope="prompt").model_dump_json()}) for k in keys]
         llm.generate([{"prompt_token_ids": ids} for ids in part], params, use_tqdm=False)

@@ -81,7 +81,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """Runs one command; returns its report (also printed as JSON)."""
     args = parser().parse_args(argv)
     if args.command == "build":
         report = build.build(build.BuildConfig(
@@ -102,6 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
             reply_tokens=args.reply_tokens, dtype=args.dtype))
     print(json.dumps(report))
     return report
+
+
+def main() -> None:
+    """The console script (its exit status is 0 unless a command fails)."""
+    run()
 
 
 if __name__ == "__main__":
