@@ -216,7 +216,7 @@ class SAESummary(BaseModel):
     architecture: str
     hook_name: str
     catalogue: bool
-    """Whether it ships a feature catalogue (search, labels)."""
+    """Whether it has a feature catalogue file (search, labels), beside it or in its --catalogue folder."""
 
 
 class SAEList(BaseModel):

@@ -71,12 +71,15 @@ class _ServedSAE:
         return ConceptClamp(**{k: entry.get(k) for k in ConceptClamp.model_fields if k != "feature_clamps"},
                             feature_clamps=None if clamps is None else [c | {"sae": self.source.id} for c in clamps])
 
-    def summary(self) -> SAESummary:
-        return SAESummary(id=self.source.id, layer=self.layer, d_sae=self.cfg.d_sae, architecture=self.cfg.architecture,
-                          hook_name=self.cfg.hook_name, catalogue=self.catalogue is not None)
-
     def label(self, feature: int) -> str:
         return self.catalogue.label(feature) if self.catalogue is not None else ""
+
+
+def _summary(source: SAESource) -> SAESummary:
+    cfg = load_config(source.path)
+    return SAESummary(id=source.id, layer=source.stream_layer(cfg), d_sae=cfg.d_sae, architecture=cfg.architecture,
+                      hook_name=cfg.hook_name, catalogue=any((source.catalogue_dir / name).is_file()
+                                                             for name in (CATALOGUE_FILENAME, PLAIN_CATALOGUE_FILENAME)))
 
 
 class FeatureService:
@@ -90,9 +93,9 @@ class FeatureService:
         self.engine = engine_client
         self.cfg = cfg
         self._ids = tuple(source.id for source in cfg.saes)  # configuration order
-        for source in cfg.saes:  # a catalogue named at start is checked at start, not at the first search
-            if source.catalogue is not None and not any(
-                    (source.catalogue_dir / name).is_file() for name in (CATALOGUE_FILENAME, PLAIN_CATALOGUE_FILENAME)):
+        self._summaries = SAEList(data=[_summary(source) for source in cfg.saes])  # cheap: no catalogue read
+        for source, summary in zip(cfg.saes, self._summaries.data):
+            if source.catalogue is not None and not summary.catalogue:  # named at start: checked at start
                 raise SAEFileError(f"steer_plugin: SAE {source.id}: no {CATALOGUE_FILENAME} (or "
                                    f"{PLAIN_CATALOGUE_FILENAME}) in its catalogue folder {source.catalogue}")
         self._saes: dict[str, _ServedSAE] = {}
@@ -117,7 +120,8 @@ class FeatureService:
                                                  lambda message: validation_error(message, "sae"))]]
 
     def saes(self) -> SAEList:
-        return SAEList(data=[served.summary() for served in self._saes.values()])
+        """The loaded SAEs (answered at once, while the catalogues may still be loading)."""
+        return self._summaries
 
     def _catalogue(self, served: _ServedSAE) -> FeatureCatalogue:
         if served.catalogue is None:
@@ -284,8 +288,8 @@ Service = Annotated[FeatureService, Depends(_ready_service)]
 
 
 @router.get("/v1/saes", response_model=SAEList)
-async def list_saes(service: Service) -> SAEList:
-    return service.saes()
+async def list_saes(request: Request) -> SAEList:
+    return request.app.state.steer_features.saes()
 
 
 @router.get("/v1/features", response_model=FeatureList)
