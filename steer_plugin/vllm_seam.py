@@ -25,7 +25,7 @@ Hooks, by the process that needs them (`install(roles_of_this_load())`):
     engine (the EngineCore process)
         Scheduler.update_from_output         those requests are finished with an error, not the step
 
-What else of vLLM the plugin touches (the "Upgrading vLLM" section of README.md lists the tests):
+What else of vLLM the plugin touches (docs/guides/upgrading-vllm.md lists the tests):
     every process     VLLM_USE_V2_MODEL_RUNNER defaulted to 0 (`prefer_v1_model_runner`)
     frontend          InputProcessor: the SAE limits cached on it; EngineCoreRequest.cache_salt set;
                       args.middleware read and filtered; app.add_middleware; app.routes read

@@ -114,7 +114,7 @@ async def test_an_sae_without_a_catalogue_gets_a_404_naming_it_not_its_path(rand
     service = FeatureService(None, SteerConfig(saes=(SAESource(path=str(random_sae_dir), id="mine"),)))
     async with _client(service) as client:
         r = await client.get("/v1/features", params={"q": "dogs", "sae": "mine"})
-    assert r.status_code == 404 and "'mine' has no feature catalogue" in r.text and "feature_catalogue" in r.text
+    assert r.status_code == 404 and "'mine' has no feature catalogue" in r.text and "steer-catalogue build" in r.text
     assert str(random_sae_dir) not in r.text and str(random_sae_dir.parent) not in r.text
 
 

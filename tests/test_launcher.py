@@ -73,6 +73,19 @@ def test_several_saes_with_ids_and_layers(tmp_path):
         server.vllm_argv(_args("--sae", str(a), "--layer", "attn=2"), [])
 
 
+def test_catalogue_folders_and_the_sae_dtype_reach_every_process(tmp_path):
+    a, b = tmp_path / "shared" / "sae", tmp_path / "other"
+    argv = server.vllm_argv(_args("--sae", f"mine={a}", "--sae", f"o={b}", "--catalogue", str(tmp_path / "cat"),
+                                  "--catalogue", "o=rel/cat", "--sae-dtype", "bfloat16"), [])
+    cfg = SteerConfig.from_dict(json.loads(argv[argv.index("--additional-config") + 1])["steer"])
+    assert [s.catalogue_dir for s in cfg.saes] == [tmp_path / "cat", Path("rel/cat").resolve()]
+    assert cfg.sae_dtype == "bfloat16" and SAESource(str(a)).catalogue_dir == a  # default: beside the SAE
+    with pytest.raises(SystemExit, match="no --sae has id 'x'"):
+        server.vllm_argv(_args("--sae", str(a), "--catalogue", "x=/c"), [])
+    with pytest.raises(ValueError, match="sae_dtype must be"):
+        SteerConfig(sae_dtype="int8")
+
+
 def test_sae_ids_must_differ_and_be_plain():
     with pytest.raises(ValueError, match="ids must differ"):
         SteerConfig(saes=(SAESource("/x/sae"), SAESource("/y/sae")))

@@ -1,10 +1,13 @@
 """The registered op (ops.py) against the eager reference (reference.py) on random batches."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from sae_factory import make_sae
+from steer_plugin.worker.attach import storage_dtype
 from steer_plugin.worker.clamp_table import ClampTable
 from steer_plugin.worker.ops import LayerSteer, register_sae
 from steer_plugin.core.reference import reference_steer
@@ -254,3 +257,14 @@ def test_an_sae_stored_in_the_models_16_bit_dtype_steers_within_that_dtypes_tole
     assert delta.abs().max() > 0.5  # the clamps do move the stream
     torch.testing.assert_close(out[:3].float(), (hidden[:3] + delta.to(dtype)).float(), rtol=2e-2,
                                atol=0.03 * float(delta.abs().max()))
+
+
+def test_auto_storage_is_the_models_16_bit_dtype_on_a_gpu_only():
+    def site(device: str, dtype: torch.dtype):
+        return SimpleNamespace(device=torch.device(device), dtype=dtype)
+
+    assert storage_dtype("auto", site("cuda", torch.bfloat16)) == torch.bfloat16
+    assert storage_dtype("auto", site("cuda", torch.float16)) == torch.float16
+    assert storage_dtype("auto", site("cuda", torch.float32)) == torch.float32
+    assert storage_dtype("auto", site("cpu", torch.bfloat16)) == torch.float32  # 16-bit products are slow on CPUs
+    assert storage_dtype("float16", site("cpu", torch.float32)) == torch.float16

@@ -126,8 +126,8 @@ class FeatureService:
     def _catalogue(self, served: _ServedSAE) -> FeatureCatalogue:
         if served.catalogue is None:
             raise HTTPException(404, f"SAE {served.source.id!r} has no feature catalogue: search, feature cards and "
-                                     "labels need one. Put its feature_catalogue.json.gz (or .json) in the "
-                                     "SAE's folder and restart the server (README: 'Your own model and SAEs').")
+                                     "labels need one. Build it with `steer-catalogue build` and restart the server "
+                                     "with --catalogue ID=DIR (README: 'Your own model and SAEs').")
         return served.catalogue
 
     @staticmethod
