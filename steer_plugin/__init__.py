@@ -1,9 +1,10 @@
 """steer_plugin: serve-time SAE feature steering for vLLM.
 
 The layout follows the processes vLLM runs:
-    api/       the API server process: HTTP edge (middleware.py, request_body.py), admission.py,
-               return_features.py, feature_routes.py (/v1/features, /playground), request counters,
-               worker_metrics.py (every worker's metrics, fetched over vLLM's RPC, on /metrics)
+    api/       the API server process: HTTP edge (middleware.py, request_body.py, reply.py), admission.py,
+               variants.py (steered model ids), receipt.py (what ran, on the reply), return_features.py,
+               feature_routes.py (/v1/features, /playground), request counters, worker_metrics.py
+               (every worker's metrics, fetched over vLLM's RPC, on /metrics)
     worker/    the worker process: attach.py (install at model load), step_layout.py (one per step),
                clamp_table.py, recorder.py (feature inspection), ops.py (the op), metrics.py
     core/      pure parts every side uses: spec.py (the request contract), sae.py and sae_formats.py,

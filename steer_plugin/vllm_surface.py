@@ -22,6 +22,11 @@ def app_vllm_config(app) -> Any:
     return app.state.vllm_config
 
 
+def served_model_name(vllm_config) -> str:
+    """The model's served name (the first of `--served-model-name`; vLLM's `ModelConfig` keeps that one)."""
+    return vllm_config.model_config.served_model_name
+
+
 def app_engine_client(app) -> Any:
     """The engine client vLLM's `init_app_state` stores on the FastAPI app (`app.state.engine_client`)."""
     return app.state.engine_client

@@ -1,3 +1,4 @@
+import json
 import sys
 from pathlib import Path
 
@@ -34,7 +35,11 @@ def anyio_backend():
 def feature_server(tmp_path_factory):
     """server.py with its defaults (default model and SAE, compiled mode), shared by the feature
     discovery and playground tests."""
-    srv = Server([], tmp_path_factory.mktemp("feature_server") / "server.log").wait_ready()
+    folder = tmp_path_factory.mktemp("feature_server")
+    # a steered variant (the README's example clamp), for the playground's model choice
+    (folder / "god.json").write_text(json.dumps({"feature_clamps": [{"feature": 1924, "value": 3, "unit": "max",
+                                                                     "tokens": "prompt"}]}))
+    srv = Server(["--variant", f"god={folder / 'god.json'}"], folder / "server.log").wait_ready()
     yield srv
     srv.stop()
 

@@ -91,3 +91,23 @@ def test_sae_ids_must_differ_and_be_plain():
         SteerConfig(saes=(SAESource("/x/sae"), SAESource("/y/sae")))
     with pytest.raises(ValueError, match="letters, digits"):
         SAESource("/x/sae", id="a b")
+
+
+def test_variants_are_read_from_their_files_and_checked(tmp_path):
+    golden = tmp_path / "golden.json"
+    golden.write_text(json.dumps({"feature_clamps": [{"feature": 3, "value": 2, "unit": "max"}],
+                                  "sampling": {"temperature": 0.7, "frequency_penalty": 0.5}}))
+    argv = server.vllm_argv(_args("--variant", f"golden={golden}"), [])
+    cfg = SteerConfig.from_dict(json.loads(argv[argv.index("--additional-config") + 1])["steer"])
+    (variant,) = cfg.variants
+    assert variant.name == "golden" and variant.model_id("m") == "m:golden"
+    assert variant.feature_clamps == ({"feature": 3, "value": 2, "unit": "max"},)
+    for body, words in [({"steering_vectors": []}, "steering_vectors are not served yet"),
+                        ({"clamps": []}, "unknown key 'clamps'"),
+                        ({"sampling": {"logprobs": 5}}, "sampling.logprobs is not a field"),
+                        ({"sampling": {"temperature": "hot"}}, "sampling.temperature must be a number")]:
+        golden.write_text(json.dumps(body))
+        with pytest.raises(SystemExit, match=words):
+            server.vllm_argv(_args("--variant", f"golden={golden}"), [])
+    with pytest.raises(SystemExit, match="give NAME=FILE"):
+        server.vllm_argv(_args("--variant", str(golden)), [])

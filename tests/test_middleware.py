@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import httpx
@@ -11,6 +12,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from steer_plugin.api.middleware import FeatureClampMiddleware
+from steer_plugin.api.variants import served_variants
+from steer_plugin.core.config import SteerConfig, Variant
 from steer_plugin.core.spec import RECORD_FIELD, Limits
 
 pytestmark = pytest.mark.anyio
@@ -39,8 +42,13 @@ def _events(pieces: list[str]):
     return StreamingResponse(stream(), media_type="text/event-stream")
 
 
-def _app() -> FastAPI:
+def _app(variants=None) -> FastAPI:
     app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models():
+        return JSONResponse({"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "vllm",
+                                                          "root": "/models/m", "parent": None, "max_model_len": 4096}]})
 
     @app.post("/v1/chat/completions")
     @app.post("/v1/completions")
@@ -49,6 +57,8 @@ def _app() -> FastAPI:
             body = json.loads(await request.body())
         except ValueError:
             return JSONResponse({"error": "vLLM's own JSON error"}, status_code=422)
+        if body.get("max_tokens", 1) < 1:  # like vLLM's checks of sampling parameters, after the edge
+            return JSONResponse({"error": {"message": "max_tokens must be at least 1", "code": 400}}, status_code=400)
         if body.get("stream"):
             chunk = json.dumps({"choices": [{"delta": {"content": TRICKY}}]})
             # split mid-event on purpose: framing must not depend on chunk boundaries
@@ -66,7 +76,7 @@ def _app() -> FastAPI:
         return JSONResponse({"error": {"message": "bad: " + (await request.body()).decode()[12:], "code": 400}},
                             status_code=400)
 
-    app.add_middleware(FeatureClampMiddleware, limits=LIMITS)
+    app.add_middleware(FeatureClampMiddleware, limits=LIMITS, variants=variants)
     app.state.steer_features = Features()
     return app
 
@@ -314,3 +324,103 @@ async def test_the_string_form_has_the_limits_of_a_body(app, place, value, words
     r = await _post(app, "/v1/completions", body)
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == "feature_clamps" and words in error["message"]
+
+
+def _canonical_digest(clamps: list[list]) -> str:
+    """The receipt's digest written out by hand: SHA-256 of the sorted [sae, feature, mul, add, tokens] rows."""
+    return hashlib.sha256(json.dumps(clamps, separators=(",", ":")).encode()).hexdigest()
+
+
+RECEIPT = {"digest": _canonical_digest([["sae", 3, 0.0, 1.5, 0], ["sae", 7, 1.0, 0.5, 2]]), "clamps": 2,
+           "canonical": [["sae", 3, 0.0, 1.5, 0], ["sae", 7, 1.0, 0.5, 2]]}
+TWO = [{"feature": 7, "value": 0.25, "unit": "max", "mode": "add", "tokens": "generated"}, *CLAMPS]
+"""Two clamps, out of order, one in max units (0.25 × 2.0): the receipt has them sorted, in activation units."""
+
+
+@pytest.mark.parametrize("place", ["top", "vllm_xargs"])
+async def test_a_steered_reply_carries_its_receipt(app, place):
+    body = {"model": "m", "feature_clamps": TWO} if place == "top" else {
+        "model": "m", "vllm_xargs": {"feature_clamps": json.dumps(TWO)}}
+    r = await _post(app, "/v1/chat/completions", body)
+    assert r.status_code == 200 and int(r.headers["content-length"]) == len(r.content)
+    assert r.headers["x-steer-digest"] == RECEIPT["digest"] and r.headers["x-steer-clamps"] == "2"
+    assert r.json()["steering"] == RECEIPT
+
+
+async def test_a_streamed_steered_reply_has_the_receipt_in_its_headers(app):
+    r = await _post(app, "/v1/completions", {"model": "m", "stream": True, "feature_clamps": TWO,
+                                             "return_features": 1})
+    assert r.headers["x-steer-digest"] == RECEIPT["digest"]
+    events = [e for e in r.text.split("\n\n") if e]
+    assert len(events) == 3 and events[-1] == "data: [DONE]"  # the events themselves are unchanged
+
+
+async def test_receipt_and_features_both_join_a_reply(app):
+    reply = (await _post(app, "/v1/chat/completions", {"model": "m", "feature_clamps": TWO,
+                                                       "return_features": 1})).json()
+    assert reply["steering"] == RECEIPT and reply["choices"][0]["features"][0]["index"] == 0
+
+
+@pytest.mark.parametrize("body", [{"model": "m"}, {"model": "m", "feature_clamps": []},
+                                  {"model": "m", "return_features": 1}])
+async def test_unsteered_replies_carry_no_receipt(app, body):
+    r = await _post(app, "/v1/chat/completions", body)
+    assert r.status_code == 200 and "x-steer-digest" not in r.headers and "steering" not in r.json()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_error_reply_carries_no_receipt(app, stream):
+    r = await _post(app, "/v1/chat/completions", {"model": "m", "feature_clamps": TWO, "max_tokens": 0,
+                                                  "stream": stream})
+    assert r.status_code == 400 and "x-steer-digest" not in r.headers and "steering" not in r.json()
+
+
+GOLDEN = Variant(name="golden", feature_clamps=({"feature": 7, "value": 0.25, "unit": "max", "mode": "add",
+                                                  "tokens": "generated"}, {"feature": 3, "value": 9}),
+                 sampling={"temperature": 0.7, "max_tokens": 12})
+
+
+@pytest.fixture
+def variant_app():
+    return _app(served_variants(SteerConfig(variants=(GOLDEN, Variant(name="plain", model="calm"))), "m", LIMITS))
+
+
+async def test_variants_are_listed_beside_the_served_model(variant_app):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=variant_app), base_url="http://test") as client:
+        listed = (await client.get("/v1/models")).json()["data"]
+    assert [m["id"] for m in listed] == ["m", "m:golden", "calm"]
+    assert listed[1]["root"] == "m" and listed[1]["max_model_len"] == 4096
+
+
+async def test_a_request_for_a_variant_is_a_steered_request_for_the_served_model(variant_app):
+    reply = (await _post(variant_app, "/v1/chat/completions",
+                         {"model": "m:golden", "temperature": 0, "feature_clamps": CLAMPS})).json()
+    received = reply["received"]
+    assert received["model"] == "m" and received["temperature"] == 0 and received["max_tokens"] == 12
+    # the request's clamp on feature 3 (1.5) replaces the variant's (9); feature 7 is the variant's
+    assert reply["steering"] == RECEIPT
+    sent = json.loads(received["vllm_xargs"]["feature_clamps"])
+    assert {(c["feature"], c["value"]) for c in sent} == {(3, 1.5), (7, 0.5)}
+
+
+async def test_a_variant_without_clamps_changes_only_the_model(variant_app):
+    received = (await _post(variant_app, "/v1/completions", {"model": "calm", "prompt": "x"})).json()["received"]
+    assert received["model"] == "m" and received.get("vllm_xargs") is None
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"model": "m:golden", "feature_clamps": [{"feature": f, "value": 1} for f in (1, 20, 21)]},
+     "brings 2 clamps and the request 3: 5 in all, at most 4"),
+    ({"model": "m:golden", "feature_clamps": [{"feature": 99, "value": 1}]}, "feature_clamps[0].feature: 99"),
+])
+async def test_a_variants_clamps_and_the_requests_are_checked_together(variant_app, body, words):
+    r = await _post(variant_app, "/v1/chat/completions", body)
+    assert r.status_code == 400 and words in r.json()["error"]["message"]
+
+
+def test_a_variant_with_a_bad_clamp_stops_the_start():
+    bad = Variant(name="bad", feature_clamps=({"feature": 64, "value": 1},))
+    with pytest.raises(ValueError, match="variant bad: feature_clamps\\[0\\].feature: 64 is out of range"):
+        served_variants(SteerConfig(variants=(bad,)), "m", LIMITS)
+    with pytest.raises(ValueError, match="model id m is already served"):
+        served_variants(SteerConfig(variants=(Variant(name="x", model="m"),)), "m", LIMITS)

@@ -132,6 +132,22 @@ def test_clamp_send_compare_heatmap_and_copy(page, shots):
     assert page.console_errors == []
 
 
+def test_a_steered_variant_is_a_model_to_choose(page):
+    """The server's variant (`--variant god=...`, conftest) is offered as the steered model; with no clamp
+    of its own the page's steered reply is the variant's, and the copied request names it."""
+    options = page.locator("#steered-model option")
+    assert options.all_inner_texts() == ["SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct:god"]
+    page.get_by_label("Steered model").select_option("SmolLM2-135M-Instruct:god")
+    page.get_by_label("Prompt").fill("What is your physical form?")
+    page.get_by_label("Max tokens").fill("20")
+    page.get_by_role("button", name="Send").click()
+    page.wait_for_function("document.querySelectorAll('#heatmap-reply .tok').length > 0", timeout=120_000)
+    assert page.locator("#reply-plain").inner_text() != page.locator("#reply-steered").inner_text()
+    page.get_by_role("button", name="Copy as Python (openai client)").click()
+    assert 'model="SmolLM2-135M-Instruct:god"' in page.locator("#copy-output").input_value()
+    assert page.console_errors == []
+
+
 def test_a_concept_clamp_adds_its_features_as_one_push(page, http):
     concept = next(c for c in http.get("/v1/concepts").json()["data"] if c["feature_clamps"])
     _search(page, concept["concept"])

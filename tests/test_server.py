@@ -4,6 +4,7 @@ driven with the official openai client and raw HTTP."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 
 import httpx
@@ -22,8 +23,10 @@ MESSAGES = [{"role": "user", "content": "What is your favourite animal and why?"
 
 @pytest.fixture(scope="session")
 def server(random_sae_dir, tmp_path_factory):
-    srv = Server(["--sae", str(random_sae_dir), "--metrics-sample-every", "1", "--metrics-watch", str(WATCHED)],
-                 tmp_path_factory.mktemp("server") / "server.log").wait_ready()
+    folder = tmp_path_factory.mktemp("server")
+    (folder / "golden.json").write_text(json.dumps({"feature_clamps": CLAMPS, "sampling": {"temperature": 0}}))
+    srv = Server(["--sae", str(random_sae_dir), "--metrics-sample-every", "1", "--metrics-watch", str(WATCHED),
+                  "--variant", f"golden={folder / 'golden.json'}"], folder / "server.log").wait_ready()
     yield srv
     srv.stop()
 
@@ -55,6 +58,35 @@ def test_chat_steering_with_the_openai_client(client):
     assert steered != plain
     assert chat(client) == plain
     assert chat(client, []) == plain  # empty list: no steering
+
+
+def test_a_steered_reply_says_what_ran(server, client):
+    """The receipt: the digest of the canonical clamp set (written out here by hand), in the headers of
+    every steered reply and, with the clamps themselves, in a non-streamed one; none on a plain reply."""
+    sae = httpx.get(f"{server.base_url}/v1/saes").json()["data"][0]["id"]
+    canonical = [[sae, 3, 0.0, 80.0, 0], [sae, 10, 1.0, 60.0, 0]]
+    digest = hashlib.sha256(json.dumps(canonical, separators=(",", ":")).encode()).hexdigest()
+    ask = dict(model="SmolLM2-135M-Instruct", messages=MESSAGES, temperature=0, max_tokens=4)
+    steered = client.chat.completions.with_raw_response.create(**ask, extra_body={"feature_clamps": CLAMPS})
+    assert steered.headers["x-steer-digest"] == digest and steered.headers["x-steer-clamps"] == "2"
+    assert steered.parse().model_extra["steering"] == {"digest": digest, "clamps": 2, "canonical": canonical}
+    with client.chat.completions.with_streaming_response.create(
+            **ask, stream=True, extra_body={"vllm_xargs": {"feature_clamps": json.dumps(CLAMPS[::-1])}}) as streamed:
+        assert streamed.headers["x-steer-digest"] == digest
+    plain = client.chat.completions.with_raw_response.create(**ask)
+    assert "x-steer-digest" not in plain.headers and "steering" not in (plain.parse().model_extra or {})
+
+
+def test_a_variant_id_steers_a_plain_openai_client(client):
+    """`--variant golden=FILE`: a client that can only pick a model gets the file's clamps and sampling."""
+    assert "SmolLM2-135M-Instruct:golden" in [m.id for m in client.models.list().data]
+    explicit = client.chat.completions.with_raw_response.create(
+        model="SmolLM2-135M-Instruct", messages=MESSAGES, temperature=0, max_tokens=24,
+        extra_body={"feature_clamps": CLAMPS})
+    variant = client.chat.completions.with_raw_response.create(model="SmolLM2-135M-Instruct:golden",
+                                                               messages=MESSAGES, max_tokens=24)
+    assert variant.parse().choices[0].message.content == explicit.parse().choices[0].message.content != chat(client)
+    assert variant.headers["x-steer-digest"] == explicit.headers["x-steer-digest"]
 
 
 def test_streaming_matches_non_streaming(client):

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from steer_plugin.core.spec import SALT_PREFIX, ClampError, Limits, cache_salt, parse_clamps
+from steer_plugin.core.spec import SALT_PREFIX, ClampError, Limits, cache_salt, clamp_list, merge_plans, parse_clamps
 
 LIMITS = Limits.one(d_sae=100, max_clamps=4, max_activation=np.full(100, 2.0, dtype=np.float32))
 
@@ -133,3 +133,23 @@ def test_the_string_form_is_read_with_the_limits_of_a_body(raw, words):
     RecursionError or Python's int-size ValueError would be a 500 or a 400 naming nothing."""
     with pytest.raises(ClampError, match=re.escape(words)):
         parse_clamps(raw, LIMITS)
+
+
+def test_a_variants_clamps_with_the_requests_after_them():
+    variant = parse_clamps([{"feature": 5, "value": 1}, {"sae": "mlp", "feature": 2, "value": 0.3, "mode": "add"}], TWO)
+    own = parse_clamps([{"feature": 5, "value": 0.1, "unit": "max", "tokens": "prompt"}], TWO)
+    merged = merge_plans(variant, own, TWO, "variant v")
+    # the request's clamp on res/5 replaces the variant's; values stay exactly as sent (0.3, not float32's)
+    assert json.loads(merged.canonical) == [["res", 5, 0.0, 0.2, 1], ["mlp", 2, 1.0, 0.3, 0]]
+    assert merge_plans(variant, None, TWO, "variant v").canonical == variant.canonical
+    assert merge_plans(None, None, TWO, "variant v") is None
+    with pytest.raises(ClampError, match="variant v brings 2 clamps and the request 2: 4 in all, at most 3"):
+        merge_plans(variant, parse_clamps([{"feature": 7, "value": 1}, {"feature": 8, "value": 1}], TWO), TWO,
+                    "variant v")
+
+
+def test_a_plan_written_back_as_clamps_reads_back_the_same():
+    plan = parse_clamps([{"feature": 9, "value": 0.7, "unit": "max", "mode": "add", "tokens": "generated"},
+                         {"sae": "mlp", "feature": 3, "value": 1.3, "mode": "scale"}, {"feature": 1, "value": 0}], TWO)
+    again = parse_clamps(json.dumps(clamp_list(plan, TWO)), TWO)
+    assert again.canonical == plan.canonical and again.mode.tolist() == plan.mode.tolist()

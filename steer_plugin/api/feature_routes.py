@@ -31,6 +31,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 
 from steer_plugin.api import playground
 from steer_plugin.api.admission import new_recording_key
+from steer_plugin.api.variants import served_variants
 from steer_plugin.api.feature_models import (OFFERS_ORDER, ActiveFeature, ConceptClamp, ConceptList, FeatureDetail, FeatureList,
                                              FeatureSummary, GeneratedTokenFeatures, InspectRequest, InspectResponse, RankedFeature,
                                              SAEList, SAESummary, SteeringOffer, TokenFeatures)
@@ -38,8 +39,9 @@ from steer_plugin.search.catalogue import FeatureCatalogue, steering_rate
 from steer_plugin.search.concepts import ConceptBook, measured_rate
 from steer_plugin.core.config import SAESource, SteerConfig, plugin_disabled
 from steer_plugin.core.sae import CATALOGUE_FILENAME, PLAIN_CATALOGUE_FILENAME, SAEConfig, SAEFileError, load_config
-from steer_plugin.core.spec import RECORD_FIELD, FeatureRecording, sae_position
-from steer_plugin.vllm_surface import collective_rpc_all, collective_rpc_engines, tokenizer_of, validation_error
+from steer_plugin.core.spec import RECORD_FIELD, FeatureRecording, limits_for, sae_position
+from steer_plugin.vllm_surface import (collective_rpc_all, collective_rpc_engines, served_model_name, tokenizer_of,
+                                       validation_error)
 
 logger = logging.getLogger(__name__)
 MAX_LIMIT = 200
@@ -98,6 +100,9 @@ class FeatureService:
             if source.catalogue is not None and not summary.catalogue:  # named at start: checked at start
                 raise SAEFileError(f"steer_plugin: SAE {source.id}: no {CATALOGUE_FILENAME} (or "
                                    f"{PLAIN_CATALOGUE_FILENAME}) in its catalogue folder {source.catalogue}")
+        # Variants are used by the middleware; their clamps are checked here, where a bad one stops the start.
+        if cfg.variants:
+            served_variants(cfg, served_model_name(engine_client.vllm_config), limits_for(cfg))
         self._saes: dict[str, _ServedSAE] = {}
         loader = ThreadPoolExecutor(1, thread_name_prefix="steer-catalogues")
         self._loading = loader.submit(self._load)  # a thread's future: no event loop is needed to start it

@@ -7,12 +7,15 @@ vLLM's own decoders, every reading a route may make; what cannot be read so is r
 - on the steering routes (`routes.STEERED`) it rewrites
       {"feature_clamps": [...], ...}  ->  {"vllm_xargs": {"feature_clamps": "<json>"}, ...}
   (vLLM copies `vllm_xargs` into `SamplingParams.extra_args`, where admission and the worker read
-  it) and hands `return_features` to `return_features.py`;
+  it), hands `return_features` to `return_features.py`, turns a request for a steered variant's
+  model id into a steered request (`variants.py`), and gives a steered reply its receipt
+  (`receipt.py`);
 - on every other route, and in every form, a body carrying either field is refused (it would run
   unsteered);
 - everywhere: bodies over the size, nesting or number limits, near-miss field names and the
   internal `steer_record_features` get a 400 naming the field (`request_body.py`);
-- on /metrics it adds the workers' steering metrics to vLLM's reply (`worker_metrics.py`).
+- on /metrics it adds the workers' steering metrics to vLLM's reply (`worker_metrics.py`), on
+  /v1/models the steered variants.
 Clamps are validated here too (same parser as admission), because a streamed response has already
 sent its 200 header when the engine rejects a request; the edge is where a clean 400 is possible.
 
@@ -26,10 +29,13 @@ from __future__ import annotations
 import json
 import logging
 
-from steer_plugin.api import request_body, return_features, routes, worker_metrics
+from steer_plugin.api import receipt, request_body, return_features, routes, worker_metrics
 from steer_plugin.api.metrics import REJECTED
+from steer_plugin.api.reply import holding
 from steer_plugin.api.request_body import ERROR_CHARS, BodyError, clip
-from steer_plugin.core.spec import FIELD, RECORD_FIELD, ClampError, FeatureRecording, Limits, RecordingError, parse_clamps
+from steer_plugin.api.variants import ServedVariant, served_variants, with_variants
+from steer_plugin.core.spec import (FIELD, RECORD_FIELD, ClampError, ClampPlan, FeatureRecording, Limits, RecordingError,
+                                    clamp_list, parse_clamps)
 
 logger = logging.getLogger(__name__)
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -44,24 +50,41 @@ def error_body(message: str, param: str) -> bytes:
 
 
 class FeatureClampMiddleware:
-    def __init__(self, app, limits: Limits | None = None):
+    def __init__(self, app, limits: Limits | None = None, variants: dict[str, ServedVariant] | None = None):
         self.app = app
         self._limits = limits
         """What clamps may ask; None: read from the SAEs of the app's vLLM config on first use."""
         self._refusal: str | None = None
         """Why this server refuses clamps (`admission.steering_refusal`), read with the limits."""
+        self._variants = variants if variants is not None or limits is not None else None
+        """Steered variants by model id; None: read from the app's vLLM config with the limits."""
 
     def _get_limits(self, scope) -> Limits:
         if self._limits is None:
             from steer_plugin.api.admission import server_checks
-            from steer_plugin.vllm_surface import app_vllm_config
+            from steer_plugin.core.config import SteerConfig
+            from steer_plugin.vllm_surface import app_vllm_config, served_model_name
 
-            self._limits, self._refusal = server_checks(app_vllm_config(scope["app"]))
+            vllm_config = app_vllm_config(scope["app"])
+            self._limits, self._refusal = server_checks(vllm_config)
+            self._variants = served_variants(SteerConfig.from_vllm(vllm_config), served_model_name(vllm_config),
+                                             self._limits)
         return self._limits
 
+    def _get_variants(self, scope) -> dict[str, ServedVariant]:
+        self._get_limits(scope)
+        return self._variants or {}
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "GET" and routes.route_path(scope).startswith("/metrics"):
-            return await worker_metrics.serve(self.app, scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "GET":
+            path = routes.route_path(scope)
+            if path.startswith("/metrics"):
+                return await worker_metrics.serve(self.app, scope, receive, send)
+            if path == "/v1/models" and self._get_variants(scope):
+                async def listed(start: dict, body: bytes) -> bytes:
+                    return with_variants(body, self._get_variants(scope))
+
+                return await self.app(scope, receive, holding(send, lambda start: start["status"] == 200, listed))
         if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
             return await self.app(scope, receive, send)
         chunks, size = [], 0
@@ -80,7 +103,7 @@ class FeatureClampMiddleware:
         path = routes.route_path(scope)
         service = getattr(scope["app"].state, "steer_features", None) if "app" in scope else None
         try:
-            rewritten, recording = await self._rewrite(body, path, scope, service)
+            rewritten, recording, plan = await self._rewrite(body, path, scope, service)
         except (ClampError, RecordingError, BodyError) as e:
             return await self._reject(send, scope, e)
         if rewritten is not None:
@@ -96,7 +119,9 @@ class FeatureClampMiddleware:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        send = _ClippedErrors(send).send
+        send = holding(send, lambda start: start["status"] >= 400, _clipped)
+        if plan is not None:
+            send = receipt.with_receipt(send, plan)
         if recording is None:
             return await self.app(scope, replay, send)
         appender = return_features.FeatureAppender(send, service.generated_features, recording.key)
@@ -105,8 +130,10 @@ class FeatureClampMiddleware:
         finally:
             await appender.discard()  # records of a reply that never completed (client gone, error)
 
-    async def _rewrite(self, body: bytes, path: str, scope, service) -> tuple[bytes | None, FeatureRecording | None]:
-        """New body (None: pass the original through) and the feature recording the request asked for."""
+    async def _rewrite(self, body: bytes, path: str, scope, service
+                       ) -> tuple[bytes | None, FeatureRecording | None, ClampPlan | None]:
+        """New body (None: pass the original through), the feature recording the request asked for,
+        and its clamp set (None: unsteered)."""
         data, form = await request_body.read(scope, body)
         if form is not None:  # no route steers a form (audio uploads): the fields would be dropped
             request_body.near_miss(form)
@@ -114,7 +141,7 @@ class FeatureClampMiddleware:
                 if field in form:
                     raise BodyError(f"{field}: not supported in a form ({clip(path)})", field)
         if not isinstance(data, dict):
-            return None, None  # not a JSON object: vLLM reports it itself
+            return None, None, None  # not a JSON object: vLLM reports it itself
         request_body.near_miss(data)
         xargs = data.get("vllm_xargs")
         nested = isinstance(xargs, dict) and FIELD in xargs
@@ -126,12 +153,15 @@ class FeatureClampMiddleware:
                 if field in data or (field == FIELD and nested):
                     raise BodyError(f"{field}: not supported on {clip(path)}; steering runs on "
                                     f"{' and '.join(sorted(routes.STEERED))}", field)
-            return None, None
+            return None, None, None
+        model = data.get("model")
+        variant = self._get_variants(scope).get(model) if isinstance(model, str) else None
         recording = return_features.requested_recording(data, service, lambda: self._get_limits(scope))
         top = FIELD in data
-        if not (top or nested or recording):
-            return None, None
+        if not (top or nested or recording or variant):
+            return None, None, None
         xargs = dict(xargs) if isinstance(xargs, dict) else {}
+        plan, raw = None, None
         if top or nested:
             if top and nested:
                 raise ClampError(f"{FIELD}: given both at top level and in vllm_xargs; send one")
@@ -139,16 +169,21 @@ class FeatureClampMiddleware:
             if data.get("use_beam_search"):
                 raise ClampError(f"{FIELD}: not supported with use_beam_search")
             plan = parse_clamps(raw, self._get_limits(scope))
-            if plan is not None and self._refusal is not None:
-                raise ClampError(self._refusal)
-            if plan is None:
-                xargs.pop(FIELD, None)  # an empty list means no steering
-            else:
-                xargs[FIELD] = raw if isinstance(raw, str) else json.dumps(raw)
+        if variant is not None:
+            plan = variant.apply(data, plan, self._get_limits(scope))
+            raw = None if plan is None else clamp_list(plan, self._get_limits(scope))
+            if plan is not None and data.get("use_beam_search"):
+                raise ClampError(f"{FIELD}: model {model} is steered, which use_beam_search is not")
+        if plan is not None and self._refusal is not None:
+            raise ClampError(self._refusal)
+        if plan is None:
+            xargs.pop(FIELD, None)  # an empty list means no steering
+        else:
+            xargs[FIELD] = raw if isinstance(raw, str) else json.dumps(raw)
         if recording is not None:
             xargs[RECORD_FIELD] = recording.model_dump_json()
         data["vllm_xargs"] = xargs or None
-        return json.dumps(data).encode(), recording
+        return json.dumps(data).encode(), recording, plan
 
     @staticmethod
     async def _reject(send, scope, error: ValueError) -> None:
@@ -163,37 +198,14 @@ class FeatureClampMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-class _ClippedErrors:
-    """Wraps `send`: an error reply longer than MAX_ERROR_BYTES gets its message cut short, so no
+async def _clipped(start: dict, body: bytes) -> bytes:
+    """An error reply's body with its message cut short if the reply is over MAX_ERROR_BYTES, so no
     reply repeats megabytes of client input (vLLM's validation errors quote the input)."""
-
-    def __init__(self, send):
-        self._send = send
-        self._start = None
-        self._chunks: list[bytes] = []
-
-    async def send(self, message) -> None:
-        if message["type"] == "http.response.start":
-            if message["status"] < 400:
-                return await self._send(message)
-            self._start = message
-            return None
-        if self._start is None or message["type"] != "http.response.body":
-            return await self._send(message)
-        self._chunks.append(message.get("body", b""))
-        if message.get("more_body"):
-            return None
-        body = b"".join(self._chunks)
-        if len(body) > MAX_ERROR_BYTES:
-            body = self._clipped(body)
-        await self._send({**self._start, "headers": request_body.with_length(self._start["headers"], len(body))})
-        await self._send({"type": "http.response.body", "body": body, "more_body": False})
-
-    @staticmethod
-    def _clipped(body: bytes) -> bytes:
-        try:
-            reply = json.loads(body)
-            reply["error"]["message"] = clip(reply["error"]["message"], ERROR_CHARS)
-            return json.dumps(reply).encode()
-        except (ValueError, KeyError, TypeError):
-            return clip(body.decode(errors="replace"), ERROR_CHARS).encode()
+    if len(body) <= MAX_ERROR_BYTES:
+        return body
+    try:
+        reply = json.loads(body)
+        reply["error"]["message"] = clip(reply["error"]["message"], ERROR_CHARS)
+        return json.dumps(reply).encode()
+    except (ValueError, KeyError, TypeError):
+        return clip(body.decode(errors="replace"), ERROR_CHARS).encode()

@@ -21,14 +21,11 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from steer_plugin.api.admission import new_recording_key
-from steer_plugin.api.request_body import with_length
+from steer_plugin.api.reply import Send, header, send_whole
 from steer_plugin.core.spec import MAX_TOP_K, FeatureRecording, Limits, RecordingError
 
 FIELD = "return_features"
 """Request field: top-k SAE features per generated token, returned with the reply."""
-
-Send = Callable[[dict], Awaitable[None]]
-
 
 class ReturnFeatures(BaseModel):
     """The object form of `return_features`; the integer form `k` means {"top_k": k}."""
@@ -102,10 +99,9 @@ class FeatureAppender:
 
     async def send(self, message: dict) -> None:
         if message["type"] == "http.response.start":
-            content_type = dict(message.get("headers", [])).get(b"content-type", b"")
             if message["status"] != 200:
                 self._key = None  # an error reply passes through untouched
-            elif content_type.startswith(b"text/event-stream"):
+            elif header(message, b"content-type").startswith(b"text/event-stream"):
                 self._streaming = True
             else:
                 self._start = message
@@ -120,9 +116,7 @@ class FeatureAppender:
             return None
         reply = json.loads(b"".join(self._chunks))
         reply["choices"][0]["features"] = await self._features()
-        out = json.dumps(reply).encode()
-        await self._send({**self._start, "headers": with_length(self._start["headers"], len(out))})
-        await self._send({"type": "http.response.body", "body": out, "more_body": False})
+        await send_whole(self._send, self._start, json.dumps(reply).encode())
 
     async def _stream(self, message: dict) -> None:
         """Pass complete events on as they come; put the features event before `[DONE]`."""

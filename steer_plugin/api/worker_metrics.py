@@ -15,7 +15,7 @@ import logging
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from steer_plugin.api.request_body import with_length
+from steer_plugin.api.reply import holding
 from steer_plugin.core.metric_families import FAMILIES, Family, Snapshot, merge
 from steer_plugin.vllm_surface import app_engine_client, collective_rpc_all
 
@@ -81,23 +81,8 @@ async def serve(inner, scope, receive, send) -> None:
     joined to it."""
     headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"accept-encoding"]
     snapshot = await collect(scope["app"])
-    start: dict | None = None
-    chunks: list[bytes] = []
 
-    async def joined(message) -> None:
-        nonlocal start
-        if message["type"] == "http.response.start":
-            start = message
-            return None
-        if message["type"] != "http.response.body" or start is None:
-            return await send(message)
-        chunks.append(message.get("body", b""))
-        if message.get("more_body"):
-            return None
-        body = b"".join(chunks)
-        if start["status"] == 200 and snapshot:
-            body += exposition(snapshot)
-        await send({**start, "headers": with_length(start["headers"], len(body))})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+    async def joined(start: dict, body: bytes) -> bytes:
+        return body + exposition(snapshot) if start["status"] == 200 and snapshot else body
 
-    await inner({**scope, "headers": headers}, receive, joined)
+    await inner({**scope, "headers": headers}, receive, holding(send, lambda start: True, joined))

@@ -99,6 +99,53 @@ class SAESource:
         return self.layer if self.layer is not None else sae_cfg.layer
 
 
+VARIANT_SAMPLING = frozenset({"temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
+                              "repetition_penalty", "max_tokens", "seed"})
+"""Sampling fields a steered variant may default (fields of both completion routes, numbers)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A steered variant: one more model id, whose requests are steered as configured, so a client that
+    can only pick a model (no extra body fields) can ask for steering (`--variant NAME=FILE`)."""
+
+    name: str
+    """Its name; the model id is `<served model name>:<name>` unless `model` gives one."""
+    model: str | None = None
+    """The model id clients send for it (default `<served model name>:<name>`)."""
+    feature_clamps: tuple[dict[str, Any], ...] = ()
+    """Clamps in the request contract's form, applied to every request for this id. A request's own
+    `feature_clamps` are added after them: a request clamp on a feature of an SAE the variant also
+    clamps replaces the variant's; together they count against `max_clamps`."""
+    sampling: dict[str, float] = field(default_factory=dict)
+    """Sampling defaults (see VARIANT_SAMPLING) for requests that do not set the field themselves."""
+
+    def __post_init__(self) -> None:
+        if not _SAE_ID.match(self.name):
+            raise ValueError(f"variant {self.name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+        unknown = sorted(set(self.sampling) - VARIANT_SAMPLING)
+        if unknown:
+            raise ValueError(f"variant {self.name}: sampling.{unknown[0]} is not a field a variant may set "
+                             f"(one of {', '.join(sorted(VARIANT_SAMPLING))})")
+        for key, value in self.sampling.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"variant {self.name}: sampling.{key} must be a number, got {value!r}")
+        object.__setattr__(self, "feature_clamps", tuple(self.feature_clamps))
+
+    def model_id(self, served: str) -> str:
+        return self.model or f"{served}:{self.name}"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Variant":
+        name = raw.get("name")
+        unknown = sorted(set(raw) - {f.name for f in fields(cls)})
+        if "steering_vectors" in unknown:
+            raise ValueError(f"variant {name}: steering_vectors are not served yet; give feature_clamps and sampling")
+        if unknown:
+            raise ValueError(f"variant {name}: unknown key {unknown[0]!r} (a variant has feature_clamps, sampling, model)")
+        return cls(**raw)
+
+
 @dataclass(frozen=True)
 class SteerConfig:
     """Which SAEs are served and how the steering op behaves."""
@@ -129,6 +176,8 @@ class SteerConfig:
     """Run the op as CUDA graphs need it (fixed shapes, host work between steps) whatever the device.
     None: exactly when vLLM captures CUDA graphs. True on a CPU runs the code graphs replay, step for
     step (how the tests cover it without a GPU)."""
+    variants: tuple[Variant, ...] = ()
+    """Steered variants: model ids listed in /v1/models whose requests are steered (see `Variant`)."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """Unrecognised keys, kept so the error message can name them."""
 
@@ -150,6 +199,9 @@ class SteerConfig:
             raise ValueError(f"steer.graph_columns must be in [1, 65536], got {self.graph_columns}")
         if self.sae_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"steer.sae_dtype must be auto, float32, bfloat16 or float16, got {self.sae_dtype!r}")
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"steer.variants: names must differ, got {names}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "SteerConfig":
@@ -160,6 +212,8 @@ class SteerConfig:
             raw["metrics_watch"] = tuple(int(i) for i in raw["metrics_watch"])
         if "saes" in raw:
             raw["saes"] = tuple(SAESource(**s) for s in raw["saes"])
+        if "variants" in raw:
+            raw["variants"] = tuple(Variant.from_dict(v) for v in raw["variants"])
         return cls(**raw, extra=extra)
 
     @classmethod
@@ -168,8 +222,9 @@ class SteerConfig:
         return cls.from_dict(additional.get("steer"))
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "saes")}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "saes", "variants")}
         out["saes"] = [asdict(s) for s in self.saes]
+        out["variants"] = [asdict(v) for v in self.variants]
         return out
 
 

@@ -112,6 +112,10 @@ def limits_for(cfg) -> Limits:
     return Limits(saes, cfg.max_clamps)
 
 
+_Row = tuple[int, int, float, float, int, int]
+"""One validated clamp: SAE position, feature, mul, add, tokens code, mode code."""
+
+
 @dataclass(frozen=True)
 class ClampPlan:
     """A validated clamp set in table form (K = number of clamps), sorted by SAE and feature."""
@@ -123,10 +127,18 @@ class ClampPlan:
     tokens: np.ndarray  # [K] int8, TOKENS_CODE
     mode: np.ndarray  # [K] int8, MODE_CODE
     canonical: str
-    """Stable JSON of the whole clamp set (every SAE), used to key the prefix cache."""
+    """Stable JSON of the whole clamp set (every SAE), used to key the prefix cache and in the receipt:
+    `[[sae id, feature, mul, add, tokens code], ...]` sorted; the feature becomes mul·f + add."""
+    rows: tuple[_Row, ...]
+    """The whole clamp set (every SAE) as validated, values as exact as they were sent, sorted."""
 
     def __len__(self) -> int:
         return len(self.feature)
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of `canonical`, hex: the clamp set's identity in the prefix-cache salt and the receipt."""
+        return hashlib.sha256(self.canonical.encode()).hexdigest()
 
     @property
     def scoped(self) -> bool:
@@ -141,7 +153,7 @@ class ClampPlan:
         if keep.all():
             return self
         return ClampPlan(sae=self.sae[keep], feature=self.feature[keep], mul=self.mul[keep], add=self.add[keep],
-                         tokens=self.tokens[keep], mode=self.mode[keep], canonical=self.canonical)
+                         tokens=self.tokens[keep], mode=self.mode[keep], canonical=self.canonical, rows=self.rows)
 
 
 def _load(raw: Any, field: str, error: type[ValueError]) -> Any:
@@ -200,7 +212,11 @@ def parse_clamps(raw: Any, limits: Limits) -> ClampPlan | None:
         mul, add = {"set": (0.0, value), "add": (1.0, value), "scale": (value, 0.0)}[c.mode]
         rows.append((sae, c.feature, mul, add, TOKENS_CODE[c.tokens], MODE_CODE[c.mode]))
 
-    rows.sort()
+    return _plan(rows, limits)
+
+
+def _plan(rows: list[_Row], limits: Limits) -> ClampPlan:
+    rows = sorted(rows)
     canonical = json.dumps([[limits.ids[s], f, m, a, t] for s, f, m, a, t, _ in rows], separators=(",", ":"))
     sae, feature, mul, add, tokens, mode = zip(*rows)
     return ClampPlan(
@@ -208,8 +224,30 @@ def parse_clamps(raw: Any, limits: Limits) -> ClampPlan | None:
         feature=np.asarray(feature, dtype=np.int64), mul=np.asarray(mul, dtype=np.float32),
         add=np.asarray(add, dtype=np.float32), tokens=np.asarray(tokens, dtype=np.int8),
         mode=np.asarray(mode, dtype=np.int8),
-        canonical=canonical,
+        canonical=canonical, rows=tuple(rows),
     )
+
+
+def merge_plans(base: ClampPlan | None, extra: ClampPlan | None, limits: Limits, base_name: str) -> ClampPlan | None:
+    """`extra`'s clamps added after `base`'s (a steered variant's, named `base_name` in errors): where
+    both clamp the same feature of the same SAE, `extra`'s clamp replaces `base`'s. The whole set is
+    held to `limits.max_clamps`."""
+    mine = list(extra.rows) if extra is not None else []
+    taken = {(s, f) for s, f, *_ in mine}
+    rows = [r for r in (base.rows if base is not None else ()) if (r[0], r[1]) not in taken] + mine
+    if len(rows) > limits.max_clamps:
+        raise ClampError(f"{FIELD}: {base_name} brings {len(rows) - len(mine)} clamps and the request "
+                         f"{len(mine)}: {len(rows)} in all, at most {limits.max_clamps} allowed")
+    return _plan(rows, limits) if rows else None
+
+
+def clamp_list(plan: ClampPlan, limits: Limits) -> list[dict]:
+    """A plan in the request contract's form (values in activation units), which `parse_clamps` reads
+    back to the same plan."""
+    modes = {code: name for name, code in MODE_CODE.items()}
+    scopes = {code: name for name, code in TOKENS_CODE.items()}
+    return [{"sae": limits.ids[s], "feature": f, "mode": modes[o], "value": m if modes[o] == "scale" else a,
+             "tokens": scopes[t]} for s, f, m, a, t, o in plan.rows]
 
 
 SALT_PREFIX = "steer_plugin|"
@@ -232,7 +270,7 @@ def cache_salt(client_salt: str | None, plan: ClampPlan | None, prompt_len: int,
     if client_salt is not None:
         key["client"] = client_salt
     if plan is not None:
-        key["clamps"] = hashlib.sha256(plan.canonical.encode()).hexdigest()[:32]
+        key["clamps"] = plan.digest[:32]
         if plan.scoped:
             key["prompt_len"] = prompt_len
     if record_key is not None:

@@ -23,7 +23,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from steer_plugin.core.config import DEFAULT_SAE_DIR, SAESource, SteerConfig, default_model_dir
+from steer_plugin.core.config import DEFAULT_SAE_DIR, SAESource, SteerConfig, Variant, default_model_dir
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sae-dtype", default=SteerConfig.sae_dtype, choices=("auto", "float32", "bfloat16", "float16"),
                    help="dtype of the SAEs' matrices on the device (auto: the model's 16-bit dtype on a GPU, "
                         "else float32)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FILE",
+                   help="a steered variant: the model id <served name>:NAME, steered as the JSON FILE says "
+                        "({\"feature_clamps\": [...], \"sampling\": {...}, \"model\": ID}, each optional; repeatable)")
     p.add_argument("--max-clamps", type=int, default=SteerConfig.max_clamps, help="most clamps per request")
     p.add_argument("--metrics-sample-every", type=int, default=SteerConfig.metrics_sample_every,
                    help="feature-activity metrics on every n-th step (0: off)")
@@ -85,7 +88,7 @@ def vllm_argv(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
                             metrics_sample_every=args.metrics_sample_every,
                             metrics_watch=tuple(int(i) for i in args.metrics_watch.split(",") if i.strip()),
                             metrics_top_n=args.metrics_top_n, graph_columns=args.graph_columns,
-                            sae_dtype=args.sae_dtype)
+                            sae_dtype=args.sae_dtype, variants=variants(args.variant))
         argv += ["--additional-config", json.dumps({"steer": steer.to_dict()})]
     return argv + passthrough
 
@@ -109,6 +112,23 @@ def sae_sources(saes: list[str] | None, layers: list[str], catalogues: list[str]
                 raise SystemExit(f"{option} {sae_id}={value}: no --sae has id {sae_id!r} (ids: {', '.join(by_id)})")
             sources[i] = replace(sources[i], **{field: value_of(value)})
     return tuple(sources)
+
+
+def variants(items: list[str]) -> tuple[Variant, ...]:
+    """--variant NAME=FILE options, each file read here (only the configuration travels to vLLM)."""
+    out = []
+    for item in items:
+        name, path = _id_value(item)
+        if name is None:
+            raise SystemExit(f"--variant {item}: give NAME=FILE")
+        try:
+            raw = json.loads(Path(path).read_text())
+            if not isinstance(raw, dict):
+                raise ValueError("the file must hold a JSON object")
+            out.append(Variant.from_dict({**raw, "name": name}))
+        except (OSError, ValueError, TypeError) as e:
+            raise SystemExit(f"--variant {item}: {e}") from None
+    return tuple(out)
 
 
 def default_dtype() -> str:

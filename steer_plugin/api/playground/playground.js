@@ -77,6 +77,8 @@ async function loadSaes() {
   const models = await request("v1/models");
   state.model = models.ok ? models.body.data[0].id : null;
   $("model-name").textContent = state.model || "(unavailable)";
+  // The served model first, then any steered variants (their entries have it as `parent`).
+  $("steered-model").replaceChildren(...(models.ok ? models.body.data : []).map((m) => el("option", {value: m.id}, m.id)));
   const saes = await request("v1/saes");
   const select = $("sae-select");
   select.replaceChildren();
@@ -253,7 +255,8 @@ function clampSpec() {
 // ---------------------------------------------------------------------------------------- compare
 
 function chatBody(steered) {
-  const body = {model: state.model, messages: [{role: "user", content: $("prompt").value}],
+  const model = steered ? $("steered-model").value || state.model : state.model;
+  const body = {model, messages: [{role: "user", content: $("prompt").value}],
                 temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value),
                 frequency_penalty: Number($("frequency-penalty").value), stream: true};
   if ($("seed").value !== "") body.seed = Number($("seed").value);
