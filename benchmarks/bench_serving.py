@@ -5,6 +5,7 @@ nothing while another is measured):
     vanilla         vLLM with the plugin disabled (STEER_PLUGIN_DISABLE=1)
     plugin          the plugin as `server.py` starts it (its default feature-metrics setting)
     plugin+metrics  the plugin with feature metrics on every step
+    plugin-metrics  the plugin with feature metrics off (what the sampled metrics cost, by difference)
 Workloads: none steered, all steered with one shared clamp set, every request with a clamp set of
 its own ("distinct"), half steered, and `return_features` on every request ("features"). Each
 (server, workload, concurrency) cell sends `--requests-per-stream` x concurrency streamed requests
@@ -348,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
     node_opts = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--distributed-executor-backend", "mp"]
     # Per node process: the cores its workers bind to (one node: "0|1" splits them over its PP ranks).
     binds = ["0|1"] if args.nodes == 1 else ["0", "1"]
-    specs = {"vanilla": ["--no-plugin"], "plugin": [], "plugin+metrics": ["--metrics-sample-every", "1"]}
+    specs = {"vanilla": ["--no-plugin"], "plugin": [], "plugin+metrics": ["--metrics-sample-every", "1"],
+             "plugin-metrics": ["--metrics-sample-every", "0"]}
 
     def node_args(name: str, rank: int, master_port: int) -> list[str]:
         """server.py's arguments for one server's node process `rank` (the head is rank 0)."""
@@ -359,7 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     plan = [("vanilla", "none")] if "vanilla" in server_names else []
     plan += [("plugin", w) for w in workloads if "plugin" in server_names]
-    plan += [("plugin+metrics", w) for w in ("none", "distinct") if "plugin+metrics" in server_names and w in workloads]
+    plan += [(name, w) for name in ("plugin+metrics", "plugin-metrics") for w in ("none", "distinct")
+             if name in server_names and w in workloads]
     if args.dry_run:
         commands = {name: [node_args(name, rank, 0) for rank in range(args.nodes)] for name, _ in plan}
         for name, nodes in commands.items():

@@ -191,7 +191,7 @@ def test_narrow_window_and_keyboard(browser, feature_server):
     page = context.new_page()
     page.goto(f"{feature_server.base_url}/playground")
     page.wait_for_function("document.getElementById('model-name').textContent !== '…'")
-    for _ in range(4):  # the SAE chooser, the API key and its button, then the search box: by keyboard alone
+    for _ in range(5):  # the steered model and SAE choosers, the API key and its button, then the search box
         page.keyboard.press("Tab")
         if page.evaluate("document.activeElement.id") == "search-input":
             break
