@@ -238,7 +238,8 @@ def device_name() -> str:
 
 SUMMARY_NAMES = {"idle_ratio_min": "idle", "shared_ratio_min": "one clamp set on every request",
                  "distinct_ratio_min": "every request with its own clamp set", "half_ratio_min": "half steered",
-                 "features_ratio_min": "return_features", "metrics_every_step_ratio_min": "metrics every step"}
+                 "features_ratio_min": "return_features", "metrics_every_step_ratio_min": "metrics every step",
+                 "metrics_off_ratio_min": "idle with feature metrics off"}
 """The summary's figures, as results.md names them."""
 
 
@@ -453,7 +454,8 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": {"idle_ratio_min": lowest("plugin", "none"), "distinct_ratio_min": lowest("plugin", "distinct"),
                     "shared_ratio_min": lowest("plugin", "shared"), "half_ratio_min": lowest("plugin", "half"),
                     "features_ratio_min": lowest("plugin", "features"),
-                    "metrics_every_step_ratio_min": lowest("plugin+metrics", "none")},
+                    "metrics_every_step_ratio_min": lowest("plugin+metrics", "none"),
+                    "metrics_off_ratio_min": lowest("plugin-metrics", "none")},
         "rows": rows, "op_profile": profiles, "cross_check": checks}
     write_outputs(out, report)
     shutil.rmtree(scratch, ignore_errors=True)
