@@ -418,6 +418,12 @@ async def test_a_variants_clamps_and_the_requests_are_checked_together(variant_a
     assert r.status_code == 400 and words in r.json()["error"]["message"]
 
 
+async def test_a_variant_on_a_route_that_does_not_steer_is_refused(variant_app):
+    r = await _post(variant_app, "/other", {"model": "m:golden", "input": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+    assert (await _post(variant_app, "/other", {"model": "m"})).status_code == 200
+
+
 def test_a_variant_with_a_bad_clamp_stops_the_start():
     bad = Variant(name="bad", feature_clamps=({"feature": 64, "value": 1},))
     with pytest.raises(ValueError, match="variant bad: feature_clamps\\[0\\].feature: 64 is out of range"):

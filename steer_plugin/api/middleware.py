@@ -56,8 +56,8 @@ class FeatureClampMiddleware:
         """What clamps may ask; None: read from the SAEs of the app's vLLM config on first use."""
         self._refusal: str | None = None
         """Why this server refuses clamps (`admission.steering_refusal`), read with the limits."""
-        self._variants = variants if variants is not None or limits is not None else None
-        """Steered variants by model id; None: read from the app's vLLM config with the limits."""
+        self._variants = variants
+        """Steered variants by model id; read from the app's vLLM config with the limits unless given."""
 
     def _get_limits(self, scope) -> Limits:
         if self._limits is None:
@@ -148,14 +148,17 @@ class FeatureClampMiddleware:
         if isinstance(xargs, dict) and RECORD_FIELD in xargs:
             raise BodyError(f"vllm_xargs.{RECORD_FIELD}: an internal field the server sets; clients "
                             "cannot send it (use return_features)", RECORD_FIELD)
+        model = data.get("model")
+        variant = self._get_variants(scope).get(model) if isinstance(model, str) else None
         if path not in routes.STEERED:
+            if variant is not None:  # a route that does not steer must not serve it as the plain model
+                raise BodyError(f"model: {clip(model)} is a steered variant; steering runs on "
+                                f"{' and '.join(sorted(routes.STEERED))}", "model")
             for field in (FIELD, return_features.FIELD):
                 if field in data or (field == FIELD and nested):
                     raise BodyError(f"{field}: not supported on {clip(path)}; steering runs on "
                                     f"{' and '.join(sorted(routes.STEERED))}", field)
             return None, None, None
-        model = data.get("model")
-        variant = self._get_variants(scope).get(model) if isinstance(model, str) else None
         recording = return_features.requested_recording(data, service, lambda: self._get_limits(scope))
         top = FIELD in data
         if not (top or nested or recording or variant):

@@ -6,7 +6,7 @@ model with the variant's clamps (the request's own `feature_clamps` added after 
 on a feature the variant clamps replaces the variant's) and the variant's sampling defaults for the
 fields the request leaves out. From there it follows the one data path: the clamps go to
 `vllm_xargs` and are admitted and applied like any other, and the reply carries their receipt.
-Other routes do not know the id, so vLLM answers them "model does not exist": never unsteered.
+On every other route a body naming the id gets a 400 (param "model"): never served unsteered.
 """
 
 from __future__ import annotations
