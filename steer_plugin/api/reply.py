@@ -2,7 +2,8 @@
 
 A wrapped ASGI `send` holds a reply it wants until its body is complete, edits it, and sends it as
 one body with its length set; every other reply passes through untouched. The middleware uses it
-for error messages cut short, /metrics with the workers' series joined, and the steering receipt.
+for error messages cut short, /metrics with the workers' series joined, `return_features` and
+the steering receipt.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from steer_plugin.api.request_body import with_length
 Send = Callable[[dict], Awaitable[None]]
 
 
-async def send_whole(send: Send, start: dict, body: bytes) -> None:
+async def _send_whole(send: Send, start: dict, body: bytes) -> None:
     """Send a reply the plugin rewrote: its held `http.response.start`, its length set, and `body`."""
     await send({**start, "headers": with_length(start["headers"], len(body))})
     await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -41,6 +42,6 @@ def holding(send: Send, wants: Callable[[dict], bool], edit: Callable[[dict, byt
         chunks.append(message.get("body", b""))
         if message.get("more_body"):
             return None
-        await send_whole(send, start, await edit(start, b"".join(chunks)))
+        await _send_whole(send, start, await edit(start, b"".join(chunks)))
 
     return wrapped

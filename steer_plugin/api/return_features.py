@@ -21,7 +21,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from steer_plugin.api.admission import new_recording_key
-from steer_plugin.api.reply import Send, header, send_whole
+from steer_plugin.api.reply import Send, header, holding
 from steer_plugin.core.spec import MAX_TOP_K, FeatureRecording, Limits, RecordingError
 
 FIELD = "return_features"
@@ -83,10 +83,10 @@ class FeatureAppender:
         self._recording_key = key
         self._fetched = False
         self._key: str | None = key  # None once the features went out, or for an error reply
-        self._start: dict | None = None  # non-streaming: held back until the body is known
         self._streaming = False
         self._buffer = b""  # streaming: bytes of an event not yet complete
-        self._chunks: list[bytes] = []  # non-streaming: the body so far
+        # non-streaming: the JSON reply is held back until complete, its length changing
+        self._held = holding(send, lambda start: self._key is not None and not self._streaming, self._joined)
 
     async def _features(self) -> list[dict]:
         self._fetched = True
@@ -97,26 +97,20 @@ class FeatureAppender:
         if not self._fetched:
             await self._features()
 
+    async def _joined(self, start: dict, body: bytes) -> bytes:
+        reply = json.loads(body)
+        reply["choices"][0]["features"] = await self._features()
+        return json.dumps(reply).encode()
+
     async def send(self, message: dict) -> None:
         if message["type"] == "http.response.start":
             if message["status"] != 200:
                 self._key = None  # an error reply passes through untouched
             elif header(message, b"content-type").startswith(b"text/event-stream"):
                 self._streaming = True
-            else:
-                self._start = message
-                return None
-            return await self._send(message)
-        if message["type"] != "http.response.body" or self._key is None:
-            return await self._send(message)
-        if self._streaming:
+        elif message["type"] == "http.response.body" and self._streaming and self._key is not None:
             return await self._stream(message)
-        self._chunks.append(message.get("body", b""))
-        if message.get("more_body"):
-            return None
-        reply = json.loads(b"".join(self._chunks))
-        reply["choices"][0]["features"] = await self._features()
-        await send_whole(self._send, self._start, json.dumps(reply).encode())
+        await self._held(message)
 
     async def _stream(self, message: dict) -> None:
         """Pass complete events on as they come; put the features event before `[DONE]`."""
