@@ -81,6 +81,43 @@ def test_op_matches_reference(arch, normalize, graph_safe):
     assert not torch.equal(out[:5], hidden[:5])
 
 
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk"])
+@pytest.mark.parametrize("graph_safe", [False, True])
+def test_conditional_clamps_act_exactly_where_their_condition_holds(arch, graph_safe):
+    """Two requests of one step, each with a conditional clamp ("active", and another feature above a
+    threshold) beside an unconditional one on the other: positions where no condition holds are
+    bit-identical, the rest match the reference, on both paths."""
+    sae = make_sae(arch, d_in=D_IN, d_sae=D_SAE, k=8)
+    torch.manual_seed(2)
+    hidden, residual = torch.randn(12, D_IN) * 3, torch.randn(12, D_IN) * 3
+    f = sae.encode(hidden + residual)[0]  # [12, d_sae] before any clamp
+    share = (f > 0).float().mean(0)
+    x = int((share - 0.5).abs().argmin())  # a feature active at about half the positions
+    y = int((share - 0.5).abs().argsort()[1])
+    values = f[:, y].sort().values
+    cut = int((values[1:] - values[:-1])[4:8].argmax()) + 4  # a threshold far from every value
+    above = float(values[cut] + values[cut + 1]) / 2
+    raw = {"a": [{"feature": x, "value": 6.0, "when": "active"}, {"feature": 7, "value": 1.5, "mode": "scale"}],
+           "b": [{"feature": x ^ 1, "value": 3.0, "mode": "add", "when": {"feature": y, "above": above}}]}
+    limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)
+    table = ClampTable(limits, "sae", max_tokens=16, max_reqs=4, device=torch.device("cpu"))
+    op = _install(f"when-{arch}-{graph_safe}", sae, table, graph_safe)
+    _step(table, op, StepLayout(["a", "b"], np.array([6, 6]), np.array([0, 0]), np.array([6, 6]),
+                                lambda rid: {"feature_clamps": raw[rid]}))
+    assert op.host_step == (not graph_safe or arch == "topk")
+    out = torch.ops.steer_plugin.steer(hidden, residual, f"when-{arch}-{graph_safe}")
+
+    plans = [parse_clamps(raw[rid], limits) for rid in ("a", "b")]
+    expected = reference_steer(sae, hidden, residual, [plans[0]] * 6 + [plans[1]] * 6,
+                               list(range(6)) * 2, [6] * 12)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    # request b has only its conditional clamp: untouched exactly where the condition fails
+    holds = f[6:, y] > above
+    assert 0 < int(holds.sum()) < 6
+    assert torch.equal(out[6:][~holds], hidden[6:][~holds])
+    assert not (out[6:][holds] == hidden[6:][holds]).all(dim=1).any()
+
+
 def test_identity_clamps_change_nothing_but_rounding():
     sae = make_sae("topk", d_in=D_IN, d_sae=D_SAE, k=8)
     limits = Limits.one(d_sae=D_SAE, max_clamps=4, max_activation=None)

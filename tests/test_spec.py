@@ -50,6 +50,14 @@ def test_json_string_and_list_agree_and_empty_means_none():
     ([{"feature": 1, "value": 1}, {"feature": 1, "value": 2}], "feature_clamps[1].feature"),
     ([{"feature": i, "value": 1} for i in range(5)], "at most 4"),
     ("[{not json", "not valid JSON"),
+    ([{"feature": 1, "value": 1, "when": "sometimes"}], 'feature_clamps[0].when: Value error, a condition is "active"'),
+    ([{"feature": 1, "value": 1, "when": 3}], "feature_clamps[0].when"),
+    ([{"feature": 1, "value": 1, "when": {"above": 1}}], "feature_clamps[0].when.feature"),
+    ([{"feature": 1, "value": 1, "when": {"feature": 100}}], "feature_clamps[0].when.feature: 100 is out of range"),
+    ([{"feature": 1, "value": 1, "when": {"feature": 2, "above": math.nan}}], "feature_clamps[0].when.above"),
+    ([{"feature": 1, "value": 1, "when": {"feature": 2, "above": "high"}}], "feature_clamps[0].when.above"),
+    ([{"feature": 1, "value": 1, "when": {"feature": 2, "sae": "other"}}], "feature_clamps[0].when.sae: unknown SAE"),
+    ([{"feature": 1, "value": 1, "when": {"feature": 2, "if": 1}}], "feature_clamps[0].when.if"),
 ])
 def test_bad_input_names_the_clamp_and_field(raw, field):
     with pytest.raises(ClampError) as err:
@@ -148,8 +156,30 @@ def test_a_variants_clamps_with_the_requests_after_them():
                     "variant v")
 
 
+def test_a_condition_is_part_of_the_canonical_clamp_set():
+    plain = parse_clamps([{"feature": 5, "value": 3}], LIMITS)
+    active = parse_clamps([{"feature": 5, "value": 3, "when": "active"}], LIMITS)
+    # "active" is the clamped feature itself above 0; in the clamp's unit, like its value
+    assert active.canonical == parse_clamps([{"feature": 5, "value": 3, "when": {"feature": 5}}], LIMITS).canonical
+    other = parse_clamps([{"feature": 5, "value": 1.5, "unit": "max", "when": {"feature": 8, "above": 0.25}}], LIMITS)
+    assert json.loads(other.canonical) == [["sae", 5, 0.0, 3.0, 0, 8, 0.5]]
+    assert other.cond.tolist() == [8] and other.above.tolist() == [0.5]
+    assert plain.cond.tolist() == [-1]
+    assert len({plain.digest, active.digest, other.digest}) == 3
+    assert cache_salt(None, plain, 4) != cache_salt(None, active, 4)
+
+
+def test_a_condition_reads_a_feature_of_the_clamps_own_sae():
+    with pytest.raises(ClampError, match=r"feature_clamps\[0\]\.when\.sae: a condition reads a feature of the "
+                                         r"clamp's own SAE \(res\), not mlp"):
+        parse_clamps([{"feature": 1, "value": 1, "when": {"sae": "mlp", "feature": 2}}], TWO)
+    same = parse_clamps([{"sae": "mlp", "feature": 1, "value": 1, "when": {"sae": "mlp", "feature": 2}}], TWO)
+    assert same.cond.tolist() == [2]
+
+
 def test_a_plan_written_back_as_clamps_reads_back_the_same():
-    plan = parse_clamps([{"feature": 9, "value": 0.7, "unit": "max", "mode": "add", "tokens": "generated"},
+    plan = parse_clamps([{"feature": 9, "value": 0.7, "unit": "max", "mode": "add", "tokens": "generated",
+                          "when": {"feature": 4, "above": 0.5}},
                          {"sae": "mlp", "feature": 3, "value": 1.3, "mode": "scale"}, {"feature": 1, "value": 0}], TWO)
     again = parse_clamps(json.dumps(clamp_list(plan, TWO)), TWO)
     assert again.canonical == plan.canonical and again.mode.tolist() == plan.mode.tolist()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from steer_plugin.core.sae import SAE
-from steer_plugin.core.spec import ClampPlan
+from steer_plugin.core.spec import NO_CONDITION, ClampPlan
 
 
 def reference_steer(sae: SAE, hidden: torch.Tensor, residual: torch.Tensor,
@@ -17,18 +17,20 @@ def reference_steer(sae: SAE, hidden: torch.Tensor, residual: torch.Tensor,
     sequence and its request's prompt length -> steered hidden [T, d_in].
 
     A "prompt" clamp acts where position < prompt length; a "generated" clamp where the position
-    produces a generated token: position >= prompt length - 1."""
+    produces a generated token: position >= prompt length - 1. A conditional clamp acts only where its
+    condition feature's activation (before any clamp) is above its threshold."""
     out = hidden.clone()
     for t, plan in enumerate(token_plans):
         if plan is None:
             continue
         pos, prompt_len = token_positions[t], token_prompt_lens[t]
         acts = {0: True, 1: pos < prompt_len, 2: pos >= prompt_len - 1}  # spec.TOKENS_CODE -> acts here?
-        keep = [i for i in range(len(plan)) if acts[int(plan.tokens[i])]]
-        if not keep:
-            continue
         x = (hidden[t] + residual[t]).unsqueeze(0)  # [1, d_in]
         f, norm = sae.encode(x)
+        keep = [i for i in range(len(plan)) if acts[int(plan.tokens[i])]
+                and (plan.cond[i] == NO_CONDITION or float(f[0, plan.cond[i]]) > float(plan.above[i]))]
+        if not keep:
+            continue
         f_new = f.clone()
         for i in keep:
             j = int(plan.feature[i])

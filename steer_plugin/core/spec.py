@@ -5,6 +5,9 @@ Every clamp becomes one affine edit of one feature's activation, f' = f * mul + 
     add   v  ->  mul 1, add v
     scale v  ->  mul v, add 0
 `unit="max"` multiplies v by the feature's maximum activation recorded with the SAE.
+A clamp with `when` acts only at the positions where its condition holds: a feature of the same SAE
+above a threshold, read from the position's stream before any clamp of that SAE ("active": the
+clamped feature itself above 0).
 
 The same parser runs at admission (turning bad input into HTTP 400) and in the worker (turning
 the admitted JSON into table rows), so the two can never disagree.
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from steer_plugin.core import bounded_json
 
@@ -28,6 +31,20 @@ FIELD = "feature_clamps"
 
 TOKENS_CODE = {"all": 0, "prompt": 1, "generated": 2}
 MODE_CODE = {"set": 0, "add": 1, "scale": 2}
+
+
+class ClampCondition(BaseModel):
+    """The condition of a conditional clamp: a feature of the clamp's SAE above a threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    feature: Annotated[int, Field(strict=True, ge=0)]
+    """The feature whose activation decides, at each position."""
+    sae: Annotated[str, Field(strict=True, min_length=1, max_length=64)] | None = None
+    """Its SAE: the clamp's own (the default); the op reads the condition from that SAE's encoding."""
+    above: Annotated[float, Field(strict=True, allow_inf_nan=False)] = 0.0
+    """The clamp acts where the feature's activation is strictly above this, in the clamp's `unit`
+    (`max`: multiples of the condition feature's max activation)."""
 
 
 class FeatureClamp(BaseModel):
@@ -47,6 +64,24 @@ class FeatureClamp(BaseModel):
     tokens: Literal["all", "prompt", "generated"] = "all"
     """Which positions: `prompt` (every prompt position), `generated` (every position that produces a
     generated token: the last prompt position and each generated token), or `all`."""
+    when: ClampCondition | None = None
+    """Only where this condition holds at the position; the string `"active"` stands for the clamped
+    feature itself above 0. None: at every position of `tokens`."""
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _only_active(cls, when: Any) -> Any:
+        if isinstance(when, str) and when != "active":
+            raise ValueError('a condition is "active" or an object {"feature", "sae", "above"}')
+        return when
+
+    @model_validator(mode="before")
+    @classmethod
+    def _active(cls, data: Any) -> Any:
+        # "active" is the condition on the clamped feature itself, so both spellings plan alike
+        if isinstance(data, dict) and data.get("when") == "active":
+            return {**data, "when": {"feature": data.get("feature"), "sae": data.get("sae")}}
+        return data
 
 
 _CLAMP_LIST = TypeAdapter(list[FeatureClamp])
@@ -112,8 +147,11 @@ def limits_for(cfg) -> Limits:
     return Limits(saes, cfg.max_clamps)
 
 
-_Row = tuple[int, int, float, float, int, int]
-"""One validated clamp: SAE position, feature, mul, add, tokens code, mode code."""
+_Row = tuple[int, int, float, float, int, int, int, float]
+"""One validated clamp: SAE position, feature, mul, add, tokens code, mode code, condition feature
+(NO_CONDITION: none) and its threshold (in activation units)."""
+
+NO_CONDITION = -1
 
 
 @dataclass(frozen=True)
@@ -126,9 +164,12 @@ class ClampPlan:
     add: np.ndarray  # [K] float32
     tokens: np.ndarray  # [K] int8, TOKENS_CODE
     mode: np.ndarray  # [K] int8, MODE_CODE
+    cond: np.ndarray  # [K] int64, condition feature of the same SAE; NO_CONDITION: none
+    above: np.ndarray  # [K] float32, the clamp acts where the condition feature is above this
     canonical: str
     """Stable JSON of the whole clamp set (every SAE), used to key the prefix cache and in the receipt:
-    `[[sae id, feature, mul, add, tokens code], ...]` sorted; the feature becomes mul·f + add."""
+    `[[sae id, feature, mul, add, tokens code], ...]` sorted; the feature becomes mul·f + add; a
+    conditional clamp carries two more entries, its condition feature and threshold."""
     rows: tuple[_Row, ...]
     """The whole clamp set (every SAE) as validated, values as exact as they were sent, sorted."""
 
@@ -153,7 +194,8 @@ class ClampPlan:
         if keep.all():
             return self
         return ClampPlan(sae=self.sae[keep], feature=self.feature[keep], mul=self.mul[keep], add=self.add[keep],
-                         tokens=self.tokens[keep], mode=self.mode[keep], canonical=self.canonical, rows=self.rows)
+                         tokens=self.tokens[keep], mode=self.mode[keep], cond=self.cond[keep],
+                         above=self.above[keep], canonical=self.canonical, rows=self.rows)
 
 
 def _load(raw: Any, field: str, error: type[ValueError]) -> Any:
@@ -210,20 +252,44 @@ def parse_clamps(raw: Any, limits: Limits) -> ClampPlan | None:
         if not math.isfinite(value) or abs(value) > 1e30:
             raise ClampError(f"{where}.value: {c.value} is too large")
         mul, add = {"set": (0.0, value), "add": (1.0, value), "scale": (value, 0.0)}[c.mode]
-        rows.append((sae, c.feature, mul, add, TOKENS_CODE[c.tokens], MODE_CODE[c.mode]))
+        cond, above = _condition(c, where, sae, limits)
+        rows.append((sae, c.feature, mul, add, TOKENS_CODE[c.tokens], MODE_CODE[c.mode], cond, above))
 
     return _plan(rows, limits)
 
 
+def _condition(c: FeatureClamp, where: str, sae: int, limits: Limits) -> tuple[int, float]:
+    """A clamp's condition as (feature, threshold in activation units); (NO_CONDITION, 0) for none."""
+    if c.when is None:
+        return NO_CONDITION, 0.0
+    where = f"{where}.when"
+    sae_id = limits.ids[sae]
+    if limits.index(c.when.sae if c.when.sae is not None else sae_id, f"{where}.sae", ClampError) != sae:
+        raise ClampError(f"{where}.sae: a condition reads a feature of the clamp's own SAE ({sae_id}), "
+                         f"not {c.when.sae}")
+    sae_limits = limits.saes[sae_id]
+    if c.when.feature >= sae_limits.d_sae:
+        raise ClampError(f"{where}.feature: {c.when.feature} is out of range (SAE {sae_id} has "
+                         f"{sae_limits.d_sae} features)")
+    above = c.when.above
+    if c.unit == "max":  # the clamp's unit; its value already needed the statistics
+        above *= float(sae_limits.max_activation[c.when.feature])
+    if abs(above) > 1e30:
+        raise ClampError(f"{where}.above: {c.when.above} is too large")
+    return c.when.feature, above
+
+
 def _plan(rows: list[_Row], limits: Limits) -> ClampPlan:
     rows = sorted(rows)
-    canonical = json.dumps([[limits.ids[s], f, m, a, t] for s, f, m, a, t, _ in rows], separators=(",", ":"))
-    sae, feature, mul, add, tokens, mode = zip(*rows)
+    canonical = json.dumps([[limits.ids[s], f, m, a, t, *(() if c == NO_CONDITION else (c, b))]
+                            for s, f, m, a, t, _, c, b in rows], separators=(",", ":"))
+    sae, feature, mul, add, tokens, mode, cond, above = zip(*rows)
     return ClampPlan(
         sae=np.asarray(sae, dtype=np.int8),
         feature=np.asarray(feature, dtype=np.int64), mul=np.asarray(mul, dtype=np.float32),
         add=np.asarray(add, dtype=np.float32), tokens=np.asarray(tokens, dtype=np.int8),
-        mode=np.asarray(mode, dtype=np.int8),
+        mode=np.asarray(mode, dtype=np.int8), cond=np.asarray(cond, dtype=np.int64),
+        above=np.asarray(above, dtype=np.float32),
         canonical=canonical, rows=tuple(rows),
     )
 
@@ -247,7 +313,8 @@ def clamp_list(plan: ClampPlan, limits: Limits) -> list[dict]:
     modes = {code: name for name, code in MODE_CODE.items()}
     scopes = {code: name for name, code in TOKENS_CODE.items()}
     return [{"sae": limits.ids[s], "feature": f, "mode": modes[o], "value": m if modes[o] == "scale" else a,
-             "tokens": scopes[t]} for s, f, m, a, t, o in plan.rows]
+             "tokens": scopes[t], **({} if c == NO_CONDITION else {"when": {"feature": c, "above": b}})}
+            for s, f, m, a, t, o, c, b in plan.rows]
 
 
 SALT_PREFIX = "steer_plugin|"

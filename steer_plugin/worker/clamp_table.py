@@ -11,6 +11,8 @@ first generated token, so both scopes act there, and one for its generated posit
     tok_row  [max_tokens]   int32    row of the table each token uses; -1 = untouched
     feature  [R, K]         int64    feature index; padding = d_sae (a dummy column)
     mul, add [R, K]         float32  f' = f * mul + add; padding = (1, 0), i.e. no change
+    above    [R, K]         float32  the clamp acts where its condition feature (host side: `cond`)
+                                     is above this; -inf for an unconditional clamp (and padding)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from steer_plugin.core.spec import FIELD, ClampPlan, Limits, parse_clamps
+from steer_plugin.core.spec import FIELD, NO_CONDITION, ClampPlan, Limits, parse_clamps
 from steer_plugin.worker.step_layout import StepLayout
 
 logger = logging.getLogger(__name__)
@@ -48,8 +50,13 @@ class _RequestRows:
         feature = np.full(width, pad_feature, dtype=np.int64)
         mul = np.ones(width, dtype=np.float32)
         add = np.zeros(width, dtype=np.float32)
+        cond = np.full(width, pad_feature, dtype=np.int64)
+        above = np.full(width, -np.inf, dtype=np.float32)
         feature[:n], mul[:n], add[:n] = plan.feature[keep], plan.mul[keep], plan.add[keep]
-        return feature, mul, add
+        conditional = plan.cond[keep] != NO_CONDITION
+        cond[:n] = np.where(conditional, plan.cond[keep], pad_feature)
+        above[:n] = np.where(conditional, plan.above[keep], -np.inf)
+        return feature, mul, add, cond, above
 
 
 class ClampTable:
@@ -72,21 +79,27 @@ class ClampTable:
         self.feature = torch.full((rows, self.width), self.pad_feature, dtype=torch.int64, device=device)
         self.mul = torch.ones((rows, self.width), dtype=torch.float32, device=device)
         self.add = torch.zeros((rows, self.width), dtype=torch.float32, device=device)
+        self.above = torch.full((rows, self.width), -torch.inf, dtype=torch.float32, device=device)
         pin = device.type == "cuda"
         # Host staging copies: one copy_ per buffer per step.
         self._h_tok_row = torch.full((max_tokens,), -1, dtype=torch.int32, pin_memory=pin)
         self._h_feature = torch.full((rows, self.width), self.pad_feature, dtype=torch.int64, pin_memory=pin)
         self._h_mul = torch.ones((rows, self.width), dtype=torch.float32, pin_memory=pin)
         self._h_add = torch.zeros((rows, self.width), dtype=torch.float32, pin_memory=pin)
+        self._h_cond = torch.full((rows, self.width), self.pad_feature, dtype=torch.int64, pin_memory=pin)
+        self._h_above = torch.full((rows, self.width), -torch.inf, dtype=torch.float32, pin_memory=pin)
         self._rows_of: dict[str, _RequestRows | None] = {}
         self.num_steered_tokens = 0
         """Tokens of the current step that have a row (host-side, read by the op to skip work)."""
         self.steered_tokens = torch.zeros(0, dtype=torch.long)
         """Indices of those tokens [num_steered_tokens] (host tensor; used on the eager path)."""
         self.columns = torch.zeros(0, dtype=torch.long)
-        """Distinct features clamped in the current step [U] (host tensor; eager path decodes only these)."""
+        """Distinct features clamped or read by a condition in the current step [U] (host tensor; the
+        eager path encodes and decodes only these)."""
         self.compact = torch.zeros((0, self.width), dtype=torch.long)
         """The used rows' features as positions in `columns` [used, K]; padding = U (host tensor)."""
+        self.cond_compact = torch.zeros((0, self.width), dtype=torch.long)
+        """The used rows' condition features as positions in `columns` [used, K]; none = U (host tensor)."""
         self.failed: set[str] = set()
         """Requests whose clamps could not be prepared or applied, to be failed with an error reply
         (drained by the worker after each step; see `vllm_seam`)."""
@@ -146,6 +159,8 @@ class ClampTable:
                     self._h_feature[used] = torch.from_numpy(kind[0])
                     self._h_mul[used] = torch.from_numpy(kind[1])
                     self._h_add[used] = torch.from_numpy(kind[2])
+                    self._h_cond[used] = torch.from_numpy(kind[3])
+                    self._h_above[used] = torch.from_numpy(kind[4])
                     kind_row[k, i] = used
                     used += 1
         if used == 0:
@@ -164,14 +179,17 @@ class ClampTable:
         if self._on_step is not None:
             self._on_step(self.num_steered_tokens)
         self.steered_tokens = torch.from_numpy(steered)
-        features = self._h_feature[:used].numpy()
-        columns = np.unique(features[features != self.pad_feature])
+        features, conds = self._h_feature[:used].numpy(), self._h_cond[:used].numpy()
+        both = np.concatenate([features.ravel(), conds.ravel()])
+        columns = np.unique(both[both != self.pad_feature])
         self.columns = torch.from_numpy(columns)
         self.compact = torch.from_numpy(np.searchsorted(columns, features))  # padding (d_sae) sorts last: U
+        self.cond_compact = torch.from_numpy(np.searchsorted(columns, conds))
         self.tok_row.copy_(self._h_tok_row, non_blocking=True)
         self.feature[:used].copy_(self._h_feature[:used], non_blocking=True)
         self.mul[:used].copy_(self._h_mul[:used], non_blocking=True)
         self.add[:used].copy_(self._h_add[:used], non_blocking=True)
+        self.above[:used].copy_(self._h_above[:used], non_blocking=True)
         self._dirty = True
 
     def fail_step(self) -> None:

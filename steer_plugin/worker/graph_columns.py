@@ -29,7 +29,9 @@ class GraphColumns:
         """W_enc [d_in, C], b_enc [C], threshold [C], W_dec [C, d_in] of the features in `ids`."""
         self.slot = torch.full((rows, width), capacity, dtype=torch.int64, device=device)
         """[R, K] each clamp's position in the slice; C = padding (a zero column the op appends)."""
-        self._h_slot = torch.full((rows, width), capacity, dtype=torch.int64, pin_memory=pin)
+        self.cond_slot = torch.full((rows, width), capacity, dtype=torch.int64, device=device)
+        """[R, K] the position of each clamp's condition feature in the slice; C = none."""
+        self._h_slot = torch.full((rows, 2, width), capacity, dtype=torch.int64, pin_memory=pin)
         self._h_ids = torch.zeros(capacity, dtype=torch.int64, pin_memory=pin)
         self.ids = np.zeros(0, dtype=np.int64)
         """The features the slice holds now (sorted)."""
@@ -37,9 +39,10 @@ class GraphColumns:
     def fits(self, columns: np.ndarray) -> bool:
         return len(columns) <= self.capacity
 
-    def load(self, columns: np.ndarray, compact: np.ndarray) -> None:
-        """columns: [U] sorted distinct clamped features (U <= C); compact: [used, K] the used table
-        rows' clamps as positions in `columns` (padding U)."""
+    def load(self, columns: np.ndarray, compact: np.ndarray, cond_compact: np.ndarray) -> None:
+        """columns: [U] sorted distinct features clamped or read by conditions (U <= C); compact,
+        cond_compact: [used, K] the used table rows' clamps and their conditions as positions in
+        `columns` (padding and no condition: U)."""
         n = len(columns)
         if not np.array_equal(columns, self.ids):
             self._h_ids[:n] = torch.from_numpy(columns)
@@ -47,6 +50,8 @@ class GraphColumns:
             self.sae.slice(self._h_ids.to(self.slot.device, non_blocking=True), out=self.part)
             self.ids = columns.copy()
         used = len(compact)
-        host = self._h_slot[:used].numpy()
-        host[:] = np.where(compact == n, self.capacity, compact)
-        self.slot[:used].copy_(self._h_slot[:used], non_blocking=True)
+        host = self._h_slot[:used].numpy()  # [used, 2, K]: clamps, conditions
+        host[:, 0] = np.where(compact == n, self.capacity, compact)
+        host[:, 1] = np.where(cond_compact == n, self.capacity, cond_compact)
+        self.slot[:used].copy_(self._h_slot[:used, 0], non_blocking=True)
+        self.cond_slot[:used].copy_(self._h_slot[:used, 1], non_blocking=True)

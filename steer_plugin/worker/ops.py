@@ -15,7 +15,8 @@ Math, per token t with a clamp row r (Anthropic's clamp with the SAE error term 
     x   = hidden + residual                              the residual stream, [T, d_in]
                                                          (hidden alone for layers without a residual)
     f   = encode(x)                                      [T, d_sae]
-    f'  = f with f[i] <- f[i] * mul[r, i] + add[r, i]    for the request's clamped features i
+    f'  = f with f[i] <- f[i] * mul[r, i] + add[r, i]    for the request's clamped features i whose
+                                                         condition holds: f[cond i] > above[r, i]
     x'  = x + decode(f') - decode(f) = x + ((f' - f) @ W_dec) * scale
 and hidden' = hidden + (x' - x). Tokens without a row are returned bit-identical.
 """
@@ -38,13 +39,17 @@ logger = logging.getLogger(__name__)
 
 
 def clamp_delta(f_cols: torch.Tensor, scale: torch.Tensor, W_dec_rows: torch.Tensor, slot: torch.Tensor,
-                mul: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+                mul: torch.Tensor, add: torch.Tensor, cond_slot: torch.Tensor, above: torch.Tensor) -> torch.Tensor:
     """decode(f') - decode(f) from the activations of U features only:
     f_cols [S, U] activations of those features; scale [S, 1] (or []) the SAE's output scale;
     W_dec_rows [U, d_in] their decoder rows; slot/mul/add [S, K] each token's clamps, as positions in
-    the U features (padding: U, with mul 1 and add 0: no change) -> delta [S, d_in]."""
-    f_slot = torch.cat([f_cols, f_cols.new_zeros(f_cols.shape[0], 1)], dim=1).gather(1, slot)  # [S, K]
-    change = f_slot * (mul - 1.0) + add  # f' - f at the clamped features
+    the U features (padding: U, with mul 1 and add 0: no change); cond_slot/above [S, K] each clamp's
+    condition, the position of its feature (U: none, reads 0) and the threshold it must exceed (-inf
+    for none) -> delta [S, d_in]."""
+    f_pad = torch.cat([f_cols, f_cols.new_zeros(f_cols.shape[0], 1)], dim=1)  # [S, U + 1]
+    f_slot = f_pad.gather(1, slot)  # [S, K]
+    holds = f_pad.gather(1, cond_slot) > above  # [S, K]; the stream before any clamp of this SAE
+    change = torch.where(holds, f_slot * (mul - 1.0) + add, 0.0)  # f' - f at the clamped features
     df = change.new_zeros(f_cols.shape[0], f_cols.shape[1] + 1).scatter_add_(1, slot, change)[:, :-1]  # [S, U]
     return matmul(df, W_dec_rows) * scale
 
@@ -98,8 +103,8 @@ class LayerSteer:
         """Device bytes of the op's persistent buffers beside the SAE's weights: the stream snapshot, the
         clamp table and, on the graph path, the feature slice."""
         t, c = self.table, self.columns
-        graph = () if c is None else (*c.part, c.slot)
-        return tensor_bytes(self.snapshot, t.tok_row, t.feature, t.mul, t.add, *graph)
+        graph = () if c is None else (*c.part, c.slot, c.cond_slot)
+        return tensor_bytes(self.snapshot, t.tok_row, t.feature, t.mul, t.add, t.above, *graph)
 
     # ---- between steps (host) -----------------------------------------------------------------
     def prepare(self, num_tokens: int) -> None:
@@ -117,7 +122,7 @@ class LayerSteer:
             columns = t.columns.numpy()  # only a steered step on the graph path needs the step's columns
             self.host_step = self.columns is None or not self.columns.fits(columns)
             if not self.host_step:
-                self.columns.load(columns, t.compact.numpy())
+                self.columns.load(columns, t.compact.numpy(), t.cond_compact.numpy())
 
     def after_forward(self) -> None:
         """After the forward: check the step was steered as planned, then metrics and recordings."""
@@ -178,7 +183,9 @@ class LayerSteer:
             f, norm = self.sae.encode(x)  # [S, d_sae]
             f_cols, W_dec_rows = f.index_select(1, columns), self.sae.W_dec.index_select(0, columns)
         slot = t.compact.to(device, non_blocking=True)[rows]  # [S, K] positions in columns; padding U
-        delta = clamp_delta(f_cols, norm.scale, W_dec_rows, slot, t.mul[rows], t.add[rows])  # [S, d_in] float32
+        cond_slot = t.cond_compact.to(device, non_blocking=True)[rows]  # [S, K]
+        delta = clamp_delta(f_cols, norm.scale, W_dec_rows, slot, t.mul[rows], t.add[rows],
+                            cond_slot, t.above[rows])  # [S, d_in] float32
         return hidden.index_add(0, idx, delta.to(hidden.dtype))
 
     def _steer_graph(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -188,7 +195,8 @@ class LayerSteer:
         rows = t.tok_row[: hidden.shape[0]]  # [T]; -1: unsteered, and CUDA-graph padding
         r = rows.clamp_min(0).long()
         f_cols, norm = self.sae.encode_slice(_stream(hidden, residual), c.part)  # [T, C]
-        delta = clamp_delta(f_cols, norm.scale, c.part.W_dec, c.slot[r], t.mul[r], t.add[r])  # [T, d_in]
+        delta = clamp_delta(f_cols, norm.scale, c.part.W_dec, c.slot[r], t.mul[r], t.add[r],
+                            c.cond_slot[r], t.above[r])  # [T, d_in]
         return torch.where((rows >= 0).unsqueeze(-1), hidden + delta.to(hidden.dtype), hidden)
 
 
