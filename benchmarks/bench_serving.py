@@ -7,7 +7,9 @@ nothing while another is measured):
     plugin+metrics  the plugin with feature metrics on every step
     plugin-metrics  the plugin with feature metrics off (what the sampled metrics cost, by difference)
 Workloads: none steered, all steered with one shared clamp set, every request with a clamp set of
-its own ("distinct"), half steered, and `return_features` on every request ("features"). Each
+its own ("distinct"), the same with both clamps conditional ("conditional": one where its feature is
+active, one where another feature is above a threshold), half steered, and `return_features` on
+every request ("features"). Each
 (server, workload, concurrency) cell sends `--requests-per-stream` x concurrency streamed requests
 (openai async client, fixed prompts, fixed output length with ignore_eos) and reports:
     tok/s          output tokens over the cell's wall time (ramp-up and tail included)
@@ -65,7 +67,7 @@ FILLER = ("The committee reviewed the quarterly figures, the staffing plan and t
           "building, and asked for a shorter summary of each before the next meeting. ")
 """Repeated in front of each prompt for --prompt-words (about 1.1 tokens a word), after a nonce of its
 own per request, so long prompts are computed (prefill) rather than served from the prefix cache."""
-WORKLOADS = ("none", "shared", "distinct", "half", "features")
+WORKLOADS = ("none", "shared", "distinct", "conditional", "half", "features")
 SERVED_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -85,9 +87,13 @@ def clamps_for(workload: str, i: int, d_sae: int, unit: str) -> list[dict] | Non
     if workload in ("none", "features") or (workload == "half" and i % 2):
         return None
     value = 4.0 if unit == "max" else 8.0
-    if workload == "distinct":
-        return [{"feature": (97 * i + 13) % d_sae, "value": value, "unit": unit},
-                {"feature": (31 * i + 5) % d_sae, "value": 0.0}]
+    if workload in ("distinct", "conditional"):
+        clamps = [{"feature": (97 * i + 13) % d_sae, "value": value, "unit": unit},
+                  {"feature": (31 * i + 5) % d_sae, "value": 0.0}]
+        if workload == "conditional":
+            clamps[0]["when"] = "active"
+            clamps[1]["when"] = {"feature": (53 * i + 7) % d_sae, "above": 0.1 if unit == "max" else 0.5}
+        return clamps
     return [{"feature": 13, "value": value, "unit": unit}, {"feature": 5, "value": 0.0}]
 
 
@@ -237,7 +243,8 @@ def device_name() -> str:
 
 
 SUMMARY_NAMES = {"idle_ratio_min": "idle", "shared_ratio_min": "one clamp set on every request",
-                 "distinct_ratio_min": "every request with its own clamp set", "half_ratio_min": "half steered",
+                 "distinct_ratio_min": "every request with its own clamp set",
+                 "conditional_ratio_min": "every request with its own conditional clamps", "half_ratio_min": "half steered",
                  "features_ratio_min": "return_features", "metrics_every_step_ratio_min": "metrics every step",
                  "metrics_off_ratio_min": "idle with feature metrics off"}
 """The summary's figures, as results.md names them."""
@@ -453,6 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "concurrencies": concurrencies},
         "summary": {"idle_ratio_min": lowest("plugin", "none"), "distinct_ratio_min": lowest("plugin", "distinct"),
                     "shared_ratio_min": lowest("plugin", "shared"), "half_ratio_min": lowest("plugin", "half"),
+                    "conditional_ratio_min": lowest("plugin", "conditional"),
                     "features_ratio_min": lowest("plugin", "features"),
                     "metrics_every_step_ratio_min": lowest("plugin+metrics", "none"),
                     "metrics_off_ratio_min": lowest("plugin-metrics", "none")},

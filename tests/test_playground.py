@@ -185,6 +185,23 @@ def test_a_bad_value_shows_its_error_beside_the_field_and_keeps_the_form(page):
     assert page.locator("#clamp-0-feature").input_value() == "999999"  # nothing lost
     assert page.get_by_label("Prompt").input_value() == "Hello there"
 
+    # a condition is edited beside its clamp, and its errors land on its own field
+    page.locator("#clamp-0-feature").fill("4137")
+    page.locator("#clamp-0-feature").dispatch_event("change")
+    page.get_by_label("Only").select_option("feature")
+    page.get_by_label("Condition feature").fill("888888")
+    page.get_by_label("Condition feature").dispatch_event("change")
+    page.get_by_role("button", name="Send").click()
+    page.wait_for_function("document.getElementById('clamp-0-error').textContent.includes('when.feature')",
+                           timeout=60_000)
+    assert page.locator("#clamp-0-when-feature").get_attribute("aria-invalid") == "true"
+    page.get_by_label("Condition feature").fill("4137")
+    page.get_by_label("Condition feature").dispatch_event("change")
+    page.get_by_label("Above (the clamp's unit)").fill("0.25")
+    page.get_by_label("Above (the clamp's unit)").dispatch_event("change")
+    page.get_by_role("button", name="Copy as curl").click()
+    assert '"when":{"feature":4137,"above":0.25}' in page.locator("#copy-output").input_value()
+
 
 def test_narrow_window_and_keyboard(browser, feature_server):
     context = browser.new_context(viewport={"width": 420, "height": 800})

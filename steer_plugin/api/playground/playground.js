@@ -7,7 +7,7 @@ const api = (path) => new URL(`../${path}`, location.href).toString();
 const state = {
   model: null,
   sae: null,          // id of the chosen SAE
-  clamps: [],         // {sae, feature, label, strength, mode, tokens}
+  clamps: [],         // {sae, feature, label, strength, mode, tokens, when: {kind, feature, above}}
   details: new Map(), // feature id -> catalogue entry
   reply: null,        // steered reply: {tokens: [str], features: [[{id, activation, label}]]}
   text: null,         // inspected text: the same shape
@@ -55,12 +55,13 @@ function showError(error) {
   // Put an API error next to the control it names; the form keeps every value.
   const message = error.message || JSON.stringify(error);
   const param = error.param || "";
-  const clamp = /^feature_clamps\[(\d+)\]\.?(\w+)?/.exec(message);
+  const clamp = /^feature_clamps\[(\d+)\]\.?([\w.]+)?/.exec(message);
   let target = null;
   let control = null;
   if (param === "feature_clamps" && clamp) {
     target = $(`clamp-${clamp[1]}-error`);
-    control = $(`clamp-${clamp[1]}-${clamp[2] === "value" ? "strength" : (clamp[2] || "feature")}`);
+    const field = clamp[2] === "value" ? "strength" : (clamp[2] || "feature").replace(".", "-");  // when.above
+    control = $(`clamp-${clamp[1]}-${field}`);
   } else {
     target = $(`${param}-error`);
     control = document.querySelector(`[data-param="${param}"]`);
@@ -234,6 +235,20 @@ function renderClamps() {
     const tokens = el("select", {id: `clamp-${i}-tokens`, onchange: (e) => { clamp.tokens = e.target.value; }},
       ...["all", "prompt", "generated"].map((t) => el("option", {value: t}, t)));
     tokens.value = clamp.tokens;
+    // A conditional clamp acts only where a feature of its SAE is above a threshold (see spec.ClampCondition).
+    clamp.when = clamp.when || {kind: "always", feature: clamp.feature, above: 0};
+    const whenFeature = el("input", {id: `clamp-${i}-when-feature`, type: "number", step: "1", min: "0",
+                                     value: clamp.when.feature, disabled: clamp.when.kind !== "feature",
+                                     onchange: (e) => { clamp.when.feature = Number(e.target.value); }});
+    const whenAbove = el("input", {id: `clamp-${i}-when-above`, type: "number", step: "0.1",
+                                   value: clamp.when.above, disabled: clamp.when.kind !== "feature",
+                                   onchange: (e) => { clamp.when.above = Number(e.target.value); }});
+    const when = el("select", {id: `clamp-${i}-when`, onchange: (e) => {
+      clamp.when.kind = e.target.value;
+      whenFeature.disabled = whenAbove.disabled = e.target.value !== "feature";
+    }}, el("option", {value: "always"}, "always"), el("option", {value: "active"}, "where this feature is active"),
+        el("option", {value: "feature"}, "where a feature is above a threshold"));
+    when.value = clamp.when.kind;
     box.append(el("div", {class: "clamp", "data-feature": clamp.feature},
       el("div", {class: "title"}, `${clamp.sae ? clamp.sae + " " : ""}#${clamp.feature} ${clamp.label}`),
       el("div", {}, el("label", {for: `clamp-${i}-feature`}, "Feature"), feature),
@@ -241,6 +256,9 @@ function renderClamps() {
       el("div", {}, el("label", {for: `clamp-${i}-strength`}, "Strength value"), number),
       el("div", {}, el("label", {for: `clamp-${i}-mode`}, "Mode"), mode),
       el("div", {}, el("label", {for: `clamp-${i}-tokens`}, "Tokens"), tokens),
+      el("div", {}, el("label", {for: `clamp-${i}-when`}, "Only"), when),
+      el("div", {}, el("label", {for: `clamp-${i}-when-feature`}, "Condition feature"), whenFeature),
+      el("div", {}, el("label", {for: `clamp-${i}-when-above`}, "Above (the clamp's unit)"), whenAbove),
       el("button", {type: "button", "aria-label": `Remove clamp on feature ${clamp.feature}`,
                     onclick: () => { state.clamps.splice(i, 1); renderClamps(); }}, "Remove"),
       el("span", {id: `clamp-${i}-error`, class: "error", role: "alert", hidden: ""})));
@@ -249,7 +267,13 @@ function renderClamps() {
 
 function clampSpec() {
   return state.clamps.map((c) => ({...(c.sae ? {sae: c.sae} : {}), feature: c.feature, value: c.strength,
-                                   mode: c.mode, ...(c.mode === "scale" ? {} : {unit: c.unit || "max"}), tokens: c.tokens}));
+                                   mode: c.mode, ...(c.mode === "scale" ? {} : {unit: c.unit || "max"}), tokens: c.tokens,
+                                   ...condition(c.when)}));
+}
+
+function condition(when) {
+  if (!when || when.kind === "always") return {};
+  return {when: when.kind === "active" ? "active" : {feature: when.feature, above: when.above}};
 }
 
 // ---------------------------------------------------------------------------------------- compare
