@@ -8,8 +8,10 @@ nothing while another is measured):
     plugin-metrics  the plugin with feature metrics off (what the sampled metrics cost, by difference)
 Workloads: none steered, all steered with one shared clamp set, every request with a clamp set of
 its own ("distinct"), the same with both clamps conditional ("conditional": one where its feature is
-active, one where another feature is above a threshold), half steered, and `return_features` on
-every request ("features"). Each
+active, one where another feature is above a threshold), every request adding a steering vector
+("vector": a random GGUF control vector at the middle layer, the plugin servers started with
+`--vector bench=FILE` when this workload runs), half steered, and `return_features` on every request
+("features"). Each
 (server, workload, concurrency) cell sends `--requests-per-stream` x concurrency streamed requests
 (openai async client, fixed prompts, fixed output length with ignore_eos) and reports:
     tok/s          output tokens over the cell's wall time (ramp-up and tail included)
@@ -67,7 +69,7 @@ FILLER = ("The committee reviewed the quarterly figures, the staffing plan and t
           "building, and asked for a shorter summary of each before the next meeting. ")
 """Repeated in front of each prompt for --prompt-words (about 1.1 tokens a word), after a nonce of its
 own per request, so long prompts are computed (prefill) rather than served from the prefix cache."""
-WORKLOADS = ("none", "shared", "distinct", "conditional", "half", "features")
+WORKLOADS = ("none", "shared", "distinct", "conditional", "vector", "half", "features")
 SERVED_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -97,9 +99,13 @@ def clamps_for(workload: str, i: int, d_sae: int, unit: str) -> list[dict] | Non
     return [{"feature": 13, "value": value, "unit": unit}, {"feature": 5, "value": 0.0}]
 
 
-async def one_request(client, prompt: str, clamps, features: bool, max_tokens: int):
+def vectors_for(workload: str) -> list[dict] | None:
+    return [{"vector": "bench", "scale": 4.0}] if workload == "vector" else None
+
+
+async def one_request(client, prompt: str, clamps, vectors, features: bool, max_tokens: int):
     extra = {"ignore_eos": True, "return_token_ids": True, **({"feature_clamps": clamps} if clamps else {}),
-             **({"return_features": 4} if features else {})}
+             **({"steering_vectors": vectors} if vectors else {}), **({"return_features": 4} if features else {})}
     start = time.perf_counter()
     stamps = []
     tokens = 0
@@ -146,7 +152,7 @@ async def drive(base_url: str, workload: str, concurrency: int, requests: int, m
             if prompt.startswith(FILLER):
                 prompt = f"Ticket {uuid.uuid4().hex}. {prompt}"
             results.append(await one_request(client, prompt, clamps_for(workload, i, d_sae, unit),
-                                             workload == "features", max_tokens))
+                                             vectors_for(workload), workload == "features", max_tokens))
         return results
 
     start = time.perf_counter()
@@ -223,6 +229,18 @@ def random_sae(spec: str, model_dir: Path, folder: Path) -> None:
     save_file({"max_activation": torch.ones(d_sae)}, str(folder / STATS_FILENAME))
 
 
+def random_vector(model_dir: Path, path: Path) -> Path:
+    """A random unit GGUF control vector at the output of the model's middle layer, in `path`."""
+    import numpy as np
+
+    from steer_workbench.vectors import write_vector
+
+    hf = json.loads((model_dir / "config.json").read_text())
+    direction = np.random.default_rng(0).normal(size=hf["hidden_size"]).astype(np.float32)
+    write_vector(path, {hf["num_hidden_layers"] // 2: direction / np.linalg.norm(direction)}, "bench")
+    return path
+
+
 def model_from_config(config_dir: Path, out: Path) -> Path:
     """A model folder vLLM can serve with --load-format dummy: the config plus the default tokenizer."""
     folder = out / config_dir.name
@@ -244,7 +262,8 @@ def device_name() -> str:
 
 SUMMARY_NAMES = {"idle_ratio_min": "idle", "shared_ratio_min": "one clamp set on every request",
                  "distinct_ratio_min": "every request with its own clamp set",
-                 "conditional_ratio_min": "every request with its own conditional clamps", "half_ratio_min": "half steered",
+                 "conditional_ratio_min": "every request with its own conditional clamps",
+                 "vector_ratio_min": "every request with a steering vector", "half_ratio_min": "half steered",
                  "features_ratio_min": "return_features", "metrics_every_step_ratio_min": "metrics every step",
                  "metrics_off_ratio_min": "idle with feature metrics off"}
 """The summary's figures, as results.md names them."""
@@ -351,6 +370,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model_config:
         common = ["--model", str(model_dir), "--served-model-name", SERVED_NAME, "--max-model-len", "4096", *common]
     common += ["--enforce-eager"] if args.mode == "eager" else []
+    if "vector" in workloads:
+        common += ["--vector", f"bench={random_vector(model_dir, scratch / 'bench.gguf')}"]
     vllm_opts = ["--pipeline-parallel-size", str(args.pp)] if args.pp > 1 else []
     vllm_opts += ["--data-parallel-size", str(args.dp)] if args.dp > 1 else []
     vllm_opts += ["--load-format", "dummy"] if args.model_config else []
@@ -461,6 +482,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": {"idle_ratio_min": lowest("plugin", "none"), "distinct_ratio_min": lowest("plugin", "distinct"),
                     "shared_ratio_min": lowest("plugin", "shared"), "half_ratio_min": lowest("plugin", "half"),
                     "conditional_ratio_min": lowest("plugin", "conditional"),
+                    "vector_ratio_min": lowest("plugin", "vector"),
                     "features_ratio_min": lowest("plugin", "features"),
                     "metrics_every_step_ratio_min": lowest("plugin+metrics", "none"),
                     "metrics_off_ratio_min": lowest("plugin-metrics", "none")},

@@ -93,6 +93,18 @@ def test_sae_ids_must_differ_and_be_plain():
         SAESource("/x/sae", id="a b")
 
 
+def test_vectors_are_named_on_the_command_line(tmp_path):
+    argv = server.vllm_argv(_args("--vector", f"calm={tmp_path / 'calm.gguf'}", "--vector", "tea=tea.safetensors"), [])
+    cfg = SteerConfig.from_dict(json.loads(argv[argv.index("--additional-config") + 1])["steer"])
+    assert [(v.name, v.path) for v in cfg.vectors] == [("calm", str(tmp_path / "calm.gguf")),
+                                                       ("tea", str(Path("tea.safetensors").resolve()))]
+    for item, words in [(str(tmp_path / "calm.gguf"), "give NAME=FILE"), ("a b=calm.gguf", "use letters")]:
+        with pytest.raises(SystemExit, match=words):
+            server.vllm_argv(_args("--vector", item), [])
+    with pytest.raises(ValueError, match="steer.vectors: names must differ"):
+        SteerConfig.from_dict({"vectors": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]})
+
+
 def test_variants_are_read_from_their_files_and_checked(tmp_path):
     golden = tmp_path / "golden.json"
     golden.write_text(json.dumps({"feature_clamps": [{"feature": 3, "value": 2, "unit": "max"}],
@@ -102,8 +114,7 @@ def test_variants_are_read_from_their_files_and_checked(tmp_path):
     (variant,) = cfg.variants
     assert variant.name == "golden" and variant.model_id("m") == "m:golden"
     assert variant.feature_clamps == ({"feature": 3, "value": 2, "unit": "max"},)
-    for body, words in [({"steering_vectors": []}, "steering_vectors are not served yet"),
-                        ({"clamps": []}, "unknown key 'clamps'"),
+    for body, words in [({"clamps": []}, "unknown key 'clamps'"),
                         ({"sampling": {"logprobs": 5}}, "sampling.logprobs is not a field"),
                         ({"sampling": {"temperature": "hot"}}, "sampling.temperature must be a number")]:
         golden.write_text(json.dumps(body))

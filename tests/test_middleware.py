@@ -18,7 +18,7 @@ from steer_plugin.core.spec import RECORD_FIELD, Limits
 
 pytestmark = pytest.mark.anyio
 
-LIMITS = Limits.one(d_sae=64, max_clamps=4, max_activation=np.full(64, 2.0, dtype=np.float32))
+LIMITS = Limits.one(d_sae=64, max_clamps=4, max_activation=np.full(64, 2.0, dtype=np.float32), vectors=("calm",))
 CLAMPS = [{"feature": 3, "value": 1.5}]
 TRICKY = "data: [DONE]\n\nnot the end"
 """Reply text that contains the stream's end marker."""
@@ -326,13 +326,14 @@ async def test_the_string_form_has_the_limits_of_a_body(app, place, value, words
     assert r.status_code == 400 and error["param"] == "feature_clamps" and words in error["message"]
 
 
-def _canonical_digest(clamps: list[list]) -> str:
-    """The receipt's digest written out by hand: SHA-256 of the sorted [sae, feature, mul, add, tokens] rows."""
-    return hashlib.sha256(json.dumps(clamps, separators=(",", ":")).encode()).hexdigest()
+def _canonical_digest(steering: dict) -> str:
+    """The receipt's digest written out by hand: SHA-256 of {"clamps": the sorted [sae, feature, mul,
+    add, tokens] rows, "vectors": the sorted [name, scale, tokens] rows}."""
+    return hashlib.sha256(json.dumps(steering, separators=(",", ":")).encode()).hexdigest()
 
 
-RECEIPT = {"digest": _canonical_digest([["sae", 3, 0.0, 1.5, 0], ["sae", 7, 1.0, 0.5, 2]]), "clamps": 2,
-           "canonical": [["sae", 3, 0.0, 1.5, 0], ["sae", 7, 1.0, 0.5, 2]]}
+CANONICAL = {"clamps": [["sae", 3, 0.0, 1.5, 0], ["sae", 7, 1.0, 0.5, 2]]}
+RECEIPT = {"digest": _canonical_digest(CANONICAL), "clamps": 2, "vectors": 0, "canonical": CANONICAL}
 TWO = [{"feature": 7, "value": 0.25, "unit": "max", "mode": "add", "tokens": "generated"}, *CLAMPS]
 """Two clamps, out of order, one in max units (0.25 × 2.0): the receipt has them sorted, in activation units."""
 
@@ -344,7 +345,38 @@ async def test_a_steered_reply_carries_its_receipt(app, place):
     r = await _post(app, "/v1/chat/completions", body)
     assert r.status_code == 200 and int(r.headers["content-length"]) == len(r.content)
     assert r.headers["x-steer-digest"] == RECEIPT["digest"] and r.headers["x-steer-clamps"] == "2"
-    assert r.json()["steering"] == RECEIPT
+    assert r.headers["x-steer-vectors"] == "0" and r.json()["steering"] == RECEIPT
+
+
+@pytest.mark.parametrize("place", ["top", "vllm_xargs"])
+async def test_vectors_move_into_vllm_xargs_and_join_the_receipt(app, place):
+    vectors = [{"vector": "calm", "scale": 0.5, "tokens": "prompt"}]
+    body = {"model": "m", "feature_clamps": CLAMPS, "steering_vectors": vectors} if place == "top" else {
+        "model": "m", "vllm_xargs": {"feature_clamps": json.dumps(CLAMPS), "steering_vectors": json.dumps(vectors)}}
+    r = await _post(app, "/v1/chat/completions", body)
+    assert json.loads(r.json()["received"]["vllm_xargs"]["steering_vectors"]) == vectors
+    canonical = {"clamps": [["sae", 3, 0.0, 1.5, 0]], "vectors": [["calm", 0.5, 1]]}
+    assert r.headers["x-steer-vectors"] == "1" and r.headers["x-steer-clamps"] == "1"
+    assert r.json()["steering"] == {"digest": _canonical_digest(canonical), "clamps": 1, "vectors": 1,
+                                    "canonical": canonical}
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"steering_vectors": [{"vector": "storm", "scale": 1}]}, "steering_vectors[0].vector: unknown vector 'storm'"),
+    ({"steering_vectors": [{"vector": "calm", "scale": 1}], "use_beam_search": True}, "steering_vectors: not supported"),
+    ({"steering_vectors": [], "vllm_xargs": {"steering_vectors": "[]"}}, "given both at top level and in vllm_xargs"),
+    ({"steeringVectors": [{"vector": "calm", "scale": 1}]}, "did you mean steering_vectors"),
+])
+async def test_bad_vectors_are_a_400_naming_the_field(app, body, words):
+    r = await _post(app, "/v1/chat/completions", {"model": "m", **body})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "steering_vectors" and words in error["message"]
+
+
+async def test_vectors_are_refused_on_a_route_that_does_not_steer(app):
+    r = await _post(app, "/v1/embeddings", {"model": "m", "input": "x", "steering_vectors": [{"vector": "calm",
+                                                                                            "scale": 1}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "steering_vectors"
 
 
 async def test_a_streamed_steered_reply_has_the_receipt_in_its_headers(app):
@@ -378,17 +410,19 @@ async def test_an_error_reply_carries_no_receipt(app, stream):
 GOLDEN = Variant(name="golden", feature_clamps=({"feature": 7, "value": 0.25, "unit": "max", "mode": "add",
                                                   "tokens": "generated"}, {"feature": 3, "value": 9}),
                  sampling={"temperature": 0.7, "max_tokens": 12})
+CALMED = Variant(name="calmed", steering_vectors=({"vector": "calm", "scale": 4},))
 
 
 @pytest.fixture
 def variant_app():
-    return _app(served_variants(SteerConfig(variants=(GOLDEN, Variant(name="plain", model="calm"))), "m", LIMITS))
+    return _app(served_variants(SteerConfig(variants=(GOLDEN, Variant(name="plain", model="calm"), CALMED)), "m",
+                                LIMITS))
 
 
 async def test_variants_are_listed_beside_the_served_model(variant_app):
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=variant_app), base_url="http://test") as client:
         listed = (await client.get("/v1/models")).json()["data"]
-    assert [m["id"] for m in listed] == ["m", "m:golden", "calm"]
+    assert [m["id"] for m in listed] == ["m", "m:golden", "calm", "m:calmed"]
     assert listed[1]["root"] == "m" and listed[1]["max_model_len"] == 4096
 
 
@@ -401,6 +435,15 @@ async def test_a_request_for_a_variant_is_a_steered_request_for_the_served_model
     assert reply["steering"] == RECEIPT
     sent = json.loads(received["vllm_xargs"]["feature_clamps"])
     assert {(c["feature"], c["value"]) for c in sent} == {(3, 1.5), (7, 0.5)}
+
+
+async def test_a_variants_vector_is_replaced_by_the_requests_own(variant_app):
+    for own, scale in (([], 4), ([{"vector": "calm", "scale": 0}], 0)):
+        reply = (await _post(variant_app, "/v1/completions", {"model": "m:calmed", "prompt": "x",
+                                                              "steering_vectors": own})).json()
+        assert json.loads(reply["received"]["vllm_xargs"]["steering_vectors"]) == [
+            {"vector": "calm", "scale": scale, "tokens": "all"}]
+        assert reply["steering"]["canonical"] == {"vectors": [["calm", scale, 0]]}
 
 
 async def test_a_variant_without_clamps_changes_only_the_model(variant_app):

@@ -9,10 +9,11 @@ import torch
 from sae_factory import make_sae
 from steer_plugin.worker.attach import storage_dtype
 from steer_plugin.worker.clamp_table import ClampTable
-from steer_plugin.worker.ops import LayerSteer, register_sae
-from steer_plugin.core.reference import reference_steer
+from steer_plugin.worker.ops import LayerSteer, LayerVectors, register_sae, register_vectors
+from steer_plugin.worker.vector_table import VectorTable
+from steer_plugin.core.reference import reference_steer, reference_vectors
 from steer_plugin.core.sae import SAE
-from steer_plugin.core.spec import Limits, parse_clamps
+from steer_plugin.core.spec import Limits, parse_clamps, parse_vectors
 from steer_plugin.worker.step_layout import StepLayout
 
 D_IN, D_SAE = 32, 64
@@ -116,6 +117,35 @@ def test_conditional_clamps_act_exactly_where_their_condition_holds(arch, graph_
     assert 0 < int(holds.sum()) < 6
     assert torch.equal(out[6:][~holds], hidden[6:][~holds])
     assert not (out[6:][holds] == hidden[6:][holds]).all(dim=1).any()
+
+
+@pytest.mark.parametrize("graph_safe", [False, True])
+def test_vectors_are_added_at_each_requests_scope_and_scale(graph_safe):
+    """Four requests of one step (prefill, decode, a chunk across the prompt's end, and one at scale 0)
+    against the reference; the request at scale 0 is bit-identical."""
+    limits = Limits.one(d_sae=D_SAE, max_clamps=4, vectors=("a", "b"))
+    table = VectorTable(limits, max_tokens=32, max_reqs=8, device=torch.device("cpu"))
+    torch.manual_seed(3)
+    directions = torch.randn(2, D_IN)
+    register_vectors(f"vectors-{graph_safe}", LayerVectors(directions, table, graph_safe))
+    req_ids, num_sched, num_computed, num_prompt = ["p", "q", "r", "s"], [5, 1, 4, 3], [0, 9, 6, 2], [7, 6, 8, 9]
+    raw = {"p": [{"vector": "a", "scale": 2.0}], "q": [{"vector": "b", "scale": -1.0, "tokens": "generated"}],
+           "r": [{"vector": "a", "scale": 0.5, "tokens": "prompt"}, {"vector": "b", "scale": 3.0}],
+           "s": [{"vector": "a", "scale": 0.0}]}
+    table.fill(StepLayout(req_ids, np.array(num_sched), np.array(num_computed), np.array(num_prompt),
+                          lambda rid: {"steering_vectors": raw[rid]}))
+    assert table.step_steered == ["p", "q", "r"]  # scale 0: no row at all
+    hidden = torch.randn(13, D_IN)
+    out = torch.ops.steer_plugin.add_vectors(hidden, f"vectors-{graph_safe}")
+    plans, positions, prompt_lens = [], [], []
+    for i, rid in enumerate(req_ids):
+        for j in range(num_sched[i]):
+            plans.append(parse_vectors(raw[rid], limits))
+            positions.append(num_computed[i] + j)
+            prompt_lens.append(num_prompt[i])
+    torch.testing.assert_close(out, reference_vectors(directions, hidden, plans, positions, prompt_lens))
+    assert torch.equal(out[-3:], hidden[-3:])
+    assert not torch.equal(out[:5], hidden[:5])
 
 
 def test_identity_clamps_change_nothing_but_rounding():

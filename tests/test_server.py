@@ -8,11 +8,13 @@ import hashlib
 import json
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engines import Server
+from test_vector_files import write_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +27,11 @@ MESSAGES = [{"role": "user", "content": "What is your favourite animal and why?"
 def server(random_sae_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("server")
     (folder / "golden.json").write_text(json.dumps({"feature_clamps": CLAMPS, "sampling": {"temperature": 0}}))
+    direction = np.random.default_rng(0).normal(size=576).astype(np.float32)
+    write_gguf(folder / "push.gguf", {"direction.15": direction / np.linalg.norm(direction)})
     srv = Server(["--sae", str(random_sae_dir), "--metrics-sample-every", "1", "--metrics-watch", str(WATCHED),
-                  "--variant", f"golden={folder / 'golden.json'}"], folder / "server.log").wait_ready()
+                  "--variant", f"golden={folder / 'golden.json'}", "--vector", f"push={folder / 'push.gguf'}"],
+                 folder / "server.log").wait_ready()
     yield srv
     srv.stop()
 
@@ -61,20 +66,40 @@ def test_chat_steering_with_the_openai_client(client):
 
 
 def test_a_steered_reply_says_what_ran(server, client):
-    """The receipt: the digest of the canonical clamp set (written out here by hand), in the headers of
+    """The receipt: the digest of the canonical steering (written out here by hand), in the headers of
     every steered reply and, with the clamps themselves, in a non-streamed one; none on a plain reply."""
     sae = httpx.get(f"{server.base_url}/v1/saes").json()["data"][0]["id"]
-    canonical = [[sae, 3, 0.0, 80.0, 0], [sae, 10, 1.0, 60.0, 0]]
+    canonical = {"clamps": [[sae, 3, 0.0, 80.0, 0], [sae, 10, 1.0, 60.0, 0]]}
     digest = hashlib.sha256(json.dumps(canonical, separators=(",", ":")).encode()).hexdigest()
     ask = dict(model="SmolLM2-135M-Instruct", messages=MESSAGES, temperature=0, max_tokens=4)
     steered = client.chat.completions.with_raw_response.create(**ask, extra_body={"feature_clamps": CLAMPS})
     assert steered.headers["x-steer-digest"] == digest and steered.headers["x-steer-clamps"] == "2"
-    assert steered.parse().model_extra["steering"] == {"digest": digest, "clamps": 2, "canonical": canonical}
+    assert steered.parse().model_extra["steering"] == {"digest": digest, "clamps": 2, "vectors": 0,
+                                                       "canonical": canonical}
     with client.chat.completions.with_streaming_response.create(
             **ask, stream=True, extra_body={"vllm_xargs": {"feature_clamps": json.dumps(CLAMPS[::-1])}}) as streamed:
         assert streamed.headers["x-steer-digest"] == digest
     plain = client.chat.completions.with_raw_response.create(**ask)
     assert "x-steer-digest" not in plain.headers and "steering" not in (plain.parse().model_extra or {})
+
+
+def test_a_steering_vector_with_the_openai_client(client):
+    """`--vector push=FILE` (a GGUF control vector at layer 15): a request adding it is steered and says
+    so in its receipt; at scale 0 it is the plain reply; an unknown name is a 400 naming the field."""
+    def ask(vectors):
+        return client.chat.completions.with_raw_response.create(
+            model="SmolLM2-135M-Instruct", messages=MESSAGES, temperature=0, max_tokens=24,
+            extra_body={"steering_vectors": vectors})
+
+    pushed = ask([{"vector": "push", "scale": 60.0}])
+    assert pushed.parse().choices[0].message.content != chat(client)
+    assert pushed.headers["x-steer-vectors"] == "1" and pushed.headers["x-steer-clamps"] == "0"
+    assert pushed.parse().model_extra["steering"]["canonical"] == {"vectors": [["push", 60.0, 0]]}
+    assert ask([{"vector": "push", "scale": 0.0}]).parse().choices[0].message.content == chat(client)
+    with pytest.raises(openai.BadRequestError) as err:
+        ask([{"vector": "pull", "scale": 1.0}])
+    error = err.value.response.json()["error"]
+    assert error["param"] == "steering_vectors" and "unknown vector 'pull'" in error["message"]
 
 
 def test_a_variant_id_steers_a_plain_openai_client(client):

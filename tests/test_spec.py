@@ -6,9 +6,15 @@ import re
 import numpy as np
 import pytest
 
-from steer_plugin.core.spec import SALT_PREFIX, ClampError, Limits, cache_salt, clamp_list, merge_plans, parse_clamps
+from steer_plugin.core.spec import (SALT_PREFIX, ClampError, Limits, Steering, VectorError, cache_salt, clamp_list,
+                                    merge_plans, merge_vector_plans, parse_clamps, parse_vectors, vector_list)
 
-LIMITS = Limits.one(d_sae=100, max_clamps=4, max_activation=np.full(100, 2.0, dtype=np.float32))
+LIMITS = Limits.one(d_sae=100, max_clamps=4, max_activation=np.full(100, 2.0, dtype=np.float32),
+                    vectors=("calm", "tea"))
+
+
+def steering(clamps=None, vectors=None, limits=LIMITS):
+    return Steering.of(parse_clamps(clamps, limits), parse_vectors(vectors, limits), limits)
 
 
 def test_modes_become_affine_edits():
@@ -72,9 +78,9 @@ def test_unit_max_without_a_max_table_is_rejected():
 
 
 def test_cache_salt_depends_on_the_clamp_set_only():
-    a = parse_clamps([{"feature": 1, "value": 1}, {"feature": 2, "value": 3}], LIMITS)
-    b = parse_clamps([{"feature": 2, "value": 3}, {"feature": 1, "value": 1.0}], LIMITS)
-    c = parse_clamps([{"feature": 1, "value": 2}], LIMITS)
+    a = steering([{"feature": 1, "value": 1}, {"feature": 2, "value": 3}])
+    b = steering([{"feature": 2, "value": 3}, {"feature": 1, "value": 1.0}])
+    c = steering([{"feature": 1, "value": 2}])
     assert cache_salt(None, a, 10) == cache_salt(None, b, 10) != cache_salt(None, c, 10)
     assert cache_salt(None, a, 10) == cache_salt(None, a, 99)  # all-position clamps: reused across turns
     assert cache_salt(None, None, 10) is None  # plain requests share vLLM's cache as usual
@@ -82,8 +88,10 @@ def test_cache_salt_depends_on_the_clamp_set_only():
 
 
 def test_scoped_clamps_key_the_cache_by_the_prompt_boundary():
-    scoped = parse_clamps([{"feature": 1, "value": 1, "tokens": "prompt"}], LIMITS)
+    scoped = steering([{"feature": 1, "value": 1, "tokens": "prompt"}])
     assert cache_salt(None, scoped, 10) != cache_salt(None, scoped, 11)
+    scoped_vector = steering(vectors=[{"vector": "calm", "scale": 1, "tokens": "generated"}])
+    assert cache_salt(None, scoped_vector, 10) != cache_salt(None, scoped_vector, 11)
 
 
 @pytest.mark.parametrize("forged", [
@@ -93,7 +101,7 @@ def test_scoped_clamps_key_the_cache_by_the_prompt_boundary():
 ])
 def test_no_client_salt_reaches_a_derived_salt(forged):
     """An unsteered request carrying any salt a client could compute never shares KV with a steered one."""
-    plan = parse_clamps([{"feature": 1, "value": 1}], LIMITS)
+    plan = steering([{"feature": 1, "value": 1}])
     derived = cache_salt(None, plan, 10)
     assert cache_salt(forged(plan), None, 10) != derived
     assert cache_salt(forged(plan), None, 10).startswith(SALT_PREFIX)
@@ -165,8 +173,8 @@ def test_a_condition_is_part_of_the_canonical_clamp_set():
     assert json.loads(other.canonical) == [["sae", 5, 0.0, 3.0, 0, 8, 0.5]]
     assert other.cond.tolist() == [8] and other.above.tolist() == [0.5]
     assert plain.cond.tolist() == [-1]
-    assert len({plain.digest, active.digest, other.digest}) == 3
-    assert cache_salt(None, plain, 4) != cache_salt(None, active, 4)
+    digests = {Steering.of(plan, None, LIMITS).digest for plan in (plain, active, other)}
+    assert len(digests) == 3
 
 
 def test_a_condition_reads_a_feature_of_the_clamps_own_sae():
@@ -183,3 +191,53 @@ def test_a_plan_written_back_as_clamps_reads_back_the_same():
                          {"sae": "mlp", "feature": 3, "value": 1.3, "mode": "scale"}, {"feature": 1, "value": 0}], TWO)
     again = parse_clamps(json.dumps(clamp_list(plan, TWO)), TWO)
     assert again.canonical == plan.canonical and again.mode.tolist() == plan.mode.tolist()
+
+
+def test_vectors_are_validated_and_sorted_by_name():
+    plan = parse_vectors([{"vector": "tea", "scale": 2, "tokens": "prompt"}, {"vector": "calm", "scale": -0.5}], LIMITS)
+    assert plan.vector.tolist() == [0, 1] and plan.scale.tolist() == [-0.5, 2.0] and plan.tokens.tolist() == [0, 1]
+    assert parse_vectors(json.dumps(vector_list(plan, LIMITS)), LIMITS).rows == plan.rows
+    assert parse_vectors([], LIMITS) is None
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"vector": "calm", "scale": 1}, "steering_vectors: must be a list"),
+    ([{"vector": "storm", "scale": 1}], "steering_vectors[0].vector: unknown vector 'storm'; this server has 'calm', 'tea'"),
+    ([{"vector": "calm"}], "steering_vectors[0].scale"),
+    ([{"vector": "calm", "scale": math.inf}], "steering_vectors[0].scale"),
+    ([{"vector": "calm", "scale": "1"}], "steering_vectors[0].scale"),
+    ([{"vector": "calm", "scale": 1, "tokens": "some"}], "steering_vectors[0].tokens"),
+    ([{"vector": "calm", "scale": 1, "layer": 3}], "steering_vectors[0].layer"),
+    ([{"vector": "calm", "scale": 1}, {"vector": "calm", "scale": 2}], "steering_vectors[1].vector: calm already given"),
+    ([{"vector": "calm", "scale": 1}] * 3, "3 vectors given, this server has 2"),
+    ("[{", "steering_vectors: not valid JSON"),
+])
+def test_bad_vectors_name_the_entry_and_field(raw, words):
+    with pytest.raises(VectorError) as err:
+        parse_vectors(raw, LIMITS)
+    assert words in str(err.value)
+
+
+def test_a_server_without_vectors_says_how_to_load_one():
+    with pytest.raises(VectorError, match="this server has none \\(start it with --vector NAME=FILE\\)"):
+        parse_vectors([{"vector": "calm", "scale": 1}], TWO)
+
+
+def test_the_canonical_steering_holds_clamps_and_vectors():
+    both = steering([{"feature": 3, "value": 1}], [{"vector": "tea", "scale": 0.5}])
+    assert json.loads(both.canonical) == {"clamps": [["sae", 3, 0.0, 1.0, 0]], "vectors": [["tea", 0.5, 0]]}
+    assert both.counts == (1, 1)
+    assert json.loads(steering(vectors=[{"vector": "calm", "scale": 1}]).canonical) == {"vectors": [["calm", 1, 0]]}
+    assert steering() is None
+    # a vector, its scale and its scope are all part of the identity (and so of the cache salt)
+    digests = {steering(vectors=v).digest for v in ([{"vector": "calm", "scale": 1}], [{"vector": "calm", "scale": 2}],
+                                                   [{"vector": "tea", "scale": 1}],
+                                                   [{"vector": "calm", "scale": 1, "tokens": "prompt"}])}
+    assert len(digests) == 4
+
+
+def test_a_variants_vectors_with_the_requests_after_them():
+    variant = parse_vectors([{"vector": "calm", "scale": 1}, {"vector": "tea", "scale": 2}], LIMITS)
+    own = parse_vectors([{"vector": "tea", "scale": 0}], LIMITS)
+    assert merge_vector_plans(variant, own).rows == ((0, 1, 0), (1, 0, 0))
+    assert merge_vector_plans(None, None) is None

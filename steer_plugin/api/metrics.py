@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from prometheus_client import Counter
 
-REQUESTS = Counter("steer_requests", "Requests admitted to the engine, by whether they carry feature clamps",
-                   ["steered"])
-REJECTED = Counter("steer_requests_rejected", "Requests rejected for invalid feature_clamps (HTTP 400)")
+REQUESTS = Counter("steer_requests", "Requests admitted to the engine, by whether they carry steering (feature "
+                   "clamps or vectors)", ["steered"])
+REJECTED = Counter("steer_requests_rejected", "Requests rejected for invalid steering fields (HTTP 400)")
 
 
 def record_admission(steered: bool) -> None:

@@ -1,4 +1,5 @@
-"""HTTP edge: moves a top-level `feature_clamps` into `vllm_xargs`, refuses what must not run.
+"""HTTP edge: moves a top-level `feature_clamps` or `steering_vectors` into `vllm_xargs`, refuses what
+must not run.
 
 vLLM's OpenAI models accept unknown top-level fields and drop them (extra="allow", logged at
 DEBUG), so without this a `feature_clamps` would silently run unsteered. This pure-ASGI middleware
@@ -6,17 +7,18 @@ reads the body of every request that carries one, the way vLLM will read it (`re
 vLLM's own decoders, every reading a route may make; what cannot be read so is refused):
 - on the steering routes (`routes.STEERED`) it rewrites
       {"feature_clamps": [...], ...}  ->  {"vllm_xargs": {"feature_clamps": "<json>"}, ...}
+  (and `steering_vectors` alike)
   (vLLM copies `vllm_xargs` into `SamplingParams.extra_args`, where admission and the worker read
   it), hands `return_features` to `return_features.py`, turns a request for a steered variant's
   model id into a steered request (`variants.py`), and gives a steered reply its receipt
   (`receipt.py`);
-- on every other route, and in every form, a body carrying either field is refused (it would run
+- on every other route, and in every form, a body carrying any of these fields is refused (it would run
   unsteered);
 - everywhere: bodies over the size, nesting or number limits, near-miss field names and the
   internal `steer_record_features` get a 400 naming the field (`request_body.py`);
 - on /metrics it adds the workers' steering metrics to vLLM's reply (`worker_metrics.py`), on
   /v1/models the steered variants.
-Clamps are validated here too (same parser as admission), because a streamed response has already
+Clamps and vectors are validated here too (same parsers as admission), because a streamed response has already
 sent its 200 header when the engine rejects a request; the edge is where a clean 400 is possible.
 
 The plugin adds it to vLLM's app itself (see `vllm_seam`) as the innermost middleware, so vLLM's
@@ -34,12 +36,17 @@ from steer_plugin.api.metrics import REJECTED
 from steer_plugin.api.reply import holding
 from steer_plugin.api.request_body import ERROR_CHARS, BodyError, clip
 from steer_plugin.api.variants import ServedVariant, served_variants, with_variants
-from steer_plugin.core.spec import (FIELD, RECORD_FIELD, ClampError, ClampPlan, FeatureRecording, Limits, RecordingError,
-                                    clamp_list, parse_clamps)
+from steer_plugin.api.admission import error_field, refused
+from steer_plugin.core.spec import (FIELD, RECORD_FIELD, VECTOR_FIELD, ClampError, FeatureRecording, Limits,
+                                    RecordingError, Steering, VectorError, clamp_list, parse_clamps, parse_vectors,
+                                    vector_list)
 
 logger = logging.getLogger(__name__)
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 """Methods whose body a route may read (vLLM's routes that take one are all POST)."""
+STEERING_FIELDS = (FIELD, VECTOR_FIELD)
+"""The request fields that steer; each moves into `vllm_xargs` as a JSON string."""
+_ERRORS = {FIELD: ClampError, VECTOR_FIELD: VectorError}
 MAX_ERROR_BYTES = 4096
 """Error replies longer than this (vLLM's own echo client input) have their message cut short."""
 
@@ -55,7 +62,7 @@ class FeatureClampMiddleware:
         self._limits = limits
         """What clamps may ask; None: read from the SAEs of the app's vLLM config on first use."""
         self._refusal: str | None = None
-        """Why this server refuses clamps (`admission.steering_refusal`), read with the limits."""
+        """Why this server refuses steering (`admission.steering_refusal`), read with the limits."""
         self._variants = variants
         """Steered variants by model id; read from the app's vLLM config with the limits unless given."""
 
@@ -103,8 +110,8 @@ class FeatureClampMiddleware:
         path = routes.route_path(scope)
         service = getattr(scope["app"].state, "steer_features", None) if "app" in scope else None
         try:
-            rewritten, recording, plan = await self._rewrite(body, path, scope, service)
-        except (ClampError, RecordingError, BodyError) as e:
+            rewritten, recording, steering = await self._rewrite(body, path, scope, service)
+        except (ClampError, VectorError, RecordingError, BodyError) as e:
             return await self._reject(send, scope, e)
         if rewritten is not None:
             body = rewritten
@@ -120,8 +127,8 @@ class FeatureClampMiddleware:
             return {"type": "http.request", "body": body, "more_body": False}
 
         send = holding(send, lambda start: start["status"] >= 400, _clipped)
-        if plan is not None:
-            send = receipt.with_receipt(send, plan)
+        if steering is not None:
+            send = receipt.with_receipt(send, steering)
         if recording is None:
             return await self.app(scope, replay, send)
         appender = return_features.FeatureAppender(send, service.generated_features, recording.key)
@@ -131,67 +138,69 @@ class FeatureClampMiddleware:
             await appender.discard()  # records of a reply that never completed (client gone, error)
 
     async def _rewrite(self, body: bytes, path: str, scope, service
-                       ) -> tuple[bytes | None, FeatureRecording | None, ClampPlan | None]:
+                       ) -> tuple[bytes | None, FeatureRecording | None, Steering | None]:
         """New body (None: pass the original through), the feature recording the request asked for,
-        and its clamp set (None: unsteered)."""
+        and its steering (None: unsteered)."""
         data, form = await request_body.read(scope, body)
         if form is not None:  # no route steers a form (audio uploads): the fields would be dropped
             request_body.near_miss(form)
-            for field in (FIELD, return_features.FIELD):
+            for field in (*STEERING_FIELDS, return_features.FIELD):
                 if field in form:
                     raise BodyError(f"{field}: not supported in a form ({clip(path)})", field)
         if not isinstance(data, dict):
             return None, None, None  # not a JSON object: vLLM reports it itself
         request_body.near_miss(data)
-        xargs = data.get("vllm_xargs")
-        nested = isinstance(xargs, dict) and FIELD in xargs
-        if isinstance(xargs, dict) and RECORD_FIELD in xargs:
+        xargs = data.get("vllm_xargs") if isinstance(data.get("vllm_xargs"), dict) else None
+        if xargs is not None and RECORD_FIELD in xargs:
             raise BodyError(f"vllm_xargs.{RECORD_FIELD}: an internal field the server sets; clients "
                             "cannot send it (use return_features)", RECORD_FIELD)
+        top = [field for field in STEERING_FIELDS if field in data]
+        nested = [field for field in STEERING_FIELDS if xargs is not None and field in xargs]
         model = data.get("model")
         variant = self._get_variants(scope).get(model) if isinstance(model, str) else None
         if path not in routes.STEERED:
             if variant is not None:  # a route that does not steer must not serve it as the plain model
                 raise BodyError(f"model: {clip(model)} is a steered variant; steering runs on "
                                 f"{' and '.join(sorted(routes.STEERED))}", "model")
-            for field in (FIELD, return_features.FIELD):
-                if field in data or (field == FIELD and nested):
-                    raise BodyError(f"{field}: not supported on {clip(path)}; steering runs on "
-                                    f"{' and '.join(sorted(routes.STEERED))}", field)
+            for field in (*top, *nested, *([return_features.FIELD] if return_features.FIELD in data else [])):
+                raise BodyError(f"{field}: not supported on {clip(path)}; steering runs on "
+                                f"{' and '.join(sorted(routes.STEERED))}", field)
             return None, None, None
         recording = return_features.requested_recording(data, service, lambda: self._get_limits(scope))
-        top = FIELD in data
         if not (top or nested or recording or variant):
             return None, None, None
-        xargs = dict(xargs) if isinstance(xargs, dict) else {}
-        plan, raw = None, None
-        if top or nested:
-            if top and nested:
-                raise ClampError(f"{FIELD}: given both at top level and in vllm_xargs; send one")
-            raw = data.pop(FIELD) if top else xargs[FIELD]
-            if data.get("use_beam_search"):
-                raise ClampError(f"{FIELD}: not supported with use_beam_search")
-            plan = parse_clamps(raw, self._get_limits(scope))
+        limits = self._get_limits(scope)
+        xargs = dict(xargs or {})
+        raw = {}
+        for field in STEERING_FIELDS:
+            if field in top and field in nested:
+                raise _ERRORS[field](f"{field}: given both at top level and in vllm_xargs; send one")
+            if field in top or field in nested:
+                raw[field] = data.pop(field) if field in top else xargs[field]
+        clamps, vectors = parse_clamps(raw.get(FIELD), limits), parse_vectors(raw.get(VECTOR_FIELD), limits)
         if variant is not None:
-            plan = variant.apply(data, plan, self._get_limits(scope))
-            raw = None if plan is None else clamp_list(plan, self._get_limits(scope))
-            if plan is not None and data.get("use_beam_search"):
-                raise ClampError(f"{FIELD}: model {model} is steered, which use_beam_search is not")
-        if plan is not None and self._refusal is not None:
-            raise ClampError(self._refusal)
-        if plan is None:
-            xargs.pop(FIELD, None)  # an empty list means no steering
-        else:
-            xargs[FIELD] = raw if isinstance(raw, str) else json.dumps(raw)
+            clamps, vectors = variant.apply(data, clamps, vectors, limits)
+            raw = {FIELD: clamps and clamp_list(clamps, limits), VECTOR_FIELD: vectors and vector_list(vectors, limits)}
+        steering = Steering.of(clamps, vectors, limits)
+        if steering is not None and data.get("use_beam_search"):
+            raise refused(steering, "not supported with use_beam_search" +
+                          (f" (model {clip(model)} is steered)" if variant is not None else ""))
+        if steering is not None and self._refusal is not None:
+            raise refused(steering, self._refusal)
+        for field, plan in ((FIELD, clamps), (VECTOR_FIELD, vectors)):
+            if plan is None:
+                xargs.pop(field, None)  # an empty list means none
+            else:  # vllm_xargs carries structured values as JSON strings
+                xargs[field] = raw[field] if isinstance(raw[field], str) else json.dumps(raw[field])
         if recording is not None:
             xargs[RECORD_FIELD] = recording.model_dump_json()
         data["vllm_xargs"] = xargs or None
-        return json.dumps(data).encode(), recording, plan
+        return json.dumps(data).encode(), recording, steering
 
     @staticmethod
     async def _reject(send, scope, error: ValueError) -> None:
         param = error.param if isinstance(error, BodyError) else (
-            FIELD if isinstance(error, ClampError) else return_features.FIELD)
+            return_features.FIELD if isinstance(error, RecordingError) else error_field(error))
         message = clip(str(error), ERROR_CHARS)
         logger.info("action=rejected path=%s param=%s reason=%s", clip(scope["path"]), param, message)
         REJECTED.inc()

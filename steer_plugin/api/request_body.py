@@ -27,7 +27,7 @@ from typing import Any
 from starlette.requests import Request
 
 from steer_plugin.core import bounded_json
-from steer_plugin.core.spec import FIELD
+from steer_plugin.core.spec import FIELD, VECTOR_FIELD
 
 RETURN_FEATURES = "return_features"
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -39,9 +39,10 @@ ERROR_CHARS = 600
 
 _NEAR_MISSES = {"featureclamps": FIELD, "featureclamp": FIELD, "clamps": FIELD, "featuresclamps": FIELD,
                 "returnfeatures": RETURN_FEATURES, "returnfeature": RETURN_FEATURES,
-                "returnedfeatures": RETURN_FEATURES}
+                "returnedfeatures": RETURN_FEATURES, "steeringvectors": VECTOR_FIELD,
+                "steeringvector": VECTOR_FIELD, "steervectors": VECTOR_FIELD, "controlvectors": VECTOR_FIELD}
 """Field names, lower-cased with separators dropped, that mean one of the plugin's fields."""
-_READ_AT = {(FIELD, ""), (RETURN_FEATURES, ""), (FIELD, "vllm_xargs.")}
+_READ_AT = {(FIELD, ""), (RETURN_FEATURES, ""), (FIELD, "vllm_xargs."), (VECTOR_FIELD, ""), (VECTOR_FIELD, "vllm_xargs.")}
 """Where the plugin reads its fields: (name, place)."""
 
 

@@ -99,6 +99,20 @@ class SAESource:
         return self.layer if self.layer is not None else sae_cfg.layer
 
 
+@dataclass(frozen=True)
+class VectorSource:
+    """One steering vector the server loads (`--vector NAME=PATH`): a GGUF control vector in llama.cpp's
+    layout or a safetensors file of the same names (see `vectors`)."""
+
+    name: str
+    """What requests call it in `steering_vectors`."""
+    path: str
+
+    def __post_init__(self) -> None:
+        if not _SAE_ID.match(self.name):
+            raise ValueError(f"vector {self.name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+
+
 VARIANT_SAMPLING = frozenset({"temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
                               "repetition_penalty", "max_tokens", "seed"})
 """Sampling fields a steered variant may default (fields of both completion routes, numbers)."""
@@ -117,6 +131,9 @@ class Variant:
     """Clamps in the request contract's form, applied to every request for this id. A request's own
     `feature_clamps` are added after them: a request clamp on a feature of an SAE the variant also
     clamps replaces the variant's; together they count against `max_clamps`."""
+    steering_vectors: tuple[dict[str, Any], ...] = ()
+    """Vectors in the request contract's form, added to every request for this id; a request's own
+    `steering_vectors` come after them, and one naming a vector the variant uses replaces it."""
     sampling: dict[str, float] = field(default_factory=dict)
     """Sampling defaults (see VARIANT_SAMPLING) for requests that do not set the field themselves."""
 
@@ -131,6 +148,7 @@ class Variant:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"variant {self.name}: sampling.{key} must be a number, got {value!r}")
         object.__setattr__(self, "feature_clamps", tuple(self.feature_clamps))
+        object.__setattr__(self, "steering_vectors", tuple(self.steering_vectors))
 
     def model_id(self, served: str) -> str:
         return self.model or f"{served}:{self.name}"
@@ -139,10 +157,9 @@ class Variant:
     def from_dict(cls, raw: dict[str, Any]) -> "Variant":
         name = raw.get("name")
         unknown = sorted(set(raw) - {f.name for f in fields(cls)})
-        if "steering_vectors" in unknown:
-            raise ValueError(f"variant {name}: steering_vectors are not served yet; give feature_clamps and sampling")
         if unknown:
-            raise ValueError(f"variant {name}: unknown key {unknown[0]!r} (a variant has feature_clamps, sampling, model)")
+            raise ValueError(f"variant {name}: unknown key {unknown[0]!r} (a variant has feature_clamps, "
+                             "steering_vectors, sampling, model)")
         return cls(**raw)
 
 
@@ -178,6 +195,8 @@ class SteerConfig:
     step (how the tests cover it without a GPU)."""
     variants: tuple[Variant, ...] = ()
     """Steered variants: model ids listed in /v1/models whose requests are steered (see `Variant`)."""
+    vectors: tuple[VectorSource, ...] = ()
+    """Steering vectors requests may add by name (`steering_vectors`), in this order."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """Unrecognised keys, kept so the error message can name them."""
 
@@ -199,9 +218,9 @@ class SteerConfig:
             raise ValueError(f"steer.graph_columns must be in [1, 65536], got {self.graph_columns}")
         if self.sae_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"steer.sae_dtype must be auto, float32, bfloat16 or float16, got {self.sae_dtype!r}")
-        names = [v.name for v in self.variants]
-        if len(set(names)) != len(names):
-            raise ValueError(f"steer.variants: names must differ, got {names}")
+        for key, names in (("variants", [v.name for v in self.variants]), ("vectors", [v.name for v in self.vectors])):
+            if len(set(names)) != len(names):
+                raise ValueError(f"steer.{key}: names must differ, got {names}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "SteerConfig":
@@ -214,6 +233,8 @@ class SteerConfig:
             raw["saes"] = tuple(SAESource(**s) for s in raw["saes"])
         if "variants" in raw:
             raw["variants"] = tuple(Variant.from_dict(v) for v in raw["variants"])
+        if "vectors" in raw:
+            raw["vectors"] = tuple(VectorSource(**v) for v in raw["vectors"])
         return cls(**raw, extra=extra)
 
     @classmethod
@@ -222,9 +243,10 @@ class SteerConfig:
         return cls.from_dict(additional.get("steer"))
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "saes", "variants")}
-        out["saes"] = [asdict(s) for s in self.saes]
-        out["variants"] = [asdict(v) for v in self.variants]
+        nested = ("saes", "variants", "vectors")
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", *nested)}
+        for key in nested:
+            out[key] = [asdict(item) for item in getattr(self, key)]
         return out
 
 

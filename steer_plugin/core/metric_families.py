@@ -34,6 +34,8 @@ class Family:
 
 CLAMPS_APPLIED = Family("steer_clamps_applied", "Clamps of admitted requests taken into the clamp table, by mode",
                         "counter", ("sae", "mode"))
+VECTORS_APPLIED = Family("steer_vectors_applied", "Steering vectors of admitted requests taken into the vector table",
+                         "counter", ("vector",))
 FAILED = Family("steer_requests_failed", "Requests failed with an error because their clamps could not be prepared "
                 "or applied (the engine and the other requests go on)", "counter")
 STEERED_TOKENS = Family("steer_steered_tokens", "Token positions whose residual stream the op edited", "counter",
@@ -60,7 +62,7 @@ DEVICE_BYTES = Family("steer_sae_device_bytes", "Device memory an SAE takes on o
                       "and the op's persistent buffers (part); taken before vLLM sizes its KV cache", "gauge",
                       ("sae", "part", "device", "dtype"))
 
-FAMILIES = (CLAMPS_APPLIED, FAILED, STEERED_TOKENS, FEATURE_ACTIVE, SAMPLED_TOKENS, L0, RECON_ERROR, RECON_NONFINITE,
+FAMILIES = (CLAMPS_APPLIED, VECTORS_APPLIED, FAILED, STEERED_TOKENS, FEATURE_ACTIVE, SAMPLED_TOKENS, L0, RECON_ERROR, RECON_NONFINITE,
             OP_SECONDS, SAE_INFO, DEVICE_BYTES)
 
 

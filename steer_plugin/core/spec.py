@@ -109,12 +109,14 @@ class Limits:
     """By SAE id, in configuration order: the first is the SAE of clamps that name none."""
     max_clamps: int
     """Most clamps one request may carry, over all SAEs (the per-request clamp table width)."""
+    vectors: tuple[str, ...] = ()
+    """Names of the steering vectors the server loaded, in configuration order."""
 
     @classmethod
     def one(cls, d_sae: int, max_clamps: int, max_activation: np.ndarray | None = None,
-            sae_id: str = "sae") -> "Limits":
+            sae_id: str = "sae", vectors: tuple[str, ...] = ()) -> "Limits":
         """The limits of a server with a single SAE."""
-        return cls({sae_id: SAELimits(d_sae, max_activation)}, max_clamps)
+        return cls({sae_id: SAELimits(d_sae, max_activation)}, max_clamps, vectors)
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -144,7 +146,7 @@ def limits_for(cfg) -> Limits:
         max_act = load_max_activations(source.catalogue_dir)  # the statistics travel with the catalogue
         saes[source.id] = SAELimits(d_sae=load_config(source.path).d_sae,
                                     max_activation=None if max_act is None else max_act.numpy())
-    return Limits(saes, cfg.max_clamps)
+    return Limits(saes, cfg.max_clamps, tuple(v.name for v in cfg.vectors))
 
 
 _Row = tuple[int, int, float, float, int, int, int, float]
@@ -167,7 +169,7 @@ class ClampPlan:
     cond: np.ndarray  # [K] int64, condition feature of the same SAE; NO_CONDITION: none
     above: np.ndarray  # [K] float32, the clamp acts where the condition feature is above this
     canonical: str
-    """Stable JSON of the whole clamp set (every SAE), used to key the prefix cache and in the receipt:
+    """Stable JSON of the whole clamp set (every SAE), part of the canonical steering (`Steering`):
     `[[sae id, feature, mul, add, tokens code], ...]` sorted; the feature becomes mul·f + add; a
     conditional clamp carries two more entries, its condition feature and threshold."""
     rows: tuple[_Row, ...]
@@ -175,11 +177,6 @@ class ClampPlan:
 
     def __len__(self) -> int:
         return len(self.feature)
-
-    @property
-    def digest(self) -> str:
-        """SHA-256 of `canonical`, hex: the clamp set's identity in the prefix-cache salt and the receipt."""
-        return hashlib.sha256(self.canonical.encode()).hexdigest()
 
     @property
     def scoped(self) -> bool:
@@ -211,23 +208,32 @@ def _load(raw: Any, field: str, error: type[ValueError]) -> Any:
     return raw
 
 
-def parse_clamps(raw: Any, limits: Limits) -> ClampPlan | None:
-    """Validate a `feature_clamps` value (list, or its JSON string). None means "no steering"."""
+def _entries(raw: Any, field: str, error: type[ValueError], adapter: TypeAdapter, noun: str, most: int,
+             limit: str) -> list | None:
+    """A list field of a request (list, or its JSON string) of `noun` objects, validated entry by entry
+    with `adapter`; None for no entries. More than `most` entries is an error saying `limit`."""
     if raw is None:
         return None
-    data = _load(raw, FIELD, ClampError)
+    data = _load(raw, field, error)
     if not isinstance(data, list):
-        raise ClampError(f"{FIELD}: must be a list of clamp objects, got {type(data).__name__}")
+        raise error(f"{field}: must be a list of {noun} objects, got {type(data).__name__}")
     if not data:
         return None
-    if len(data) > limits.max_clamps:
-        raise ClampError(f"{FIELD}: {len(data)} clamps given, at most {limits.max_clamps} allowed")
+    if len(data) > most:
+        raise error(f"{field}: {len(data)} {noun}s given, {limit}")
     try:
-        clamps = _CLAMP_LIST.validate_python(data)
+        return adapter.validate_python(data)
     except ValidationError as e:
         first = e.errors()[0]
-        raise ClampError(f"{bounded_json.where(FIELD, first['loc'])}: {first['msg']}") from None
+        raise error(f"{bounded_json.where(field, first['loc'])}: {first['msg']}") from None
 
+
+def parse_clamps(raw: Any, limits: Limits) -> ClampPlan | None:
+    """Validate a `feature_clamps` value (list, or its JSON string). None means "no steering"."""
+    clamps = _entries(raw, FIELD, ClampError, _CLAMP_LIST, "clamp", limits.max_clamps,
+                      f"at most {limits.max_clamps} allowed")
+    if clamps is None:
+        return None
     seen: dict[tuple[int, int], int] = {}
     rows = []
     for i, c in enumerate(clamps):
@@ -317,28 +323,158 @@ def clamp_list(plan: ClampPlan, limits: Limits) -> list[dict]:
             for s, f, m, a, t, o, c, b in plan.rows]
 
 
+VECTOR_FIELD = "steering_vectors"
+"""Name of the request field naming steering vectors (top level or inside `vllm_xargs`)."""
+
+
+class VectorUse(BaseModel):
+    """One steering vector a request adds, as a client sends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vector: Annotated[str, Field(strict=True, min_length=1, max_length=64)]
+    """Name of a vector the server loaded (`--vector NAME=FILE`)."""
+    scale: Annotated[float, Field(strict=True, allow_inf_nan=False)]
+    """Multiplies the vector's direction at each of its layers; 0 leaves the stream as it is."""
+    tokens: Literal["all", "prompt", "generated"] = "all"
+    """Which positions, as for a clamp."""
+
+
+_VECTOR_LIST = TypeAdapter(list[VectorUse])
+
+
+class VectorError(ValueError):
+    """Invalid `steering_vectors`; the message names the entry and the field."""
+
+
+@dataclass(frozen=True)
+class VectorPlan:
+    """A validated set of vectors (V = how many), sorted by vector."""
+
+    vector: np.ndarray  # [V] int64, position of the vector in `Limits.vectors`
+    scale: np.ndarray  # [V] float32
+    tokens: np.ndarray  # [V] int8, TOKENS_CODE
+    rows: tuple[tuple[int, float, int], ...]
+    """(position, scale exactly as sent, tokens code), sorted."""
+
+    def __len__(self) -> int:
+        return len(self.vector)
+
+    @property
+    def scoped(self) -> bool:
+        return bool((self.tokens != TOKENS_CODE["all"]).any())
+
+    def canonical(self, limits: Limits) -> list:
+        """`[[name, scale, tokens code], ...]`: part of the canonical steering."""
+        return [[limits.vectors[v], s, t] for v, s, t in self.rows]
+
+
+def parse_vectors(raw: Any, limits: Limits) -> VectorPlan | None:
+    """Validate a `steering_vectors` value (list, or its JSON string). None means "no vector"."""
+    uses = _entries(raw, VECTOR_FIELD, VectorError, _VECTOR_LIST, "vector", max(len(limits.vectors), 1),
+                    f"this server has {len(limits.vectors)}")
+    if uses is None:
+        return None
+    seen: dict[int, int] = {}
+    rows = []
+    for i, use in enumerate(uses):
+        where = f"{VECTOR_FIELD}[{i}]"
+        if use.vector not in limits.vectors:
+            known = ", ".join(map(repr, limits.vectors)) or "none (start it with --vector NAME=FILE)"
+            raise VectorError(f"{where}.vector: unknown vector {use.vector[:64]!r}; this server has {known}")
+        position = limits.vectors.index(use.vector)
+        if position in seen:
+            raise VectorError(f"{where}.vector: {use.vector} already given by {VECTOR_FIELD}[{seen[position]}]")
+        seen[position] = i
+        if abs(use.scale) > 1e30:
+            raise VectorError(f"{where}.scale: {use.scale} is too large")
+        rows.append((position, use.scale, TOKENS_CODE[use.tokens]))
+    return _vector_plan(rows)
+
+
+def _vector_plan(rows: list[tuple[int, float, int]]) -> VectorPlan:
+    rows = sorted(rows)
+    vector, scale, tokens = zip(*rows)
+    return VectorPlan(vector=np.asarray(vector, dtype=np.int64), scale=np.asarray(scale, dtype=np.float32),
+                      tokens=np.asarray(tokens, dtype=np.int8), rows=tuple(rows))
+
+
+def merge_vector_plans(base: VectorPlan | None, extra: VectorPlan | None) -> VectorPlan | None:
+    """`extra`'s vectors after `base`'s (a steered variant's); one both name is `extra`'s."""
+    mine = list(extra.rows) if extra is not None else []
+    taken = {v for v, *_ in mine}
+    rows = [r for r in (base.rows if base is not None else ()) if r[0] not in taken] + mine
+    return _vector_plan(rows) if rows else None
+
+
+def vector_list(plan: VectorPlan, limits: Limits) -> list[dict]:
+    """A plan in the request contract's form, which `parse_vectors` reads back to the same plan."""
+    scopes = {code: name for name, code in TOKENS_CODE.items()}
+    return [{"vector": limits.vectors[v], "scale": s, "tokens": scopes[t]} for v, s, t in plan.rows]
+
+
+@dataclass(frozen=True)
+class Steering:
+    """Everything a request steers with: its clamps and its vectors (at least one of them)."""
+
+    clamps: ClampPlan | None
+    vectors: VectorPlan | None
+    canonical: str
+    """Stable JSON of the whole steering, `{"clamps": ClampPlan.canonical, "vectors":
+    VectorPlan.canonical}` (a part without entries left out): what the prefix-cache salt and the
+    receipt's digest are computed from."""
+
+    @classmethod
+    def of(cls, clamps: ClampPlan | None, vectors: VectorPlan | None, limits: Limits) -> "Steering | None":
+        """The steering of a request (None: unsteered)."""
+        if clamps is None and vectors is None:
+            return None
+        parts = {}
+        if clamps is not None:
+            parts["clamps"] = json.loads(clamps.canonical)
+        if vectors is not None:
+            parts["vectors"] = vectors.canonical(limits)
+        return cls(clamps, vectors, json.dumps(parts, separators=(",", ":")))
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of `canonical`, hex: the steering's identity in the prefix-cache salt and the receipt."""
+        return hashlib.sha256(self.canonical.encode()).hexdigest()
+
+    @property
+    def scoped(self) -> bool:
+        """Whether some clamp or vector acts on prompt or generated positions only (not all)."""
+        return any(part is not None and part.scoped for part in (self.clamps, self.vectors))
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """How many clamps and vectors."""
+        return (len(self.clamps) if self.clamps is not None else 0,
+                len(self.vectors) if self.vectors is not None else 0)
+
+
 SALT_PREFIX = "steer_plugin|"
 """Every prefix-cache salt the plugin hands vLLM starts with this, and a client's own salt only ever
 appears inside it, JSON-encoded: no client can send a salt equal to one the plugin derives."""
 
 
-def cache_salt(client_salt: str | None, plan: ClampPlan | None, prompt_len: int,
+def cache_salt(client_salt: str | None, steering: "Steering | None", prompt_len: int,
                record_key: str | None = None) -> str | None:
     """The prefix-cache salt of a request. KV is reused only between requests whose salts are equal,
-    and vLLM chains it into every block hash, so KV computed under one clamp set (or none) is never
+    and vLLM chains it into every block hash, so KV computed under one steering (or none) is never
     served to a request with another.
 
-    Scoped clamps (`tokens` "prompt" or "generated") act on positions by where the prompt ends, so
+    Scoped steering (`tokens` "prompt" or "generated") acts on positions by where the prompt ends, so
     the same position's KV differs between a request and its next turn (turn 1's generated positions
-    are turn 2's prompt positions): their salt also holds the prompt length, and KV is reused only by
-    requests with the same boundary. Clamps on all positions are reused across turns. None: a
+    are turn 2's prompt positions): its salt also holds the prompt length, and KV is reused only by
+    requests with the same boundary. Steering of all positions is reused across turns. None: a
     request with no salt, no steering and no recording shares the cache with plain vLLM requests."""
     key: dict[str, Any] = {}
     if client_salt is not None:
         key["client"] = client_salt
-    if plan is not None:
-        key["clamps"] = plan.digest[:32]
-        if plan.scoped:
+    if steering is not None:
+        key["steering"] = steering.digest[:32]
+        if steering.scoped:
             key["prompt_len"] = prompt_len
     if record_key is not None:
         key["record"] = record_key

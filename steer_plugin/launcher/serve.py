@@ -23,7 +23,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from steer_plugin.core.config import DEFAULT_SAE_DIR, SAESource, SteerConfig, Variant, default_model_dir
+from steer_plugin.core.config import DEFAULT_SAE_DIR, SAESource, SteerConfig, Variant, VectorSource, default_model_dir
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FILE",
                    help="a steered variant: the model id <served name>:NAME, steered as the JSON FILE says "
                         "({\"feature_clamps\": [...], \"sampling\": {...}, \"model\": ID}, each optional; repeatable)")
+    p.add_argument("--vector", action="append", default=[], metavar="NAME=FILE",
+                   help="a steering vector requests add by NAME in steering_vectors: a llama.cpp GGUF control vector "
+                        "or safetensors of the same layout (direction.K adds to layer K's output; repeatable)")
     p.add_argument("--max-clamps", type=int, default=SteerConfig.max_clamps, help="most clamps per request")
     p.add_argument("--metrics-sample-every", type=int, default=SteerConfig.metrics_sample_every,
                    help="feature-activity metrics on every n-th step (0: off)")
@@ -88,7 +91,7 @@ def vllm_argv(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
                             metrics_sample_every=args.metrics_sample_every,
                             metrics_watch=tuple(int(i) for i in args.metrics_watch.split(",") if i.strip()),
                             metrics_top_n=args.metrics_top_n, graph_columns=args.graph_columns,
-                            sae_dtype=args.sae_dtype, variants=variants(args.variant))
+                            sae_dtype=args.sae_dtype, variants=variants(args.variant), vectors=vectors(args.vector))
         argv += ["--additional-config", json.dumps({"steer": steer.to_dict()})]
     return argv + passthrough
 
@@ -114,21 +117,35 @@ def sae_sources(saes: list[str] | None, layers: list[str], catalogues: list[str]
     return tuple(sources)
 
 
-def variants(items: list[str]) -> tuple[Variant, ...]:
-    """--variant NAME=FILE options, each file read here (only the configuration travels to vLLM)."""
+def _named(option: str, items: list[str], make) -> tuple:
+    """NAME=VALUE options, each made into its configuration by `make(name, value)`; a bad one stops here."""
     out = []
     for item in items:
-        name, path = _id_value(item)
+        name, value = _id_value(item)
         if name is None:
-            raise SystemExit(f"--variant {item}: give NAME=FILE")
+            raise SystemExit(f"{option} {item}: give NAME=FILE")
         try:
-            raw = json.loads(Path(path).read_text())
-            if not isinstance(raw, dict):
-                raise ValueError("the file must hold a JSON object")
-            out.append(Variant.from_dict({**raw, "name": name}))
+            out.append(make(name, value))
         except (OSError, ValueError, TypeError) as e:
-            raise SystemExit(f"--variant {item}: {e}") from None
+            raise SystemExit(f"{option} {item}: {e}") from None
     return tuple(out)
+
+
+def _variant(name: str, path: str) -> Variant:
+    raw = json.loads(Path(path).read_text())  # read here: only the configuration travels to vLLM
+    if not isinstance(raw, dict):
+        raise ValueError("the file must hold a JSON object")
+    return Variant.from_dict({**raw, "name": name})
+
+
+def variants(items: list[str]) -> tuple[Variant, ...]:
+    """--variant NAME=FILE options."""
+    return _named("--variant", items, _variant)
+
+
+def vectors(items: list[str]) -> tuple[VectorSource, ...]:
+    """--vector NAME=FILE options (the files are read by each worker at start, where a bad one stops it)."""
+    return _named("--vector", items, lambda name, path: VectorSource(name, str(Path(path).resolve())))
 
 
 def default_dtype() -> str:

@@ -1,5 +1,6 @@
-"""Worker side, at model load: load each configured SAE onto the model's device, wrap the decoder
-layers they read with the steering op, and hand back the state the per-step hook drives.
+"""Worker side, at model load: load each configured SAE and steering vector onto the model's device,
+wrap the decoder layers they read or write with the steering ops, and hand back the state the
+per-step hook drives.
 
 Called by `vllm_seam` from vLLM's `Worker.load_model`, after the weights are loaded and before
 warm-up, torch.compile and CUDA-graph capture, so the op is part of every graph. Under pipeline
@@ -8,7 +9,8 @@ rank holds the whole (replicated) stream and steers it alike, and only the first
 
 SAEs that read the same point of the stream (say `blocks.4.hook_resid_post` and
 `blocks.5.hook_resid_pre`) are applied one after the other in configuration order: each reads the
-stream as the previous one left it.
+stream as the previous one left it. A layer's steering vectors are added to its output before any
+SAE reads it.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import torch
 from steer_plugin.core.config import SAESource, SteerConfig, injected_faults
 from steer_plugin.core.sae import SAE, STORAGE_DTYPES, SAEFileError
 from steer_plugin.core.spec import Limits, limits_for
+from steer_plugin.core.vectors import VectorFileError, load_vector
 from steer_plugin.worker import metrics
 from steer_plugin.worker.clamp_table import ClampTable
-from steer_plugin.worker.ops import LayerSteer, SteeredInput, SteeredLayer, register_sae
+from steer_plugin.worker.ops import LayerSteer, LayerVectors, SteeredInput, SteeredLayer, register_sae, register_vectors
 from steer_plugin.worker.recorder import FeatureRecorder
 from steer_plugin.worker.step_layout import StepLayout
+from steer_plugin.worker.vector_table import VectorTable
 
 logger = logging.getLogger(__name__)
 
@@ -41,22 +45,25 @@ class _Installed:
 
 
 class WorkerSteering:
-    """What one worker steers: the clamp table and feature recorder of each SAE it holds."""
+    """What one worker steers: the clamp table and feature recorder of each SAE it holds, and the vector
+    table of the steering vectors at its layers."""
 
-    def __init__(self, saes: list[_Installed], reports_outputs: bool):
+    def __init__(self, saes: list[_Installed], vectors: VectorTable | None, reports_outputs: bool):
         self.saes = saes
+        self.vectors = vectors
         self.reports_outputs = reports_outputs
         """Whether this worker's step outputs reach the scheduler (False on pipeline ranks but the last),
         so that it can fail single requests; elsewhere a failure fails the step, loudly."""
 
     def on_step(self, layout: StepLayout) -> None:
         """Before each forward: the tables and the recorders read the same layout."""
+        tables = [sae.table for sae in self.saes] + ([self.vectors] if self.vectors is not None else [])
         try:
-            for sae in self.saes:
-                sae.table.fill(layout)
+            for table in tables:
+                table.fill(layout)
         except Exception:
-            for sae in self.saes:
-                sae.table.reset()
+            for table in tables:
+                table.reset()
             raise
         for sae in self.saes:
             sae.recorder.fill(layout)
@@ -74,7 +81,8 @@ class WorkerSteering:
 
     def take_failed(self) -> list[str]:
         """Requests that failed in the steps since the last call, to be finished with an error."""
-        failed = sorted(set().union(*(sae.table.drain_failed() for sae in self.saes)))
+        tables = [sae.table for sae in self.saes] + ([self.vectors] if self.vectors is not None else [])
+        failed = sorted(set().union(*(table.drain_failed() for table in tables)))
         if failed:
             metrics.FAILED.labels().inc(len(failed))
             if not self.reports_outputs:
@@ -164,10 +172,45 @@ def _install_one(site, cfg: SteerConfig, limits: Limits, source: SAESource, sae:
     return _Installed(table, recorder, op)
 
 
+def _install_vectors(site, cfg: SteerConfig, limits: Limits) -> tuple[VectorTable | None, dict[int, str]]:
+    """The vector table and, by decoder layer held here, the key of its `LayerVectors`."""
+    if not cfg.vectors:
+        return None, {}
+    loaded = [load_vector(source.name, source.path) for source in cfg.vectors]  # every file checked
+    for vector, source in zip(loaded, cfg.vectors):
+        if vector.d_model != site.hidden_size:
+            raise VectorFileError(f"steer_plugin: vector {vector.name} has size {vector.d_model}, the model's "
+                                  f"hidden size is {site.hidden_size} ({source.path})")
+        if vector.layers[-1] >= len(site.layers):
+            raise VectorFileError(f"steer_plugin: vector {vector.name} has a direction for layer "
+                                  f"{vector.layers[-1]}, the model has {len(site.layers)} layers ({source.path})")
+    exporting = site.exports_metrics
+
+    def on_new_plan(plan):
+        if exporting:
+            for position in plan.vector:
+                metrics.VECTORS_APPLIED.labels(vector=limits.vectors[position]).inc()
+
+    table = VectorTable(limits, site.max_num_tokens, site.max_num_reqs, site.device, on_new_plan)
+    keys = {}
+    for layer in sorted(set().union(*(vector.layers for vector in loaded))):
+        if not site.held[layer]:
+            continue
+        directions = torch.zeros(len(loaded), site.hidden_size)  # [V, d_in]
+        for i, vector in enumerate(loaded):
+            if layer in vector.directions:
+                directions[i] = torch.from_numpy(vector.directions[layer])
+        keys[layer] = f"vectors@{layer}"
+        register_vectors(keys[layer], LayerVectors(directions.to(site.device), table, site.graph_safe))
+    logger.info("action=installed_vectors vectors=%s layers=%s", ",".join(limits.vectors),
+                ",".join(map(str, keys)))
+    return table, keys
+
+
 def attach(site, cfg: SteerConfig) -> tuple[WorkerSteering | None, dict[int, torch.nn.Module]]:
     """site: `vllm_seam.ModelSite` of the loaded model. Returns the worker's steering state (None when
-    this rank holds none of the SAEs' layers) and, by decoder-layer index, the steered wrapper that
-    replaces that layer (the seam puts them into vLLM's model)."""
+    this rank holds none of the SAEs' or vectors' layers) and, by decoder-layer index, the steered
+    wrapper that replaces that layer (the seam puts them into vLLM's model)."""
     dtype = storage_dtype(cfg.sae_dtype, site)
     loaded = [(source, *_load(site, source, dtype)) for source in cfg.saes]  # every SAE checked, held here or not
     limits = limits_for(cfg)
@@ -178,11 +221,14 @@ def attach(site, cfg: SteerConfig) -> tuple[WorkerSteering | None, dict[int, tor
             continue
         installed.append(_install_one(site, cfg, limits, source, sae, layer))
         keys_at.setdefault(layer, []).append(source.id)
+    vectors, vector_keys = _install_vectors(site, cfg, limits)
     wrappers: dict[int, torch.nn.Module] = {}
-    for layer, keys in sorted(keys_at.items(), reverse=True):  # layer 0's output wrapped before its input
+    for layer in sorted(set(keys_at) | set(vector_keys), reverse=True):  # layer 0's output wrapped before its input
         index = max(layer, 0)
         inner = wrappers.get(index, site.layers[index])
         if layer >= 0 and isinstance(inner, (SteeredLayer, SteeredInput)):
             raise RuntimeError(f"steer_plugin: layer {index} is already steered (model loaded twice?)")
-        wrappers[index] = (SteeredLayer if layer >= 0 else SteeredInput)(inner, tuple(keys))
-    return (WorkerSteering(installed, site.reports_outputs) if installed else None), wrappers
+        keys = tuple(keys_at.get(layer, ()))
+        wrappers[index] = SteeredLayer(inner, keys, vector_keys.get(layer)) if layer >= 0 else SteeredInput(inner, keys)
+    steering = WorkerSteering(installed, vectors if vector_keys else None, site.reports_outputs)
+    return (steering if installed or vector_keys else None), wrappers

@@ -1,10 +1,11 @@
-"""The steering op: the only code that runs inside vLLM's forward pass (and its compiled graphs).
+"""The steering ops: the only code that runs inside vLLM's forward pass (and its compiled graphs).
 
-`torch.ops.steer_plugin.steer(hidden, residual, sae_key) -> hidden'` is a registered custom op
-with a fake (meta) implementation, so torch.compile keeps it as one opaque call instead of
-tracing (and freezing) Python, and CUDA graphs capture its kernels. It reads and writes only
-persistent buffers (the SAE weights, the `ClampTable`, `GraphColumns`, the stream snapshot), looked
-up by `sae_key` (one per loaded SAE).
+`torch.ops.steer_plugin.steer(hidden, residual, sae_key) -> hidden'` (an SAE's clamps) and
+`torch.ops.steer_plugin.add_vectors(hidden, layer_key) -> hidden'` (steering vectors at a layer's
+output) are registered custom ops with fake (meta) implementations, so torch.compile keeps each as
+one opaque call instead of tracing (and freezing) Python, and CUDA graphs capture their kernels.
+They read and write only persistent buffers (the SAE weights, the `ClampTable`, `GraphColumns`, the
+stream snapshot; a layer's directions and the `VectorTable`), looked up by key.
 
 Precision: the SAE math runs in float32 whatever the model's dtype (its matrices may be stored in the
 model's 16-bit dtype on a GPU; their products still come out in float32, see `sae.matmul`); for a
@@ -34,6 +35,7 @@ from steer_plugin.worker.clamp_table import ClampTable
 from steer_plugin.worker.graph_columns import GraphColumns
 from steer_plugin.worker.metrics import FeatureActivity, OpTimer, Series
 from steer_plugin.worker.recorder import FeatureRecorder
+from steer_plugin.worker.vector_table import VectorTable
 
 logger = logging.getLogger(__name__)
 
@@ -200,16 +202,48 @@ class LayerSteer:
         return torch.where((rows >= 0).unsqueeze(-1), hidden + delta.to(hidden.dtype), hidden)
 
 
+class LayerVectors:
+    """The steering vectors at one layer's output: hidden' = hidden + scale[row] @ directions for the
+    tokens with a row of the `VectorTable` (added to `hidden`, so to the stream hidden + residual).
+    Host path: the steered tokens only, nothing for a step without any; graph path (CUDA graphs, no
+    branching on host state): every token, those without a row keep their values."""
+
+    def __init__(self, directions: torch.Tensor, table: VectorTable, graph_safe: bool):
+        self.directions = directions
+        """[V, d_in] float32: each loaded vector's direction at this layer (zeros where it has none)."""
+        self.table = table
+        self.graph_safe = graph_safe
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [T, d_in] -> [T, d_in]."""
+        t = self.table
+        if self.graph_safe:
+            rows = t.tok_row[: hidden.shape[0]]  # [T]; -1: unsteered, and CUDA-graph padding
+            delta = matmul(t.scale[rows.clamp_min(0).long()], self.directions)  # [T, d_in]
+            return torch.where((rows >= 0).unsqueeze(-1), hidden + delta.to(hidden.dtype), hidden)
+        if t.num_steered_tokens == 0:
+            return hidden.clone()
+        idx = t.steered_tokens.to(hidden.device, non_blocking=True)  # [S]
+        rows = t.tok_row.index_select(0, idx).long()  # [S]
+        delta = matmul(t.scale[rows], self.directions)  # [S, d_in] float32
+        return hidden.index_add(0, idx, delta.to(hidden.dtype))
+
+
 def _stream(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     """The residual stream [T, d_in] in float32 (the SAE's dtype), from a layer's output."""
     return hidden.float() if residual is None else hidden.float() + residual.float()
 
 
 _SAES: dict[str, LayerSteer] = {}
+_VECTORS: dict[str, LayerVectors] = {}
 
 
 def register_sae(key: str, state: LayerSteer) -> None:
     _SAES[key] = state
+
+
+def register_vectors(key: str, state: LayerVectors) -> None:
+    _VECTORS[key] = state
 
 
 @torch.library.custom_op("steer_plugin::steer", mutates_args=())
@@ -224,33 +258,50 @@ def _steer_fake(hidden: torch.Tensor, residual: torch.Tensor | None, sae_key: st
     return torch.empty_like(hidden)
 
 
-def _steer_all(hidden: torch.Tensor, residual: torch.Tensor | None, sae_keys: tuple[str, ...]) -> torch.Tensor:
-    """hidden, residual: [T, d_in], or [1, T, d_in] from layers run by vLLM's transformers backend."""
+@torch.library.custom_op("steer_plugin::add_vectors", mutates_args=())
+def add_vectors(hidden: torch.Tensor, layer_key: str) -> torch.Tensor:
+    """hidden: [T, d_in] a decoder layer's output (its hidden part) -> with the step's vectors added."""
+    return _VECTORS[layer_key].forward(hidden)
+
+
+@add_vectors.register_fake
+def _add_vectors_fake(hidden: torch.Tensor, layer_key: str) -> torch.Tensor:
+    return torch.empty_like(hidden)
+
+
+def _steer_all(hidden: torch.Tensor, residual: torch.Tensor | None, sae_keys: tuple[str, ...],
+               vector_key: str | None = None) -> torch.Tensor:
+    """hidden, residual: [T, d_in], or [1, T, d_in] from layers run by vLLM's transformers backend.
+    Vectors first: they are part of the layer's output (llama.cpp's convention), which SAEs read."""
     shape = hidden.shape
     hidden = hidden.reshape(-1, shape[-1])  # [T, d_in]
     residual = None if residual is None else residual.reshape(-1, shape[-1])
+    if vector_key is not None:
+        hidden = torch.ops.steer_plugin.add_vectors(hidden, vector_key)
     for key in sae_keys:  # SAEs at one point of the stream, in configuration order
         hidden = torch.ops.steer_plugin.steer(hidden, residual, key)
     return hidden.reshape(shape)
 
 
 class SteeredLayer(nn.Module):
-    """Wraps a decoder layer and applies the op of each SAE that reads its output. Layers return
-    (hidden, residual), whose sum is the stream (Llama, Qwen, Gemma, ...), or the stream as one
-    tensor (GPT-2, OPT); anything else stops start-up at the first forward (vLLM's profiling run)."""
+    """Wraps a decoder layer and applies its steering vectors and the op of each SAE that reads its
+    output. Layers return (hidden, residual), whose sum is the stream (Llama, Qwen, Gemma, ...), or
+    the stream as one tensor (GPT-2, OPT); anything else stops start-up at the first forward (vLLM's
+    profiling run)."""
 
-    def __init__(self, inner: nn.Module, sae_keys: tuple[str, ...]):
+    def __init__(self, inner: nn.Module, sae_keys: tuple[str, ...], vector_key: str | None = None):
         super().__init__()
         self.inner = inner
         self.sae_keys = sae_keys
+        self.vector_key = vector_key
 
     def forward(self, *args, **kwargs):
         out = self.inner(*args, **kwargs)
         if isinstance(out, torch.Tensor):
-            return _steer_all(out, None, self.sae_keys)
+            return _steer_all(out, None, self.sae_keys, self.vector_key)
         if isinstance(out, tuple) and len(out) == 2 and all(isinstance(o, torch.Tensor) for o in out):
             hidden, residual = out
-            return _steer_all(hidden, residual, self.sae_keys), residual
+            return _steer_all(hidden, residual, self.sae_keys, self.vector_key), residual
         raise RuntimeError(f"steer_plugin: {type(self.inner).__name__} returns {type(out).__name__}, not the "
                            "residual stream as one tensor or as (hidden, residual); this model cannot be steered")
 
