@@ -2,12 +2,13 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from engines import Server  # noqa: E402
-from sae_factory import write_sae  # noqa: E402
+from sae_factory import write_gguf, write_sae  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +40,11 @@ def feature_server(tmp_path_factory):
     # a steered variant (the README's example clamp), for the playground's model choice
     (folder / "god.json").write_text(json.dumps({"feature_clamps": [{"feature": 1924, "value": 3, "unit": "max",
                                                                      "tokens": "prompt"}]}))
-    srv = Server(["--variant", f"god={folder / 'god.json'}"], folder / "server.log").wait_ready()
+    # and a steering vector (a random unit direction at layer 15), for the playground's vector editor
+    direction = np.random.default_rng(1).normal(size=576).astype(np.float32)
+    write_gguf(folder / "push.gguf", {"direction.15": direction / np.linalg.norm(direction)})
+    srv = Server(["--variant", f"god={folder / 'god.json'}", "--vector", f"push={folder / 'push.gguf'}"],
+                 folder / "server.log").wait_ready()
     yield srv
     srv.stop()
 

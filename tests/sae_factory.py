@@ -66,3 +66,19 @@ def written_by(script: str, out: Path, *args) -> Path:
     subprocess.run([sys.executable, str(Path(__file__).parent / script), str(out), *map(str, args)], env=env,
                    check=True, capture_output=True, timeout=300)
     return out
+
+
+def write_gguf(path, tensors: dict[str, np.ndarray], arch: str = "controlvector"):
+    """A file as llama.cpp's control-vector generator writes one (arch, model hint, layer count)."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_string("controlvector.model_hint", "llama")
+    writer.add_uint32("controlvector.layer_count", len(tensors))
+    for name, data in tensors.items():
+        writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

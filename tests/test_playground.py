@@ -148,6 +148,30 @@ def test_a_steered_variant_is_a_model_to_choose(page):
     assert page.console_errors == []
 
 
+def test_a_steering_vector_is_added_scaled_and_copied(page):
+    """The server's vector (`--vector push=...`, conftest) is offered with its layer; an invalid scale's
+    400 lands beside it, a strong one steers the reply, and the copied request carries it."""
+    assert "push (layer 15, norm 1.0)" in page.locator("#vector-select").inner_text()
+    page.get_by_role("button", name="Add vector").click()
+    page.wait_for_selector(".clamp[data-vector='push']")
+    page.locator("#vector-0-scale").fill("1e400")  # Infinity: JSON null
+    page.get_by_label("Prompt").fill("What is your physical form?")
+    page.get_by_label("Max tokens").fill("20")
+    page.get_by_role("button", name="Send").click()
+    page.wait_for_function("document.getElementById('vector-0-error').textContent.includes('steering_vectors[0].scale')",
+                           timeout=60_000)
+    assert page.locator("#vector-0-scale").get_attribute("aria-invalid") == "true"
+    page.locator("#vector-0-scale").fill("60")
+    page.get_by_role("button", name="Send").click()
+    page.wait_for_function("document.getElementById('reply-steered').textContent.length > 0 && "
+                           "!document.getElementById('reply-steered').textContent.startsWith('(error') && "
+                           "!document.getElementById('send').disabled", timeout=120_000)
+    assert page.locator("#reply-steered").inner_text() != page.locator("#reply-plain").inner_text()
+    page.get_by_role("button", name="Copy as Python (openai client)").click()
+    assert '"steering_vectors":[{"vector":"push","scale":60,"tokens":"all"}]' in page.locator("#copy-output").input_value()
+    assert page.console_errors == []
+
+
 def test_a_concept_clamp_adds_its_features_as_one_push(page, http):
     concept = next(c for c in http.get("/v1/concepts").json()["data"] if c["feature_clamps"])
     _search(page, concept["concept"])

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engines import Server
-from test_vector_files import write_gguf
+from sae_factory import write_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -83,9 +83,12 @@ def test_a_steered_reply_says_what_ran(server, client):
     assert "x-steer-digest" not in plain.headers and "steering" not in (plain.parse().model_extra or {})
 
 
-def test_a_steering_vector_with_the_openai_client(client):
-    """`--vector push=FILE` (a GGUF control vector at layer 15): a request adding it is steered and says
-    so in its receipt; at scale 0 it is the plain reply; an unknown name is a 400 naming the field."""
+def test_a_steering_vector_with_the_openai_client(server, client):
+    """`--vector push=FILE` (a GGUF control vector at layer 15): listed with its layer and norm; a request
+    adding it is steered and says so in its receipt; at scale 0 it is the plain reply; an unknown name
+    is a 400 naming the field."""
+    listed = httpx.get(f"{server.base_url}/v1/vectors").json()["data"]
+    assert listed == [{"name": "push", "layers": [15], "norms": [1.0]}]
     def ask(vectors):
         return client.chat.completions.with_raw_response.create(
             model="SmolLM2-135M-Instruct", messages=MESSAGES, temperature=0, max_tokens=24,

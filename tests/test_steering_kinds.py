@@ -15,13 +15,12 @@ import pytest
 import torch
 
 from engines import offline_llm
-from sae_factory import write_sae
+from sae_factory import write_gguf, write_sae
 from steer_plugin.api.admission import new_recording_key
 from steer_plugin.core.reference import reference_steer, reference_vectors
 from steer_plugin.core.sae import SAE
 from steer_plugin.core.spec import FeatureRecording, Limits, parse_clamps, parse_vectors
 from steer_plugin.core.vectors import load_vector
-from test_vector_files import write_gguf
 from tiny_models import HIDDEN, stream_after
 
 pytestmark = pytest.mark.slow

@@ -9,23 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from steer_plugin.core.vectors import VectorFileError, load_vector
+from sae_factory import write_gguf
 from steer_workbench.vectors import parse_layers, read_texts, write_vector
-
-
-def write_gguf(path, tensors: dict[str, np.ndarray], arch: str = "controlvector"):
-    """A file as llama.cpp's control-vector generator writes one (arch, model hint, layer count)."""
-    from gguf import GGUFWriter
-
-    writer = GGUFWriter(str(path), arch)
-    writer.add_string("controlvector.model_hint", "llama")
-    writer.add_uint32("controlvector.layer_count", len(tensors))
-    for name, data in tensors.items():
-        writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def test_a_gguf_control_vector_is_read_by_layer(tmp_path):

@@ -222,3 +222,17 @@ class SAESummary(BaseModel):
 class SAEList(BaseModel):
     object: Literal["list"] = "list"
     data: list[SAESummary]
+
+
+class VectorSummary(BaseModel):
+    name: str
+    """What `steering_vectors` entries call it (`--vector NAME=FILE`)."""
+    layers: list[int]
+    """Decoder layers whose output it is added to."""
+    norms: list[float]
+    """Its direction's norm at each of those layers (scale 1 adds that much)."""
+
+
+class VectorList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VectorSummary]

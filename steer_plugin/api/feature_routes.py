@@ -7,6 +7,7 @@
     POST /v1/features/inspect             which features fire on a text, per token and in total
                                           (each takes `sae`, an SAE id; default: the first SAE)
     GET  /v1/saes                         the loaded SAEs
+    GET  /v1/vectors                      the loaded steering vectors
     GET  /playground                      the steering playground (see playground.py)
 
 Inspection runs the text through the server's engine as an ordinary one-token request carrying
@@ -27,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 
 from steer_plugin.api import playground
@@ -34,12 +36,14 @@ from steer_plugin.api.admission import new_recording_key
 from steer_plugin.api.variants import served_variants
 from steer_plugin.api.feature_models import (OFFERS_ORDER, ActiveFeature, ConceptClamp, ConceptList, FeatureDetail, FeatureList,
                                              FeatureSummary, GeneratedTokenFeatures, InspectRequest, InspectResponse, RankedFeature,
-                                             SAEList, SAESummary, SteeringOffer, TokenFeatures)
+                                             SAEList, SAESummary, SteeringOffer, TokenFeatures, VectorList,
+                                             VectorSummary)
 from steer_plugin.search.catalogue import FeatureCatalogue, steering_rate
 from steer_plugin.search.concepts import ConceptBook, measured_rate
 from steer_plugin.core.config import SAESource, SteerConfig, plugin_disabled
 from steer_plugin.core.sae import CATALOGUE_FILENAME, PLAIN_CATALOGUE_FILENAME, SAEConfig, SAEFileError, load_config
 from steer_plugin.core.spec import RECORD_FIELD, FeatureRecording, limits_for, sae_position
+from steer_plugin.core.vectors import SteeringVector, load_vector
 from steer_plugin.vllm_surface import (collective_rpc_all, collective_rpc_engines, served_model_name, tokenizer_of,
                                        validation_error)
 
@@ -77,6 +81,11 @@ class _ServedSAE:
         return self.catalogue.label(feature) if self.catalogue is not None else ""
 
 
+def _vector_summary(vector: SteeringVector) -> VectorSummary:
+    return VectorSummary(name=vector.name, layers=list(vector.layers),
+                         norms=[round(float(np.linalg.norm(vector.directions[k])), 4) for k in vector.layers])
+
+
 def _summary(source: SAESource) -> SAESummary:
     cfg = load_config(source.path)
     return SAESummary(id=source.id, layer=source.stream_layer(cfg), d_sae=cfg.d_sae, architecture=cfg.architecture,
@@ -96,6 +105,7 @@ class FeatureService:
         self.cfg = cfg
         self._ids = tuple(source.id for source in cfg.saes)  # configuration order
         self._summaries = SAEList(data=[_summary(source) for source in cfg.saes])  # cheap: no catalogue read
+        self._vectors = VectorList(data=[_vector_summary(load_vector(v.name, v.path)) for v in cfg.vectors])
         for source, summary in zip(cfg.saes, self._summaries.data):
             if source.catalogue is not None and not summary.catalogue:  # named at start: checked at start
                 raise SAEFileError(f"steer_plugin: SAE {source.id}: no {CATALOGUE_FILENAME} (or "
@@ -127,6 +137,9 @@ class FeatureService:
     def saes(self) -> SAEList:
         """The loaded SAEs (answered at once, while the catalogues may still be loading)."""
         return self._summaries
+
+    def vectors(self) -> VectorList:
+        return self._vectors
 
     def _catalogue(self, served: _ServedSAE) -> FeatureCatalogue:
         if served.catalogue is None:
@@ -295,6 +308,11 @@ Service = Annotated[FeatureService, Depends(_ready_service)]
 @router.get("/v1/saes", response_model=SAEList)
 async def list_saes(request: Request) -> SAEList:
     return request.app.state.steer_features.saes()
+
+
+@router.get("/v1/vectors", response_model=VectorList)
+async def list_vectors(request: Request) -> VectorList:
+    return request.app.state.steer_features.vectors()
 
 
 @router.get("/v1/features", response_model=FeatureList)

@@ -28,7 +28,7 @@ NO_ENGINE = frozenset({
     "/scale_elastic_ep", "/is_scaling_elastic_ep", "/v1/chat/completions/render", "/v1/messages/render",
     "/v1/completions/render", "/v1/responses/render", "/v1/chat/completions/derender",
     "/v1/completions/derender", "/inference/v1/abort_requests", "/abort_requests",
-    "/v1/features", "/v1/features/{feature_id}", "/v1/concepts", "/v1/saes", "/playground",
+    "/v1/features", "/v1/features/{feature_id}", "/v1/concepts", "/v1/saes", "/v1/vectors", "/playground",
 })
 """Routes that never run the model (documents, tokenizer, health, control)."""
 OWN = frozenset({"/v1/features/inspect"})

@@ -8,6 +8,7 @@ const state = {
   model: null,
   sae: null,          // id of the chosen SAE
   clamps: [],         // {sae, feature, label, strength, mode, tokens, when: {kind, feature, above}}
+  vectors: [],        // {vector, scale, tokens}
   details: new Map(), // feature id -> catalogue entry
   reply: null,        // steered reply: {tokens: [str], features: [[{id, activation, label}]]}
   text: null,         // inspected text: the same shape
@@ -56,12 +57,16 @@ function showError(error) {
   const message = error.message || JSON.stringify(error);
   const param = error.param || "";
   const clamp = /^feature_clamps\[(\d+)\]\.?([\w.]+)?/.exec(message);
+  const vector = /^steering_vectors\[(\d+)\]\.?(\w+)?/.exec(message);
   let target = null;
   let control = null;
   if (param === "feature_clamps" && clamp) {
     target = $(`clamp-${clamp[1]}-error`);
     const field = clamp[2] === "value" ? "strength" : (clamp[2] || "feature").replace(".", "-");  // when.above
     control = $(`clamp-${clamp[1]}-${field}`);
+  } else if (param === "steering_vectors" && vector) {
+    target = $(`vector-${vector[1]}-error`);
+    control = $(`vector-${vector[1]}-${vector[2] || "scale"}`);
   } else {
     target = $(`${param}-error`);
     control = document.querySelector(`[data-param="${param}"]`);
@@ -87,6 +92,9 @@ async function loadSaes() {
     select.append(el("option", {value: sae.id}, `${sae.id} (layer ${sae.layer}, ${sae.d_sae} features)`));
   }
   state.sae = select.value || null;
+  const vectors = await request("v1/vectors");
+  $("vector-select").replaceChildren(...(vectors.ok ? vectors.body.data : []).map((v) =>
+    el("option", {value: v.name}, `${v.name} (layer ${v.layers.join(", ")}, norm ${v.norms.map((n) => n.toFixed(1)).join(", ")})`)));
 }
 
 function conceptItem(concept, rate) {
@@ -265,6 +273,30 @@ function renderClamps() {
   });
 }
 
+function renderVectors() {
+  const box = $("vectors");
+  box.replaceChildren();
+  state.vectors.forEach((vector, i) => {
+    const scale = el("input", {id: `vector-${i}-scale`, type: "number", step: "0.1", value: vector.scale,
+                               oninput: (e) => { vector.scale = Number(e.target.value); }});
+    const tokens = el("select", {id: `vector-${i}-tokens`, onchange: (e) => { vector.tokens = e.target.value; }},
+      ...["all", "prompt", "generated"].map((t) => el("option", {value: t}, t)));
+    tokens.value = vector.tokens;
+    box.append(el("div", {class: "clamp", "data-vector": vector.vector},
+      el("div", {class: "title"}, `Vector ${vector.vector}`),
+      el("div", {}, el("label", {for: `vector-${i}-scale`}, "Scale"), scale),
+      el("div", {}, el("label", {for: `vector-${i}-tokens`}, "Vector tokens"), tokens),
+      el("button", {type: "button", "aria-label": `Remove vector ${vector.vector}`,
+                    onclick: () => { state.vectors.splice(i, 1); renderVectors(); }}, "Remove"),
+      el("span", {id: `vector-${i}-error`, class: "error", role: "alert", hidden: ""})));
+  });
+}
+
+function addVector(name) {
+  if (name && !state.vectors.some((v) => v.vector === name)) state.vectors.push({vector: name, scale: 1, tokens: "all"});
+  renderVectors();
+}
+
 function clampSpec() {
   return state.clamps.map((c) => ({...(c.sae ? {sae: c.sae} : {}), feature: c.feature, value: c.strength,
                                    mode: c.mode, ...(c.mode === "scale" ? {} : {unit: c.unit || "max"}), tokens: c.tokens,
@@ -285,6 +317,7 @@ function chatBody(steered) {
                 frequency_penalty: Number($("frequency-penalty").value), stream: true};
   if ($("seed").value !== "") body.seed = Number($("seed").value);
   if (steered) body.feature_clamps = clampSpec();
+  if (steered && state.vectors.length) body.steering_vectors = state.vectors.map((v) => ({...v}));
   return body;
 }
 
@@ -407,8 +440,9 @@ function curl() {
 
 function python() {
   const body = steeredRequest();
-  const extra = {feature_clamps: body.feature_clamps};
+  const extra = {feature_clamps: body.feature_clamps, ...(body.steering_vectors ? {steering_vectors: body.steering_vectors} : {})};
   delete body.feature_clamps;
+  delete body.steering_vectors;
   const args = Object.entries(body).map(([k, v]) => `    ${k}=${JSON.stringify(v)},`).join("\n");
   return ["from openai import OpenAI", "",
           `client = OpenAI(base_url=${JSON.stringify(api("v1"))}, api_key=${JSON.stringify(apiKey() || "none")})`,
@@ -427,6 +461,7 @@ async function copy(text) {
 
 $("search-form").addEventListener("submit", (e) => { e.preventDefault(); search($("search-input").value); });
 $("add-clamp-form").addEventListener("submit", (e) => { e.preventDefault(); addClamp($("add-clamp-id").value); });
+$("add-vector-form").addEventListener("submit", (e) => { e.preventDefault(); addVector($("vector-select").value); });
 $("chat-form").addEventListener("submit", (e) => { e.preventDefault(); send(); });
 $("inspect-form").addEventListener("submit", (e) => { e.preventDefault(); inspect(); });
 $("copy-curl").addEventListener("click", () => copy(curl()));
