@@ -53,6 +53,13 @@ def page(browser, feature_server):
     context.close()
 
 
+def _refused(page, error: str, words: str, control: str) -> None:
+    """Send; the 400 naming `words` shows in the element `error` and marks the control `control` invalid."""
+    page.get_by_role("button", name="Send").click()
+    page.wait_for_function(f"document.getElementById('{error}').textContent.includes('{words}')", timeout=60_000)
+    assert page.locator(f"#{control}").get_attribute("aria-invalid") == "true"
+
+
 def _search(page, query: str):
     page.get_by_label("Concept").fill(query)
     page.get_by_role("button", name="Search").click()
@@ -151,16 +158,14 @@ def test_a_steered_variant_is_a_model_to_choose(page):
 def test_a_steering_vector_is_added_scaled_and_copied(page):
     """The server's vector (`--vector push=...`, conftest) is offered with its layer; an invalid scale's
     400 lands beside it, a strong one steers the reply, and the copied request carries it."""
+    page.wait_for_selector("#vector-select option", state="attached")  # loaded after the page's first paint
     assert "push (layer 15, norm 1.0)" in page.locator("#vector-select").inner_text()
     page.get_by_role("button", name="Add vector").click()
     page.wait_for_selector(".clamp[data-vector='push']")
-    page.locator("#vector-0-scale").fill("1e400")  # Infinity: JSON null
+    page.locator("#vector-0-scale").fill("1e31")  # over the bound a scale may have
     page.get_by_label("Prompt").fill("What is your physical form?")
     page.get_by_label("Max tokens").fill("20")
-    page.get_by_role("button", name="Send").click()
-    page.wait_for_function("document.getElementById('vector-0-error').textContent.includes('steering_vectors[0].scale')",
-                           timeout=60_000)
-    assert page.locator("#vector-0-scale").get_attribute("aria-invalid") == "true"
+    _refused(page, "vector-0-error", "steering_vectors[0].scale", "vector-0-scale")
     page.locator("#vector-0-scale").fill("60")
     page.get_by_role("button", name="Send").click()
     page.wait_for_function("document.getElementById('reply-steered').textContent.length > 0 && "
@@ -169,7 +174,7 @@ def test_a_steering_vector_is_added_scaled_and_copied(page):
     assert page.locator("#reply-steered").inner_text() != page.locator("#reply-plain").inner_text()
     page.get_by_role("button", name="Copy as Python (openai client)").click()
     assert '"steering_vectors":[{"vector":"push","scale":60,"tokens":"all"}]' in page.locator("#copy-output").input_value()
-    assert page.console_errors == []
+    assert all("status of 400" in e for e in page.console_errors)  # the browser logs the refused request
 
 
 def test_a_concept_clamp_adds_its_features_as_one_push(page, http):
@@ -215,10 +220,7 @@ def test_a_bad_value_shows_its_error_beside_the_field_and_keeps_the_form(page):
     page.get_by_label("Only").select_option("feature")
     page.get_by_label("Condition feature").fill("888888")
     page.get_by_label("Condition feature").dispatch_event("change")
-    page.get_by_role("button", name="Send").click()
-    page.wait_for_function("document.getElementById('clamp-0-error').textContent.includes('when.feature')",
-                           timeout=60_000)
-    assert page.locator("#clamp-0-when-feature").get_attribute("aria-invalid") == "true"
+    _refused(page, "clamp-0-error", "when.feature", "clamp-0-when-feature")
     page.get_by_label("Condition feature").fill("4137")
     page.get_by_label("Condition feature").dispatch_event("change")
     page.get_by_label("Above (the clamp's unit)").fill("0.25")

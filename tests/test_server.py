@@ -179,10 +179,11 @@ def test_prefix_cache_does_not_leak_steering(client):
 def test_a_forged_cache_salt_plants_no_unsteered_kv(client):
     """An unsteered request carrying the very salt the plugin derives for a clamp set (anyone can
     compute it) must not leave KV that a steered request with that prompt then reuses."""
-    from steer_plugin.core.spec import Limits, cache_salt, parse_clamps
+    from steer_plugin.core.spec import Limits, Steering, cache_salt, parse_clamps
 
     prompt = "Write about the rain falling on a tin roof at night, slowly and with care. " * 5
-    plan = parse_clamps(CLAMPS, Limits.one(d_sae=1024, max_clamps=32, max_activation=None))
+    limits = Limits.one(d_sae=1024, max_clamps=32, max_activation=None)
+    steering = Steering.of(parse_clamps(CLAMPS, limits), None, limits)
 
     def complete(clamps=None, salt=None):
         extra = {"feature_clamps": clamps} if clamps else {}
@@ -191,7 +192,7 @@ def test_a_forged_cache_salt_plants_no_unsteered_kv(client):
         return client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, temperature=0,
                                          max_tokens=16, extra_body=extra).choices[0].text
 
-    for forged in (cache_salt(None, plan, 0), "steer:" + plan.canonical):
+    for forged in (cache_salt(None, steering, 0), "steer:" + steering.canonical):
         complete(salt=forged)  # plants unsteered KV under the forged salt, if it could
     steered = complete(CLAMPS)
     assert steered == complete(CLAMPS, salt="a fresh salt: nothing cached")

@@ -55,14 +55,18 @@ class WorkerSteering:
         """Whether this worker's step outputs reach the scheduler (False on pipeline ranks but the last),
         so that it can fail single requests; elsewhere a failure fails the step, loudly."""
 
+    @property
+    def _tables(self) -> list:
+        """Every per-step table: each SAE's clamp table, then the vector table."""
+        return [sae.table for sae in self.saes] + ([self.vectors] if self.vectors is not None else [])
+
     def on_step(self, layout: StepLayout) -> None:
         """Before each forward: the tables and the recorders read the same layout."""
-        tables = [sae.table for sae in self.saes] + ([self.vectors] if self.vectors is not None else [])
         try:
-            for table in tables:
+            for table in self._tables:
                 table.fill(layout)
         except Exception:
-            for table in tables:
+            for table in self._tables:
                 table.reset()
             raise
         for sae in self.saes:
@@ -81,8 +85,7 @@ class WorkerSteering:
 
     def take_failed(self) -> list[str]:
         """Requests that failed in the steps since the last call, to be finished with an error."""
-        tables = [sae.table for sae in self.saes] + ([self.vectors] if self.vectors is not None else [])
-        failed = sorted(set().union(*(table.drain_failed() for table in tables)))
+        failed = sorted(set().union(*(table.drain_failed() for table in self._tables)))
         if failed:
             metrics.FAILED.labels().inc(len(failed))
             if not self.reports_outputs:
