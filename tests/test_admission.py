@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY
 from steer_plugin import vllm_seam
 from steer_plugin.api.admission import new_recording_key
 from steer_plugin.core.config import DEFAULT_SAE_DIR, default_model_dir
-from steer_plugin.core.spec import FIELD, RECORD_FIELD, SALT_PREFIX
+from steer_plugin.core.spec import FIELD, RECORD_FIELD, SALT_PREFIX, VECTOR_FIELD
 
 CLAMPS = [{"feature": 3, "value": 2.0}, {"feature": 10, "value": 1.0, "mode": "add"}]
 
@@ -99,7 +99,8 @@ def test_admissions_are_counted_by_steering(processor):
 
 def test_a_server_with_a_kv_connector_refuses_clamps_and_serves_the_rest():
     """KV blocks leave vLLM's prefix cache through a connector, keyed as the connector keys them: steered
-    KV could serve other requests, so clamps are refused (400 naming feature_clamps); the rest runs."""
+    KV could serve other requests, so clamps and vectors are refused (400 naming their field); the rest
+    runs."""
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import EngineArgs
     from vllm.exceptions import VLLMValidationError
@@ -108,9 +109,12 @@ def test_a_server_with_a_kv_connector_refuses_clamps_and_serves_the_rest():
 
     config = EngineArgs(model=str(default_model_dir()), dtype="float32", max_model_len=512,
                         kv_transfer_config=KVTransferConfig(kv_connector="LMCacheConnectorV1", kv_role="kv_both"),
-                        additional_config={"steer": {"saes": [{"path": str(DEFAULT_SAE_DIR)}]}}).create_engine_config()
+                        additional_config={"steer": {"saes": [{"path": str(DEFAULT_SAE_DIR)}],
+                                                     "vectors": [{"name": "v", "path": "v.gguf"}]}}
+                        ).create_engine_config()
     processor = InputProcessor(config, renderer_from_config(config))
-    with pytest.raises(VLLMValidationError, match="KV connector LMCacheConnectorV1") as refused:
-        _process(processor, {FIELD: json.dumps(CLAMPS)})
-    assert refused.value.parameter == FIELD
+    for field, value in ((FIELD, CLAMPS), (VECTOR_FIELD, [{"vector": "v", "scale": 1.0}])):
+        with pytest.raises(VLLMValidationError, match="KV connector LMCacheConnectorV1") as refused:
+            _process(processor, {field: json.dumps(value)})
+        assert refused.value.parameter == field
     assert _process(processor).cache_salt is None  # unsteered requests run as on vanilla vLLM

@@ -119,3 +119,18 @@ def test_a_plan_is_prepared_once_while_its_request_lives_across_micro_batches():
     assert set(table._rows_of) == {"b"}
     step("a", {"a", "b"})  # the same id again (a new request): prepared anew
     assert len(plans) == 3
+
+
+def test_a_request_whose_vectors_cannot_be_prepared_fails_alone():
+    """The vector table shares the clamp table's bookkeeping: a plan the worker cannot read (here a
+    vector this worker's limits lack) fails its request, never runs it unsteered; the other is steered."""
+    from steer_plugin.worker.vector_table import VectorTable
+
+    table = VectorTable(Limits.one(d_sae=64, max_clamps=4, vectors=("calm",)), max_tokens=32, max_reqs=4,
+                        device=torch.device("cpu"))
+    extra = {"bad": {"steering_vectors": json.dumps([{"vector": "storm", "scale": 1.0}])},
+             "good": {"steering_vectors": json.dumps([{"vector": "calm", "scale": 2.0, "tokens": "prompt"}])}}
+    table.fill(StepLayout(["bad", "good"], np.array([2, 2]), np.array([0, 0]), np.array([2, 2]), extra.get))
+    assert table.drain_failed() == ["bad"]
+    assert table.tok_row[:2].tolist() == [-1, -1] and (table.tok_row[2:4] >= 0).all()
+    assert table.scale[int(table.tok_row[2])].tolist() == [2.0]
