@@ -31,7 +31,10 @@ class GraphColumns:
         """[R, K] each clamp's position in the slice; C = padding (a zero column the op appends)."""
         self.cond_slot = torch.full((rows, width), capacity, dtype=torch.int64, device=device)
         """[R, K] the position of each clamp's condition feature in the slice; C = none."""
-        self._h_slot = torch.full((rows, 2, width), capacity, dtype=torch.int64, pin_memory=pin)
+        # one contiguous pinned staging buffer each: a strided slice of one would be staged through
+        # pageable memory, a synchronous copy on the hot path
+        self._h_slot = torch.full((rows, width), capacity, dtype=torch.int64, pin_memory=pin)
+        self._h_cond_slot = torch.full((rows, width), capacity, dtype=torch.int64, pin_memory=pin)
         self._h_ids = torch.zeros(capacity, dtype=torch.int64, pin_memory=pin)
         self.ids = np.zeros(0, dtype=np.int64)
         """The features the slice holds now (sorted)."""
@@ -50,8 +53,7 @@ class GraphColumns:
             self.sae.slice(self._h_ids.to(self.slot.device, non_blocking=True), out=self.part)
             self.ids = columns.copy()
         used = len(compact)
-        host = self._h_slot[:used].numpy()  # [used, 2, K]: clamps, conditions
-        host[:, 0] = np.where(compact == n, self.capacity, compact)
-        host[:, 1] = np.where(cond_compact == n, self.capacity, cond_compact)
-        self.slot[:used].copy_(self._h_slot[:used, 0], non_blocking=True)
-        self.cond_slot[:used].copy_(self._h_slot[:used, 1], non_blocking=True)
+        for host, positions, device in ((self._h_slot, compact, self.slot), (self._h_cond_slot, cond_compact,
+                                                                              self.cond_slot)):
+            host[:used].numpy()[:] = np.where(positions == n, self.capacity, positions)
+            device[:used].copy_(host[:used], non_blocking=True)
